@@ -1,0 +1,92 @@
+"""The Python entry point: `neox_jax.load(path)` -> a model holding config and params, ready to run."""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .checkpoints import open_checkpoint
+from .config import NeoXConfig
+from .decode import Compiled, Decoder, Generation, batch_bucket, length_bucket
+from .model import NeoX
+from .weights import build_params
+
+DTYPES = {"float16": jnp.float16, "bfloat16": jnp.bfloat16, "float32": jnp.float32}
+
+
+def default_dtype() -> str:
+    """fp16 on accelerators, as the checkpoints were trained; fp32 on CPU, where fp16 is slow."""
+    return "float32" if jax.default_backend() == "cpu" else "float16"
+
+
+def default_rotary_dtype(dtype: str) -> str:
+    """Rotary tables in the model dtype (fp16 reproduces training), except bf16: its angles would be 8x
+    coarser than anything the model saw, so bf16 runs keep fp32 tables."""
+    return "float32" if dtype == "bfloat16" else dtype
+
+
+class NeoXModel:
+    """Config plus params on device, with compiled entry points for logits and greedy generation."""
+
+    def __init__(self, config: NeoXConfig, params: dict, dtype: str = "float32", rotary_dtype: str | None = None):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        self.config = config
+        self.params = params
+        self.dtype = dtype
+        self.rotary_dtype = rotary_dtype or default_rotary_dtype(dtype)
+        self.module = NeoX(config, DTYPES[dtype], DTYPES[self.rotary_dtype])
+        self.decoder = Decoder(self.module, params)
+        self._forward = Compiled(self._forward_fn)
+
+    def _forward_fn(self, params, tokens, positions):
+        logits, _, hidden = self.module.apply({"params": params}, tokens, positions, return_hidden_states=True)
+        return logits, hidden.astype(jnp.float32)
+
+    def _run(self, tokens) -> tuple[np.ndarray, np.ndarray]:
+        tokens = np.asarray(tokens, np.int32)
+        if tokens.ndim != 2 or tokens.shape[1] == 0:
+            raise ValueError(f"tokens must be [batch, length] with length >= 1, got shape {tokens.shape}")
+        batch, length = tokens.shape
+        if length > self.config.max_position_embeddings:
+            raise ValueError(f"{length} tokens exceed the context of {self.config.max_position_embeddings}")
+        if tokens.min() < 0 or tokens.max() >= self.config.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
+        # Right-pad to buckets so nearby shapes share one compilation; padding has position -1.
+        padded = np.zeros((batch_bucket(batch), length_bucket(length)), np.int32)
+        positions = np.full(padded.shape, -1, np.int32)
+        padded[:batch, :length] = tokens
+        positions[:batch, :length] = np.arange(length)
+        logits, hidden = self._forward(self.params, jnp.asarray(padded), jnp.asarray(positions))
+        return np.asarray(logits[:batch, :length]), np.asarray(hidden[:, :batch, :length])
+
+    def logits(self, tokens) -> np.ndarray:
+        """[B, T] token ids -> fp32 logits [B, T, V] over the (padded) vocabulary."""
+        return self._run(tokens)[0]
+
+    def hidden_states(self, tokens) -> np.ndarray:
+        """[B, T] -> fp32 residual stream after the embedding and after each layer, [L + 1, B, T, D]."""
+        return self._run(tokens)[1]
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_token: int | None = 0
+                 ) -> list[list[int]]:
+        """Greedy continuation of each prompt: new tokens only, ending before `stop_token`."""
+        return self.generate_timed(prompts, max_new_tokens, stop_token).tokens
+
+    def generate_timed(self, prompts, max_new_tokens: int, stop_token: int | None = 0) -> Generation:
+        return self.decoder.generate(prompts, max_new_tokens, stop_token)
+
+
+def load(path: str | os.PathLike, dtype: str | None = None, rotary_dtype: str | None = None,
+         progress: bool = True) -> NeoXModel:
+    """Load a Hugging Face GPT-NeoX directory, or GPT-NeoX DeepSpeed shards (merged while streaming)."""
+    dtype = dtype or default_dtype()
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    checkpoint = open_checkpoint(path)
+    params = build_params(checkpoint.config, checkpoint.tensors(), DTYPES[dtype], progress=progress)
+    return NeoXModel(checkpoint.config, params, dtype, rotary_dtype)

@@ -1,0 +1,174 @@
+"""Hugging Face GPT-NeoX directories: read (safetensors, memory-mapped) and write (sharded safetensors)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..config import ConfigError, NeoXConfig
+from . import CheckpointError, check_shape, expected_shapes
+
+# Buffers older transformers versions saved next to the weights; they hold no parameters.
+_IGNORED = re.compile(r"^gpt_neox\.layers\.\d+\.attention\.(bias|masked_bias|rotary_emb\.inv_freq)$")
+_ALIASES = {"lm_head.weight": "embed_out.weight"}
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def torch_to_numpy(t: torch.Tensor) -> np.ndarray:
+    """Zero-copy where numpy has the dtype; bfloat16 goes through ml_dtypes (numpy has no bf16)."""
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def numpy_to_torch(a: np.ndarray) -> torch.Tensor:
+    """Inverse of `torch_to_numpy`: torch.from_numpy rejects ml_dtypes' bfloat16."""
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+class HFCheckpoint:
+    """A directory with `config.json` and `model.safetensors` or sharded `model-*.safetensors` + index."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            self.config = NeoXConfig.from_hf_json(self.path / "config.json")
+        except ConfigError as e:
+            raise CheckpointError(str(e)) from None
+        self._file_of = self._index()
+
+    def _index(self) -> dict[str, Path]:
+        """Canonical tensor name -> the safetensors file holding it."""
+        index_path = self.path / INDEX_NAME
+        if index_path.exists():
+            try:
+                weight_map = json.loads(index_path.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index_path}: not a safetensors index ({e})") from None
+            files = {k: self.path / v for k, v in weight_map.items()}
+            for f in set(files.values()):
+                if not f.exists():
+                    raise CheckpointError(f"{index_path} names {f.name}, which does not exist")
+        else:
+            single = self.path / "model.safetensors"
+            if not single.exists():
+                hint = " (only PyTorch .bin weights found: re-save with safetensors)" if any(
+                    self.path.glob("*.bin")) else ""
+                raise CheckpointError(f"{self.path}: no model.safetensors or {INDEX_NAME}{hint}")
+            files = {k: single for k in self._keys(single)}
+
+        expected = expected_shapes(self.config)
+        mapped: dict[str, Path] = {}
+        for key, f in files.items():
+            name = _ALIASES.get(key, key)
+            if _IGNORED.match(name) or (self.config.tie_word_embeddings and name == "embed_out.weight"):
+                continue
+            if name not in expected:
+                raise CheckpointError(f"{f}: unexpected tensor {key!r} for a GPT-NeoX model with "
+                                      f"{self.config.num_layers} layers")
+            mapped[name] = f
+        missing = [n for n in expected if n not in mapped]
+        if missing:
+            raise CheckpointError(f"{self.path}: missing tensor {missing[0]!r}"
+                                  + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        return mapped
+
+    @staticmethod
+    def _keys(file: Path) -> list[str]:
+        try:
+            with safe_open(file, "pt") as f:
+                return list(f.keys())
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from None
+
+    def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+        handles = {}
+        keys_in = {}
+        try:
+            for name, shape in expected_shapes(self.config).items():
+                file = self._file_of[name]
+                if file not in handles:
+                    try:
+                        handles[file] = safe_open(file, "pt")
+                        keys_in[file] = set(handles[file].keys())
+                    except (SafetensorError, OSError) as e:
+                        raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from None
+                key = name if name in keys_in[file] else "lm_head.weight"
+                try:
+                    array = torch_to_numpy(handles[file].get_tensor(key))
+                except (SafetensorError, OSError) as e:
+                    raise CheckpointError(f"{file}: cannot read tensor {key!r} ({e})") from None
+                check_shape(name, array, shape, str(file))
+                yield name, array
+        finally:
+            handles.clear()
+
+
+def write_hf(out_dir: str | os.PathLike, config: NeoXConfig, tensors: Iterable[tuple[str, np.ndarray]],
+             *, shard_bytes: int = 4 << 30, torch_dtype: str | None = None,
+             metadata: dict[str, str] | None = None) -> dict:
+    """Write a stream of canonical tensors as a transformers-loadable GPT-NeoX directory.
+
+    Streams: at most one shard's worth of tensors is held at a time. `out_dir` must exist and is
+    written into directly; callers that need atomicity write to a temporary directory and rename.
+    Returns the safetensors index (weight map and total size).
+    """
+    out_dir = Path(out_dir)
+    expected = expected_shapes(config)
+    weight_map: dict[str, str] = {}
+    pending: dict[str, torch.Tensor] = {}
+    pending_bytes = total_bytes = 0
+    shard_files: list[str] = []
+    dtype_seen = None
+
+    def flush():
+        nonlocal pending, pending_bytes
+        if pending:
+            name = f"model-{len(shard_files) + 1:05d}.safetensors.tmp"
+            save_file(pending, str(out_dir / name), metadata={"format": "pt", **(metadata or {})})
+            shard_files.append(name)
+            for k in pending:
+                weight_map[k] = name
+            pending, pending_bytes = {}, 0
+
+    for name, array in tensors:
+        if name not in expected:
+            raise CheckpointError(f"unexpected tensor {name!r} in stream")
+        check_shape(name, array, expected[name], "conversion")
+        t = numpy_to_torch(np.ascontiguousarray(array))
+        dtype_seen = dtype_seen or str(t.dtype).removeprefix("torch.")
+        nbytes = t.numel() * t.element_size()
+        if pending and pending_bytes + nbytes > shard_bytes:
+            flush()
+        pending[name] = t
+        pending_bytes += nbytes
+        total_bytes += nbytes
+    flush()
+    missing = [n for n in expected if n not in weight_map]
+    if missing:
+        raise CheckpointError(f"stream ended without tensor {missing[0]!r}")
+
+    # Final names carry the shard count, known only now.
+    final = {tmp: f"model-{i + 1:05d}-of-{len(shard_files):05d}.safetensors"
+             for i, tmp in enumerate(shard_files)}
+    for tmp, name in final.items():
+        os.replace(out_dir / tmp, out_dir / name)
+    index = {"metadata": {"total_size": total_bytes},
+             "weight_map": {k: final[v] for k, v in sorted(weight_map.items())}}
+    (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    (out_dir / "config.json").write_text(
+        json.dumps(config.to_hf_dict(torch_dtype or dtype_seen or "float16"), indent=2) + "\n")
+    return index

@@ -1,0 +1,246 @@
+"""The GPT-NeoX model as pure Flax modules: `(params, tokens, positions, cache) -> (logits, cache)`.
+
+Params are a plain nested dict mirroring the Hugging Face names, with the transformer layers stacked on
+a leading axis and run under `nn.scan` (compile time does not grow with depth). Linear weights keep the
+checkpoint's `[out, in]` orientation, reshaped only to name heads, so loading never transposes.
+
+Axis names in shape comments and einsums: B batch, T query tokens, S key slots, D hidden,
+N heads, H head dim, C the (q, k, v) triple, F MLP width, V vocabulary, L layers.
+
+Numerics (the one place they are decided):
+- Parameters and activations are stored in `dtype` (fp16 as GPT-NeoX-20B was trained; fp32 or bf16 allowed).
+- Every matmul accumulates in fp32 (`preferred_element_type`) and rounds once to `dtype`; in fp32 mode
+  matmuls use full precision (no TF32) so fp32 comparisons are meaningful.
+- LayerNorm statistics and affine, the GELU, rotary rotation, attention scores and softmax, and the final
+  logits are computed in fp32: they are the reductions and transcendental ops where fp16 loses accuracy
+  (a 2048-long softmax, a 6144-wide variance) while costing little next to the matmuls.
+- Masking uses the most negative fp32, applied to fp32 scores, so it cannot overflow.
+- Rotary angle tables are rounded to `rotary_dtype`. With fp16 this reproduces GPT-NeoX's training code,
+  whose `inv_freq` buffer, positions and angle products were fp16 (an angle between 512 and 1024 radians
+  is rounded to a multiple of 0.5, above 1024 to a whole radian). The model learned with those angles;
+  Hugging Face computes them in fp32 (`rotary_dtype=float32`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import NeoXConfig
+
+F32 = jnp.float32
+MASKED = float(np.finfo(np.float32).min)
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every layer at fixed-size slots, plus each slot's token position.
+
+    Slots are filled left to right; `positions` is -1 for empty and padding slots, which are never
+    attended to. A token at position p attends to slots holding positions 0..p, so left-padded batches
+    of different prompt lengths share one write index (`length`).
+    """
+
+    k: jax.Array  # [L, B, S, N, H]
+    v: jax.Array  # [L, B, S, N, H]
+    positions: jax.Array  # [B, S] int32
+    length: jax.Array  # [] int32: slots filled so far
+
+    @classmethod
+    def init(cls, config: NeoXConfig, batch: int, slots: int, dtype) -> "KVCache":
+        shape = (config.num_layers, batch, slots, config.num_heads, config.head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   positions=jnp.full((batch, slots), -1, jnp.int32), length=jnp.zeros((), jnp.int32))
+
+
+def _precision(dtype):
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
+def matmul(spec: str, x, w, dtype):
+    """einsum with fp32 accumulation, rounded once to `dtype`."""
+    return jnp.einsum(spec, x, w, preferred_element_type=F32, precision=_precision(dtype)).astype(dtype)
+
+
+def rotary_tables(max_positions: int, rotary_dim: int, base: float, table_dtype) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin tables [max_positions, rotary_dim // 2], computed on the host as GPT-NeoX did.
+
+    inv_freq is rounded to table_dtype (the buffer `.half()` converted), positions and inv_freq are
+    exact in fp32 so their product is too, and rounding it to table_dtype is exactly what the training
+    code's fp16 einsum produced. The angles are therefore bit-exact; cos and sin are taken in fp64 and
+    rounded once, within one unit in the last place of any fp32 library's.
+    """
+    table_dtype = jnp.dtype(table_dtype)
+    inv_freq = 1.0 / (base ** (np.arange(0, rotary_dim, 2, dtype=np.float32) / rotary_dim))
+    inv_freq = inv_freq.astype(table_dtype).astype(np.float32)
+    angles = (np.arange(max_positions, dtype=np.float32)[:, None] * inv_freq).astype(table_dtype)
+    angles = angles.astype(np.float64)
+    return np.cos(angles).astype(table_dtype), np.sin(angles).astype(table_dtype)
+
+
+def rotary_cos_sin(positions, cos_table, sin_table):
+    """[B, T] positions -> cos, sin [B, T, rotary_dim // 2]; padding (-1) reads row 0 and is masked anyway."""
+    index = jnp.maximum(positions, 0)
+    return jnp.asarray(cos_table)[index], jnp.asarray(sin_table)[index]
+
+
+def apply_rotary(x, cos, sin, rotary_dim: int):
+    """NeoX rotate_half rotary on the first rotary_dim of each head: [B, T, N, H] -> [B, T, N, H]."""
+    rot, rest = x[..., :rotary_dim].astype(F32), x[..., rotary_dim:]
+    x1, x2 = jnp.split(rot, 2, axis=-1)  # [B, T, N, R/2] each
+    cos, sin = cos[:, :, None, :].astype(F32), sin[:, :, None, :].astype(F32)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return jnp.concatenate([rotated.astype(x.dtype), rest], axis=-1)
+
+
+def gelu(x, activation: str):
+    return jax.nn.gelu(x, approximate=(activation == "gelu_tanh"))
+
+
+class LayerNorm(nn.Module):
+    eps: float
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x):  # [..., D] -> [..., D]
+        d = x.shape[-1]
+        weight = self.param("weight", nn.initializers.ones, (d,), self.dtype)
+        bias = self.param("bias", nn.initializers.zeros, (d,), self.dtype)
+        x = x.astype(F32)
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * weight.astype(F32) + bias.astype(F32)).astype(self.dtype)
+
+
+def _init(std=0.02):
+    return nn.initializers.normal(std)
+
+
+class Attention(nn.Module):
+    config: NeoXConfig
+    dtype: Any
+    rotary_dtype: Any
+
+    @nn.compact
+    def __call__(self, x, positions, key_positions, kv, write_index):
+        """x [B, T, D], positions [B, T], key_positions [B, S]; kv: (k, v) [B, S, N, H] each or None."""
+        c = self.config
+        n, h, d = c.num_heads, c.head_dim, c.hidden_size
+        qkv_w = self.param("query_key_value.weight", _init(), (n, 3, h, d), self.dtype)
+        qkv_b = self.param("query_key_value.bias", nn.initializers.zeros, (n, 3, h), self.dtype)
+        out_w = self.param("dense.weight", _init(), (d, n, h), self.dtype)
+        out_b = self.param("dense.bias", nn.initializers.zeros, (d,), self.dtype)
+
+        qkv = matmul("BTD,NCHD->BTNCH", x, qkv_w, self.dtype) + qkv_b  # [B, T, N, 3, H]
+        q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]  # [B, T, N, H] each
+        cos, sin = rotary_cos_sin(positions, *rotary_tables(c.max_position_embeddings, c.rotary_dim,
+                                                            c.rotary_base, self.rotary_dtype))
+        q = apply_rotary(q, cos, sin, c.rotary_dim)
+        k = apply_rotary(k, cos, sin, c.rotary_dim)
+
+        if kv is not None:  # write this step's keys and values at the cache's write index
+            k = jax.lax.dynamic_update_slice(kv[0], k, (0, write_index, 0, 0))  # [B, S, N, H]
+            v = jax.lax.dynamic_update_slice(kv[1], v, (0, write_index, 0, 0))
+
+        # Cast to fp32 for scores and softmax.
+        scores = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=F32,
+                            precision=_precision(self.dtype)) / np.sqrt(h).astype(np.float32)
+        visible = (key_positions[:, None, :] <= positions[:, :, None]) & (key_positions[:, None, :] >= 0)
+        scores = jnp.where(visible[:, None], scores, MASKED)  # [B, N, T, S]
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        attended = matmul("BNTS,BSNH->BTNH", probs, v, self.dtype)
+        out = matmul("BTNH,DNH->BTD", attended, out_w, self.dtype) + out_b
+        return out, (k, v)
+
+
+class MLP(nn.Module):
+    config: NeoXConfig
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x):  # [B, T, D] -> [B, T, D]
+        d, f = self.config.hidden_size, self.config.intermediate_size
+        up_w = self.param("dense_h_to_4h.weight", _init(), (f, d), self.dtype)
+        up_b = self.param("dense_h_to_4h.bias", nn.initializers.zeros, (f,), self.dtype)
+        down_w = self.param("dense_4h_to_h.weight", _init(), (d, f), self.dtype)
+        down_b = self.param("dense_4h_to_h.bias", nn.initializers.zeros, (d,), self.dtype)
+        up = jnp.einsum("BTD,FD->BTF", x, up_w, preferred_element_type=F32, precision=_precision(self.dtype))
+        hidden = gelu(up + up_b.astype(F32), self.config.activation).astype(self.dtype)  # [B, T, F]
+        return matmul("BTF,DF->BTD", hidden, down_w, self.dtype) + down_b
+
+
+class Layer(nn.Module):
+    """One transformer layer; scanned over the stacked layer axis."""
+
+    config: NeoXConfig
+    dtype: Any
+    rotary_dtype: Any
+    keep_hidden: bool = False
+
+    @nn.compact
+    def __call__(self, x, positions, key_positions, write_index, kv):
+        c = self.config
+        ln1 = LayerNorm(c.layer_norm_eps, self.dtype, name="input_layernorm")
+        ln2 = LayerNorm(c.layer_norm_eps, self.dtype, name="post_attention_layernorm")
+        attention = Attention(c, self.dtype, self.rotary_dtype, name="attention")
+        mlp = MLP(c, self.dtype, name="mlp")
+
+        attn_out, kv = attention(ln1(x), positions, key_positions, kv, write_index)
+        if c.parallel_residual:  # GPT-NeoX sums both branches before adding the residual
+            x = x + (attn_out + mlp(ln2(x)))
+        else:
+            x = x + attn_out
+            x = x + mlp(ln2(x))
+        return x, (kv, x if self.keep_hidden else None)
+
+
+class NeoX(nn.Module):
+    config: NeoXConfig
+    dtype: Any = jnp.float32
+    rotary_dtype: Any = None  # None: the model dtype
+
+    @nn.compact
+    def __call__(self, tokens, positions, cache: KVCache | None = None, *, last_token_only: bool = False,
+                 return_hidden_states: bool = False):
+        """tokens, positions [B, T] (position -1 marks padding) -> logits fp32 [B, T or 1, V], cache.
+
+        With a cache, the tokens are written at slots `cache.length ...` and attend to everything
+        cached; without one, they attend causally among themselves. `return_hidden_states` adds the
+        residual stream after the embedding and after each layer, [L + 1, B, T, D].
+        """
+        c = self.config
+        rotary_dtype = self.rotary_dtype or self.dtype
+        embed = self.param("embed_in", _init(), (c.vocab_size, c.hidden_size), self.dtype)
+        x = embed[tokens]  # [B, T, D]
+
+        if cache is None:
+            key_positions, write_index, kv = positions, 0, None
+        else:
+            write_index = cache.length
+            key_positions = jax.lax.dynamic_update_slice(cache.positions, positions, (0, write_index))
+            kv = (cache.k, cache.v)
+
+        layers = nn.scan(Layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=c.num_layers)
+        x_final, (kv, hidden) = layers(c, self.dtype, rotary_dtype, return_hidden_states, name="layers")(
+            x, positions, key_positions, write_index, kv)
+
+        if cache is not None:
+            cache = KVCache(k=kv[0], v=kv[1], positions=key_positions,
+                            length=cache.length + tokens.shape[1])
+        if last_token_only:
+            x_final = x_final[:, -1:]
+        x_final = LayerNorm(c.layer_norm_eps, self.dtype, name="final_layer_norm")(x_final)
+        head = embed if c.tie_word_embeddings else self.param("embed_out", _init(), (c.vocab_size, c.hidden_size),
+                                                              self.dtype)
+        logits = jnp.einsum("BTD,VD->BTV", x_final, head, preferred_element_type=F32,
+                            precision=_precision(self.dtype))
+        if return_hidden_states:
+            return logits, cache, jnp.concatenate([x[None], hidden], axis=0)
+        return logits, cache

@@ -1,0 +1,56 @@
+"""Tokenizers: the GPT-NeoX-20B `tokenizer.json` through Hugging Face `tokenizers`, and a tiny demo one."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+END_OF_TEXT = "<|endoftext|>"
+
+
+class Tokenizer:
+    def __init__(self, tokenizer: HFTokenizer):
+        self._tokenizer = tokenizer
+        self.eos_id = tokenizer.token_to_id(END_OF_TEXT)  # 0 for the 20B tokenizer; None if absent
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text).ids
+
+    def decode(self, ids) -> str:
+        return self._tokenizer.decode(list(ids))
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size()
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such tokenizer file (expected a Hugging Face tokenizer.json)")
+    try:
+        return Tokenizer(HFTokenizer.from_file(str(path)))
+    except Exception as e:  # tokenizers raises a bare Exception for malformed JSON
+        raise ValueError(f"{path}: not a Hugging Face tokenizer.json ({e})") from None
+
+
+DEMO_TEXT = """GPT-NeoX-20B is a 20 billion parameter autoregressive language model trained on the Pile.
+It uses rotary position embeddings, parallel attention and feed-forward layers, and a tokenizer
+that encodes whitespace efficiently. JAX compiles the whole decoding loop to run on the accelerator.
+The quick brown fox jumps over the lazy dog. def hello(): print("Hello, world!")"""
+
+
+def demo_tokenizer(vocab_size: int = 320) -> Tokenizer:
+    """A byte-level BPE trained in memory on a paragraph: encodes any text, needs no files."""
+    tokenizer = HFTokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END_OF_TEXT, "<|padding|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(DEMO_TEXT.splitlines(), trainer)
+    return Tokenizer(tokenizer)

@@ -1,0 +1,85 @@
+"""The params sink of the canonical stream: `(hf_name, array)` pairs -> the model's device pytree.
+
+Each tensor is cast on the host, sent to the device and written into its slot of the stacked layer
+arrays (an in-place, donated update), so host memory holds one tensor at a time and the device never
+holds two copies of the model.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from .checkpoints import LAYER_PREFIX, CheckpointError, expected_shapes
+from .config import NeoXConfig
+from .model import NeoX
+
+
+def param_location(name: str) -> tuple[tuple[str, ...], int | None]:
+    """HF tensor name -> (path in the params dict, layer index or None)."""
+    if name == "gpt_neox.embed_in.weight":
+        return ("embed_in",), None
+    if name == "embed_out.weight":
+        return ("embed_out",), None
+    if name.startswith("gpt_neox.final_layer_norm."):
+        return ("final_layer_norm", name.rsplit(".", 1)[1]), None
+    if name.startswith(LAYER_PREFIX + "."):
+        index, module, leaf = name[len(LAYER_PREFIX) + 1:].split(".", 2)
+        return ("layers", module, leaf), int(index)
+    raise CheckpointError(f"no parameter for tensor {name!r}")
+
+
+def to_param_layout(name: str, array: np.ndarray, config: NeoXConfig) -> np.ndarray:
+    """Name the head axes of the attention tensors; everything else is used as stored."""
+    n, h, d = config.num_heads, config.head_dim, config.hidden_size
+    if name.endswith("attention.query_key_value.weight"):
+        return array.reshape(n, 3, h, d)
+    if name.endswith("attention.query_key_value.bias"):
+        return array.reshape(n, 3, h)
+    if name.endswith("attention.dense.weight"):
+        return array.reshape(d, n, h)
+    return array
+
+
+def abstract_params(config: NeoXConfig, dtype) -> dict:
+    """Shapes and dtypes of the params pytree, without allocating it."""
+    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    return jax.eval_shape(lambda t: NeoX(config, dtype).init(jax.random.PRNGKey(0), t, t)["params"], tokens)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stack, value, index):
+    return jax.lax.dynamic_update_index_in_dim(stack, value, index, 0)
+
+
+def build_params(config: NeoXConfig, tensors: Iterable[tuple[str, np.ndarray]], dtype,
+                 *, progress: bool = True, description: str = "loading") -> dict:
+    """Consume a canonical stream into a device params pytree of `dtype`."""
+    spec = abstract_params(config, dtype)
+    params: dict = {}
+    remaining = set(expected_shapes(config))
+    np_dtype = jnp.dtype(dtype)
+
+    for name, array in tqdm(tensors, total=len(remaining), desc=description, unit="tensor",
+                            disable=not progress, leave=False):
+        path, layer = param_location(name)
+        remaining.discard(name)
+        value = jax.device_put(np.asarray(to_param_layout(name, array, config)).astype(np_dtype, copy=False))
+        node, leaf_spec = params, spec
+        for key in path[:-1]:
+            node, leaf_spec = node.setdefault(key, {}), leaf_spec[key]
+        leaf_spec = leaf_spec[path[-1]]
+        if layer is None:
+            node[path[-1]] = value
+        else:
+            if path[-1] not in node:
+                node[path[-1]] = jnp.zeros(leaf_spec.shape, leaf_spec.dtype)
+            node[path[-1]] = _set_layer(node[path[-1]], value, layer)
+    if remaining:
+        raise CheckpointError(f"checkpoint stream ended without tensor {sorted(remaining)[0]!r}")
+    return params

@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny configs, reference models from Hugging Face transformers, the real tokenizer."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from neox_jax.config import NeoXConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**changes) -> NeoXConfig:
+    base = dict(vocab_size=96, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256,
+                rotary_pct=0.25, max_position_embeddings=256)
+    return NeoXConfig(**{**base, **changes})
+
+
+def hf_reference(config: NeoXConfig, seed: int = 0):
+    """transformers' GPTNeoXForCausalLM with random weights large enough to give peaked distributions."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    model = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**config.to_hf_dict("float32")))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layernorm" in name or "layer_norm" in name:
+                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.1)
+            else:
+                p.normal_(0.0, 0.1 if name.endswith("bias") else 0.05)
+    return model.eval()
+
+
+@pytest.fixture
+def hf_model_dir(tmp_path):
+    """Factory: save a random transformers model for `config`, return (dir, torch model)."""
+
+    def make(config: NeoXConfig, seed: int = 0, **save_kwargs):
+        model = hf_reference(config, seed)
+        out = tmp_path / f"hf-{seed}-{abs(hash(config))}"
+        model.save_pretrained(out, **save_kwargs)
+        return out, model
+
+    return make
+
+
+@pytest.fixture
+def tokenizer_path():
+    """The real GPT-NeoX-20B tokenizer: $NEOX_TOKENIZER or ../shared/data/20B_tokenizer.json."""
+    path = Path(os.environ.get("NEOX_TOKENIZER", REPO.parent / "shared" / "data" / "20B_tokenizer.json"))
+    if not path.is_file():
+        pytest.skip(f"real 20B tokenizer not found at {path} (set NEOX_TOKENIZER)")
+    return path
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)

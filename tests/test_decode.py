@@ -1,0 +1,108 @@
+"""Greedy decoding: equals transformers, batches equal single prompts, stops, compiles once per bucket."""
+
+import numpy as np
+import pytest
+import torch
+
+import neox_jax
+from neox_jax.decode import GenerationError
+
+from conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    from conftest import hf_reference
+
+    config = tiny_config(vocab_size=64, max_position_embeddings=128)
+    torch_model = hf_reference(config, seed=1)
+    path = tmp_path_factory.mktemp("hf")
+    torch_model.save_pretrained(path)
+    return neox_jax.load(path, dtype="float32", progress=False), torch_model
+
+
+def torch_greedy(torch_model, prompt, n):
+    with torch.no_grad():
+        out = torch_model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
+                                   eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+PROMPTS = [[3, 17, 42, 9, 5, 60, 33], [12], [7, 7, 8, 30, 31, 2, 4, 50, 51, 52, 1, 19, 23]]
+
+
+def test_greedy_tokens_match_transformers(reference):
+    model, torch_model = reference
+    for prompt in PROMPTS:
+        assert model.generate([prompt], 16, stop_token=None) == [torch_greedy(torch_model, prompt, 16)]
+
+
+def test_mixed_length_batch_equals_each_prompt_alone(reference):
+    model, _ = reference
+    batch = model.generate(PROMPTS, 12, stop_token=None)
+    assert batch == [model.generate([p], 12, stop_token=None)[0] for p in PROMPTS]
+    assert all(len(tokens) == 12 for tokens in batch)
+
+
+def test_stop_token_ends_each_row_separately(reference):
+    model, _ = reference
+    free = model.generate(PROMPTS, 12, stop_token=None)
+    stop = free[0][4]  # a token the first row emits at step 4
+    stopped = model.generate(PROMPTS, 12, stop_token=stop)
+    for tokens, full in zip(stopped, free):
+        expected = full[:full.index(stop)] if stop in full else full
+        assert tokens == expected
+    assert stopped[0] == free[0][:free[0].index(stop)]
+
+
+def test_prompt_lengths_and_token_counts_within_a_bucket_reuse_the_compilation(reference):
+    model, _ = reference
+    decoder = model.decoder
+    model.generate([[1, 2, 3]], 5, stop_token=None)
+    compiles = decoder.compiles
+    model.generate([[4, 5, 6, 7, 8, 9, 10]], 9, stop_token=None)  # other length, same buckets
+    model.generate([[4, 5]], 17, stop_token=3)  # 16 prompt slots + 16 decode steps: still 32 slots
+    assert decoder.compiles == compiles
+    model.generate([list(range(1, 40))], 5, stop_token=None)  # a longer prompt: a new bucket
+    assert decoder.compiles == compiles + 2
+
+
+class CountingCalls:
+    def __init__(self, compiled):
+        self.compiled, self.calls = compiled, 0
+
+    def __getattr__(self, name):
+        return getattr(self.compiled, name)
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.compiled(*args)
+
+
+def test_decode_loop_runs_on_device_in_one_call(reference, monkeypatch):
+    """One call of the compiled decode program produces every token: no per-step host round trip."""
+    model, _ = reference
+    counting = CountingCalls(model.decoder._decode)
+    monkeypatch.setattr(model.decoder, "_decode", counting)
+    tokens = model.generate([[1, 2, 3]], 20, stop_token=None)
+    assert len(tokens[0]) == 20 and counting.calls == 1
+
+
+@pytest.mark.parametrize("prompts, max_new, message", [
+    ([], 4, "no prompts"),
+    ([[]], 4, "empty"),
+    ([[1, 2]], 0, "max_new_tokens"),
+    ([[1, 2]], -3, "max_new_tokens"),
+    ([[1, 999]], 4, "outside the vocabulary"),
+    ([[1] * 120], 9, "beyond the model's context of 128"),
+])
+def test_bad_requests_are_clear_errors(reference, prompts, max_new, message):
+    model, _ = reference
+    with pytest.raises(GenerationError, match=message):
+        model.generate(prompts, max_new)
+
+
+def test_full_context_is_allowed(reference):
+    model, _ = reference
+    out = model.generate([[1] * 120], 8, stop_token=None)
+    assert len(out[0]) == 8

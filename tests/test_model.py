@@ -1,0 +1,104 @@
+"""The Flax model against Hugging Face transformers' GPTNeoXForCausalLM, and its own invariants."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import neox_jax
+from neox_jax.model import KVCache, NeoX, rotary_tables
+
+from conftest import tiny_config
+
+VARIANTS = {
+    "parallel-tanh-q": dict(parallel_residual=True, activation="gelu_tanh", rotary_pct=0.25),
+    "sequential-exact-half": dict(parallel_residual=False, activation="gelu", rotary_pct=0.5),
+    "parallel-exact-full": dict(parallel_residual=True, activation="gelu", rotary_pct=1.0),
+    "sequential-tanh-head32": dict(parallel_residual=False, activation="gelu_tanh", num_heads=2, rotary_pct=0.25),
+    "tied-head8": dict(num_heads=8, rotary_pct=0.5, tie_word_embeddings=True),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_logits_match_transformers(variant, hf_model_dir, rng):
+    config = tiny_config(**VARIANTS[variant])
+    path, reference = hf_model_dir(config)
+    model = neox_jax.load(path, dtype="float32", progress=False)
+    tokens = rng.integers(0, config.vocab_size, (3, 21))
+    with torch.no_grad():
+        expected = reference(torch.tensor(tokens)).logits.numpy()
+    got = model.logits(tokens)
+    assert got.shape == expected.shape == (3, 21, config.vocab_size)
+    scale = np.abs(expected).max()
+    assert np.abs(got - expected).max() <= 1e-4 * scale
+    assert (got.argmax(-1) == expected.argmax(-1)).all()
+
+
+def random_params(config, dtype=jnp.float32, seed=0):
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    params = NeoX(config, dtype).init(jax.random.PRNGKey(seed), tokens, tokens)["params"]
+    # Nonzero biases and LayerNorm affines so no term hides behind an identity initialisation.
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+    leaves = [leaf + 0.05 * jax.random.normal(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)]
+    return jax.tree.unflatten(treedef, leaves)
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_cached_decoding_equals_full_forward(parallel):
+    config = tiny_config(parallel_residual=parallel)
+    module = NeoX(config)
+    params = random_params(config)
+    tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 12), 0, config.vocab_size)
+    positions = jnp.broadcast_to(jnp.arange(12), (2, 12))
+    full, _ = module.apply({"params": params}, tokens, positions)
+
+    cache = KVCache.init(config, 2, 16, jnp.float32)
+    pieces = []
+    for start, stop in [(0, 5), (5, 6), (6, 7), (7, 12)]:  # a prefill, single steps, a chunk
+        logits, cache = module.apply({"params": params}, tokens[:, start:stop], positions[:, start:stop], cache)
+        pieces.append(logits)
+    assert int(cache.length) == 12
+    np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, atol=2e-5, rtol=0)
+
+
+def test_padding_is_invisible():
+    """A left-padded row (positions -1) gives the same logits as the unpadded sequence."""
+    config = tiny_config()
+    module = NeoX(config)
+    params = random_params(config)
+    tokens = jnp.array([[5, 6, 7, 8]])
+    alone, _ = module.apply({"params": params}, tokens, jnp.arange(4)[None])
+    padded, _ = module.apply({"params": params}, jnp.array([[0, 0, 5, 6, 7, 8]]),
+                             jnp.array([[-1, -1, 0, 1, 2, 3]]))
+    np.testing.assert_allclose(padded[:, 2:], alone, atol=2e-5, rtol=0)
+
+
+def test_fp16_full_context_stays_finite():
+    config = tiny_config(max_position_embeddings=2048)
+    module = NeoX(config, jnp.float16)
+    params = jax.tree.map(lambda p: (p * 4).astype(jnp.float16), random_params(config))  # large activations
+    tokens = jax.random.randint(jax.random.PRNGKey(3), (1, 2048), 0, config.vocab_size)
+    logits, _ = jax.jit(module.apply)({"params": params}, tokens, jnp.arange(2048)[None])
+    assert logits.dtype == jnp.float32
+    assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_fp16_rotary_tables_reproduce_gpt_neox_training_code():
+    """GPT-NeoX's RotaryEmbedding after model.half(): fp16 inv_freq, fp16 positions, fp16 angle products."""
+    rotary_dim, base, length = 24, 10000.0, 2048
+    inv_freq = (1.0 / (base ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))).half()
+    t = torch.arange(length).type_as(inv_freq)
+    angles = torch.einsum("i,j->ij", t, inv_freq)
+    # The fp16 angles are exact, so acos recovers them; cos and sin agree to one fp16 ulp (libm differences).
+    cos, sin = rotary_tables(length, rotary_dim, base, jnp.float16)
+    ulp = 2.0 ** -11
+    assert np.abs(cos.astype(np.float32) - angles.cos().float().numpy()).max() <= ulp
+    assert np.abs(sin.astype(np.float32) - angles.sin().float().numpy()).max() <= ulp
+    recovered = np.arctan2(sin.astype(np.float64), cos.astype(np.float64))
+    wrapped = np.angle(np.exp(1j * (recovered - angles.double().numpy())))
+    assert np.abs(wrapped).max() < 2e-3  # fp32 angles would be off by up to 0.5 rad
+    # fp32 tables (what Hugging Face uses) differ by up to the fp16 angle rounding: 0.5 rad above 1024.
+    cos32, _ = rotary_tables(length, rotary_dim, base, jnp.float32)
+    assert np.abs(cos32 - cos.astype(np.float32)).max() > 0.1
