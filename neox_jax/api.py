@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .checkpoints import open_checkpoint
+from .checkpoints import Checkpoint, open_checkpoint
 from .config import NeoXConfig
 from .decode import Compiled, Decoder, Generation, batch_bucket, length_bucket
 from .model import NeoX
@@ -84,9 +84,13 @@ class NeoXModel:
 def load(path: str | os.PathLike, dtype: str | None = None, rotary_dtype: str | None = None,
          progress: bool = True) -> NeoXModel:
     """Load a Hugging Face GPT-NeoX directory, or GPT-NeoX DeepSpeed shards (merged while streaming)."""
+    return load_checkpoint(open_checkpoint(path), dtype, rotary_dtype, progress)
+
+
+def load_checkpoint(checkpoint: Checkpoint, dtype: str | None = None, rotary_dtype: str | None = None,
+                    progress: bool = True) -> NeoXModel:
     dtype = dtype or default_dtype()
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    checkpoint = open_checkpoint(path)
     params = build_params(checkpoint.config, checkpoint.tensors(), DTYPES[dtype], progress=progress)
     return NeoXModel(checkpoint.config, params, dtype, rotary_dtype)

@@ -62,8 +62,8 @@ class NeoXConfig:
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "NeoXConfig":
         def need(key):
-            if key not in d:
-                raise ConfigError(f"config.json has no {key!r}")
+            if d.get(key) is None:
+                raise ConfigError(f"missing key {key!r}")
             return d[key]
 
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}

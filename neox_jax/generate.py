@@ -6,10 +6,11 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 from .checkpoints import CheckpointError
 from .config import ConfigError
-from .decode import GenerationError
+from .decode import GenerationError, validate_request
 
 EPILOG = """examples:
   python -m neox_jax.generate --demo
@@ -64,37 +65,44 @@ def read_prompts(args) -> list[str]:
     raise GenerationError("give --prompt TEXT or --prompt-file FILE")
 
 
-def load_model_and_tokenizer(args):
-    from pathlib import Path
-
-    import neox_jax
+def load_model_and_tokenizer(args, prompts: list[str]):
+    """-> model, tokenizer, prompt ids; the request is checked against the config before any weights load."""
+    from .api import load_checkpoint
+    from .checkpoints import open_checkpoint
+    from .tokenizer import load_tokenizer
 
     if args.demo:
         from .demo import demo_model
 
         print("demo: a tiny random model (2 layers, hidden 64) and tokenizer; the text is gibberish by design",
               file=sys.stderr)
-        return demo_model(args.dtype or "float32", args.rotary_dtype)
-    if not Path(args.model).is_dir():
-        raise CheckpointError(f"--model {args.model}: no such directory")
+        model, tokenizer = demo_model(args.dtype or "float32", args.rotary_dtype)
+        return model, tokenizer, encode(tokenizer, prompts, model.config, args.max_new_tokens)
+    checkpoint = open_checkpoint(args.model)
     tokenizer_path = args.tokenizer or Path(args.model) / "tokenizer.json"
     if not Path(tokenizer_path).exists():
         raise FileNotFoundError(f"{tokenizer_path}: no tokenizer (give --tokenizer FILE)")
-    tokenizer = neox_jax.load_tokenizer(tokenizer_path)
-    model = neox_jax.load(args.model, dtype=args.dtype, rotary_dtype=args.rotary_dtype)
-    return model, tokenizer
+    tokenizer = load_tokenizer(tokenizer_path)
+    prompt_ids = encode(tokenizer, prompts, checkpoint.config, args.max_new_tokens)
+    model = load_checkpoint(checkpoint, dtype=args.dtype, rotary_dtype=args.rotary_dtype)
+    return model, tokenizer, prompt_ids
+
+
+def encode(tokenizer, prompts: list[str], config, max_new_tokens: int) -> list[list[int]]:
+    prompt_ids = [tokenizer.encode(p) for p in prompts]
+    for text, ids in zip(prompts, prompt_ids):
+        if not ids:
+            raise GenerationError(f"prompt {text!r} encodes to no tokens")
+    validate_request(config, prompt_ids, max_new_tokens)
+    return prompt_ids
 
 
 def run(args) -> None:
     prompts = read_prompts(args)
     start = time.perf_counter()
-    model, tokenizer = load_model_and_tokenizer(args)
+    model, tokenizer, prompt_ids = load_model_and_tokenizer(args, prompts)
     load_seconds = time.perf_counter() - start
 
-    prompt_ids = [tokenizer.encode(p) for p in prompts]
-    for text, ids in zip(prompts, prompt_ids):
-        if not ids:
-            raise GenerationError(f"prompt {text!r} encodes to no tokens")
     stop = args.stop_token if args.stop_token is not None else (-1 if args.demo else tokenizer.eos_id)
     result = model.generate_timed(prompt_ids, args.max_new_tokens, None if stop == -1 else stop)
 

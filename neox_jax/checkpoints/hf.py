@@ -51,35 +51,37 @@ class HFCheckpoint:
         self._file_of = self._index()
 
     def _index(self) -> dict[str, Path]:
-        """Canonical tensor name -> the safetensors file holding it."""
+        """Canonical tensor name -> the safetensors file holding it, checked against every file's header."""
         index_path = self.path / INDEX_NAME
         if index_path.exists():
             try:
                 weight_map = json.loads(index_path.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError) as e:
                 raise CheckpointError(f"{index_path}: not a safetensors index ({e})") from None
-            files = {k: self.path / v for k, v in weight_map.items()}
-            for f in set(files.values()):
-                if not f.exists():
-                    raise CheckpointError(f"{index_path} names {f.name}, which does not exist")
+            files = sorted({self.path / v for v in weight_map.values()})
         else:
-            single = self.path / "model.safetensors"
-            if not single.exists():
+            if not (self.path / "model.safetensors").exists():
                 hint = " (only PyTorch .bin weights found: re-save with safetensors)" if any(
                     self.path.glob("*.bin")) else ""
                 raise CheckpointError(f"{self.path}: no model.safetensors or {INDEX_NAME}{hint}")
-            files = {k: single for k in self._keys(single)}
+            files = [self.path / "model.safetensors"]
 
         expected = expected_shapes(self.config)
         mapped: dict[str, Path] = {}
-        for key, f in files.items():
-            name = _ALIASES.get(key, key)
-            if _IGNORED.match(name) or (self.config.tie_word_embeddings and name == "embed_out.weight"):
-                continue
-            if name not in expected:
-                raise CheckpointError(f"{f}: unexpected tensor {key!r} for a GPT-NeoX model with "
-                                      f"{self.config.num_layers} layers")
-            mapped[name] = f
+        for file in files:
+            if not file.exists():
+                raise CheckpointError(f"{index_path} names {file.name}, which does not exist")
+            for key, shape in self._header(file).items():
+                name = _ALIASES.get(key, key)
+                if _IGNORED.match(name) or (self.config.tie_word_embeddings and name == "embed_out.weight"):
+                    continue
+                if name not in expected:
+                    raise CheckpointError(f"{file}: unexpected tensor {key!r} for a GPT-NeoX model with "
+                                          f"{self.config.num_layers} layers")
+                if shape != expected[name]:
+                    raise CheckpointError(f"{file}: tensor {key!r} has shape {shape}, "
+                                          f"the config expects {expected[name]}")
+                mapped[name] = file
         missing = [n for n in expected if n not in mapped]
         if missing:
             raise CheckpointError(f"{self.path}: missing tensor {missing[0]!r}"
@@ -87,10 +89,10 @@ class HFCheckpoint:
         return mapped
 
     @staticmethod
-    def _keys(file: Path) -> list[str]:
+    def _header(file: Path) -> dict[str, tuple[int, ...]]:
         try:
             with safe_open(file, "pt") as f:
-                return list(f.keys())
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from None
 

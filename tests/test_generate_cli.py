@@ -1,0 +1,70 @@
+"""`python -m neox_jax.generate`: the demo, a real checkpoint directory, and every user mistake."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from neox_jax.checkpoints.synthetic import write_hf_checkpoint
+from neox_jax.generate import main
+from neox_jax.tokenizer import demo_tokenizer
+
+from conftest import REPO, tiny_config
+
+
+def test_demo_runs_end_to_end_in_a_fresh_process():
+    result = subprocess.run([sys.executable, "-m", "neox_jax.generate", "--demo", "--max-new-tokens", "8"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("GPT-NeoX-20B is")
+    assert "ms/token" in result.stderr and "compile" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    tokenizer = demo_tokenizer()
+    path = write_hf_checkpoint(tmp_path_factory.mktemp("m"), tiny_config(vocab_size=384))
+    tokenizer._tokenizer.save(str(path / "tokenizer.json"))
+    return path
+
+
+def test_json_output_one_object_per_prompt(model_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The quick brown fox\n\nJAX compiles\n")
+    assert main(["--model", str(model_dir), "--prompt-file", str(prompts), "--max-new-tokens", "5",
+                 "--json", "--stop-token", "-1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["prompt"] for r in records] == ["The quick brown fox", "JAX compiles"]
+    tokenizer = demo_tokenizer()
+    for r in records:
+        assert len(r["completion_tokens"]) == 5
+        assert r["prompt_tokens"] == tokenizer.encode(r["prompt"])
+        assert r["completion"] == tokenizer.decode(r["completion_tokens"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "{missing}", "--prompt", "hi"], "no such directory"),
+    (["--model", "{model}", "--prompt", "hi", "--tokenizer", "{missing}"], "no tokenizer"),
+    (["--model", "{model}", "--prompt", ""], "encodes to no tokens"),
+    (["--model", "{model}", "--prompt", "hi", "--max-new-tokens", "0"], "max_new_tokens must be a positive"),
+    (["--model", "{model}", "--prompt", "hi " * 200, "--max-new-tokens", "8"], "beyond the model's context"),
+    (["--model", "{model}", "--prompt-file", "{missing}"], "--prompt-file"),
+    (["--model", "{empty}", "--prompt", "hi", "--tokenizer", "{model}/tokenizer.json"], "not a checkpoint directory"),
+])
+def test_user_mistakes_exit_2_with_a_clear_message(model_dir, tmp_path, capsys, args, message):
+    (tmp_path / "empty").mkdir()
+    args = [a.format(model=model_dir, missing=tmp_path / "missing", empty=tmp_path / "empty") for a in args]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert "loading" not in err  # checked before any weights are read
+
+
+def test_help_explains_the_inputs(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--demo" in out and "DeepSpeed" in out and "--max-new-tokens" in out
