@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +13,9 @@ from .checkpoints import Checkpoint, open_checkpoint
 from .config import NeoXConfig
 from .decode import Compiled, Decoder, Generation, batch_bucket, length_bucket
 from .model import NeoX
+from .sampling import Sampling
+from .streaming import TextStream, stream_text
+from .tokenizer import Tokenizer, load_tokenizer
 from .weights import build_params
 
 DTYPES = {"float16": jnp.float16, "bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -32,11 +35,13 @@ def default_rotary_dtype(dtype: str) -> str:
 class NeoXModel:
     """Config plus params on device, with compiled entry points for logits and greedy generation."""
 
-    def __init__(self, config: NeoXConfig, params: dict, dtype: str = "float32", rotary_dtype: str | None = None):
+    def __init__(self, config: NeoXConfig, params: dict, dtype: str = "float32", rotary_dtype: str | None = None,
+                 tokenizer: Tokenizer | None = None):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         self.config = config
         self.params = params
+        self.tokenizer = tokenizer
         self.dtype = dtype
         self.rotary_dtype = rotary_dtype or default_rotary_dtype(dtype)
         self.module = NeoX(config, DTYPES[dtype], DTYPES[self.rotary_dtype])
@@ -72,25 +77,54 @@ class NeoXModel:
         """[B, T] -> fp32 residual stream after the embedding and after each layer, [L + 1, B, T, D]."""
         return self._run(tokens)[1]
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_token: int | None = 0
-                 ) -> list[list[int]]:
-        """Greedy continuation of each prompt: new tokens only, ending before `stop_token`."""
-        return self.generate_timed(prompts, max_new_tokens, stop_token).tokens
+    def generate(self, prompts: Sequence[Sequence[int]] | Sequence[str], max_new_tokens: int, *,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                 stop_token: int | None = 0, stop: Sequence[str] = ()) -> list[list[int]] | list[str]:
+        """Continue each prompt: greedy unless a temperature is given, ending before `stop_token`.
 
-    def generate_timed(self, prompts, max_new_tokens: int, stop_token: int | None = 0) -> Generation:
-        return self.decoder.generate(prompts, max_new_tokens, stop_token)
+        Token-id prompts return new token ids; text prompts (which need `self.tokenizer`) return the
+        completion text, cut before the first of the `stop` strings.
+        """
+        sampling = Sampling.create(temperature, top_k, top_p, seed)
+        if prompts and all(isinstance(p, str) for p in prompts):
+            return ["".join(parts) for parts in zip(*self.stream(prompts, max_new_tokens, sampling=sampling,
+                                                                  stop_token=stop_token, stop=stop))]
+        if stop:
+            raise ValueError("stop strings need text prompts (and a tokenizer): pass strings, not token ids")
+        return self.decoder.generate(prompts, max_new_tokens, sampling, stop_token).tokens
+
+    def stream(self, prompts: Sequence[str], max_new_tokens: int, *, sampling: Sampling | None = None,
+               stop_token: int | None = 0, stop: Sequence[str] = (), chunk: int | None = None,
+               timing: Generation | None = None) -> Iterator[list[str]]:
+        """Yield the newly generated text of every prompt, `chunk` decode steps at a time."""
+        if self.tokenizer is None:
+            raise ValueError("text prompts need a tokenizer: load(..., tokenizer=PATH) or set model.tokenizer")
+        ids = [self.tokenizer.encode(p) for p in prompts]
+        streams = [TextStream(self.tokenizer, stop) for _ in prompts]
+        return stream_text(self.decoder, streams, ids, max_new_tokens, sampling=sampling, stop_token=stop_token,
+                           chunk=chunk, timing=timing)
+
+    def generate_timed(self, prompts, max_new_tokens: int, sampling: Sampling | None = None,
+                       stop_token: int | None = 0) -> Generation:
+        return self.decoder.generate(prompts, max_new_tokens, sampling, stop_token)
 
 
 def load(path: str | os.PathLike, dtype: str | None = None, rotary_dtype: str | None = None,
-         progress: bool = True) -> NeoXModel:
-    """Load a Hugging Face GPT-NeoX directory, or GPT-NeoX DeepSpeed shards (merged while streaming)."""
-    return load_checkpoint(open_checkpoint(path), dtype, rotary_dtype, progress)
+         tokenizer: str | os.PathLike | None = None, progress: bool = True) -> NeoXModel:
+    """Load a Hugging Face GPT-NeoX directory, or GPT-NeoX DeepSpeed shards (merged while streaming).
+
+    The tokenizer is `tokenizer` if given, else the checkpoint's `tokenizer.json` if there is one.
+    """
+    return load_checkpoint(open_checkpoint(path), dtype, rotary_dtype, tokenizer, progress)
 
 
 def load_checkpoint(checkpoint: Checkpoint, dtype: str | None = None, rotary_dtype: str | None = None,
-                    progress: bool = True) -> NeoXModel:
+                    tokenizer: str | os.PathLike | None = None, progress: bool = True) -> NeoXModel:
     dtype = dtype or default_dtype()
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if tokenizer is None and (checkpoint.path / "tokenizer.json").is_file():
+        tokenizer = checkpoint.path / "tokenizer.json"
+    tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else None
     params = build_params(checkpoint.config, checkpoint.tensors(), DTYPES[dtype], progress=progress)
-    return NeoXModel(checkpoint.config, params, dtype, rotary_dtype)
+    return NeoXModel(checkpoint.config, params, dtype, rotary_dtype, tokenizer)

@@ -1,24 +1,28 @@
-"""Greedy decoding: a jit-compiled prefill, then an on-device `lax.while_loop` over a fixed-shape KV cache.
+"""Decoding: a jit-compiled prefill, then an on-device `lax.while_loop` over a fixed-shape KV cache.
 
 Prompts are left-padded to a shared length so one write index serves the whole batch; each row keeps
 its own positions (padding has position -1 and is never attended to), so a prompt decoded in a batch
 gives the same tokens as alone. Batch size, prompt length and cache size are rounded up to buckets and
-`max_new_tokens` and the stop token are traced values, so new prompt lengths within a bucket, or a
-different number of new tokens within the cache bucket, reuse the compiled programs.
+`max_new_tokens`, the stop token and the sampling settings are traced values, so new prompt lengths
+within a bucket, another number of new tokens within the cache bucket, or other sampling settings reuse
+the compiled programs. Streaming runs the same loop a chunk of steps at a time, the state staying on device.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from typing import Callable, Sequence
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .config import NeoXConfig
 from .model import KVCache, NeoX
+from .sampling import Sampling, select_token
 
 NO_STOP = -1
 
@@ -67,6 +71,16 @@ class Generation:
     decode_steps: int  # forward passes after the prefill (the batch advances together)
     compile_seconds: float
 
+    @contextlib.contextmanager
+    def measure(self, phase: str, compiled: Compiled):
+        """Add the wall time of the block to `{phase}_seconds`, less any compilation inside it."""
+        start, compiling = time.perf_counter(), compiled.compile_seconds
+        yield
+        compile_seconds = compiled.compile_seconds - compiling
+        self.compile_seconds += compile_seconds
+        setattr(self, f"{phase}_seconds",
+                getattr(self, f"{phase}_seconds") + time.perf_counter() - start - compile_seconds)
+
 
 def validate_request(config: NeoXConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
     if not prompts:
@@ -96,6 +110,17 @@ def left_pad(prompts: Sequence[Sequence[int]], batch: int, length: int) -> tuple
     return tokens, positions
 
 
+@flax.struct.dataclass
+class DecodeState:
+    """Everything the decode loop carries between chunks; it stays on device."""
+
+    cache: KVCache
+    token: jax.Array  # [B] last chosen token, the next step's input
+    positions: jax.Array  # [B] its position
+    done: jax.Array  # [B] bool: stopped, or a padding row
+    step: jax.Array  # [] int32: tokens chosen so far (seeds each step's random draw)
+
+
 class Decoder:
     def __init__(self, module: NeoX, params):
         self.module = module
@@ -107,65 +132,81 @@ class Decoder:
     def compiles(self) -> int:
         return self._prefill.compiles + self._decode.compiles
 
-    def _prefill_fn(self, params, tokens, positions, cache):
+    def _prefill_fn(self, params, tokens, positions, cache, sampling, stop_token, active):
         logits, cache = self.module.apply({"params": params}, tokens, positions, cache, last_token_only=True)
-        return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
-
-    def _decode_fn(self, params, cache, first, next_positions, active, max_new_tokens, stop_token):
-        """Greedy steps until every row stopped or max_new_tokens are out -> tokens [B, slots], steps, cache.
-
-        The cache is donated and returned so the loop updates it in place."""
-        batch, slots = cache.positions.shape
-        out = jnp.full((batch, slots), NO_STOP, jnp.int32).at[:, 0].set(first)
+        first = select_token(logits[:, -1], sampling, jnp.int32(0))
         done = ~active | (first == stop_token)
+        return DecodeState(cache, first, positions[:, -1] + 1, done, jnp.int32(1))
 
-        def keep_going(state):
-            step, _, _, done, _, _ = state
-            return (step < max_new_tokens) & ~jnp.all(done)
+    def _decode_fn(self, params, state: DecodeState, sampling, stop_token, steps):
+        """Up to `steps` more tokens, fewer once every row is done -> tokens [B, slots], count, state.
 
-        def step_fn(state):
-            step, token, positions, done, out, cache = state
-            logits, cache = self.module.apply({"params": params}, token[:, None], positions[:, None], cache)
-            token = jnp.where(done, NO_STOP, jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32))
-            out = jax.lax.dynamic_update_slice(out, token[:, None], (0, step))
-            done = done | (token == stop_token)
-            return step + 1, jnp.maximum(token, 0), positions + 1, done, out, cache
+        The state (with the cache) is donated and returned, so the loop updates the cache in place and
+        the next chunk continues from it."""
+        batch, slots = state.cache.positions.shape
+        out = jnp.full((batch, slots), NO_STOP, jnp.int32)
 
-        state = (jnp.int32(1), first, next_positions, done, out, cache)
-        step, _, _, _, out, cache = jax.lax.while_loop(keep_going, step_fn, state)
-        return out, step, cache
+        def keep_going(carry):
+            i, state, _ = carry
+            return (i < steps) & ~jnp.all(state.done)
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                 stop_token: int | None = 0) -> Generation:
+        def step_fn(carry):
+            i, state, out = carry
+            logits, cache = self.module.apply({"params": params}, state.token[:, None], state.positions[:, None],
+                                              state.cache)
+            token = jnp.where(state.done, NO_STOP, select_token(logits[:, -1], sampling, state.step))
+            out = jax.lax.dynamic_update_slice(out, token[:, None], (0, i))
+            state = DecodeState(cache, jnp.maximum(token, 0), state.positions + 1,
+                                state.done | (token == stop_token), state.step + 1)
+            return i + 1, state, out
+
+        count, state, out = jax.lax.while_loop(keep_going, step_fn, (jnp.int32(0), state, out))
+        return out, count, state
+
+    def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling | None = None,
+               stop_token: int | None = 0, chunk: int | None = None, timing: "Generation | None" = None):
+        """Yield new tokens as [rows, n] int arrays, `chunk` steps at a time (default: all at once).
+
+        Finished rows hold NO_STOP after their stop token. `timing`, if given, accumulates seconds.
+        """
         config = self.module.config
         validate_request(config, prompts, max_new_tokens)
+        sampling = sampling or Sampling.create()
+        stop = jnp.int32(NO_STOP if stop_token is None else stop_token)
         batch = batch_bucket(len(prompts))
         prompt_len = length_bucket(max(len(p) for p in prompts))
         slots = length_bucket(prompt_len + max_new_tokens - 1)
         tokens, positions = left_pad(prompts, batch, prompt_len)
-        prefill_compile, decode_compile = self._prefill.compile_seconds, self._decode.compile_seconds
+        rows = len(prompts)
+        timing = timing or Generation([], 0.0, 0.0, 0, 0.0)
 
-        start = time.perf_counter()
-        cache = KVCache.init(config, batch, slots, self.module.dtype)
-        first, cache = self._prefill(self.params, jnp.asarray(tokens), jnp.asarray(positions), cache)
-        first.block_until_ready()
-        prefill_compile = self._prefill.compile_seconds - prefill_compile
-        prefill_seconds = time.perf_counter() - start - prefill_compile
+        with timing.measure("prefill", self._prefill):
+            cache = KVCache.init(config, batch, slots, self.module.dtype)
+            state = self._prefill(self.params, jnp.asarray(tokens), jnp.asarray(positions), cache, sampling, stop,
+                                  jnp.asarray(np.arange(batch) < rows))
+            first = np.asarray(state.token)[:rows, None]
+        yield first
 
-        start = time.perf_counter()
-        lengths = np.zeros(batch, np.int32)
-        lengths[:len(prompts)] = [len(p) for p in prompts]
-        active = np.arange(batch) < len(prompts)
-        stop = NO_STOP if stop_token is None else stop_token
-        out, steps, _ = self._decode(self.params, cache, first, jnp.asarray(lengths), jnp.asarray(active),
-                                  jnp.int32(max_new_tokens), jnp.int32(stop))
-        out, steps = np.asarray(out), int(steps)
-        decode_compile = self._decode.compile_seconds - decode_compile
-        decode_seconds = time.perf_counter() - start - decode_compile
+        produced = 1
+        while produced < max_new_tokens and not bool(jnp.all(state.done)):
+            with timing.measure("decode", self._decode):
+                out, count, state = self._decode(self.params, state, sampling, stop,
+                                                 jnp.int32(min(chunk or max_new_tokens, max_new_tokens - produced)))
+                count = int(count)
+                out = np.asarray(out[:rows, :count])
+            timing.decode_steps += count
+            produced += count
+            yield out
 
-        completions = []
-        for row in out[:len(prompts), :steps]:
-            row = row[row != NO_STOP].tolist()
-            completions.append(row[:row.index(stop)] if stop in row else row)
-        return Generation(completions, prefill_seconds, decode_seconds, steps - 1,
-                          prefill_compile + decode_compile)
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling | None = None,
+                 stop_token: int | None = 0) -> Generation:
+        timing = Generation([], 0.0, 0.0, 0, 0.0)
+        chunks = list(self.stream(prompts, max_new_tokens, sampling, stop_token, timing=timing))
+        timing.tokens = [completion_tokens(row, stop_token) for row in np.concatenate(chunks, axis=1)]
+        return timing
+
+
+def completion_tokens(row: np.ndarray, stop_token: int | None) -> list[int]:
+    """A row of decoder output -> its new tokens, ending before the stop token."""
+    tokens = row[row != NO_STOP].tolist()
+    return tokens[:tokens.index(stop_token)] if stop_token in tokens else tokens

@@ -20,4 +20,4 @@ def demo_model(dtype: str = "float32", rotary_dtype: str | None = None):
     config = demo_config(tokenizer.vocab_size)
     tensors = random_tensors(config, seed=0)
     params = build_params(config, tensors.items(), DTYPES[dtype], progress=False)
-    return NeoXModel(config, params, dtype, rotary_dtype), tokenizer
+    return NeoXModel(config, params, dtype, rotary_dtype, tokenizer)

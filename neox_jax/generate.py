@@ -1,4 +1,4 @@
-"""`python -m neox_jax.generate`: greedy text generation from a GPT-NeoX checkpoint."""
+"""`python -m neox_jax.generate`: text generation from a GPT-NeoX checkpoint (greedy or sampled)."""
 
 from __future__ import annotations
 
@@ -10,16 +10,25 @@ from pathlib import Path
 
 from .checkpoints import CheckpointError
 from .config import ConfigError
-from .decode import GenerationError, validate_request
+from .decode import Generation, GenerationError, validate_request
+from .sampling import Sampling, SamplingError
+from .streaming import TextStream, stream_text
+
+# Decode steps per device call while streaming: each call costs one host round trip (measured on CPU,
+# tiny model: chunks of 8 steps decode within a few percent of one call for the whole generation).
+STREAM_CHUNK = 8
 
 EPILOG = """examples:
   python -m neox_jax.generate --demo
   python -m neox_jax.generate --model ./gpt-neox-20b --prompt "GPT-NeoX-20B is" --max-new-tokens 32
   python -m neox_jax.generate --model ./slim_weights --tokenizer 20B_tokenizer.json --prompt-file prompts.txt --json
+  python -m neox_jax.generate --model ./gpt-neox-20b --interactive --temperature 0.8 --top-p 0.95 --stop $'\\n\\n'
 
 --model takes a Hugging Face GPT-NeoX directory (config.json + safetensors, as written by
 `python -m neox_jax.convert`) or GPT-NeoX DeepSpeed shards, merged while loading (converting once is faster).
-Timings (load, compile, prefill, ms per generated token) go to stderr."""
+Greedy unless --temperature is above 0. One prompt streams its text as it is generated; a batch prints
+each completion, in order, as soon as it is finished. Timings (load, compile, prefill, ms per generated
+token) go to stderr."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,13 +42,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     prompts = p.add_mutually_exclusive_group()
     prompts.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
     prompts.add_argument("--prompt-file", help="file with one prompt per line ('-' for stdin)")
+    prompts.add_argument("--interactive", action="store_true",
+                         help="read prompts one by one, keeping the model loaded; Ctrl-C stops a generation, "
+                              "Ctrl-D exits")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt (default 32)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: all)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same text")
+    p.add_argument("--stop", action="append", default=[],
+                   help="stop string, repeatable; the completion ends before it")
+    p.add_argument("--stop-token", type=int,
+                   help="token id that ends a completion (default: the tokenizer's <|endoftext|>; -1: never stop)")
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
                    help="compute dtype (default: float16 on GPU, float32 on CPU)")
     p.add_argument("--rotary-dtype", choices=["float16", "bfloat16", "float32"],
                    help="precision of the rotary angle tables (default: the model dtype, fp32 for bf16)")
-    p.add_argument("--stop-token", type=int,
-                   help="token id that ends a completion (default: the tokenizer's <|endoftext|>; -1: never stop)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     return p.parse_args(argv)
 
@@ -62,7 +80,7 @@ def read_prompts(args) -> list[str]:
         return prompts
     if args.demo:
         return ["GPT-NeoX-20B is", "The quick brown fox"]
-    raise GenerationError("give --prompt TEXT or --prompt-file FILE")
+    raise GenerationError("give --prompt TEXT, --prompt-file FILE or --interactive")
 
 
 def load_model_and_tokenizer(args, prompts: list[str]):
@@ -76,19 +94,22 @@ def load_model_and_tokenizer(args, prompts: list[str]):
 
         print("demo: a tiny random model (2 layers, hidden 64) and tokenizer; the text is gibberish by design",
               file=sys.stderr)
-        model, tokenizer = demo_model(args.dtype or "float32", args.rotary_dtype)
-        return model, tokenizer, encode(tokenizer, prompts, model.config, args.max_new_tokens)
+        model = demo_model(args.dtype or "float32", args.rotary_dtype)
+        return model, model.tokenizer, encode(model.tokenizer, prompts, model.config, args.max_new_tokens)
     checkpoint = open_checkpoint(args.model)
     tokenizer_path = args.tokenizer or Path(args.model) / "tokenizer.json"
     if not Path(tokenizer_path).exists():
         raise FileNotFoundError(f"{tokenizer_path}: no tokenizer (give --tokenizer FILE)")
     tokenizer = load_tokenizer(tokenizer_path)
     prompt_ids = encode(tokenizer, prompts, checkpoint.config, args.max_new_tokens)
-    model = load_checkpoint(checkpoint, dtype=args.dtype, rotary_dtype=args.rotary_dtype)
+    model = load_checkpoint(checkpoint, dtype=args.dtype, rotary_dtype=args.rotary_dtype, tokenizer=tokenizer_path)
     return model, tokenizer, prompt_ids
 
 
 def encode(tokenizer, prompts: list[str], config, max_new_tokens: int) -> list[list[int]]:
+    """Token ids of the prompts, checked against the model's vocabulary and context (none: interactive)."""
+    if not prompts:
+        return []
     prompt_ids = [tokenizer.encode(p) for p in prompts]
     for text, ids in zip(prompts, prompt_ids):
         if not ids:
@@ -97,38 +118,87 @@ def encode(tokenizer, prompts: list[str], config, max_new_tokens: int) -> list[l
     return prompt_ids
 
 
+def complete(model, args, sampling, stop_token, prompts: list[str], prompt_ids: list[list[int]]) -> Generation:
+    """Generate for one batch, printing as the mode asks; returns the timings."""
+    streams = [TextStream(model.tokenizer, args.stop) for _ in prompts]
+    timing = Generation([], 0.0, 0.0, 0, 0.0)
+    single = len(prompts) == 1 and not args.json
+    printed = 0
+    if single:
+        print(prompts[0], end="", flush=True)
+    for deltas in stream_text(model.decoder, streams, prompt_ids, args.max_new_tokens, sampling=sampling,
+                              stop_token=stop_token, chunk=STREAM_CHUNK, timing=timing):
+        if single:
+            print(deltas[0], end="", flush=True)
+            continue
+        while printed < len(streams) and streams[printed].finished:  # in order, each once finished
+            show(args, prompts[printed], prompt_ids[printed], streams[printed], len(prompts))
+            printed += 1
+    if single:
+        print(flush=True)
+    return timing
+
+
+def show(args, prompt: str, ids: list[int], stream: TextStream, batch: int) -> None:
+    if args.json:
+        print(json.dumps({"prompt": prompt, "completion": stream.text, "prompt_tokens": ids,
+                          "completion_tokens": stream.tokens}, ensure_ascii=False), flush=True)
+    else:
+        print(prompt + stream.text, flush=True)
+        if batch > 1:
+            print("-" * 40, flush=True)
+
+
+def report(model, timing: Generation, prompt_ids, load_seconds: float | None = None) -> None:
+    per_token = 1e3 * timing.decode_seconds / max(timing.decode_steps, 1)
+    load = f"load {load_seconds:.2f}s | " if load_seconds is not None else ""
+    print(f"[{model.dtype}] {load}compile {timing.compile_seconds:.2f}s | "
+          f"prefill {sum(len(ids) for ids in prompt_ids)} tokens {1e3 * timing.prefill_seconds:.1f}ms | "
+          f"decode {timing.decode_steps} steps x batch {len(prompt_ids)}: {per_token:.2f} ms/token",
+          file=sys.stderr)
+
+
+def interact(model, args, sampling, stop_token) -> None:
+    print("interactive: enter a prompt; Ctrl-C stops a generation, Ctrl-D exits", file=sys.stderr)
+    while True:
+        try:
+            prompt = input("> " if sys.stdin.isatty() else "")
+        except EOFError:
+            return
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            continue
+        if not prompt.strip():
+            continue
+        try:
+            ids = encode(model.tokenizer, [prompt], model.config, args.max_new_tokens)
+            report(model, complete(model, args, sampling, stop_token, [prompt], ids), ids)
+        except GenerationError as e:
+            print(f"error: {e}", file=sys.stderr)
+        except KeyboardInterrupt:
+            print("\n[interrupted]", file=sys.stderr)
+
+
 def run(args) -> None:
-    prompts = read_prompts(args)
+    sampling = Sampling.create(args.temperature, args.top_k, args.top_p, args.seed)
+    prompts = [] if args.interactive else read_prompts(args)
     start = time.perf_counter()
     model, tokenizer, prompt_ids = load_model_and_tokenizer(args, prompts)
     load_seconds = time.perf_counter() - start
-
     stop = args.stop_token if args.stop_token is not None else (-1 if args.demo else tokenizer.eos_id)
-    result = model.generate_timed(prompt_ids, args.max_new_tokens, None if stop == -1 else stop)
-
-    for text, ids, new in zip(prompts, prompt_ids, result.tokens):
-        completion = tokenizer.decode(new)
-        if args.json:
-            print(json.dumps({"prompt": text, "completion": completion, "prompt_tokens": ids,
-                              "completion_tokens": new}, ensure_ascii=False), flush=True)
-        else:
-            print(text + completion, flush=True)
-            if len(prompts) > 1:
-                print("-" * 40, flush=True)
-
-    prompt_tokens = sum(len(ids) for ids in prompt_ids)
-    per_token = 1e3 * result.decode_seconds / max(result.decode_steps, 1)
-    print(f"[{model.dtype}] load {load_seconds:.2f}s | compile {result.compile_seconds:.2f}s | "
-          f"prefill {prompt_tokens} tokens {1e3 * result.prefill_seconds:.1f}ms | "
-          f"decode {result.decode_steps} steps x batch {len(prompts)}: {per_token:.2f} ms/token",
-          file=sys.stderr)
+    stop_token = None if stop == -1 else stop
+    if args.interactive:
+        print(f"loaded in {load_seconds:.2f}s", file=sys.stderr)
+        interact(model, args, sampling, stop_token)
+    else:
+        report(model, complete(model, args, sampling, stop_token, prompts, prompt_ids), prompt_ids, load_seconds)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except (CheckpointError, ConfigError, GenerationError, FileNotFoundError, ValueError) as e:
+    except (CheckpointError, ConfigError, GenerationError, SamplingError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

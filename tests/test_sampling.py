@@ -1,0 +1,87 @@
+"""Sampling in the compiled decoder: reproducible, exactly greedy at the limits, the right distribution."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from neox_jax.api import NeoXModel
+from neox_jax.checkpoints.synthetic import random_tensors
+from neox_jax.sampling import Sampling, SamplingError, select_token
+from neox_jax.weights import build_params
+
+from conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def model():
+    config = tiny_config(vocab_size=32)
+    # Larger weights than usual so next-token distributions are peaked but not one-hot.
+    tensors = {k: v * (4.0 if "layernorm" not in k and "layer_norm" not in k else 1.0)
+               for k, v in random_tensors(config, seed=5).items()}
+    return NeoXModel(config, build_params(config, tensors.items(), jnp.float32, progress=False))
+
+
+PROMPTS = [[1, 2, 3, 4], [9, 8]]
+
+
+def test_same_seed_same_tokens_other_seed_other_tokens(model):
+    a = model.generate(PROMPTS, 24, temperature=1.0, seed=1, stop_token=None)
+    assert a == model.generate(PROMPTS, 24, temperature=1.0, seed=1, stop_token=None)
+    assert a != model.generate(PROMPTS, 24, temperature=1.0, seed=2, stop_token=None)
+
+
+def test_temperature_zero_and_top_k_one_are_exactly_greedy(model):
+    greedy = model.generate(PROMPTS, 16, stop_token=None)
+    assert model.generate(PROMPTS, 16, temperature=0.0, top_p=0.5, seed=3, stop_token=None) == greedy
+    assert model.generate(PROMPTS, 16, temperature=1.5, top_k=1, seed=3, stop_token=None) == greedy
+
+
+def test_settings_are_traced_not_compiled_in(model):
+    model.generate(PROMPTS, 8, temperature=0.7, top_k=5, top_p=0.9, seed=0, stop_token=None)
+    compiles = model.decoder.compiles
+    for settings in [dict(temperature=1.3, top_k=0, top_p=1.0, seed=9), dict(temperature=0.0),
+                     dict(temperature=0.5, top_k=3, top_p=0.2, seed=4)]:
+        model.generate(PROMPTS, 8, stop_token=None, **settings)
+    assert model.decoder.compiles == compiles
+
+
+def chi_square(counts, probs):
+    expected = probs * counts.sum()
+    keep = expected > 5  # pool the rare tail so the statistic is valid
+    observed = np.append(counts[keep], counts[~keep].sum())
+    expected = np.append(expected[keep], expected[~keep].sum())
+    return float(((observed - expected) ** 2 / np.maximum(expected, 1e-9)).sum()), len(observed) - 1
+
+
+def test_full_softmax_sampling_has_the_model_distribution(model):
+    """top_p 1, temperature 1: the first sampled token of 4096 identical prompts follows softmax(logits)."""
+    prompt = [3, 1, 4, 1, 5]
+    logits = model.logits([prompt])[0, -1].astype(np.float64)
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    draws = model.generate([prompt] * 4096, 1, temperature=1.0, top_p=1.0, seed=11, stop_token=None)
+    counts = np.bincount([d[0] for d in draws], minlength=len(probs)).astype(np.float64)
+    stat, dof = chi_square(counts, probs)
+    assert dof >= 3
+    # The 99.9th percentile of chi-square is below dof + 5 * sqrt(2 dof) + 10 for these dof; a wrong
+    # distribution (e.g. temperature applied twice, or top-k) lands orders of magnitude above it.
+    assert stat < dof + 5 * np.sqrt(2 * dof) + 10
+    flattened = np.exp((logits - logits.max()) / 2)
+    wrong, _ = chi_square(counts, flattened / flattened.sum())
+    assert wrong > 10 * stat
+
+
+def test_top_k_and_top_p_only_sample_allowed_tokens():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 2048, jnp.float32))
+    for top_k, top_p, allowed in [(2, 1.0, {0, 1}), (0, 0.75, {0, 1}), (0, 0.85, {0, 1, 2}), (3, 0.9, {0, 1, 2})]:
+        sampling = Sampling.create(temperature=1.0, top_k=top_k, top_p=top_p, seed=0)
+        drawn = set(np.asarray(select_token(logits, sampling, jnp.int32(0))).tolist())
+        assert drawn == allowed, (top_k, top_p)
+
+
+@pytest.mark.parametrize("settings, message", [(dict(temperature=-1.0), "temperature"),
+                                               (dict(top_k=-2), "top_k"), (dict(top_p=0.0), "top_p"),
+                                               (dict(top_p=1.5), "top_p")])
+def test_bad_settings(settings, message):
+    with pytest.raises(SamplingError, match=message):
+        Sampling.create(**settings)

@@ -1,0 +1,109 @@
+"""Streaming text: whole characters only, equal to the non-streaming completion, stop strings cut exactly."""
+
+import subprocess
+import sys
+
+import pytest
+
+import neox_jax.generate as generate_cli
+from neox_jax.demo import demo_model
+from neox_jax.sampling import Sampling
+from neox_jax.streaming import TextStream
+from neox_jax.tokenizer import demo_tokenizer, load_tokenizer
+
+from conftest import REPO
+
+TEXT = "Zürich → 東京: naïve café ✓ 🚀 done.\n\nNext paragraph."
+
+
+@pytest.fixture(params=["demo", "20B"])
+def tokenizer(request):
+    if request.param == "demo":
+        return demo_tokenizer()
+    return load_tokenizer(request.getfixturevalue("tokenizer_path"))
+
+
+def test_token_by_token_release_is_whole_characters(tokenizer):
+    ids = tokenizer.encode(TEXT)
+    # Some token must end mid-character, or this test would prove nothing.
+    assert any("\ufffd" in tokenizer.decode(ids[:n]) for n in range(1, len(ids)))
+    stream, parts = TextStream(tokenizer), []
+    for token in ids:
+        parts.append(stream.push([token]))
+    parts.append(stream.push([], final=True))
+    assert "".join(parts) == TEXT
+    assert not any("\ufffd" in p for p in parts)
+
+
+@pytest.mark.parametrize("stop, expected", [("\n\n", "Zürich → 東京: naïve café ✓ 🚀 done."),
+                                            ("東京", "Zürich → "), ("café ✓", "Zürich → 東京: naïve "),
+                                            ("absent", TEXT)])
+def test_stop_strings_cut_exactly_whatever_the_chunking(tokenizer, stop, expected):
+    ids = tokenizer.encode(TEXT)
+    for chunk in (1, 2, 5, len(ids)):
+        stream, released = TextStream(tokenizer, [stop, "never there"]), ""
+        for i in range(0, len(ids), chunk):
+            released += stream.push(ids[i:i + chunk])
+        released += stream.push([], final=True)
+        assert released == stream.text == expected
+        assert stop not in tokenizer.decode(stream.tokens[:-1])  # tokens end where the stop string completed
+
+
+@pytest.fixture(scope="module")
+def model():
+    return demo_model()
+
+
+def test_streaming_equals_one_shot_generation(model):
+    prompts = ["The quick brown fox", "JAX"]
+    one_shot = model.generate(prompts, 40, stop_token=None, temperature=0.9, seed=7)
+    for chunk in (1, 3):
+        parts = list(model.stream(prompts, 40, stop_token=None, chunk=chunk,
+                                  sampling=Sampling.create(0.9, seed=7)))
+        assert ["".join(p) for p in zip(*parts)] == one_shot
+        assert len(parts) > 40 // chunk - 1  # really streamed
+
+
+def test_model_level_stop_string(model):
+    full = model.generate(["GPT-NeoX-20B is"], 30, stop_token=None)[0]
+    stop = full[10:13]
+    cut = model.generate(["GPT-NeoX-20B is"], 30, stop_token=None, stop=[stop])[0]
+    assert cut == full[:full.index(stop)]
+    with pytest.raises(ValueError, match="stop strings need text prompts"):
+        model.generate([[1, 2]], 4, stop=["x"])
+
+
+def test_interactive_loop_through_a_pipe():
+    result = subprocess.run(
+        [sys.executable, "-m", "neox_jax.generate", "--demo", "--interactive", "--max-new-tokens", "6"],
+        input="The quick\n\nJAX compiles\n", cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("The quick") and lines[1].startswith("JAX compiles")
+    assert result.stderr.count("ms/token") == 2  # one report per prompt, the blank line skipped
+
+
+def test_ctrl_c_interrupts_a_generation_not_the_session(monkeypatch, capsys):
+    real_stream_text = generate_cli.stream_text
+    calls = []
+
+    def interrupted_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real_stream_text(*args, **kwargs)
+
+    monkeypatch.setattr(generate_cli, "stream_text", interrupted_once)
+    lines = iter(["first prompt", "second prompt"])
+
+    def fake_input(prompt=""):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    assert generate_cli.main(["--demo", "--interactive", "--max-new-tokens", "4"]) == 0
+    captured = capsys.readouterr()
+    assert "[interrupted]" in captured.err
+    assert "second prompt" in captured.out and len(calls) == 2
