@@ -97,30 +97,30 @@ class HFCheckpoint:
             raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from None
 
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+        order = list(expected_shapes(self.config).items())
+        last_use = {self._file_of[name]: i for i, (name, _) in enumerate(order)}
         handles = {}
-        keys_in = {}
-        try:
-            for name, shape in expected_shapes(self.config).items():
-                file = self._file_of[name]
-                if file not in handles:
-                    try:
-                        handles[file] = safe_open(file, "pt")
-                        keys_in[file] = set(handles[file].keys())
-                    except (SafetensorError, OSError) as e:
-                        raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from None
-                key = name if name in keys_in[file] else "lm_head.weight"
+        for i, (name, shape) in enumerate(order):
+            file = self._file_of[name]
+            if file not in handles:
                 try:
-                    array = torch_to_numpy(handles[file].get_tensor(key))
+                    handles[file] = safe_open(file, "pt")
                 except (SafetensorError, OSError) as e:
-                    raise CheckpointError(f"{file}: cannot read tensor {key!r} ({e})") from None
-                check_shape(name, array, shape, str(file))
-                yield name, array
-        finally:
-            handles.clear()
+                    raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from None
+            handle = handles[file]
+            key = name if name in handle.keys() else "lm_head.weight"
+            try:
+                array = torch_to_numpy(handle.get_tensor(key))
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"{file}: cannot read tensor {key!r} ({e})") from None
+            if last_use[file] == i:  # unmap a shard once read, so resident memory stays bounded
+                del handles[file]
+            check_shape(name, array, shape, str(file))
+            yield name, array
 
 
 def write_hf(out_dir: str | os.PathLike, config: NeoXConfig, tensors: Iterable[tuple[str, np.ndarray]],
-             *, shard_bytes: int = 4 << 30, torch_dtype: str | None = None,
+             *, shard_bytes: int = 10**9, torch_dtype: str | None = None,
              metadata: dict[str, str] | None = None) -> dict:
     """Write a stream of canonical tensors as a transformers-loadable GPT-NeoX directory.
 

@@ -1,0 +1,580 @@
+"""GPT-NeoX DeepSpeed checkpoints (GPT-NeoX-20B "slim weights", Pythia): read safely, merge tensor-parallel ranks.
+
+Pipeline layout: one `layer_{idx:02d}-model_{rank:02d}-model_states.pt` per pipeline index and rank, each a
+state dict. idx 0 is the embedding, 2..L+1 the transformer layers, L+3 the final norm, L+4 the output
+layer (absent with tied embeddings); idx 1 and L+2 are parameterless. Sequential layout: the same
+indices as `sequential.{idx}.{key}` under `module` in `mp_rank_{rank:02d}_model_states.pt`.
+
+Merging: column-parallel tensors concatenate on dim 0, row-parallel weights on dim 1. Row-parallel
+biases are summed under the parallel (GPT-J) residual, where each rank adds its own bias before the
+all-reduce, and are one replicated copy otherwise. LayerNorm copies drift slightly apart between ranks
+in training: they are averaged and the largest difference is reported.
+
+Every `.pt` file is a pickle: it is read with torch's weights-only unpickler, so nothing in it can run.
+Tensors are memory-mapped and merged one pipeline index at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from ..config import ConfigError, NeoXConfig
+from . import CheckpointError, LAYER_PREFIX, layer_shapes
+from .hf import torch_to_numpy
+
+INV_FREQ = "attention.rotary_emb.inv_freq"
+_LAYER_FILE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
+_MP_RANK_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
+_STEP_DIR = re.compile(r"^global_step(\d+)$")
+
+
+class Split(enum.Enum):
+    COLUMN = "column"  # split on dim 0: concatenate
+    ROW = "row"  # split on dim 1: concatenate
+    ROW_BIAS = "row_bias"  # row-parallel bias: per-rank parts (parallel residual) or copies
+    REPLICATED = "replicated"  # LayerNorm: per-rank copies, averaged
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    key: str  # name inside the NeoX state dict
+    hf_name: str
+    split: Split
+    shape: tuple[int, ...]  # merged
+
+    def shard_shape(self, ranks: int) -> tuple[int, ...]:
+        if self.split is Split.COLUMN:
+            return (self.shape[0] // ranks, *self.shape[1:])
+        if self.split is Split.ROW:
+            return (self.shape[0], self.shape[1] // ranks)
+        return self.shape
+
+
+@dataclasses.dataclass(frozen=True)
+class PipeLayer:
+    idx: int
+    params: tuple[Param, ...]  # in canonical stream order
+    transformer: bool  # also stores attention.rotary_emb.inv_freq
+
+
+_LAYER_SPLITS = {
+    "input_layernorm.weight": Split.REPLICATED, "input_layernorm.bias": Split.REPLICATED,
+    "post_attention_layernorm.weight": Split.REPLICATED, "post_attention_layernorm.bias": Split.REPLICATED,
+    "attention.query_key_value.weight": Split.COLUMN, "attention.query_key_value.bias": Split.COLUMN,
+    "attention.dense.weight": Split.ROW, "attention.dense.bias": Split.ROW_BIAS,
+    "mlp.dense_h_to_4h.weight": Split.COLUMN, "mlp.dense_h_to_4h.bias": Split.COLUMN,
+    "mlp.dense_4h_to_h.weight": Split.ROW, "mlp.dense_4h_to_h.bias": Split.ROW_BIAS,
+}
+
+
+def pipeline_layout(config: NeoXConfig) -> list[PipeLayer]:
+    """The pipeline indices holding parameters, in canonical stream order."""
+    d, v, n = config.hidden_size, config.vocab_size, config.num_layers
+    layers = [PipeLayer(0, (Param("word_embeddings.weight", "gpt_neox.embed_in.weight", Split.COLUMN, (v, d)),),
+                        False)]
+    for i in range(n):
+        layers.append(PipeLayer(i + 2, tuple(
+            Param(key, f"{LAYER_PREFIX}.{i}.{key}", _LAYER_SPLITS[key], shape)
+            for key, shape in layer_shapes(config).items()), True))
+    layers.append(PipeLayer(n + 3, (
+        Param("norm.weight", "gpt_neox.final_layer_norm.weight", Split.REPLICATED, (d,)),
+        Param("norm.bias", "gpt_neox.final_layer_norm.bias", Split.REPLICATED, (d,))), False))
+    if not config.tie_word_embeddings:
+        layers.append(PipeLayer(n + 4, (Param("final_linear.weight", "embed_out.weight", Split.COLUMN, (v, d)),),
+                                False))
+    return layers
+
+
+def shard_file(idx: int, rank: int) -> str:
+    return f"layer_{idx:02d}-model_{rank:02d}-model_states.pt"
+
+
+def sequential_key(idx: int, key: str) -> str:
+    return f"sequential.{idx}.{key}"
+
+
+def rotary_inv_freq(config: NeoXConfig) -> torch.Tensor:
+    """The rotary frequencies exactly as GPT-NeoX's training code computes them (float32)."""
+    dim = config.rotary_dim
+    return 1.0 / (config.rotary_base ** (torch.arange(0, dim, 2).float() / dim))
+
+
+def check_divisible(config: NeoXConfig, ranks: int) -> None:
+    for what, size in (("num_heads", config.num_heads), ("vocab_size", config.vocab_size),
+                       ("intermediate_size", config.intermediate_size), ("hidden_size", config.hidden_size)):
+        if size % ranks:
+            raise CheckpointError(f"{what} {size} is not divisible by the {ranks} tensor-parallel ranks")
+
+
+# ---- NeoX YAML configs ----
+
+# Keys that shape the model: two YAML files disagreeing on one of these is an error.
+_MODEL_KEYS = {"num_layers", "hidden_size", "num_attention_heads", "intermediate_size", "max_position_embeddings",
+               "seq_length", "rotary_pct", "rotary_emb_base", "no_weight_tying", "gpt_j_residual", "gpt_j_tied",
+               "activation", "bias_gelu_fusion", "openai_gelu", "layernorm_epsilon", "norm", "pos_emb",
+               "mlp_type", "num_kv_heads", "use_bias_in_norms", "use_bias_in_attn_linear", "model_parallel_size"}
+
+
+def read_neox_yaml(files: Sequence[str | os.PathLike]) -> dict[str, Any]:
+    """Merge GPT-NeoX training YAMLs (as NeoX does with several), keys normalized to `_`.
+
+    A key given different values by two files is an error rather than a silent override.
+    """
+    import yaml
+
+    merged: dict[str, Any] = {}
+    origin: dict[str, Path] = {}
+    for file in map(Path, files):
+        try:
+            data = yaml.safe_load(file.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{file}: no such file") from None
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise ConfigError(f"{file}: not a readable YAML file ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{file}: expected a mapping of GPT-NeoX arguments")
+        for key, value in data.items():
+            key = str(key).replace("-", "_")
+            if key in merged and merged[key] != value and key in _MODEL_KEYS:
+                raise ConfigError(f"{file}: {key} = {value!r} conflicts with {merged[key]!r} in {origin[key]}")
+            merged[key], origin[key] = value, file
+    return merged
+
+
+def config_from_neox_args(args: Mapping[str, Any], vocab_size: int, where: str = "config") -> NeoXConfig:
+    """A NeoXConfig from merged NeoX arguments; defaults are GPT-NeoX's own (e.g. tied embeddings)."""
+
+    def get(key, default=None, kind=None):
+        value = args.get(key, default)
+        if value is None or kind is None:
+            return value
+        try:
+            # YAML 1.1 reads `1e-5` as a string; NeoX coerces it, and so do we.
+            return kind(value) if kind is not bool else _as_bool(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: {key} = {value!r} is not a valid {kind.__name__}") from None
+
+    def need(key, kind):
+        if args.get(key) is None:
+            raise ConfigError(f"{where}: no {key.replace('_', '-')!r}")
+        return get(key, kind=kind)
+
+    def unsupported(key, value, default, note=""):
+        if args.get(key, default) != value:
+            raise ConfigError(f"{where}: {key.replace('_', '-')} = {args.get(key, default)!r} is not supported "
+                              f"(only {value!r}){note}")
+
+    unsupported("pos_emb", "rotary", "learned", " (GPT-NeoX's default is 'learned': set \"pos-emb\": \"rotary\")")
+    unsupported("norm", "layernorm", "layernorm")
+    unsupported("mlp_type", "regular", "regular")
+    unsupported("gpt_j_tied", False, False)
+    unsupported("use_bias_in_norms", True, True)
+    unsupported("use_bias_in_attn_linear", True, True)
+    activation = get("activation", "gelu")
+    if activation != "gelu":
+        raise ConfigError(f"{where}: activation {activation!r} is not supported (only 'gelu')")
+    heads = need("num_attention_heads", int)
+    if args.get("num_kv_heads") not in (None, heads):
+        raise ConfigError(f"{where}: grouped-query attention (num-kv-heads) is not supported")
+    hidden = need("hidden_size", int)
+    max_pos = get("max_position_embeddings", kind=int) or get("seq_length", kind=int)
+    if max_pos is None:
+        raise ConfigError(f"{where}: neither 'max-position-embeddings' nor 'seq-length' is given")
+    try:
+        return NeoXConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            num_layers=need("num_layers", int),
+            num_heads=heads,
+            intermediate_size=get("intermediate_size", kind=int) or 4 * hidden,
+            rotary_pct=get("rotary_pct", 1.0, float),
+            rotary_base=get("rotary_emb_base", 10000.0, float),
+            layer_norm_eps=get("layernorm_epsilon", 1e-5, float),
+            # GPT-NeoX's fused bias-GELU kernel and its openai-gelu option compute the tanh approximation;
+            # plain F.gelu is exact.
+            activation="gelu_tanh" if get("bias_gelu_fusion", False, bool) or get("openai_gelu", False, bool)
+            else "gelu",
+            parallel_residual=get("gpt_j_residual", False, bool),
+            max_position_embeddings=max_pos,
+            tie_word_embeddings=not get("no_weight_tying", False, bool),
+        )
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _as_bool(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise ValueError(value)
+
+
+# ---- Safe loading ----
+
+class _Inert:
+    """Stands in for any non-tensor object in a sequential-layout file (args, optimizer state): it accepts
+    whatever the pickle hands it and does nothing, so the real class is never imported or called."""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+def _load(file: Path, *, inert_globals: bool = False) -> Any:
+    """torch.load restricted to tensors and plain containers; `inert_globals` maps other classes to `_Inert`."""
+    try:
+        is_zip = zipfile.is_zipfile(file)
+        stubs = []
+        if inert_globals and is_zip:
+            stubs = [(_Inert, name) for name in torch.serialization.get_unsafe_globals_in_checkpoint(file)]
+        with torch.serialization.safe_globals(stubs):
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=is_zip)
+    except pickle.UnpicklingError as e:
+        # torch's message is long advice around one line naming the offending global or opcode.
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        refused = next((line for line in lines if re.search(r"GLOBAL|global|reduce|Can only|blocked", line)
+                        and "Weights only load failed" not in line), None)
+        if refused:
+            # Drop torch's advice to allowlist the global: for a checkpoint of weights, that is never the fix.
+            refused = refused.removeprefix("WeightsUnpickler error: ").split(" Please use")[0]
+            raise CheckpointError(f"{file}: refused to unpickle: the file holds objects other than tensors, "
+                                  f"which could run code when loaded ({refused})") from None
+        detail = next((line for line in lines if "WeightsUnpickler error" not in line and "Weights only" not in line
+                       and "file an issue" not in line), lines[0] if lines else "unreadable pickle")
+        raise CheckpointError(f"{file}: truncated or corrupt checkpoint file ({detail})") from None
+    except Exception as e:  # torch.load fails in many ways (RuntimeError, EOFError, IndexError...) on bad bytes
+        raise CheckpointError(f"{file}: truncated or corrupt checkpoint file ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# ---- The reader ----
+
+@dataclasses.dataclass
+class MergeReport:
+    """How the ranks were merged, filled in while tensors stream."""
+
+    ranks: int
+    row_bias_rule: str  # "sum", "copy" or "single"
+    row_bias_reason: str
+    max_layernorm_diff: float = 0.0  # largest |difference| between two ranks' copies of a norm parameter
+    max_layernorm_diff_at: str | None = None
+    max_row_bias_copy_diff: float | None = None  # copy rule: largest disagreement between the copies
+    inv_freq_checked: int = 0  # transformer layers whose stored rotary frequencies matched the config
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def looks_like_deepspeed(path: str | os.PathLike) -> bool:
+    """A step folder with GPT-NeoX shards, or its parent (with `latest` or `global_stepN/`)."""
+    path = Path(path)
+    return _has_shards(path) or any(_has_shards(d) for d in path.glob("global_step*") if d.is_dir())
+
+
+def _has_shards(d: Path) -> bool:
+    return any(_LAYER_FILE.match(f.name) or _MP_RANK_FILE.match(f.name) for f in d.glob("*.pt"))
+
+
+class DeepSpeedCheckpoint:
+    """A GPT-NeoX DeepSpeed checkpoint as the canonical stream.
+
+    `path`: the step folder (`global_stepN/`) or its parent (`latest` names the step). `config`: a
+    NeoXConfig, NeoX YAML file(s), or None to read `configs/*.yml` beside or above the step folder. With
+    YAML the vocabulary size is the embedding shards' rows times the ranks (padding kept).
+    """
+
+    def __init__(self, path: str | os.PathLike,
+                 config: NeoXConfig | str | os.PathLike | Sequence[str | os.PathLike] | None = None):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: " + ("not a directory" if self.path.exists() else "no such directory"))
+        self.step_dir, self.step = _find_step_dir(self.path)
+        self.layout, self.ranks, self.files = _scan(self.step_dir)
+        self.config, self.config_source = self._resolve_config(config)
+        check_divisible(self.config, self.ranks)
+        self.layers = pipeline_layout(self.config)
+        if self.layout == "pipeline":
+            self._check_layer_files()
+        else:
+            self._check_sequential_keys()
+        if self.config.parallel_residual and self.ranks > 1:
+            rule, reason = "sum", ("the model uses the parallel (GPT-J) residual: each rank adds its own "
+                                   "row-parallel bias before the all-reduce")
+        elif self.ranks > 1:
+            rule, reason = "copy", "sequential residual: the bias is added once after the all-reduce"
+        else:
+            rule, reason = "single", "one tensor-parallel rank: nothing to merge"
+        self.report = MergeReport(self.ranks, rule, reason)
+
+    # -- discovery --
+
+    def _resolve_config(self, config) -> tuple[NeoXConfig, str]:
+        if isinstance(config, NeoXConfig):
+            return config, "given"
+        if config is None:
+            files = _find_yaml(self.step_dir)
+            if not files:
+                raise CheckpointError(
+                    f"{self.path}: no model config: found no configs/*.yml beside or above {self.step_dir}; "
+                    f"give a GPT-NeoX YAML (--config) or a preset (--preset)")
+        else:
+            files = [Path(config)] if isinstance(config, (str, os.PathLike)) else [Path(f) for f in config]
+        args = read_neox_yaml(files)
+        names = ", ".join(str(f) for f in files)
+        mp = args.get("model_parallel_size")
+        if mp is not None and int(mp) != self.ranks:
+            raise CheckpointError(f"{names} says model-parallel-size {mp}, but {self.step_dir} holds "
+                                  f"{self.ranks} tensor-parallel rank(s)")
+        rows = sum(_tensor_shape(self._shard(0, r), "word_embeddings.weight", self._where(0, r))[0]
+                   for r in range(self.ranks))
+        return config_from_neox_args(args, rows, names), names
+
+    def _check_layer_files(self) -> None:
+        present = {(idx, rank) for idx, rank in self._indexed}
+        expected_idx = [layer.idx for layer in self.layers]
+        indices = {idx for idx, _ in present}
+        for tied in (False, True):
+            n = max(indices) - (3 if tied else 4)
+            if n > 0 and n != self.config.num_layers and indices == set(_indices(n, tied)):
+                raise CheckpointError(f"{self.step_dir} holds a {n}-layer model (layer files up to "
+                                      f"layer_{max(indices):02d}), the config describes {self.config.num_layers} "
+                                      f"layers")
+        layout_hint = (f"expected the GPT-NeoX pipeline layout for {self.config.num_layers} layers: "
+                       f"{describe_layout(self.config, self.ranks)}")
+        for idx in expected_idx:
+            for rank in range(self.ranks):
+                if (idx, rank) not in present:
+                    raise CheckpointError(f"missing layer file {self.step_dir / shard_file(idx, rank)} "
+                                          f"({layout_hint})")
+        extra = sorted(idx for idx, _ in present if idx not in expected_idx)
+        if extra:
+            raise CheckpointError(f"unexpected layer file {self.step_dir / shard_file(extra[0], 0)} "
+                                  f"({layout_hint})")
+
+    def _check_sequential_keys(self) -> None:
+        prefixes = tuple(sequential_key(layer.idx, "") for layer in self.layers)
+        for rank in range(self.ranks):
+            for key in self._module(self._file(0, rank)):
+                if not key.startswith(prefixes):
+                    raise CheckpointError(
+                        f"{self._file(0, rank)}: unexpected tensor {key!r} under 'module' (expected "
+                        f"sequential.IDX.* for IDX in {', '.join(str(layer.idx) for layer in self.layers)}, "
+                        f"the layout of a {self.config.num_layers}-layer model)")
+
+    @property
+    def _indexed(self) -> list[tuple[int, int]]:
+        return [tuple(int(g) for g in _LAYER_FILE.match(f.name).groups()) for f in self.files]
+
+    def _file(self, idx: int, rank: int) -> Path:
+        if self.layout == "pipeline":
+            return self.step_dir / shard_file(idx, rank)
+        return self.step_dir / f"mp_rank_{rank:02d}_model_states.pt"
+
+    def _where(self, idx: int, rank: int) -> str:
+        return str(self._file(idx, rank))
+
+    def _shard(self, idx: int, rank: int) -> Mapping[str, torch.Tensor]:
+        """One rank's tensors of one pipeline index, keys as in the pipeline layout."""
+        file = self._file(idx, rank)
+        if self.layout == "pipeline":
+            state = _load(file)
+            if not isinstance(state, Mapping):
+                raise CheckpointError(f"{file}: not a state dict (got {type(state).__name__})")
+            return state
+        # Reloaded per index so that the mapped pages of earlier layers are released.
+        prefix = sequential_key(idx, "")
+        return {k[len(prefix):]: v for k, v in self._module(file).items() if k.startswith(prefix)}
+
+    @staticmethod
+    def _module(file: Path) -> Mapping[str, Any]:
+        state = _load(file, inert_globals=True)
+        module = state.get("module") if isinstance(state, Mapping) else None
+        if not isinstance(module, Mapping):
+            raise CheckpointError(f"{file}: holds no weights under 'module' (a pipeline-layout checkpoint "
+                                  f"whose layer_XX-model_YY-model_states.pt files are missing?)")
+        return module
+
+    # -- streaming --
+
+    def validate(self) -> int:
+        """Check every file's keys and shapes against the config without reading tensor data.
+
+        Returns the size in bytes of the merged tensors in their stored dtypes.
+        """
+        total = 0
+        for layer in self.layers:
+            shards = [self._shard(layer.idx, r) for r in range(self.ranks)]
+            self._check_shards(layer, shards)
+            total += sum(int(np.prod(p.shape)) * shards[0][p.key].element_size() for p in layer.params)
+        return total
+
+    def tensors(self, on_file: Callable[[Path], None] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+        """The merged canonical stream; `on_file(path)` is called once each input file has been read."""
+        last_use = {self._file(layer.idx, r): layer.idx for layer in self.layers for r in range(self.ranks)}
+        for layer in self.layers:
+            shards = [self._shard(layer.idx, r) for r in range(self.ranks)]
+            self._check_shards(layer, shards)
+            if layer.transformer:
+                self._check_inv_freq(layer, shards)
+            # One merged tensor at a time, so that the consumer can write it out before the next is built.
+            for p in layer.params:
+                yield p.hf_name, self._merge(layer, p, [torch_to_numpy(s[p.key]) for s in shards])
+            del shards  # unmaps this index's files (unless a yielded single-rank array still views them)
+            for r in range(self.ranks):
+                file = self._file(layer.idx, r)
+                if on_file is not None and last_use[file] == layer.idx:
+                    on_file(file)
+
+    def _check_shards(self, layer: PipeLayer, shards: list[Mapping[str, torch.Tensor]]) -> None:
+        allowed = {p.key for p in layer.params} | ({INV_FREQ} if layer.transformer else set())
+        for rank, shard in enumerate(shards):
+            where = self._where(layer.idx, rank)
+            for key in shard:
+                if key not in allowed:
+                    raise CheckpointError(f"{where}: unexpected tensor {key!r} at pipeline index {layer.idx} "
+                                          f"(expected {', '.join(sorted(allowed))})")
+            for p in layer.params:
+                shape = _tensor_shape(shard, p.key, where)
+                first = shards[0][p.key]
+                if rank and (shape != tuple(first.shape) or shard[p.key].dtype != first.dtype):
+                    raise CheckpointError(
+                        f"{where}: ranks disagree on {p.key!r}: {tuple(shape)} {shard[p.key].dtype} here, "
+                        f"{tuple(first.shape)} {first.dtype} in {self._where(layer.idx, 0)}")
+                if shape != p.shard_shape(self.ranks):
+                    raise CheckpointError(
+                        f"{where}: tensor {p.key!r} ({p.hf_name}) has shape {shape}, the config expects "
+                        f"{p.shard_shape(self.ranks)} per rank ({p.shape} merged over {self.ranks} rank(s))")
+
+    def _check_inv_freq(self, layer: PipeLayer, shards: list[Mapping[str, torch.Tensor]]) -> None:
+        expected = rotary_inv_freq(self.config).numpy()
+        checked = False
+        for rank, shard in enumerate(shards):
+            if INV_FREQ not in shard:
+                continue  # newer GPT-NeoX may not persist the buffer
+            stored = shard[INV_FREQ]
+            eps = torch.finfo(stored.dtype).eps if stored.dtype.is_floating_point else 1.0
+            got = stored.float().numpy()
+            if got.shape != expected.shape or not np.allclose(got, expected, rtol=4 * eps, atol=0):
+                raise CheckpointError(
+                    f"{self._where(layer.idx, rank)}: {INV_FREQ} does not match the config's rotary settings "
+                    f"(rotary_dim {self.config.rotary_dim} = head_dim {self.config.head_dim} x rotary_pct "
+                    f"{self.config.rotary_pct}, base {self.config.rotary_base:g}): stored "
+                    f"{_preview(got)}, expected {_preview(expected)}; check rotary-pct and rotary-emb-base")
+            checked = True
+        self.report.inv_freq_checked += checked
+
+    def _merge(self, layer: PipeLayer, p: Param, shards: list[np.ndarray]) -> np.ndarray:
+        if len(shards) == 1:
+            return shards[0]
+        if p.split is Split.COLUMN:
+            return np.concatenate(shards, axis=0)
+        if p.split is Split.ROW:
+            return np.concatenate(shards, axis=1)
+        stack = np.stack([s.astype(np.float32) for s in shards])
+        if p.split is Split.ROW_BIAS and self.report.row_bias_rule == "sum":
+            return stack.sum(axis=0).astype(shards[0].dtype)
+        diff = float(np.max(np.abs(stack - stack[0])))
+        if p.split is Split.ROW_BIAS:
+            # Replicated copies receive identical updates; a real difference means the residual is misconfigured.
+            if diff > 1e-2 * max(1.0, float(np.max(np.abs(stack[0])))):
+                raise CheckpointError(
+                    f"{self._where(layer.idx, 1)}: the ranks' copies of {p.key!r} differ by {diff:.3g}; with "
+                    f"the sequential residual they should be identical. Does the model use the parallel "
+                    f"residual (gpt-j-residual: true)?")
+            self.report.max_row_bias_copy_diff = max(self.report.max_row_bias_copy_diff or 0.0, diff)
+            return shards[0]
+        if diff > self.report.max_layernorm_diff:
+            self.report.max_layernorm_diff, self.report.max_layernorm_diff_at = diff, p.hf_name
+        return stack.mean(axis=0).astype(shards[0].dtype)
+
+
+def _indices(num_layers: int, tied: bool) -> list[int]:
+    return [0, *range(2, num_layers + 2), num_layers + 3, *([] if tied else [num_layers + 4])]
+
+
+def describe_layout(config: NeoXConfig, ranks: int) -> str:
+    n = config.num_layers
+    last = [] if config.tie_word_embeddings else [f"layer_{n + 4:02d} output layer"]
+    return ", ".join([f"layer_00 embedding", f"layer_02..layer_{n + 1:02d} transformer layers",
+                      f"layer_{n + 3:02d} final norm", *last]) + f", each as model_00..model_{ranks - 1:02d}"
+
+
+def _tensor_shape(shard: Mapping[str, Any], key: str, where: str) -> tuple[int, ...]:
+    if key not in shard:
+        raise CheckpointError(f"{where}: missing tensor {key!r}")
+    if not isinstance(shard[key], torch.Tensor):
+        raise CheckpointError(f"{where}: {key!r} is a {type(shard[key]).__name__}, not a tensor")
+    return tuple(shard[key].shape)
+
+
+def _preview(a: np.ndarray) -> str:
+    head = ", ".join(f"{x:.4g}" for x in a[:3])
+    return f"[{head}{', ...' if a.size > 3 else ''}] ({a.size} values)"
+
+
+def _find_step_dir(path: Path) -> tuple[Path, int | None]:
+    if not _has_shards(path):
+        latest = path / "latest"
+        if latest.is_file():
+            tag = latest.read_text().strip()
+            if not (path / tag).is_dir():
+                raise CheckpointError(f"{latest} names {tag!r}, which is not a directory in {path}")
+            path = path / tag
+        else:
+            steps = sorted((d for d in path.glob("global_step*") if d.is_dir() and _has_shards(d)),
+                           key=lambda d: int(_STEP_DIR.match(d.name).group(1)) if _STEP_DIR.match(d.name) else -1)
+            if len(steps) != 1:
+                found = f"several steps ({', '.join(d.name for d in steps)}): give one of them" if steps else \
+                    "no layer_XX-model_YY-model_states.pt or mp_rank_YY_model_states.pt files"
+                raise CheckpointError(f"{path}: not a GPT-NeoX DeepSpeed checkpoint: {found}")
+            path = steps[0]
+    m = _STEP_DIR.match(path.name)
+    return path, int(m.group(1)) if m else None
+
+
+def _scan(step_dir: Path) -> tuple[str, int, list[Path]]:
+    """(layout, tensor-parallel ranks, weight files in read order)."""
+    layer_files = sorted((f for f in step_dir.iterdir() if _LAYER_FILE.match(f.name)),
+                         key=lambda f: tuple(int(g) for g in _LAYER_FILE.match(f.name).groups()))
+    if layer_files:
+        layout, files, rank_of = "pipeline", layer_files, lambda f: int(_LAYER_FILE.match(f.name).group(2))
+    else:
+        files = sorted(f for f in step_dir.iterdir() if _MP_RANK_FILE.match(f.name))
+        if not files:
+            raise CheckpointError(f"{step_dir}: no layer_XX-model_YY-model_states.pt or "
+                                  f"mp_rank_YY_model_states.pt files")
+        layout, rank_of = "sequential", lambda f: int(_MP_RANK_FILE.match(f.name).group(1))
+    ranks = sorted({rank_of(f) for f in files})
+    if ranks != list(range(len(ranks))):
+        missing = min(set(range(max(ranks) + 1)) - set(ranks))
+        raise CheckpointError(f"{step_dir}: tensor-parallel rank model_{missing:02d} has no files "
+                              f"(found ranks {', '.join(f'{r:02d}' for r in ranks)})")
+    return layout, len(ranks), files
+
+
+def _find_yaml(step_dir: Path) -> list[Path]:
+    for d in (step_dir / "configs", step_dir.parent / "configs"):
+        files = sorted([*d.glob("*.yml"), *d.glob("*.yaml")])
+        if files:
+            return files
+    return []

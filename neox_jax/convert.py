@@ -1,0 +1,345 @@
+"""Convert a GPT-NeoX DeepSpeed checkpoint into a Hugging Face GPT-NeoX directory.
+
+    python -m neox_jax.convert CHECKPOINT_DIR OUT_DIR [--config YAML | --preset NAME] [options]
+
+The library entry point is `convert()`; `main()` only parses arguments and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+from typing import Callable, Sequence
+
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+
+from .config import PRESETS, ConfigError, NeoXConfig
+from .checkpoints import CheckpointError, expected_shapes, hf
+from .checkpoints.deepspeed import DeepSpeedCheckpoint, looks_like_deepspeed
+
+DTYPES = {"keep": None, "float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+          "float32": np.dtype(np.float32)}
+PROVENANCE_NAME = "conversion.json"
+
+
+class ConvertError(Exception):
+    """A conversion that cannot proceed (output exists, not writable, tokenizer unusable, ...)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ConversionResult:
+    out_dir: Path
+    parameters: int
+    bytes: int
+    seconds: float
+    provenance: dict
+
+    def summary(self) -> str:
+        rate = self.bytes / 1e9 / max(self.seconds, 1e-9)
+        return (f"converted {_count(self.parameters)} parameters ({self.bytes / 1e9:.2f} GB) in "
+                f"{self.seconds:.1f} s ({rate:.2f} GB/s) -> {self.out_dir}")
+
+
+def convert(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *,
+            config: NeoXConfig | str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None,
+            shard_bytes: int = 10**9, dtype: str = "keep", force: bool = False, progress: bool | None = None,
+            log: Callable[[str], None] = lambda message: None) -> ConversionResult:
+    """DeepSpeed checkpoint -> HF directory at `out_dir`, written beside it, verified, then renamed into place.
+
+    `config`: a NeoXConfig, a NeoX YAML path, or None for the checkpoint's own `configs/*.yml`.
+    `progress`: None shows a bar only on a terminal. Raises CheckpointError, ConfigError or ConvertError;
+    on any failure or interrupt nothing is left at `out_dir` or beside it.
+    """
+    start = time.perf_counter()
+    if dtype not in DTYPES:
+        raise ConvertError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    out_dir = Path(out_dir)
+    if (Path(checkpoint) / "config.json").is_file() and not looks_like_deepspeed(checkpoint):
+        raise ConvertError(f"{checkpoint} is already a Hugging Face directory (config.json); nothing to convert")
+    ckpt = DeepSpeedCheckpoint(checkpoint, config)
+    _check_output(out_dir, ckpt.path, force)
+    tokenizer_file = _find_tokenizer(ckpt, tokenizer, log)
+    stored_bytes = ckpt.validate()
+    target = DTYPES[dtype]
+    n_params = sum(int(np.prod(s)) for s in expected_shapes(ckpt.config).values())
+    out_bytes = stored_bytes if target is None else n_params * target.itemsize
+    _check_space(out_dir.parent, out_bytes)
+
+    tmp = _make_temp_dir(out_dir)
+    try:
+        written, hashes = _write(ckpt, tmp, target, shard_bytes, progress)
+        _verify(tmp, ckpt.config, written)
+        if tokenizer_file is not None:
+            shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
+        seconds = time.perf_counter() - start
+        provenance = {
+            "tool": "neox_jax.convert",
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "source": {"path": str(ckpt.path.resolve()), "step_dir": str(ckpt.step_dir.resolve()),
+                       "step": ckpt.step, "layout": ckpt.layout, "ranks": ckpt.ranks,
+                       "config": ckpt.config_source},
+            "input_files": hashes,
+            "merge": ckpt.report.as_dict(),
+            "config": dataclasses.asdict(ckpt.config),
+            "output": {"dtype": ",".join(sorted({d for _, _, d, _ in written.values()})),
+                       "parameters": n_params, "bytes": sum(b for *_, b in written.values()), "tensors": len(written),
+                       "tokenizer": str(tokenizer_file.resolve()) if tokenizer_file else None,
+                       "verified": "every tensor re-read from the written files: shape, dtype and crc32 match"},
+            "seconds": round(seconds, 3),
+        }
+        (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2) + "\n")
+        _apply_umask(tmp)
+        _move_into_place(tmp, out_dir, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ConversionResult(out_dir, n_params, provenance["output"]["bytes"], seconds, provenance)
+
+
+def _write(ckpt: DeepSpeedCheckpoint, tmp: Path, target: np.dtype | None, shard_bytes: int,
+           progress: bool | None) -> tuple[dict[str, tuple[int, tuple[int, ...], str, int]], dict[str, dict]]:
+    """Stream the checkpoint into `tmp`.
+
+    Returns (crc32, shape, dtype, bytes) per tensor and (size, sha256) per input file.
+    """
+    from tqdm import tqdm
+
+    written: dict[str, tuple[int, tuple[int, ...], str, int]] = {}
+    hashes: dict[str, dict] = {}
+    bar = tqdm(total=len(ckpt.files), unit="file", desc="converting", file=sys.stderr,
+               disable=None if progress is None else not progress)
+
+    def on_file(file: Path) -> None:
+        # Hashed right after it was read, while its pages are still cached.
+        with open(file, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        hashes[str(file.relative_to(ckpt.path))] = {"bytes": file.stat().st_size, "sha256": digest}
+        bar.update(1)
+
+    def stream():
+        for name, array in ckpt.tensors(on_file=on_file):
+            if target is not None and array.dtype != target:
+                array = array.astype(target)
+            written[name] = (_crc(array), array.shape, array.dtype.name, array.nbytes)
+            yield name, array
+
+    try:
+        hf.write_hf(tmp, ckpt.config, stream(), shard_bytes=shard_bytes,
+                    torch_dtype=None if target is None else target.name)
+    finally:
+        bar.close()
+    return written, hashes
+
+
+def _verify(out: Path, config: NeoXConfig, written: dict[str, tuple[int, tuple[int, ...], str, int]]) -> None:
+    """Re-open the written directory and compare every tensor with what was written.
+
+    HFCheckpoint checks config.json, the index and that every tensor is present; the tensors are then
+    read one shard file at a time, closing each, so that its mapped pages do not accumulate.
+    """
+    reopened = hf.HFCheckpoint(out)
+    if reopened.config != config:
+        raise ConvertError(f"verification failed: {out}/config.json reads back as {reopened.config}, "
+                           f"not {config}")
+    weight_map = json.loads((out / hf.INDEX_NAME).read_text())["weight_map"]
+    if set(weight_map) != set(written):
+        raise ConvertError(f"verification failed: {out} holds {len(weight_map)} tensors, {len(written)} were written")
+    for file in dict.fromkeys(weight_map.values()):
+        with safe_open(out / file, "pt") as f:
+            for name in f.keys():
+                array = hf.torch_to_numpy(f.get_tensor(name))
+                if (_crc(array), array.shape, array.dtype.name, array.nbytes) != written[name]:
+                    raise ConvertError(f"verification failed: tensor {name!r} in {out / file} differs from "
+                                       f"what was written")
+
+
+def _apply_umask(directory: Path) -> None:
+    """safetensors creates its files 0600; give every output file the usual umask-derived mode."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for f in directory.iterdir():
+        os.chmod(f, 0o666 & ~umask)
+
+
+def _crc(array: np.ndarray) -> int:
+    return zlib.crc32(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+
+
+def _check_output(out_dir: Path, source: Path, force: bool) -> None:
+    if out_dir.exists() or out_dir.is_symlink():
+        resolved = out_dir.resolve()
+        if resolved == source.resolve() or resolved in source.resolve().parents:
+            raise ConvertError(f"{out_dir} holds the checkpoint being converted; choose another output directory")
+        if not force:
+            raise ConvertError(f"{out_dir} already exists (use --force to replace it)")
+
+
+def _make_temp_dir(out_dir: Path) -> Path:
+    """A fresh directory beside `out_dir`, so that the final rename stays on one filesystem.
+
+    Not tempfile.mkdtemp: its mode 0700 would survive the rename and hide the model from other users.
+    """
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp.mkdir()
+        return tmp
+    except OSError as e:
+        raise ConvertError(f"cannot write the output beside {out_dir}: {e.strerror or e}") from None
+
+
+def _check_space(parent: Path, needed: int) -> None:
+    probe = next((p for p in (parent, *parent.parents) if p.exists()), None)
+    if probe is None:
+        return
+    free = shutil.disk_usage(probe).free
+    if free < needed:
+        raise ConvertError(f"not enough free space at {probe}: the output needs {needed / 1e9:.2f} GB, "
+                           f"{free / 1e9:.2f} GB are free")
+
+
+def _move_into_place(tmp: Path, out_dir: Path, force: bool) -> None:
+    if not (out_dir.exists() or out_dir.is_symlink()):
+        os.rename(tmp, out_dir)
+        return
+    if not force:  # appeared while we were converting
+        raise ConvertError(f"{out_dir} already exists (use --force to replace it)")
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    os.rename(out_dir, old / "previous")
+    try:
+        os.rename(tmp, out_dir)
+    except BaseException:
+        os.rename(old / "previous", out_dir)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _find_tokenizer(ckpt: DeepSpeedCheckpoint, given: str | os.PathLike | None,
+                    log: Callable[[str], None]) -> Path | None:
+    """The given tokenizer JSON, or the one beside the checkpoint (e.g. 20B_tokenizer.json), validated."""
+    if given is not None:
+        path = Path(given)
+        if not path.is_file():
+            raise ConvertError(f"{path}: no such tokenizer file")
+    else:
+        path = None
+        for d in dict.fromkeys((ckpt.step_dir, ckpt.path, ckpt.step_dir.parent)):
+            found = sorted(d.glob("*tokenizer*.json"))
+            if len(found) > 1:
+                log(f"warning: several tokenizer files in {d} ({', '.join(f.name for f in found)}); "
+                    f"none copied, pass --tokenizer")
+                return None
+            if found:
+                path = found[0]
+                break
+        if path is None:
+            log("warning: no tokenizer JSON beside the checkpoint; the output has none (pass --tokenizer)")
+            return None
+    from tokenizers import Tokenizer
+
+    try:
+        size = Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
+    except Exception as e:  # tokenizers raises its own exception types for every parse failure
+        raise ConvertError(f"{path}: not a Hugging Face tokenizers JSON file ({str(e).splitlines()[0]})") from None
+    if size > ckpt.config.vocab_size:
+        raise ConvertError(f"{path}: the tokenizer has {size} tokens, more than the model's vocabulary "
+                           f"({ckpt.config.vocab_size}): wrong tokenizer?")
+    return path
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'4GB' -> 4e9, '500MiB' -> 500 * 2**20 (decimal units as transformers' max_shard_size)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 4GB, 500MB, 2GiB)")
+    number, unit = float(m.group(1)), (m.group(2) or "b").lower().rstrip("b")
+    scale = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+             "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}[unit]
+    size = int(number * scale)
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"the shard size must be positive, got {text!r}")
+    return size
+
+
+def _count(n: int) -> str:
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.2f}{suffix}"
+    return str(n)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m neox_jax.convert",
+        description="Convert a GPT-NeoX DeepSpeed checkpoint (GPT-NeoX-20B slim weights, Pythia NeoX checkpoints)\n"
+                    "into a Hugging Face GPT-NeoX directory that transformers' GPTNeoXForCausalLM.from_pretrained\n"
+                    "and neox_jax read. Tensor-parallel ranks are merged, every tensor is checked against the\n"
+                    "model config, and the result is written beside OUT_DIR, verified, then renamed into place.",
+        epilog="examples:\n"
+               "  python -m neox_jax.convert 20B_checkpoints/ gpt-neox-20b-hf/\n"
+               "  python -m neox_jax.convert 20B_checkpoints/global_step150000 out/ --preset gpt-neox-20b \\\n"
+               "      --tokenizer 20B_tokenizer.json --dtype float16 --shard-size 2GB\n\n"
+               "The output holds config.json, model-XXXXX-of-YYYYY.safetensors, model.safetensors.index.json,\n"
+               "tokenizer.json (when one is found or given) and conversion.json (provenance: source, step,\n"
+               "sha256 of every input file, how ranks were merged). Exit status 2 on any usage or data error.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", metavar="CHECKPOINT_DIR",
+                   help="the step folder (global_stepN/, holding layer_XX-model_YY-model_states.pt) or its "
+                        "parent (with a 'latest' file naming the step)")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="the Hugging Face directory to create")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--config", metavar="YAML",
+                        help="the GPT-NeoX training YAML (e.g. 20B.yml); default: configs/*.yml beside or "
+                             "above the checkpoint")
+    source.add_argument("--preset", choices=sorted(PRESETS), help="a built-in model config instead of a YAML")
+    p.add_argument("--tokenizer", metavar="FILE",
+                   help="tokenizer JSON to copy as tokenizer.json; default: *tokenizer*.json beside the checkpoint")
+    p.add_argument("--shard-size", type=parse_size, default=parse_size("1GB"), metavar="SIZE",
+                   help="largest safetensors shard; the writer holds one shard in memory "
+                        "(default 1GB, as the published 20B; units kB/MB/GB or KiB/MiB/GiB)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="keep",
+                   help="dtype of the written weights (default: keep the checkpoint's)")
+    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = PRESETS[args.preset] if args.preset else args.config
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr)
+
+    try:
+        result = convert(args.checkpoint, args.out_dir, config=config, tokenizer=args.tokenizer,
+                         shard_bytes=args.shard_size, dtype=args.dtype, force=args.force, log=log)
+    except (CheckpointError, ConfigError, ConvertError, OSError) as e:  # OSError: e.g. the disk filled up
+        log(f"error: {e}")
+        return 2
+    except KeyboardInterrupt:
+        log(f"error: interrupted; nothing was written to {args.out_dir}")
+        return 130
+    print(result.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

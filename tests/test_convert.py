@@ -1,0 +1,252 @@
+"""`python -m neox_jax.convert`: output a transformers-loadable directory, atomically, or a one-line error."""
+
+import hashlib
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, tiny_config
+from neox_jax import convert
+from neox_jax.checkpoints import hf, synthetic
+from neox_jax.checkpoints.deepspeed import DeepSpeedCheckpoint
+
+
+def make_checkpoint(path, config=None, ranks=2, dtype=np.float32, step=None, tensors=None):
+    config = config or tiny_config()
+    tensors = synthetic.random_tensors(config) if tensors is None else tensors
+    synthetic.write_deepspeed_checkpoint(path, config, tensors, ranks=ranks, dtype=dtype, step=step)
+    return path, tensors
+
+
+def write_tokenizer(path, size=50):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    Tokenizer(WordLevel({f"w{i}": i for i in range(size)}, unk_token="w0")).save(str(path))
+    return path
+
+
+def run(capsys, *argv):
+    code = convert.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_error(result, pattern):
+    code, out, err = result
+    lines = [line for line in err.splitlines() if not line.startswith("warning: ")]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+def assert_nothing_at(out):
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}.*")), "temporary files left beside the output"
+
+
+def hf_tensors(path):
+    return dict(hf.HFCheckpoint(path).tensors())
+
+
+def test_end_to_end(tmp_path, capsys):
+    root, tensors = make_checkpoint(tmp_path / "run", step=150)
+    tokenizer = write_tokenizer(root / "20B_tokenizer.json")
+    out = tmp_path / "hf"
+    code, stdout, err = run(capsys, root, out)
+    assert code == 0, err
+    assert re.fullmatch(r"converted \S+ parameters \(.* GB\) in .* s \(.* GB/s\) -> .*hf\n", stdout)
+    assert {f.name for f in out.iterdir()} == {"config.json", "model-00001-of-00001.safetensors",
+                                              "model.safetensors.index.json", "tokenizer.json", "conversion.json"}
+    assert (out / "tokenizer.json").read_bytes() == tokenizer.read_bytes()
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
+    got = hf_tensors(out)
+    expected = dict(DeepSpeedCheckpoint(root).tensors())
+    assert list(got) == list(expected)
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name])
+
+    prov = json.loads((out / "conversion.json").read_text())
+    assert (prov["source"]["step"], prov["source"]["ranks"], prov["source"]["layout"]) == (150, 2, "pipeline")
+    assert prov["source"]["config"].endswith("configs/model.yml")
+    files = prov["input_files"]
+    assert len(files) == 10 and all(name.startswith("global_step150/layer_") for name in files)
+    for name, info in files.items():
+        data = (root / name).read_bytes()
+        assert info == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert prov["merge"]["row_bias_rule"] == "sum" and "parallel" in prov["merge"]["row_bias_reason"]
+    assert 0 < prov["merge"]["max_layernorm_diff"] < 1e-2
+    assert prov["output"]["parameters"] == sum(t.size for t in tensors.values())
+    assert prov["output"]["bytes"] == 4 * prov["output"]["parameters"]
+
+
+@pytest.mark.parametrize("parallel, tied", [(True, False), (False, True)])
+def test_logits_match_transformers(tmp_path, capsys, parallel, tied):
+    transformers = pytest.importorskip("transformers")
+    config = tiny_config(parallel_residual=parallel, tie_word_embeddings=tied, activation="gelu")
+    root, tensors = make_checkpoint(tmp_path / "ckpt", config)
+    assert run(capsys, root, tmp_path / "hf")[0] == 0
+
+    converted = transformers.GPTNeoXForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    reference = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**config.to_hf_dict("float32"))).eval()
+    # transformers 5 calls the head lm_head (it renames embed_out when loading files); 4.x kept embed_out.
+    head = "lm_head.weight" if hasattr(reference, "lm_head") else "embed_out.weight"
+    state = {head if k == "embed_out.weight" else k: torch.from_numpy(v) for k, v in tensors.items()}
+    missing, unexpected = reference.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= ({head} if tied else set())
+    ids = torch.randint(0, config.vocab_size, (2, 19), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want = converted(ids).logits, reference(ids).logits
+    assert want.std() > 0.05
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_rank_counts_convert_identically(tmp_path, capsys):
+    config = tiny_config(num_layers=3)
+    tensors = synthetic.random_tensors(config, seed=5)
+    outputs = []
+    for ranks in (1, 2, 4):
+        root, _ = make_checkpoint(tmp_path / f"ckpt{ranks}", config, ranks=ranks, tensors=tensors)
+        assert run(capsys, root, tmp_path / f"hf{ranks}")[0] == 0
+        outputs.append(hf_tensors(tmp_path / f"hf{ranks}"))
+    for other in outputs[1:]:
+        for name in tensors:
+            np.testing.assert_allclose(other[name], outputs[0][name], rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype, expected", [("keep", "float16"), ("bfloat16", "bfloat16"), ("float32", "float32")])
+def test_dtype_and_shard_size(tmp_path, capsys, dtype, expected):
+    root, tensors = make_checkpoint(tmp_path / "ckpt", dtype=np.float16)
+    out = tmp_path / "hf"
+    assert run(capsys, root, out, "--dtype", dtype, "--shard-size", "40kB")[0] == 0
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 3
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == expected
+    for name, array in hf_tensors(out).items():
+        assert array.dtype.name == expected
+        np.testing.assert_allclose(array.astype(np.float32), tensors[name], rtol=1e-2, atol=1e-3)
+
+
+def test_existing_output_and_force(tmp_path, capsys):
+    root, _ = make_checkpoint(tmp_path / "ckpt")
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "old.txt").write_text("previous")
+    assert_error(run(capsys, root, out), r"hf already exists \(use --force to replace it\)")
+    assert (out / "old.txt").exists()
+    assert run(capsys, root, out, "--force")[0] == 0
+    assert not (out / "old.txt").exists() and (out / "conversion.json").exists()
+    assert not list(tmp_path.glob(".hf.*"))
+    assert_error(run(capsys, root, root, "--force"), "holds the checkpoint being converted")
+
+
+def truncate(root):
+    file = root / "layer_03-model_01-model_states.pt"
+    file.write_bytes(file.read_bytes()[:1000])
+
+
+def rank_mismatch(root):
+    file = root / "layer_02-model_01-model_states.pt"
+    state = torch.load(file, weights_only=True)
+    state["mlp.dense_h_to_4h.weight"] = state["mlp.dense_h_to_4h.weight"][:64].clone()
+    torch.save(state, file)
+
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').close()",)
+
+
+@pytest.mark.parametrize("breakage, args, pattern", [
+    (lambda root: (root / "layer_03-model_00-model_states.pt").unlink(), [],
+     r"missing layer file \S*layer_03-model_00-model_states\.pt \(expected the GPT-NeoX pipeline layout"),
+    (rank_mismatch, [], r"layer_02-model_01-model_states\.pt: ranks disagree on 'mlp\.dense_h_to_4h\.weight': "
+                        r"\(64, 64\).*\(128, 64\)"),
+    (truncate, [], r"layer_03-model_01-model_states\.pt: truncated or corrupt"),
+    (lambda root: (root / "configs" / "model.yml").write_text(
+        (root / "configs" / "model.yml").read_text().replace('"intermediate_size": 256', '"intermediate_size": 512')),
+     [], r"layer_02-model_00-model_states\.pt: tensor 'mlp\.dense_h_to_4h\.weight' .* has shape \(128, 64\), "
+         r"the config expects \(256, 64\)"),
+    (lambda root: (root / "configs" / "model.yml").unlink(), [], r"no model config.*--config.*--preset"),
+    (lambda root: None, ["--preset", "pythia-70m"],
+     r"ckpt holds a 2-layer model \(layer files up to layer_06\), the config describes 6 layers"),
+    (lambda root: None, ["--config", "absent.yml"], r"absent\.yml: no such file"),
+    (lambda root: write_tokenizer(root / "tokenizer.json", size=500), [], r"500 tokens, more than .* \(96\)"),
+    (lambda root: (root / "tokenizer.json").write_text("{}"), [], r"tokenizer\.json: not a Hugging Face tokenizers"),
+    (lambda root: torch.save({"word_embeddings.weight": RunsCode(root / "pwned")},
+                             root / "layer_00-model_00-model_states.pt"), [],
+     r"layer_00-model_00-model_states\.pt: refused to unpickle"),
+])
+def test_user_errors(tmp_path, capsys, breakage, args, pattern):
+    root, _ = make_checkpoint(tmp_path / "ckpt")
+    breakage(root)
+    out = tmp_path / "hf"
+    assert_error(run(capsys, root, out, *args), pattern)
+    assert_nothing_at(out)
+    assert not (root / "pwned").exists()
+
+
+def test_path_errors(tmp_path, capsys):
+    root, _ = make_checkpoint(tmp_path / "ckpt")
+    assert_error(run(capsys, tmp_path / "absent", tmp_path / "hf"), r"absent: no such directory")
+    (tmp_path / "file").write_text("")
+    assert_error(run(capsys, root, tmp_path / "file" / "hf"), r"cannot write the output beside .*file/hf")
+    synthetic.write_hf_checkpoint(tmp_path / "already", tiny_config())
+    assert_error(run(capsys, tmp_path / "already", tmp_path / "hf"), "already a Hugging Face directory")
+    assert_nothing_at(tmp_path / "hf")
+
+
+def test_bad_arguments_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        convert.main([str(tmp_path), str(tmp_path / "hf"), "--shard-size", "lots"])
+    assert e.value.code == 2 and "not a size: 'lots'" in capsys.readouterr().err
+    assert [convert.parse_size(s) for s in ("4GB", "500MiB", "1000", "1.5kB")] == [4 * 10**9, 500 * 2**20, 1000, 1500]
+
+
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, OSError(28, "No space left on device")])
+def test_interrupt_or_failure_leaves_nothing(tmp_path, capsys, monkeypatch, failure):
+    root, _ = make_checkpoint(tmp_path / "ckpt")
+    real = convert.hf.write_hf
+
+    def failing_write(out_dir, config, stream, **kwargs):
+        def fail_midway():
+            for i, item in enumerate(stream):
+                if i == 10:
+                    raise failure
+                yield item
+        return real(out_dir, config, fail_midway(), **kwargs)
+
+    monkeypatch.setattr(convert.hf, "write_hf", failing_write)
+    out = tmp_path / "hf"
+    code, _, err = run(capsys, root, out)
+    assert (code, err.splitlines()[-1].split(":")[0]) == (130 if failure is KeyboardInterrupt else 2, "error")
+    assert_nothing_at(out)
+    out.mkdir()  # with --force, an interrupted conversion leaves the previous output as it was
+    (out / "old.txt").write_text("previous")
+    run(capsys, root, out, "--force")
+    assert [f.name for f in out.iterdir()] == ["old.txt"]
+    assert not list(tmp_path.glob(".hf.*"))
+
+
+def test_verification_failure_is_an_error(tmp_path, capsys, monkeypatch):
+    root, _ = make_checkpoint(tmp_path / "ckpt")
+    real = convert.hf.torch_to_numpy
+    monkeypatch.setattr(convert.hf, "torch_to_numpy", lambda t: real(t) * 2 if t.numel() == 64 else real(t))
+    assert_error(run(capsys, root, tmp_path / "hf"), r"verification failed: tensor '.*' in .* differs")
+    assert_nothing_at(tmp_path / "hf")
+
+
+def test_cli_subprocess(tmp_path):
+    help_run = subprocess.run([sys.executable, "-m", "neox_jax.convert", "--help"], cwd=REPO,
+                              capture_output=True, text=True)
+    assert help_run.returncode == 0 and "--shard-size" in help_run.stdout and "conversion.json" in help_run.stdout
+    bad = subprocess.run([sys.executable, "-m", "neox_jax.convert", str(tmp_path / "absent"), str(tmp_path / "o")],
+                         cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1, bad.stderr
