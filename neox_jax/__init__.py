@@ -1,7 +1,21 @@
-"""neox-jax: GPT-NeoX-20B and the GPT-NeoX family (Pythia) in JAX."""
+"""neox-jax: GPT-NeoX-20B and the GPT-NeoX family (Pythia) in JAX.
 
-from .api import NeoXModel, load
+Imports are lazy so that light users (the PyTorch parity reference reads only `neox_jax.config`) do not
+pay for JAX and Flax.
+"""
+
 from .config import PRESETS, NeoXConfig
-from .tokenizer import load_tokenizer
 
 __all__ = ["NeoXConfig", "NeoXModel", "PRESETS", "load", "load_tokenizer"]
+
+
+def __getattr__(name):
+    if name in ("load", "NeoXModel"):
+        from . import api
+
+        return getattr(api, name)
+    if name == "load_tokenizer":
+        from .tokenizer import load_tokenizer
+
+        return load_tokenizer
+    raise AttributeError(f"module 'neox_jax' has no attribute {name!r}")

@@ -1,0 +1,502 @@
+"""Check that neox_jax computes what an independent PyTorch GPT-NeoX computes from the same checkpoint.
+
+    python -m parity.check --checkpoint DIR [--model CONVERTED_DIR] --tokenizer FILE
+        [--prompt TEXT ... | --prompts FILE] [--dtype float16|float32] [--max-new-tokens N]
+        [--json OUT] [--per-layer] [--config YAML_OR_JSON | --preset NAME]
+
+The reference (`parity.model`, loaded by `parity.load` from --checkpoint: DeepSpeed shards or a Hugging Face
+directory) runs first and is freed; then neox_jax loads --model (a converted directory) or, without it,
+--checkpoint itself. Each prompt is run through both without a cache (logits, optionally the hidden state
+after every layer) and continued greedily with each side's own KV-cache decoder.
+
+Figures, per prompt and overall (logits compared in fp32, "scale" = RMS of the reference's logits):
+max |Δlogit|, relative L2 ||Δ|| / ||ref||, mean and max KL(ref || jax) of the next-token distributions per
+position, top-1 agreement, and the first new token where the greedy continuations differ, with the
+reference's top-1 minus top-2 logit margin at that step.
+
+Tolerances. fp32 is tight: both sides compute the same function in IEEE single precision with fp32
+accumulation and differ only in summation order (~1e-7 relative per op; measured ~2e-6 relative L2 on the
+test models); 1e-4 leaves room for 44 layers and long prompts, while real faults (a swapped head, a
+halved bias, a wrong rotary width, a negated norm bias) move logits by 1e-3 .. 1 relative. fp16 is
+distributional: fp16 keeps 11 significant bits (unit roundoff u = 4.9e-4) and correct implementations
+round in different places (the reference rounds attention scores, the rotary products and the logits to
+fp16 as the training code did; neox_jax keeps them in fp32), so single logits legitimately differ by
+several percent of the logit scale. Measured on a 3-layer test model: each fp16 side is ~4e-3 relative
+L2 from the fp32 result and the two are 4.6e-3 (~10 u) apart, max |Δ| 4% of the scale. What must agree
+is the distribution. The fp16 bounds allow ~10x that for depth; recalibrate them from the figures a 20B
+run prints. Subtle faults are for the fp32 run to catch.
+
+    criterion                                    float32     float16
+    relative L2 of logits (each prompt)          <= 1e-4     <= 5e-2
+    max |Δlogit| / logit scale (any position)    <= 1e-3     reported only
+    mean KL, nats (each prompt)                  <= 1e-6     <= 5e-3
+    max KL, nats (any position)                  <= 1e-4     <= 0.25
+    top-1 agreement off near-ties (pooled)       >= 0.999    >= 0.99
+    near-tie margin tau, x logit scale           4e-4        8e-2
+    greedy continuation                          may part only after a near-tie (see below)
+    hidden state rel. L2 per layer (--per-layer) <= 1e-4     <= 5e-2
+
+A near-tie is a step where the reference's top-1 and top-2 logits are closer than the implementations'
+disagreement can be trusted to resolve: tau times the logit scale, or twice the largest |Δlogit| measured
+on that prompt, whichever is larger. Greedy continuations that part after a near-tie are reported but
+pass (a difference after a clear margin means the KV-cache decoder computes something else). Top-1
+agreement is counted on positions whose reference margin exceeds tau alone.
+
+Exit status: 0 pass, 1 mismatch, 2 bad input (a one-line `error: ...` on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+import neox_jax
+from neox_jax.checkpoints import CheckpointError
+from neox_jax.checkpoints.deepspeed import DeepSpeedCheckpoint
+from neox_jax.config import PRESETS, ConfigError, NeoXConfig
+
+from .load import LoadError, deepspeed_config, load
+
+DEFAULT_PROMPTS = [
+    "The capital of France is Paris. The capital of Germany is",
+    "Once upon a time, in a small village at the edge of a great forest, there lived",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n    if n < 2:\n        return n\n",
+    "Q: What is the boiling point of water at sea level?\nA:",
+    "import numpy as np\n\nx = np.linspace(0, 1, 100)\ny = np.sin(2 * np.pi * x)\nprint(",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerances:
+    rel_l2: float
+    max_abs_rel: float | None  # None: reported only
+    mean_kl: float
+    max_kl: float
+    top1: float
+    tie: float  # near-tie margin, in units of the logit scale
+    hidden_rel_l2: float
+
+
+TOLERANCES = {
+    "float32": Tolerances(rel_l2=1e-4, max_abs_rel=1e-3, mean_kl=1e-6, max_kl=1e-4, top1=0.999, tie=4e-4,
+                          hidden_rel_l2=1e-4),
+    "float16": Tolerances(rel_l2=5e-2, max_abs_rel=None, mean_kl=5e-3, max_kl=0.25, top1=0.99, tie=8e-2,
+                          hidden_rel_l2=5e-2),
+}
+
+
+class BadInput(Exception):
+    """Exit 2: something the user gave cannot be used."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise BadInput(message)
+
+
+def parse_args(argv):
+    p = _Parser(prog="python -m parity.check", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="GPT-NeoX DeepSpeed checkpoint (or HF dir) for the reference")
+    p.add_argument("--model", help="converted HF directory for neox_jax (default: neox_jax loads --checkpoint)")
+    p.add_argument("--tokenizer", required=True, help="tokenizer.json (HF tokenizers)")
+    prompts = p.add_mutually_exclusive_group()
+    prompts.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    prompts.add_argument("--prompts", help="file: a JSON list of strings, or one prompt per non-empty line")
+    p.add_argument("--dtype", choices=list(TOLERANCES), help="default: float16 with CUDA, float32 without")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--json", help="write the full report as JSON here")
+    p.add_argument("--per-layer", action="store_true", help="also compare the hidden state after each layer")
+    config = p.add_mutually_exclusive_group()
+    config.add_argument("--config", help="config for a DeepSpeed checkpoint: NeoX YAML or HF config.json")
+    config.add_argument("--preset", choices=list(PRESETS), help="a built-in config instead")
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 0:
+        raise BadInput(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    return args
+
+
+# ---- inputs ----
+
+def read_prompts(args) -> list[str]:
+    if args.prompt is not None:
+        prompts = args.prompt
+    elif args.prompts is not None:
+        path = Path(args.prompts)
+        if not path.is_file():
+            raise BadInput(f"{path}: no such prompts file")
+        text = path.read_text()
+        if path.suffix == ".json":
+            try:
+                prompts = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise BadInput(f"{path}: not valid JSON ({e})") from None
+            if not isinstance(prompts, list) or not all(isinstance(s, str) for s in prompts):
+                raise BadInput(f"{path}: expected a JSON list of strings")
+        else:
+            prompts = [line for line in text.splitlines() if line.strip()]
+    else:
+        prompts = DEFAULT_PROMPTS
+    if not prompts:
+        raise BadInput("no prompts given")
+    for i, s in enumerate(prompts):
+        if not s.strip():
+            raise BadInput(f"prompt {i} is empty")
+    return prompts
+
+
+def reference_config(args, checkpoint: Path) -> NeoXConfig:
+    """--preset, --config, the checkpoint's own config.json or configs/*.yml, or --model's config.json."""
+    try:
+        if args.preset:
+            return PRESETS[args.preset]
+        if args.config:
+            path = Path(args.config)
+            if not path.is_file():
+                raise BadInput(f"{path}: no such config file")
+            return NeoXConfig.from_hf_json(path) if path.suffix == ".json" else deepspeed_config(checkpoint, [path])
+        if (checkpoint / "config.json").is_file():
+            return NeoXConfig.from_hf_json(checkpoint / "config.json")
+        try:
+            return deepspeed_config(checkpoint)
+        except LoadError:
+            if args.model and (Path(args.model) / "config.json").is_file():
+                return NeoXConfig.from_hf_json(Path(args.model) / "config.json")
+            raise
+    except (ConfigError, LoadError) as e:
+        raise BadInput(str(e)) from None
+
+
+def encode(tokenizer_path: Path, prompts: list[str], config: NeoXConfig) -> list[list[int]]:
+    try:
+        tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed files
+        raise BadInput(f"{tokenizer_path}: not a tokenizers JSON file ({e})") from None
+    out = []
+    for i, text in enumerate(prompts):
+        ids = tokenizer.encode(text).ids
+        if not ids:
+            raise BadInput(f"prompt {i} encodes to no tokens")
+        if max(ids) >= config.vocab_size:
+            raise BadInput(f"prompt {i} has token id {max(ids)}, outside the model's vocabulary of "
+                           f"{config.vocab_size}: wrong tokenizer?")
+        if len(ids) > config.max_position_embeddings:
+            raise BadInput(f"prompt {i} has {len(ids)} tokens, more than the model's context of "
+                           f"{config.max_position_embeddings}")
+        out.append(ids)
+    return out
+
+
+# ---- the two sides ----
+
+@dataclasses.dataclass
+class SideOutput:
+    logits: list[np.ndarray]  # per prompt [T, V] fp32
+    hidden: list[np.ndarray] | None  # per prompt [L + 1, T, D] (reference: its own dtype)
+    continuations: list[list[int]]
+    margins: list[list[float]] | None  # reference only: top-1 minus top-2 logit per greedy step
+
+
+def run_reference(checkpoint: Path, config: NeoXConfig, dtype: str, prompts, new_tokens, per_layer: bool
+                  ) -> SideOutput:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    start = time.perf_counter()
+    try:
+        model = load(checkpoint, config, getattr(torch, dtype), device)
+    except LoadError as e:
+        raise BadInput(str(e)) from None
+    log(f"reference loaded on {device} in {time.perf_counter() - start:.1f}s")
+    out = SideOutput([], [] if per_layer else None, [], [])
+    for ids, n in zip(prompts, new_tokens):
+        if per_layer:
+            logits, hidden = model(torch.tensor([ids], device=device), return_hidden=True)
+            out.hidden.append(hidden[:, 0].cpu().numpy())
+        else:
+            logits = model(torch.tensor([ids], device=device))
+        out.logits.append(logits[0].float().cpu().numpy())
+        tokens, margins = model.generate(ids, n, stop_token=0, return_margins=True) if n else ([], [])
+        out.continuations.append(tokens)
+        out.margins.append(margins)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()  # neox_jax runs next, on the same accelerator
+    return out
+
+
+def run_jax(path: Path, dtype: str, prompts, new_tokens, per_layer: bool, ds_config=None):
+    """`ds_config`: a NeoXConfig or NeoX YAML path given on the command line, for neox_jax to read DeepSpeed
+    shards with (it finds configs/*.yml by itself otherwise); a converted directory brings its own."""
+    start = time.perf_counter()
+    try:
+        if ds_config is not None and not (path / "config.json").is_file():
+            model = neox_jax.api.load_checkpoint(DeepSpeedCheckpoint(path, ds_config), dtype)
+        else:
+            model = neox_jax.load(path, dtype=dtype)
+    except (CheckpointError, ValueError, OSError) as e:  # ValueError covers neox_jax's ConfigError
+        raise BadInput(f"neox_jax cannot load {path}: {e}") from None
+    log(f"neox_jax loaded in {time.perf_counter() - start:.1f}s")
+    out = SideOutput([], [] if per_layer else None, [], None)
+    for ids, n in zip(prompts, new_tokens):
+        out.logits.append(np.asarray(model.logits([ids])[0], np.float32))
+        if per_layer:
+            out.hidden.append(np.asarray(model.hidden_states([ids])[:, 0], np.float32))
+        out.continuations.append(list(model.generate([ids], n)[0]) if n else [])
+    return model.config, out
+
+
+# ---- comparison ----
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def compare_logits(ref: np.ndarray, got: np.ndarray, tol: Tolerances, chunk: int = 256) -> dict:
+    """[T, V] each. Works in float64, `chunk` positions at a time (a 2048 x 50k float64 block is 800 MB)."""
+    sq_diff = sq_ref = 0.0
+    max_abs = 0.0
+    kl, agree, margins = [], [], []
+    for s in range(0, ref.shape[0], chunk):
+        r, g = ref[s:s + chunk].astype(np.float64), got[s:s + chunk].astype(np.float64)
+        d = g - r
+        sq_diff += float((d * d).sum())
+        sq_ref += float((r * r).sum())
+        max_abs = max(max_abs, float(np.abs(d).max()))
+        lr, lg = _log_softmax(r), _log_softmax(g)
+        kl.append((np.exp(lr) * (lr - lg)).sum(-1))
+        agree.append(r.argmax(-1) == g.argmax(-1))
+        top2 = np.sort(np.partition(r, -2, axis=-1)[:, -2:], axis=-1)
+        margins.append(top2[:, 1] - top2[:, 0])
+    kl, agree, margins = np.concatenate(kl), np.concatenate(agree), np.concatenate(margins)
+    scale = math.sqrt(sq_ref / ref.size)
+    decisive = margins > tol.tie * scale  # top-1 is judged on these; the measured |Δ| would excuse any flip
+    tie = max(tol.tie * scale, 2 * max_abs)  # for greedy steps, whose neox_jax logits are not seen
+    return {
+        "positions": int(ref.shape[0]),
+        "logit_scale": scale,
+        "max_abs": max_abs,
+        "max_abs_rel": max_abs / scale if scale else math.inf,
+        "rel_l2": math.sqrt(sq_diff / sq_ref) if sq_ref else math.inf,
+        "mean_kl": float(kl.mean()),
+        "max_kl": float(kl.max()),
+        "top1": float(agree.mean()),
+        "tie_margin": tie,
+        "decisive_positions": int(decisive.sum()),
+        "decisive_agree": int((agree & decisive).sum()),
+        "_sq": (sq_diff, sq_ref),
+    }
+
+
+def compare_greedy(ref: list[int], got: list[int], margins: list[float], tie: float) -> dict:
+    n = min(len(ref), len(got))
+    first = next((i for i in range(n) if ref[i] != got[i]), None)
+    if first is None and len(ref) != len(got):
+        first = n  # one side produced the stop token here
+    result = {"reference": ref, "jax": got, "first_difference": first}
+    if first is not None:
+        result["margin"] = margins[first]
+        result["near_tie"] = margins[first] <= tie
+    return result
+
+
+def compare_hidden(ref: list[np.ndarray], got: list[np.ndarray]) -> list[float]:
+    """Relative L2 per hidden state (embedding, then each layer), worst over prompts."""
+    worst = np.zeros(ref[0].shape[0])
+    for r, g in zip(ref, got):
+        for i in range(r.shape[0]):
+            ri = r[i].astype(np.float64)
+            worst[i] = max(worst[i], float(np.linalg.norm(g[i] - ri) / max(np.linalg.norm(ri), 1e-30)))
+    return worst.tolist()
+
+
+def hidden_name(i: int) -> str:
+    return "embedding" if i == 0 else f"layer {i - 1}"
+
+
+def evaluate(ref: SideOutput, jax_out: SideOutput, tol: Tolerances) -> dict:
+    prompts, failures = [], []
+    sq_diff = sq_ref = 0.0
+    decisive = decisive_agree = positions = 0
+    for i, (r, g) in enumerate(zip(ref.logits, jax_out.logits)):
+        if r.shape != g.shape:
+            failures.append(f"prompt {i}: logits shape {g.shape} (neox_jax) vs {r.shape} (reference)")
+            prompts.append(None)
+            continue
+        for side, x in (("reference", r), ("neox_jax", g)):
+            if not np.isfinite(x).all():
+                failures.append(f"prompt {i}: {side} logits are not finite")
+        m = compare_logits(r, g, tol)
+        sd, sr = m.pop("_sq")
+        sq_diff, sq_ref = sq_diff + sd, sq_ref + sr
+        decisive, decisive_agree = decisive + m["decisive_positions"], decisive_agree + m["decisive_agree"]
+        positions += m["positions"]
+        m["greedy"] = compare_greedy(ref.continuations[i], jax_out.continuations[i], ref.margins[i],
+                                     m["tie_margin"])
+        prompts.append(m)
+        if not m["rel_l2"] <= tol.rel_l2:
+            failures.append(f"prompt {i}: relative L2 of logits {m['rel_l2']:.2e} > {tol.rel_l2:g}")
+        if tol.max_abs_rel is not None and not m["max_abs_rel"] <= tol.max_abs_rel:
+            failures.append(f"prompt {i}: max |Δlogit| {m['max_abs']:.2e} is {m['max_abs_rel']:.2e} of the logit "
+                            f"scale > {tol.max_abs_rel:g}")
+        if not m["mean_kl"] <= tol.mean_kl:
+            failures.append(f"prompt {i}: mean KL {m['mean_kl']:.2e} > {tol.mean_kl:g}")
+        if not m["max_kl"] <= tol.max_kl:
+            failures.append(f"prompt {i}: max KL {m['max_kl']:.2e} > {tol.max_kl:g}")
+        m["logits_ok"] = not any(f.startswith(f"prompt {i}:") for f in failures)
+        gr = m["greedy"]
+        if gr["first_difference"] is not None and not gr["near_tie"]:
+            failures.append(f"prompt {i}: greedy continuation differs at new token {gr['first_difference']} "
+                            f"(reference top-2 margin {gr['margin']:.3g} > near-tie {m['tie_margin']:.3g}): "
+                            f"KV-cache decoding diverges")
+    valid = [m for m in prompts if m]
+    overall = {
+        "positions": positions,
+        "max_abs": max((m["max_abs"] for m in valid), default=math.nan),
+        "rel_l2": math.sqrt(sq_diff / sq_ref) if sq_ref else math.nan,
+        "mean_kl": (sum(m["mean_kl"] * m["positions"] for m in valid) / positions) if positions else math.nan,
+        "max_kl": max((m["max_kl"] for m in valid), default=math.nan),
+        "top1": (sum(m["top1"] * m["positions"] for m in valid) / positions) if positions else math.nan,
+        "top1_off_ties": decisive_agree / decisive if decisive else 1.0,
+        "greedy_identical": sum(m["greedy"]["first_difference"] is None for m in valid),
+    }
+    if not overall["top1_off_ties"] >= tol.top1:
+        failures.append(f"top-1 agreement off near-ties {overall['top1_off_ties']:.4f} < {tol.top1} "
+                        f"({decisive - decisive_agree} of {decisive} positions disagree)")
+    report = {"prompts": prompts, "overall": overall, "failures": failures}
+    if ref.hidden is not None:
+        rel = compare_hidden(ref.hidden, jax_out.hidden)
+        first = next((i for i, x in enumerate(rel) if not x <= tol.hidden_rel_l2), None)
+        report["per_layer"] = {"names": [hidden_name(i) for i in range(len(rel))], "rel_l2": rel,
+                               "first_divergence": None if first is None else hidden_name(first)}
+        if first is not None:
+            failures.append(f"hidden states diverge first after {hidden_name(first)} "
+                            f"(relative L2 {rel[first]:.2e} > {tol.hidden_rel_l2:g})")
+    return report
+
+
+# ---- output ----
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def format_greedy(g: dict, requested: int, logits_ok: bool) -> str:
+    if g["first_difference"] is None:
+        return f"identical ({len(g['reference'])} tokens)" if requested else "-"
+    # With the logits already out of tolerance, the measured noise says nothing about ties.
+    tie = "near-tie, " if g["near_tie"] and logits_ok else ""
+    return f"differ at {g['first_difference']} ({tie}margin {g['margin']:.3g})"
+
+
+def format_table(report: dict, prompts: list[str], tokens: list[list[int]], new_tokens: list[int]) -> str:
+    head = f"{'prompt':<28} {'tokens':>6} {'max|Δ|':>9} {'rel L2':>9} {'mean KL':>9} {'max KL':>9} {'top-1':>7}  greedy"
+    lines = [head, "-" * len(head)]
+    for i, m in enumerate(report["prompts"]):
+        label = f"{i}: " + prompts[i].replace("\n", "⏎")
+        label = label if len(label) <= 28 else label[:27] + "…"
+        if m is None:
+            lines.append(f"{label:<28} {len(tokens[i]):>6}  (shapes differ)")
+            continue
+        lines.append(f"{label:<28} {len(tokens[i]):>6} {m['max_abs']:>9.2e} {m['rel_l2']:>9.2e} "
+                     f"{m['mean_kl']:>9.2e} {m['max_kl']:>9.2e} {m['top1']:>7.2%}  "
+                     f"{format_greedy(m['greedy'], new_tokens[i], m['logits_ok'])}")
+    o = report["overall"]
+    lines.append("-" * len(head))
+    lines.append(f"{'all':<28} {o['positions']:>6} {o['max_abs']:>9.2e} {o['rel_l2']:>9.2e} {o['mean_kl']:>9.2e} "
+                 f"{o['max_kl']:>9.2e} {o['top1']:>7.2%}  {o['greedy_identical']}/{len(report['prompts'])} identical")
+    if "per_layer" in report:
+        pl = report["per_layer"]
+        lines += ["", "hidden state after    rel L2 (worst prompt)"]
+        for name, x in zip(pl["names"], pl["rel_l2"]):
+            mark = "  <- first divergence" if name == pl["first_divergence"] else ""
+            lines.append(f"  {name:<18} {x:.2e}{mark}")
+    t = report["tolerances"]
+    lines += ["", f"tolerances ({report['dtype']}): rel L2 <= {t['rel_l2']:g}"
+              + (f", max|Δ|/scale <= {t['max_abs_rel']:g}" if t["max_abs_rel"] is not None else "")
+              + f", mean KL <= {t['mean_kl']:g}, max KL <= {t['max_kl']:g}, top-1 off near-ties >= {t['top1']}"
+              + f", near-tie margin {t['tie']:g} x scale"]
+    if report["failures"]:
+        lines.append("MISMATCH:")
+        lines += [f"  - {f}" for f in report["failures"]]
+    else:
+        lines.append("PASS")
+    return "\n".join(lines)
+
+
+def _jsonable(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+# ---- main ----
+
+def check(args) -> int:
+    checkpoint = Path(args.checkpoint)
+    if not checkpoint.is_dir():
+        raise BadInput(f"{checkpoint}: no such checkpoint directory")
+    if args.model and not Path(args.model).is_dir():
+        raise BadInput(f"{args.model}: no such model directory")
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise BadInput(f"{args.json}: its folder does not exist")
+    tokenizer = Path(args.tokenizer)
+    if tokenizer.is_dir():
+        tokenizer = tokenizer / "tokenizer.json"
+    if not tokenizer.is_file():
+        raise BadInput(f"{tokenizer}: no such tokenizer file")
+    texts = read_prompts(args)
+
+    config = reference_config(args, checkpoint)
+    tokens = encode(tokenizer, texts, config)
+    new_tokens = [min(args.max_new_tokens, config.max_position_embeddings - len(t)) for t in tokens]
+
+    dtype = args.dtype or ("float16" if torch.cuda.is_available() else "float32")
+    tol = TOLERANCES[dtype]
+    ref = run_reference(checkpoint, config, dtype, tokens, new_tokens, args.per_layer)
+    jax_path = Path(args.model) if args.model else checkpoint
+    given = None  # what neox_jax reads DeepSpeed shards with, when it reads them itself
+    if args.config:
+        given = config if Path(args.config).suffix == ".json" else Path(args.config)
+    elif args.preset:
+        given = config
+    jax_config, got = run_jax(jax_path, dtype, tokens, new_tokens, args.per_layer, given)
+
+    differing = [f"{f.name} {getattr(jax_config, f.name)!r} (neox_jax) vs {getattr(config, f.name)!r} (reference)"
+                 for f in dataclasses.fields(config) if getattr(jax_config, f.name) != getattr(config, f.name)]
+    report = evaluate(ref, got, tol) if not differing else {"prompts": [], "overall": {}, "failures": []}
+    report["failures"] = [f"config differs: {d}" for d in differing] + report["failures"]
+    report.update({"dtype": dtype, "tolerances": dataclasses.asdict(tol), "checkpoint": str(checkpoint),
+                   "model": str(jax_path), "prompts_text": texts, "prompt_tokens": [len(t) for t in tokens],
+                   "verdict": "mismatch" if report["failures"] else "pass"})
+    if differing:
+        print("MISMATCH:\n" + "\n".join(f"  - {f}" for f in report["failures"]))
+    else:
+        print(format_table(report, texts, tokens, new_tokens))
+    if args.json:
+        Path(args.json).write_text(json.dumps(_jsonable(report), indent=2) + "\n")
+    return 1 if report["failures"] else 0
+
+
+def main(argv=None) -> int:
+    try:
+        return check(parse_args(argv))
+    except BadInput as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
