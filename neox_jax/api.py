@@ -8,12 +8,14 @@ from typing import Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from .checkpoints import Checkpoint, open_checkpoint
 from .config import NeoXConfig
-from .decode import Compiled, Decoder, Generation, batch_bucket, length_bucket
+from .decode import Compiled, Decoder, Generation, length_bucket
 from .model import NeoX
 from .sampling import Sampling
+from .sharding import default_mesh, plan_memory, require_fit
 from .streaming import TextStream, stream_text
 from .tokenizer import Tokenizer, load_tokenizer
 from .weights import build_params
@@ -36,7 +38,7 @@ class NeoXModel:
     """Config plus params on device, with compiled entry points for logits and greedy generation."""
 
     def __init__(self, config: NeoXConfig, params: dict, dtype: str = "float32", rotary_dtype: str | None = None,
-                 tokenizer: Tokenizer | None = None):
+                 tokenizer: Tokenizer | None = None, mesh: Mesh | None = None):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         self.config = config
@@ -45,14 +47,19 @@ class NeoXModel:
         self.dtype = dtype
         self.rotary_dtype = rotary_dtype or default_rotary_dtype(dtype)
         self.module = NeoX(config, DTYPES[dtype], DTYPES[self.rotary_dtype])
-        self.decoder = Decoder(self.module, params)
-        self._forward = Compiled(self._forward_fn)
+        self.decoder = Decoder(self.module, params, mesh)
+        self.mesh = self.decoder.mesh
+        self._logits = Compiled(self._logits_fn)
+        self._hidden_states = Compiled(self._hidden_states_fn)
 
-    def _forward_fn(self, params, tokens, positions):
-        logits, _, hidden = self.module.apply({"params": params}, tokens, positions, return_hidden_states=True)
-        return logits, hidden.astype(jnp.float32)
+    def _logits_fn(self, params, tokens, positions):
+        return self.module.apply({"params": params}, tokens, positions)[0]
 
-    def _run(self, tokens) -> tuple[np.ndarray, np.ndarray]:
+    def _hidden_states_fn(self, params, tokens, positions):
+        return self.module.apply({"params": params}, tokens, positions, return_hidden_states=True)[2].astype(jnp.float32)
+
+    def _run(self, compiled: Compiled, tokens) -> jax.Array:
+        """Run on [B, T] tokens right-padded to buckets (nearby shapes share one compilation)."""
         tokens = np.asarray(tokens, np.int32)
         if tokens.ndim != 2 or tokens.shape[1] == 0:
             raise ValueError(f"tokens must be [batch, length] with length >= 1, got shape {tokens.shape}")
@@ -61,21 +68,21 @@ class NeoXModel:
             raise ValueError(f"{length} tokens exceed the context of {self.config.max_position_embeddings}")
         if tokens.min() < 0 or tokens.max() >= self.config.vocab_size:
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
-        # Right-pad to buckets so nearby shapes share one compilation; padding has position -1.
-        padded = np.zeros((batch_bucket(batch), length_bucket(length)), np.int32)
-        positions = np.full(padded.shape, -1, np.int32)
+        padded = np.zeros((self.decoder.batch_size(batch), length_bucket(length)), np.int32)
+        positions = np.full(padded.shape, -1, np.int32)  # padding is never attended to
         padded[:batch, :length] = tokens
         positions[:batch, :length] = np.arange(length)
-        logits, hidden = self._forward(self.params, jnp.asarray(padded), jnp.asarray(positions))
-        return np.asarray(logits[:batch, :length]), np.asarray(hidden[:, :batch, :length])
+        return compiled(self.params, self.decoder.place_rows(padded), self.decoder.place_rows(positions))
 
     def logits(self, tokens) -> np.ndarray:
         """[B, T] token ids -> fp32 logits [B, T, V] over the (padded) vocabulary."""
-        return self._run(tokens)[0]
+        batch, length = np.shape(tokens)[:2]
+        return np.asarray(self._run(self._logits, tokens)[:batch, :length])
 
     def hidden_states(self, tokens) -> np.ndarray:
         """[B, T] -> fp32 residual stream after the embedding and after each layer, [L + 1, B, T, D]."""
-        return self._run(tokens)[1]
+        batch, length = np.shape(tokens)[:2]
+        return np.asarray(self._run(self._hidden_states, tokens)[:, :batch, :length])
 
     def generate(self, prompts: Sequence[Sequence[int]] | Sequence[str], max_new_tokens: int, *,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
@@ -110,21 +117,26 @@ class NeoXModel:
 
 
 def load(path: str | os.PathLike, dtype: str | None = None, rotary_dtype: str | None = None,
-         tokenizer: str | os.PathLike | None = None, progress: bool = True) -> NeoXModel:
+         tokenizer: str | os.PathLike | None = None, mesh: Mesh | None = None, progress: bool = True) -> NeoXModel:
     """Load a Hugging Face GPT-NeoX directory, or GPT-NeoX DeepSpeed shards (merged while streaming).
 
-    The tokenizer is `tokenizer` if given, else the checkpoint's `tokenizer.json` if there is one.
+    The tokenizer is `tokenizer` if given, else the checkpoint's `tokenizer.json` if there is one. The
+    params are split over `mesh` (`sharding.make_mesh(model=N, data=M)`); by default one device, or all
+    local devices on the model axis when the weights do not fit on one.
     """
-    return load_checkpoint(open_checkpoint(path), dtype, rotary_dtype, tokenizer, progress)
+    return load_checkpoint(open_checkpoint(path), dtype, rotary_dtype, tokenizer, mesh, progress)
 
 
 def load_checkpoint(checkpoint: Checkpoint, dtype: str | None = None, rotary_dtype: str | None = None,
-                    tokenizer: str | os.PathLike | None = None, progress: bool = True) -> NeoXModel:
+                    tokenizer: str | os.PathLike | None = None, mesh: Mesh | None = None,
+                    progress: bool = True) -> NeoXModel:
     dtype = dtype or default_dtype()
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if tokenizer is None and (checkpoint.path / "tokenizer.json").is_file():
         tokenizer = checkpoint.path / "tokenizer.json"
     tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else None
-    params = build_params(checkpoint.config, checkpoint.tensors(), DTYPES[dtype], progress=progress)
-    return NeoXModel(checkpoint.config, params, dtype, rotary_dtype, tokenizer)
+    mesh = mesh or default_mesh(checkpoint.config, DTYPES[dtype])
+    require_fit(plan_memory(checkpoint.config, DTYPES[dtype], mesh), checkpoint.config, mesh, 0, 0)
+    params = build_params(checkpoint.config, checkpoint.tensors(), DTYPES[dtype], mesh, progress=progress)
+    return NeoXModel(checkpoint.config, params, dtype, rotary_dtype, tokenizer, mesh)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import time
 from typing import Callable, Sequence
 
@@ -19,10 +20,12 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from .config import NeoXConfig
 from .model import KVCache, NeoX
 from .sampling import Sampling, select_token
+from .sharding import BATCH_SPEC, CACHE_SPEC, DATA, make_mesh
 
 NO_STOP = -1
 
@@ -122,9 +125,10 @@ class DecodeState:
 
 
 class Decoder:
-    def __init__(self, module: NeoX, params):
+    def __init__(self, module: NeoX, params, mesh: Mesh | None = None):
         self.module = module
         self.params = params
+        self.mesh = mesh or make_mesh(1, 1)
         self._prefill = Compiled(self._prefill_fn, donate_argnums=(3,))
         self._decode = Compiled(self._decode_fn, donate_argnums=(1,))
 
@@ -132,11 +136,36 @@ class Decoder:
     def compiles(self) -> int:
         return self._prefill.compiles + self._decode.compiles
 
+    def _sharded(self, spec: P) -> NamedSharding:
+        return NamedSharding(self.mesh, spec)
+
+    def _constrain(self, state: DecodeState) -> DecodeState:
+        """Keep the carried state split as planned: the cache by heads and batch, per-row values by batch."""
+        kv, rows = self._sharded(CACHE_SPEC), self._sharded(BATCH_SPEC)
+        cache = state.cache.replace(k=jax.lax.with_sharding_constraint(state.cache.k, kv),
+                                    v=jax.lax.with_sharding_constraint(state.cache.v, kv),
+                                    positions=jax.lax.with_sharding_constraint(state.cache.positions, rows))
+        token, positions, done = (jax.lax.with_sharding_constraint(x, rows)
+                                  for x in (state.token, state.positions, state.done))
+        return DecodeState(cache, token, positions, done, state.step)
+
+    def place_rows(self, array: np.ndarray) -> jax.Array:
+        """Host array with a leading batch axis -> device array split over the mesh's data axis."""
+        return jax.device_put(array, self._sharded(BATCH_SPEC))
+
+    def batch_size(self, rows: int) -> int:
+        """Rows padded to a bucket that the data axis divides."""
+        data = self.mesh.shape[DATA]
+        return -(-batch_bucket(rows) // data) * data
+
+    def _new_cache(self, batch: int, slots: int) -> KVCache:
+        return _cache_initializer(self.module.config, batch, slots, jnp.dtype(self.module.dtype), self.mesh)()
+
     def _prefill_fn(self, params, tokens, positions, cache, sampling, stop_token, active):
         logits, cache = self.module.apply({"params": params}, tokens, positions, cache, last_token_only=True)
         first = select_token(logits[:, -1], sampling, jnp.int32(0))
         done = ~active | (first == stop_token)
-        return DecodeState(cache, first, positions[:, -1] + 1, done, jnp.int32(1))
+        return self._constrain(DecodeState(cache, first, positions[:, -1] + 1, done, jnp.int32(1)))
 
     def _decode_fn(self, params, state: DecodeState, sampling, stop_token, steps):
         """Up to `steps` more tokens, fewer once every row is done -> tokens [B, slots], count, state.
@@ -161,7 +190,7 @@ class Decoder:
             return i + 1, state, out
 
         count, state, out = jax.lax.while_loop(keep_going, step_fn, (jnp.int32(0), state, out))
-        return out, count, state
+        return out, count, self._constrain(state)
 
     def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling | None = None,
                stop_token: int | None = 0, chunk: int | None = None, timing: "Generation | None" = None):
@@ -173,7 +202,7 @@ class Decoder:
         validate_request(config, prompts, max_new_tokens)
         sampling = sampling or Sampling.create()
         stop = jnp.int32(NO_STOP if stop_token is None else stop_token)
-        batch = batch_bucket(len(prompts))
+        batch = self.batch_size(len(prompts))
         prompt_len = length_bucket(max(len(p) for p in prompts))
         slots = length_bucket(prompt_len + max_new_tokens - 1)
         tokens, positions = left_pad(prompts, batch, prompt_len)
@@ -181,9 +210,9 @@ class Decoder:
         timing = timing or Generation([], 0.0, 0.0, 0, 0.0)
 
         with timing.measure("prefill", self._prefill):
-            cache = KVCache.init(config, batch, slots, self.module.dtype)
-            state = self._prefill(self.params, jnp.asarray(tokens), jnp.asarray(positions), cache, sampling, stop,
-                                  jnp.asarray(np.arange(batch) < rows))
+            state = self._prefill(self.params, self.place_rows(tokens), self.place_rows(positions),
+                                  self._new_cache(batch, slots), sampling, stop,
+                                  self.place_rows(np.arange(batch) < rows))
             first = np.asarray(state.token)[:rows, None]
         yield first
 
@@ -204,6 +233,14 @@ class Decoder:
         chunks = list(self.stream(prompts, max_new_tokens, sampling, stop_token, timing=timing))
         timing.tokens = [completion_tokens(row, stop_token) for row in np.concatenate(chunks, axis=1)]
         return timing
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_initializer(config: NeoXConfig, batch: int, slots: int, dtype, mesh: Mesh):
+    """A jitted zero cache created directly in its shards."""
+    rows, kv = NamedSharding(mesh, BATCH_SPEC), NamedSharding(mesh, CACHE_SPEC)
+    shardings = KVCache(k=kv, v=kv, positions=rows, length=NamedSharding(mesh, P()))
+    return jax.jit(lambda: KVCache.init(config, batch, slots, dtype), out_shardings=shardings)
 
 
 def completion_tokens(row: np.ndarray, stop_token: int | None) -> list[int]:

@@ -15,9 +15,9 @@ def demo_config(vocab_size: int) -> NeoXConfig:
                       intermediate_size=256, rotary_pct=0.25, max_position_embeddings=256)
 
 
-def demo_model(dtype: str = "float32", rotary_dtype: str | None = None):
+def demo_model(dtype: str = "float32", rotary_dtype: str | None = None, mesh=None) -> NeoXModel:
     tokenizer = demo_tokenizer()
     config = demo_config(tokenizer.vocab_size)
     tensors = random_tensors(config, seed=0)
-    params = build_params(config, tensors.items(), DTYPES[dtype], progress=False)
-    return NeoXModel(config, params, dtype, rotary_dtype, tokenizer)
+    params = build_params(config, tensors.items(), DTYPES[dtype], mesh, progress=False)
+    return NeoXModel(config, params, dtype, rotary_dtype, tokenizer, mesh)

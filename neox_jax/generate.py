@@ -12,6 +12,7 @@ from .checkpoints import CheckpointError
 from .config import ConfigError
 from .decode import Generation, GenerationError, validate_request
 from .sampling import Sampling, SamplingError
+from .sharding import ShardingError
 from .streaming import TextStream, stream_text
 
 # Decode steps per device call while streaming; each call costs one host round trip. Measured on CPU with
@@ -59,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="compute dtype (default: float16 on GPU, float32 on CPU)")
     p.add_argument("--rotary-dtype", choices=["float16", "bfloat16", "float32"],
                    help="precision of the rotary angle tables (default: the model dtype, fp32 for bf16)")
+    p.add_argument("--mesh", help="split the model over devices: model=N[,data=M] (default: one device, or all "
+                                  "local devices on 'model' when the weights do not fit on one)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     return p.parse_args(argv)
 
@@ -95,7 +98,10 @@ def load_model_and_tokenizer(args, prompts: list[str]):
 
         print("demo: a tiny random model (2 layers, hidden 64) and tokenizer; the text is gibberish by design",
               file=sys.stderr)
-        model = demo_model(args.dtype or "float32", args.rotary_dtype)
+        from .sharding import make_mesh, parse_mesh
+
+        mesh = make_mesh(**parse_mesh(args.mesh)) if args.mesh else None
+        model = demo_model(args.dtype or "float32", args.rotary_dtype, mesh)
         return model, model.tokenizer, encode(model.tokenizer, prompts, model.config, args.max_new_tokens)
     checkpoint = open_checkpoint(args.model)
     tokenizer_path = args.tokenizer or Path(args.model) / "tokenizer.json"
@@ -103,8 +109,24 @@ def load_model_and_tokenizer(args, prompts: list[str]):
         raise FileNotFoundError(f"{tokenizer_path}: no tokenizer (give --tokenizer FILE)")
     tokenizer = load_tokenizer(tokenizer_path)
     prompt_ids = encode(tokenizer, prompts, checkpoint.config, args.max_new_tokens)
-    model = load_checkpoint(checkpoint, dtype=args.dtype, rotary_dtype=args.rotary_dtype, tokenizer=tokenizer_path)
+    mesh = plan_devices(args, checkpoint.config, prompt_ids)
+    model = load_checkpoint(checkpoint, dtype=args.dtype, rotary_dtype=args.rotary_dtype, tokenizer=tokenizer_path,
+                            mesh=mesh)
     return model, tokenizer, prompt_ids
+
+
+def plan_devices(args, config, prompt_ids: list[list[int]]):
+    """The mesh to load onto, after checking that weights and KV cache fit (before any weights load)."""
+    from .api import DTYPES, default_dtype
+    from .sharding import check_divisible, default_mesh, make_mesh, parse_mesh, plan_memory, require_fit
+
+    dtype = DTYPES[args.dtype or default_dtype()]
+    mesh = make_mesh(**parse_mesh(args.mesh)) if args.mesh else default_mesh(config, dtype)
+    check_divisible(config, mesh)
+    batch = max(len(prompt_ids), 1)
+    context = min(max((len(p) for p in prompt_ids), default=0) + args.max_new_tokens, config.max_position_embeddings)
+    require_fit(plan_memory(config, dtype, mesh, batch, context), config, mesh, batch, context)
+    return mesh
 
 
 def encode(tokenizer, prompts: list[str], config, max_new_tokens: int) -> list[list[int]]:
@@ -199,7 +221,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except (CheckpointError, ConfigError, GenerationError, SamplingError, FileNotFoundError, ValueError) as e:
+    except (CheckpointError, ConfigError, GenerationError, SamplingError, ShardingError, FileNotFoundError,
+            ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

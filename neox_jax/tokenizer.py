@@ -16,11 +16,14 @@ class Tokenizer:
         self._tokenizer = tokenizer
         self.eos_id = tokenizer.token_to_id(END_OF_TEXT)  # 0 for the 20B tokenizer; None if absent
 
-    def encode(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def decode(self, ids) -> str:
-        return self._tokenizer.decode(list(ids))
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tokenizer.id_to_token(token_id)
 
     @property
     def vocab_size(self) -> int:

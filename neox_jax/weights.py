@@ -13,11 +13,13 @@ from typing import Iterable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from .checkpoints import LAYER_PREFIX, CheckpointError, expected_shapes
 from .config import NeoXConfig
 from .model import NeoX
+from .sharding import check_divisible, make_mesh, param_shardings
 
 
 def param_location(name: str) -> tuple[tuple[str, ...], int | None]:
@@ -57,10 +59,20 @@ def _set_layer(stack, value, index):
     return jax.lax.dynamic_update_index_in_dim(stack, value, index, 0)
 
 
-def build_params(config: NeoXConfig, tensors: Iterable[tuple[str, np.ndarray]], dtype,
+@functools.lru_cache(maxsize=None)
+def _zeros(shape, dtype, sharding):
+    """A zero array created directly in its shards (never whole on one device or the host)."""
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+
+
+def build_params(config: NeoXConfig, tensors: Iterable[tuple[str, np.ndarray]], dtype, mesh: Mesh | None = None,
                  *, progress: bool = True, description: str = "loading") -> dict:
-    """Consume a canonical stream into a device params pytree of `dtype`."""
-    spec = abstract_params(config, dtype)
+    """Consume a canonical stream into a params pytree of `dtype`, each tensor placed in its shards on `mesh`
+    (default: one device)."""
+    mesh = mesh or make_mesh(1, 1)
+    check_divisible(config, mesh)
+    abstract = abstract_params(config, dtype)
+    shardings = param_shardings(abstract, mesh)
     params: dict = {}
     remaining = set(expected_shapes(config))
     np_dtype = jnp.dtype(dtype)
@@ -69,17 +81,19 @@ def build_params(config: NeoXConfig, tensors: Iterable[tuple[str, np.ndarray]], 
                             disable=not progress, leave=False):
         path, layer = param_location(name)
         remaining.discard(name)
-        value = jax.device_put(np.asarray(to_param_layout(name, array, config)).astype(np_dtype, copy=False))
-        node, leaf_spec = params, spec
+        value = np.asarray(to_param_layout(name, array, config)).astype(np_dtype, copy=False)
+        node, leaf_spec, sharding = params, abstract, shardings
         for key in path[:-1]:
-            node, leaf_spec = node.setdefault(key, {}), leaf_spec[key]
-        leaf_spec = leaf_spec[path[-1]]
+            node = node.setdefault(key, {})
+        for key in path:
+            leaf_spec, sharding = leaf_spec[key], sharding[key]
         if layer is None:
-            node[path[-1]] = value
+            node[path[-1]] = jax.device_put(value, sharding)
         else:
             if path[-1] not in node:
-                node[path[-1]] = jnp.zeros(leaf_spec.shape, leaf_spec.dtype)
-            node[path[-1]] = _set_layer(node[path[-1]], value, layer)
+                node[path[-1]] = _zeros(leaf_spec.shape, leaf_spec.dtype, sharding)()
+            layer_sharding = NamedSharding(mesh, P(*sharding.spec[1:]))
+            node[path[-1]] = _set_layer(node[path[-1]], jax.device_put(value, layer_sharding), layer)
     if remaining:
         raise CheckpointError(f"checkpoint stream ended without tensor {sorted(remaining)[0]!r}")
     return params

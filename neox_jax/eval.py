@@ -1,0 +1,72 @@
+"""`python -m neox_jax.eval`: lm-evaluation-harness's own CLI with the `neox-jax` model registered.
+
+Every argument is lm-eval's (`lm-eval run --help`); the only change is that `--model` defaults to
+`neox-jax`. lm-eval 0.4 has no plugin discovery for models (its registry is filled from a fixed table
+and by importing modules), so its `lm_eval` console script cannot see `neox-jax`: use this module, or
+`import neox_jax.lm_eval_model` before calling `lm_eval.simple_evaluate(model="neox-jax", ...)`.
+
+    python -m neox_jax.eval --model_args pretrained=DIR,tokenizer=FILE,dtype=float16 \\
+        --tasks lambada_openai,piqa --batch_size 16 --output_path results/
+
+Offline, with a task defined by local files:
+
+    HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 python -m neox_jax.eval --model_args pretrained=DIR \\
+        --include_path tests/data --tasks lambada_local_tiny
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import sys
+
+SUBCOMMANDS = ("run", "ls", "validate")
+
+MODEL_ARGS_HELP = """neox-jax: lm-eval's CLI with --model neox-jax by default. neox-jax model_args:
+  pretrained=DIR         Hugging Face GPT-NeoX directory or GPT-NeoX DeepSpeed checkpoint (required)
+  tokenizer=FILE         tokenizer.json (default DIR/tokenizer.json)
+  dtype=float16|bfloat16|float32   (default float16 on GPU/TPU, float32 on CPU)
+  max_length=N           scoring context (default max_position_embeddings)
+  max_gen_toks=N         generation budget of generate_until tasks (default 256)
+  prefix_token_id=ID     token conditioning empty contexts (default <|endoftext|>)
+  model_parallel=N,data_parallel=M   device mesh (default: one device, or all on the model axis if needed)
+"""
+
+
+def _has_option(argv: list[str], *names: str) -> bool:
+    return any(a in names or any(a.startswith(n + "=") for n in names) for a in argv)
+
+
+def build_argv(argv: list[str]) -> list[str]:
+    """lm-eval argv (without the program name) for our argv: `run` when no subcommand is named, and
+    `--model neox-jax` unless --model or a --config file (which must name the model) is given."""
+    if not argv or argv[0] not in SUBCOMMANDS:
+        argv = ["run", *argv]
+    if argv[0] == "run" and not _has_option(argv, "--model", "-M", "--config", "-C"):
+        argv = ["run", "--model", "neox-jax", *argv[1:]]
+    return argv
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or _has_option(argv, "--help", "-h"):
+        print(MODEL_ARGS_HELP)
+    if not argv:
+        argv = ["run", "--help"]
+
+    # lm-eval bootstraps some stderrs (LAMBADA's perplexity) in a multiprocessing Pool. Forking a process
+    # that runs JAX (multithreaded, and on GPU the CUDA runtime) can deadlock the children; forkserver
+    # forks them from a clean single-threaded server instead.
+    try:
+        multiprocessing.set_start_method("forkserver")
+    except (RuntimeError, ValueError):  # already set, or not available on this platform
+        pass
+
+    from . import lm_eval_model  # noqa: F401  (registers "neox-jax")
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.argv = ["lm-eval", *build_argv(argv)]
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,340 @@
+"""neox-jax as an lm-evaluation-harness (0.4.x) model, registered as `neox-jax`.
+
+    import neox_jax.lm_eval_model  # registers the model with lm-eval
+    lm_eval.simple_evaluate(model="neox-jax", model_args="pretrained=DIR,tokenizer=FILE,dtype=float16",
+                            tasks=["lambada_openai"], batch_size=16)
+
+or from the shell, `python -m neox_jax.eval` (lm-eval's own CLI with `--model neox-jax` as the default).
+
+model_args:
+  pretrained   a Hugging Face GPT-NeoX directory or GPT-NeoX DeepSpeed shards (anything `neox_jax.load`
+               reads); from Python also an already loaded `NeoXModel`.
+  tokenizer    a `tokenizer.json` (default: `pretrained/tokenizer.json`).
+  dtype        float16 | bfloat16 | float32 (default: float16 on accelerators, float32 on CPU).
+  rotary_dtype rotary table dtype (default as `neox_jax.load`: the model dtype, fp32 for bf16).
+  max_length   context used for scoring (default and maximum: max_position_embeddings).
+  max_gen_toks default generation budget of generate_until (256, as lm-eval's `hf` model).
+  prefix_token_id  token conditioning an empty context and the first rolling window (default <|endoftext|>).
+  batch_size   rows per forward pass ("auto" means 16: there is no out-of-memory probing); rounded up to
+               a multiple of the data-parallel size.
+  model_parallel, data_parallel   device mesh (default: `neox_jax.load`'s choice: one device, or all
+               local devices on the model axis when the weights do not fit on one).
+
+Scoring follows lm-eval's own `hf` model (HFLM) request for request: the same context/continuation
+tokenisation (TemplateLM), the empty context replaced by the prefix token, the input left-truncated to the
+last `max_length + 1` tokens of context + continuation (minus the last token), rolling windows from
+`get_rolling_token_windows` + `make_disjoint_window`, log-probabilities from a log-softmax in fp32 over
+the full (padded) vocabulary, `is_greedy` as "argmax equals the continuation token at every position".
+
+The scorer is one jit-compiled function built on `model.module.apply` and `model.params` (see `Scorer`):
+it gathers the continuation log-probs on device and returns [B, T] values plus, for each row, the log-probs
+of its last position over the vocabulary, so no [B, T, V] logits come back to the host. Rows are right-
+padded (padding has position -1 and is never attended to) to a fixed batch size and to length buckets
+(`neox_jax.decode.length_bucket`: 16, 32, ..., 256, then multiples of 256), so a whole task compiles once
+per length bucket it touches: at most 12 programs for a 2048 context, whatever the number of requests.
+Requests sharing the same input tokens (multiple choice with one-token answers) share one row.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tqdm import tqdm
+
+from .api import NeoXModel, load
+from .decode import Compiled, length_bucket
+from .tokenizer import END_OF_TEXT, Tokenizer, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+AUTO_BATCH_SIZE = 16
+DEFAULT_MAX_GEN_TOKS = 256
+
+
+class Scorer:
+    """Continuation log-probs on device: (tokens, positions, targets, last) -> per-token log-prob, argmax,
+    and the log-probs of each row's last real position over the vocabulary.
+
+    tokens, positions, targets: [B, T] int32 (targets[b, t] is the token scored at position t);
+    last: [B] int32. Returns target_logprob [B, T] fp32, greedy [B, T] int32, last_logprobs [B, V] fp32.
+    `compiles` counts compilations (one per distinct input shape).
+    """
+
+    def __init__(self, model: NeoXModel):
+        self.module = model.module
+        self.params = model.params
+        # Rows go where the decoder puts them (split over the mesh's data axis, when the model has one).
+        place_rows = getattr(getattr(model, "decoder", None), "place_rows", None)
+        self._place = place_rows or jnp.asarray
+        self._fn = Compiled(self._score)
+
+    @property
+    def compiles(self) -> int:
+        return self._fn.compiles
+
+    @property
+    def compile_seconds(self) -> float:
+        return self._fn.compile_seconds
+
+    def _score(self, params, tokens, positions, targets, last):
+        logits, _ = self.module.apply({"params": params}, tokens, positions)  # fp32 [B, T, V]
+        logits = logits.astype(jnp.float32)
+        lse = jax.nn.logsumexp(logits, axis=-1)  # [B, T]: log_softmax = logits - lse, never materialised
+        target_lp = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - lse
+        greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        rows = jnp.arange(tokens.shape[0])
+        last_lp = logits[rows, last] - lse[rows, last][:, None]  # [B, V]
+        return target_lp, greedy, last_lp
+
+    def __call__(self, rows: Sequence[Sequence[int]], batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Score up to `batch` token rows (each >= 1 token), padded to [batch, length_bucket(longest)]."""
+        length = length_bucket(max(len(r) for r in rows))
+        tokens = np.zeros((batch, length), np.int32)
+        positions = np.full((batch, length), -1, np.int32)
+        targets = np.zeros((batch, length), np.int32)
+        last = np.zeros(batch, np.int32)
+        for i, row in enumerate(rows):
+            n = len(row)
+            tokens[i, :n] = row
+            positions[i, :n] = np.arange(n)
+            targets[i, :n - 1] = row[1:]  # the last position's target is read from last_logprobs instead
+            last[i] = n - 1
+        out = self._fn(self.params, *(self._place(x) for x in (tokens, positions, targets, last)))
+        return tuple(np.asarray(x) for x in out)
+
+
+def _parse_batch_size(batch_size, max_batch_size) -> int:
+    if batch_size is None:
+        return 1
+    if isinstance(batch_size, str) and batch_size.startswith("auto"):
+        size = int(max_batch_size) if max_batch_size else AUTO_BATCH_SIZE
+        logger.warning("neox-jax: batch_size=%s: no out-of-memory probing; using %d", batch_size, size)
+        return size
+    size = int(batch_size)
+    if size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    return size
+
+
+@register_model("neox-jax")
+class NeoXLM(TemplateLM):
+    """lm-eval model over a `neox_jax.NeoXModel` (see the module docstring for model_args)."""
+
+    def __init__(self, pretrained: str | os.PathLike | NeoXModel, tokenizer: str | os.PathLike | Tokenizer | None = None,
+                 dtype: str | None = None, rotary_dtype: str | None = None, batch_size: int | str | None = 1,
+                 max_batch_size: int | None = None, max_length: int | None = None,
+                 max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, prefix_token_id: int | None = None,
+                 device: str | None = None, model_parallel: int | None = None, data_parallel: int | None = None,
+                 **kwargs: Any):
+        super().__init__()
+        if kwargs:
+            logger.warning("neox-jax: ignoring unsupported model_args %s", sorted(kwargs))
+        if device:  # lm-eval's CLI always passes one (default "cuda:0")
+            logger.info("neox-jax: device=%r not used: JAX runs on its default backend (%s)", device,
+                        jax.default_backend())
+        if isinstance(pretrained, NeoXModel):
+            if dtype is not None and dtype != pretrained.dtype:
+                raise ValueError(f"dtype={dtype!r} given with a model already loaded as {pretrained.dtype}")
+            self.model = pretrained
+            path = None
+        else:
+            path = os.fspath(pretrained)
+            extra = {}
+            if model_parallel or data_parallel:
+                from .sharding import make_mesh
+
+                extra["mesh"] = make_mesh(model=int(model_parallel or 1), data=int(data_parallel or 1))
+            self.model = load(path, dtype=dtype, rotary_dtype=rotary_dtype, **extra)
+        self.config = self.model.config
+
+        if isinstance(tokenizer, Tokenizer):
+            self._tok = tokenizer
+            self._tokenizer_path = "<object>"
+        else:
+            if tokenizer is None:
+                if path is None:
+                    raise ValueError("tokenizer= is required when pretrained is a loaded NeoXModel")
+                tokenizer = os.path.join(path, "tokenizer.json")
+                if not os.path.isfile(tokenizer):
+                    raise FileNotFoundError(f"{path} holds no tokenizer.json: pass tokenizer=FILE in model_args")
+            self._tokenizer_path = os.fspath(tokenizer)
+            self._tok = load_tokenizer(tokenizer)
+        if self._tok.vocab_size > self.config.vocab_size:
+            raise ValueError(f"tokenizer has {self._tok.vocab_size} tokens, the model only {self.config.vocab_size}")
+        if self._tok.eos_id is None:
+            raise ValueError(f"the tokenizer has no {END_OF_TEXT} token")
+
+        limit = self.config.max_position_embeddings
+        self._max_length = limit if max_length is None else int(max_length)
+        if not 1 <= self._max_length <= limit:
+            raise ValueError(f"max_length must be in [1, {limit}] (max_position_embeddings), got {max_length}")
+        self._max_gen_toks = int(max_gen_toks)
+        self._prefix_token_id = None if prefix_token_id is None else int(prefix_token_id)
+        mesh = getattr(self.model, "mesh", None)
+        data = mesh.shape.get("data", 1) if mesh is not None else 1
+        self._batch_size = -(-_parse_batch_size(batch_size, max_batch_size) // data) * data
+        self.scorer = Scorer(self.model)
+        self._warned_sampling = False
+
+    # ---- lm-eval properties ----
+
+    @property
+    def eot_token_id(self) -> int:
+        return self._tok.eos_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        return self.eot_token_id if self._prefix_token_id is None else self._prefix_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def max_gen_toks(self) -> int:
+        return self._max_gen_toks
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    @property
+    def device(self) -> str:
+        return str(jax.devices()[0])
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self._tokenizer_path.replace("/", "__")
+
+    def get_model_info(self) -> dict:
+        n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.model.params))
+        return {"model_num_parameters": n, "model_dtype": self.model.dtype, "model_revision": "", "model_sha": ""}
+
+    # ---- tokenisation ----
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
+                   **kwargs) -> list[int]:
+        ids = self._tok.encode(string, add_special_tokens=add_special_tokens is not False)
+        if left_truncate_len:
+            ids = ids[-left_truncate_len:]
+        return ids
+
+    def tok_decode(self, tokens: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(tokens, skip_special_tokens=skip_special_tokens)
+
+    @property
+    def _eot_string(self) -> str:
+        return self._tok.id_to_token(self.eot_token_id)
+
+    # ---- scoring ----
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, desc: str = "Running loglikelihood requests"
+                              ) -> list[tuple[float, bool]]:
+        """requests: [((context, continuation) or None, context_tokens, continuation_tokens)] ->
+        [(log-prob of the continuation, whether greedy decoding produces it)], in the original order."""
+        limit = self.max_length
+        row_of: dict[tuple[int, ...], int] = {}
+        row_tokens: list[tuple[int, ...]] = []
+        users: list[list[int]] = []  # request indices per row
+        for i, (_, context, continuation) in enumerate(requests):
+            if not context or not continuation:
+                raise ValueError("each request needs a non-empty context and continuation (after tokenisation)")
+            if len(continuation) > limit:
+                raise ValueError(f"a continuation of {len(continuation)} tokens exceeds max_length={limit}")
+            # As HFLM: keep the last max_length + 1 tokens and feed all but the last.
+            inp = tuple((list(context) + list(continuation))[-(limit + 1):][:-1])
+            row = row_of.setdefault(inp, len(row_tokens))
+            if row == len(row_tokens):
+                row_tokens.append(inp)
+                users.append([])
+            users[row].append(i)
+
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        if not requests:
+            return []
+        # Longest first: the first batch shows the peak memory, and rows of a batch have similar lengths.
+        order = Collator(list(enumerate(row_tokens)), sort_fn=lambda r: (-len(r[1]), r[1]))
+        pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc=desc)
+        for chunk in order.get_batched(n=self.batch_size):
+            # Always batch_size rows (padding rows are empty): one compilation per length bucket.
+            target_lp, greedy, last_lp = self.scorer([r for _, r in chunk], self.batch_size)
+            for b, (row, inp) in enumerate(chunk):
+                n = len(inp)
+                for i in users[row]:
+                    request_str, _, continuation = requests[i]
+                    start = n - len(continuation)  # first scored position
+                    logprob = math.fsum(target_lp[b, start:n - 1].tolist()) + float(last_lp[b, continuation[-1]])
+                    is_greedy = bool(np.array_equal(greedy[b, start:n - 1], inp[start + 1:n])
+                                     and greedy[b, n - 1] == continuation[-1])
+                    results[i] = (logprob, is_greedy)
+                    if request_str is not None:
+                        self.cache_hook.add_partial("loglikelihood", request_str, results[i])
+                pbar.update(len(users[row]))
+        pbar.close()
+        logger.debug("neox-jax scorer: %d compilations, %.1fs", self.scorer.compiles, self.scorer.compile_seconds)
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Whole-document log-likelihood over disjoint windows of max_length, the first conditioned on the
+        prefix token (as HFLM). All windows of all documents are batched together."""
+        windows, owner = [], []
+        for i, (string,) in enumerate(req.args for req in requests):
+            for context, continuation in map(make_disjoint_window, get_rolling_token_windows(
+                    token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length, context_len=1)):
+                windows.append((None, context, continuation))
+                owner.append(i)
+        scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm,
+                                            desc="Running loglikelihood_rolling windows")
+        totals = [0.0] * len(requests)
+        for i, (logprob, _) in zip(owner, scores):
+            totals[i] += logprob
+        for req, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
+
+    # ---- generation ----
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy continuations through the JIT decoder, cut at the first `until` string (and <|endoftext|>)."""
+        if not requests:
+            return []
+        eot = self._eot_string
+        order = Collator([req.args for req in requests], sort_fn=lambda x: (-len(self.tok_encode(x[0])), x[0]),
+                         group_by="gen_kwargs", group_fn=lambda x: x[1])
+        pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
+                    desc="Running generate_until requests")
+        res = []
+        for chunk in order.get_batched(n=self.batch_size):
+            contexts, all_kwargs = zip(*chunk)
+            kwargs = normalize_gen_kwargs(dict(all_kwargs[0]), self.max_gen_toks)
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eot)
+            max_gen_toks = kwargs.pop("max_gen_toks")
+            if kwargs.get("do_sample") and not self._warned_sampling:
+                logger.warning("neox-jax: do_sample=True requested; neox-jax decodes greedily")
+                self._warned_sampling = True
+            if "max_length" in kwargs:
+                logger.warning("neox-jax: `max_length` in gen_kwargs ignored; use max_gen_toks")
+            max_context = self.max_length - max_gen_toks
+            if max_context <= 0:
+                raise ValueError(f"max_gen_toks={max_gen_toks} leaves no room for a prompt in max_length="
+                                 f"{self.max_length}")
+            prompts = [self.tok_encode(c, left_truncate_len=max_context) or [self.prefix_token_id] for c in contexts]
+            outputs = self.model.generate(prompts, max_gen_toks, stop_token=self.eot_token_id)
+            for tokens, context, gen_kwargs in zip(outputs, contexts, all_kwargs):
+                text = postprocess_generated_text(self.tok_decode(tokens), until, None)
+                res.append(text)
+                self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+                pbar.update(1)
+        pbar.close()
+        return order.get_original(res)

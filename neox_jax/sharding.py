@@ -1,0 +1,149 @@
+"""Tensor parallelism over a device mesh, and a memory plan made before anything is loaded.
+
+A `jax.sharding.Mesh` with axes ("data", "model"): attention is split by heads (each device holds whole
+heads of the fused QKV and the matching rows of the output projection), the MLP up-projection by columns
+and the down-projection by rows, the embedding and output head by vocabulary, the KV cache by heads and
+batch; LayerNorms and the row-parallel biases are replicated. The model code is unchanged: GSPMD
+partitions the jit-compiled programs from the shardings of their inputs and inserts the collectives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from .config import NeoXConfig
+
+DATA, MODEL = "data", "model"
+
+# Partition specs by params path; the stacked layer axis (first) is never split.
+_PARAM_SPECS = {
+    ("embed_in",): P(MODEL, None),  # [V, D]
+    ("embed_out",): P(MODEL, None),  # [V, D]
+    ("layers", "attention", "query_key_value.weight"): P(None, MODEL, None, None, None),  # [L, N, 3, H, D]
+    ("layers", "attention", "query_key_value.bias"): P(None, MODEL, None, None),  # [L, N, 3, H]
+    ("layers", "attention", "dense.weight"): P(None, None, MODEL, None),  # [L, D, N, H]
+    ("layers", "mlp", "dense_h_to_4h.weight"): P(None, MODEL, None),  # [L, F, D]
+    ("layers", "mlp", "dense_h_to_4h.bias"): P(None, MODEL),  # [L, F]
+    ("layers", "mlp", "dense_4h_to_h.weight"): P(None, None, MODEL),  # [L, D, F]
+}
+CACHE_SPEC = P(None, DATA, None, MODEL, None)  # [L, B, S, N, H]
+BATCH_SPEC = P(DATA)  # leading batch axis of tokens, positions, per-row state
+
+
+class ShardingError(ValueError):
+    """A mesh that cannot split this model, or a request that cannot fit in device memory."""
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """'model=4' or 'model=2,data=2' -> {'model': 4, 'data': 1}."""
+    sizes = {MODEL: 1, DATA: 1}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        if name not in sizes or not value.isdigit() or int(value) < 1:
+            raise ShardingError(f"--mesh {text!r}: expected model=N[,data=M] with positive integers")
+        sizes[name] = int(value)
+    return sizes
+
+
+def make_mesh(model: int = 1, data: int = 1, devices=None) -> Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    if model * data > len(devices):
+        raise ShardingError(f"a mesh of model={model} x data={data} needs {model * data} devices; "
+                            f"{len(devices)} available")
+    return Mesh(np.array(devices[:model * data]).reshape(data, model), (DATA, MODEL))
+
+
+def check_divisible(config: NeoXConfig, mesh: Mesh) -> None:
+    model = mesh.shape[MODEL]
+    for what, size in (("num_heads", config.num_heads), ("vocab_size", config.vocab_size),
+                       ("intermediate_size", config.intermediate_size)):
+        if size % model:
+            raise ShardingError(f"{what} {size} is not divisible by the mesh's model axis ({model}): "
+                                f"choose a model size that divides it")
+
+
+def param_spec(path: tuple[str, ...]) -> P:
+    return _PARAM_SPECS.get(path, P())
+
+
+def param_shardings(abstract_params: dict, mesh: Mesh) -> dict:
+    """A NamedSharding for every leaf of the params pytree."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: NamedSharding(mesh, param_spec(tuple(k.key for k in path))), abstract_params)
+
+
+def shard_bytes(shape, dtype, spec: P, mesh: Mesh) -> int:
+    """Bytes of one device's shard of an array."""
+    parts = math.prod(mesh.shape[axis] for axis in spec if axis is not None)
+    return math.prod(shape) * jnp.dtype(dtype).itemsize // parts
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    weights_per_device: int
+    cache_per_device: int
+    available_per_device: int | None  # None where the backend does not say (CPU)
+
+    @property
+    def needed_per_device(self) -> int:
+        return self.weights_per_device + self.cache_per_device
+
+    def fits(self) -> bool:
+        return self.available_per_device is None or self.needed_per_device <= self.available_per_device
+
+    def describe(self) -> str:
+        gib = 2 ** 30
+        available = "unknown" if self.available_per_device is None else f"{self.available_per_device / gib:.2f}"
+        return (f"per device: weights {self.weights_per_device / gib:.2f} GiB + KV cache "
+                f"{self.cache_per_device / gib:.2f} GiB = {self.needed_per_device / gib:.2f} GiB; available {available} GiB")
+
+
+def device_memory(device) -> int | None:
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    return stats.get("bytes_limit") if stats else None
+
+
+def plan_memory(config: NeoXConfig, dtype, mesh: Mesh, batch: int = 0, context: int = 0,
+                abstract_params: dict | None = None) -> MemoryPlan:
+    """Bytes each device needs for the weights and a KV cache of `batch` sequences of `context` tokens."""
+    from .weights import abstract_params as make_abstract
+
+    abstract = abstract_params or make_abstract(config, dtype)
+    weights = sum(shard_bytes(leaf.shape, leaf.dtype, param_spec(tuple(k.key for k in path)), mesh)
+                  for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0])
+    cache_shape = (config.num_layers, batch, context, config.num_heads, config.head_dim)
+    cache = 2 * shard_bytes(cache_shape, dtype, CACHE_SPEC, mesh)
+    return MemoryPlan(weights, cache, device_memory(mesh.devices.flat[0]))
+
+
+def require_fit(plan: MemoryPlan, config: NeoXConfig, mesh: Mesh, batch: int, context: int) -> None:
+    """Stop before loading when the plan does not fit, saying what would."""
+    if plan.fits():
+        return
+    free = plan.available_per_device - plan.weights_per_device
+    per_sequence = plan.cache_per_device / max(batch, 1)
+    if free <= 0:
+        model = mesh.shape[MODEL]
+        needed = math.ceil(plan.weights_per_device * model / plan.available_per_device)
+        hint = f"the weights alone need about {needed} devices on the model axis (have {model})"
+    else:
+        sequences = int(free // per_sequence) if per_sequence else batch
+        tokens = int(free // (per_sequence / context)) if per_sequence and batch else context
+        hint = (f"at most {sequences} sequences of {context} tokens would fit, or {batch} sequences of "
+                f"{min(tokens // max(batch, 1), context)} tokens, or use more devices")
+    raise ShardingError(f"does not fit in device memory ({plan.describe()}): {hint}")
+
+
+def default_mesh(config: NeoXConfig, dtype) -> Mesh:
+    """One device when the weights fit on it with room to spare, else every local device on `model`."""
+    one = make_mesh(1, 1)
+    plan = plan_memory(config, dtype, one)
+    if plan.available_per_device is None or plan.weights_per_device < 0.9 * plan.available_per_device:
+        return one
+    return make_mesh(len(jax.local_devices()), 1, jax.local_devices())

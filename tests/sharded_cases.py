@@ -1,0 +1,101 @@
+"""Sharded runs on 8 virtual CPU devices. Run by test_sharding.py in a subprocess, since the device count
+must be set before JAX starts: XLA_FLAGS=--xla_force_host_platform_device_count=8 pytest tests/sharded_cases.py
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import neox_jax
+from neox_jax.api import NeoXModel
+from neox_jax.checkpoints.synthetic import random_tensors, write_deepspeed_checkpoint
+from jax.sharding import NamedSharding
+
+from neox_jax.sharding import CACHE_SPEC, ShardingError, make_mesh, param_spec, plan_memory
+from neox_jax.weights import build_params
+
+from conftest import tiny_config
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (XLA_FLAGS host device count)")
+
+CONFIG = tiny_config(num_heads=8, vocab_size=128)
+TENSORS = random_tensors(CONFIG, seed=4)
+TOKENS = np.random.default_rng(0).integers(0, 128, (4, 11))
+PROMPTS = [TOKENS[0].tolist(), TOKENS[1, :3].tolist(), TOKENS[2, :7].tolist()]
+
+
+@pytest.fixture(scope="module")
+def single():
+    model = NeoXModel(CONFIG, build_params(CONFIG, TENSORS.items(), jnp.float32, progress=False))
+    return model.logits(TOKENS), model.generate(PROMPTS, 10, stop_token=None)
+
+
+@pytest.mark.parametrize("model_size, data_size", [(2, 1), (4, 1), (8, 1), (2, 2), (2, 4)])
+def test_sharded_equals_single_device(single, model_size, data_size):
+    mesh = make_mesh(model_size, data_size)
+    params = build_params(CONFIG, TENSORS.items(), jnp.float32, mesh, progress=False)
+    model = NeoXModel(CONFIG, params, mesh=mesh)
+    logits, tokens = single
+    np.testing.assert_allclose(model.logits(TOKENS), logits, atol=1e-5 * np.abs(logits).max(), rtol=0)
+    assert model.generate(PROMPTS, 10, stop_token=None) == tokens
+
+    # Really sharded: every leaf has its planned spec and per-device shards of the split size.
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        spec = param_spec(tuple(k.key for k in path))
+        assert leaf.sharding.is_equivalent_to(NamedSharding(mesh, spec), leaf.ndim)
+        expected = tuple(n // (model_size if axis == "model" else 1) for n, axis in
+                         zip(leaf.shape, tuple(spec) + (None,) * leaf.ndim))
+        assert {s.data.shape for s in leaf.addressable_shards} == {expected}
+    cache = model.decoder._new_cache(4, 16)
+    assert {s.data.shape for s in cache.k.addressable_shards} == {
+        (CONFIG.num_layers, 4 // data_size, 16, CONFIG.num_heads // model_size, CONFIG.head_dim)}
+
+
+def test_decode_state_stays_sharded():
+    mesh = make_mesh(4, 2)
+    model = NeoXModel(CONFIG, build_params(CONFIG, TENSORS.items(), jnp.float32, mesh, progress=False), mesh=mesh)
+    seen = []
+
+    class Spy:  # records the cache sharding going into and out of each decode chunk
+        def __init__(self, compiled):
+            self.compiled = compiled
+
+        def __getattr__(self, name):
+            return getattr(self.compiled, name)
+
+        def __call__(self, params, state, *rest):
+            seen.append(state.cache.k.sharding)
+            out = self.compiled(params, state, *rest)
+            seen.append(out[2].cache.k.sharding)
+            return out
+
+    model.decoder._decode = Spy(model.decoder._decode)
+    list(model.decoder.stream(PROMPTS, 12, chunk=4, stop_token=None))
+    planned = NamedSharding(mesh, CACHE_SPEC)
+    assert len(seen) == 6 and all(s.is_equivalent_to(planned, 5) for s in seen)  # 11 steps in chunks of 4
+
+
+def test_memory_plan_matches_allocated_bytes():
+    for model_size, data_size in [(1, 1), (2, 1), (8, 1), (2, 4)]:
+        mesh = make_mesh(model_size, data_size)
+        params = build_params(CONFIG, TENSORS.items(), jnp.float32, mesh, progress=False)
+        allocated = max(sum(s.data.nbytes for leaf in jax.tree.leaves(params) for s in leaf.addressable_shards
+                            if s.device == device) for device in mesh.devices.flat)
+        cache = NeoXModel(CONFIG, params, mesh=mesh).decoder._new_cache(8, 32)
+        cache_bytes = max(sum(s.data.nbytes for x in (cache.k, cache.v) for s in x.addressable_shards
+                              if s.device == device) for device in mesh.devices.flat)
+        plan = plan_memory(CONFIG, jnp.float32, mesh, batch=8, context=32)
+        assert abs(plan.weights_per_device - allocated) <= 0.03 * allocated
+        assert plan.cache_per_device == cache_bytes
+
+
+def test_heads_not_divisible_by_the_mesh():
+    with pytest.raises(ShardingError, match="num_heads 8 is not divisible by the mesh's model axis \\(3\\)"):
+        build_params(CONFIG, TENSORS.items(), jnp.float32, make_mesh(3, 1), progress=False)
+
+
+def test_deepspeed_shards_stream_onto_a_mesh(tmp_path, single):
+    path = write_deepspeed_checkpoint(tmp_path / "ds", CONFIG, TENSORS, ranks=2, dtype=np.float32)
+    model = neox_jax.load(path, "float32", mesh=make_mesh(4, 2), progress=False)
+    np.testing.assert_allclose(model.logits(TOKENS), single[0], atol=1e-4 * np.abs(single[0]).max(), rtol=0)

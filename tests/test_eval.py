@@ -1,0 +1,258 @@
+"""lm-evaluation-harness integration: the `neox-jax` model against lm-eval's own `hf` model (HFLM).
+
+Tiny random GPT-NeoX weights in Hugging Face layout with a tiny byte-level BPE tokenizer saved next to
+them, so both backends read the same directory. Everything is offline: tasks come from tests/data.
+"""
+
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+
+# Before lm_eval / datasets / huggingface_hub are imported: they read these once.
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+lm_eval = pytest.importorskip("lm_eval")
+
+from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.utils import get_rolling_token_windows  # noqa: E402
+
+from neox_jax.checkpoints.synthetic import random_tensors, write_hf_checkpoint  # noqa: E402
+from neox_jax.config import NeoXConfig  # noqa: E402
+from neox_jax.lm_eval_model import NeoXLM  # noqa: E402
+from neox_jax.tokenizer import END_OF_TEXT, demo_tokenizer  # noqa: E402
+
+from conftest import REPO  # noqa: E402
+
+DATA = REPO / "tests" / "data"
+CONTEXT = 64  # small max_position_embeddings, so truncation and rolling windows are exercised
+TASKS = ["mc_local_tiny", "lambada_local_tiny", "rolling_local_tiny"]
+OFFLINE_ENV = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
+
+
+def _config() -> NeoXConfig:
+    # vocab 384 > the tokenizer's 320: like 20B (50277 tokens, 50432 rows), scoring sees padded rows too.
+    return NeoXConfig(vocab_size=384, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256,
+                      rotary_pct=0.25, max_position_embeddings=CONTEXT)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """HF GPT-NeoX directory with random weights (a scaled-up head gives peaked distributions) + tokenizer."""
+    config = _config()
+    tensors = random_tensors(config, seed=0)
+    tensors["embed_out.weight"] = tensors["embed_out.weight"] * 10
+    path = write_hf_checkpoint(tmp_path_factory.mktemp("eval") / "ckpt", config, tensors)
+    tokenizer = demo_tokenizer(320)
+    assert tokenizer.vocab_size <= config.vocab_size
+    tokenizer._tokenizer.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": END_OF_TEXT, "eos_token": END_OF_TEXT,
+        "pad_token": "<|padding|>", "model_max_length": CONTEXT}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def neox(checkpoint):
+    return NeoXLM(pretrained=str(checkpoint), dtype="float32", batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def hf(checkpoint):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=str(checkpoint), dtype="float32", device="cpu", batch_size=8)
+
+
+def _texts() -> list[str]:
+    return [json.loads(line)["text"] for line in (DATA / "lambada_tiny.jsonl").read_text().splitlines()]
+
+
+def _ll_requests() -> list[Instance]:
+    """Short and long contexts (several beyond the 64-token context), empty contexts, multi-token
+    continuations, and shared contexts with one-token answers (which share one scored row)."""
+    texts = _texts()
+    pairs = []
+    for text in texts:
+        words = text.split(" ")
+        pairs.append((" ".join(words[:-1]), " " + words[-1]))  # LAMBADA style
+        pairs.append((" ".join(words[:3]), " " + " ".join(words[3:8])))
+    long = " ".join(texts)
+    pairs += [(long, " and then"), (long + " " + long, " the end."), (texts[0], " " + " ".join(texts[1].split(" ")[:10]))]
+    pairs += [("", " jumps"), ("", "The quick brown fox"), ("", texts[2][:60])]  # empty contexts
+    pairs += [("Question: which is larger?\nAnswer:", c) for c in (" a", " b", " c", " yes", " no")]
+    pairs += [("Trailing space ", "x"), ("x", "y")]
+    return [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+
+
+def _close(a, b, tol):
+    assert len(a) == len(b)
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert abs(x - y) <= tol, f"request {i}: {x} vs {y}"
+
+
+def test_registered():
+    from lm_eval.api.registry import get_model
+
+    assert get_model("neox-jax") is NeoXLM
+
+
+def test_loglikelihood_matches_hf(neox, hf):
+    requests = _ll_requests()
+    ours, ref = neox.loglikelihood(requests), hf.loglikelihood(requests)
+    _close([x[0] for x in ours], [x[0] for x in ref], 1e-4)
+    assert [x[1] for x in ours] == [x[1] for x in ref]
+    # The set really exercises truncation and empty contexts.
+    lengths = [len(neox.tok_encode(r.args[0] + r.args[1])) for r in requests]
+    assert max(lengths) > 2 * CONTEXT and any(r.args[0] == "" for r in requests)
+
+
+def test_is_greedy_true_on_greedy_continuations(neox, hf):
+    """Continuations the model itself decodes greedily are flagged greedy by both; one changed token is not."""
+    tok = neox.tok_encode
+    contexts = [tok(t)[:n] for t, n in zip(_texts(), (3, 9, 17, 30, 45, 50))]
+    greedy = neox.model.generate(contexts, 8, stop_token=None)
+    requests = []
+    for ctx, cont in zip(contexts, greedy):
+        requests.append((None, ctx, cont))
+        requests.append((None, ctx, cont[:-1] + [(cont[-1] + 1) % 320]))
+    ours, ref = neox._loglikelihood_tokens(requests), hf._loglikelihood_tokens(requests)
+    assert [g for _, g in ours] == [True, False] * len(contexts)
+    assert [g for _, g in ref] == [g for _, g in ours]
+    _close([x for x, _ in ours], [x for x, _ in ref], 1e-4)
+
+
+def test_truncation_and_empty_context(neox):
+    tok = neox.tok_encode
+    context, continuation = tok(" ".join(_texts())), tok(" and then")
+    assert len(context) + len(continuation) > CONTEXT + 1
+    # Left truncation keeps the last max_length + 1 tokens of context + continuation (minus the last).
+    kept = context[-(CONTEXT + 1 - len(continuation)):]
+    full, cut = neox._loglikelihood_tokens([(None, context, continuation), (None, kept, continuation)])
+    assert full == cut
+    # An empty context is the <|endoftext|> prefix token.
+    (empty,) = neox.loglikelihood([Instance("loglikelihood", {}, ("", " jumps over"), 0)])
+    (prefixed,) = neox._loglikelihood_tokens([(None, [neox.eot_token_id], tok(" jumps over"))])
+    assert neox.prefix_token_id == neox.eot_token_id == 0 and empty == prefixed
+
+
+def test_batch_sizes_agree_and_compiles_bounded(neox, checkpoint):
+    requests = _ll_requests()
+    results = {}
+    for batch_size in (1, 8):
+        lm = NeoXLM(pretrained=neox.model, tokenizer=str(checkpoint / "tokenizer.json"), batch_size=batch_size)
+        results[batch_size] = lm.loglikelihood(requests, disable_tqdm=True)
+        # One compilation per length bucket touched (16, 32, 64 for a 64-token context), not per request.
+        assert 1 <= lm.scorer.compiles <= 3, lm.scorer.compiles
+        compiles = lm.scorer.compiles
+        lm.loglikelihood(requests[::-1], disable_tqdm=True)
+        lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (t,), 0) for t in _texts()],
+                                 disable_tqdm=True)
+        assert lm.scorer.compiles == compiles
+    _close([x[0] for x in results[1]], [x[0] for x in results[8]], 1e-5)
+    assert [x[1] for x in results[1]] == [x[1] for x in results[8]]
+
+
+def test_loglikelihood_rolling_matches_hf(neox, hf):
+    short = _texts()[3]
+    long = " ".join(_texts()) * 2
+    assert len(neox.tok_encode(short)) < CONTEXT
+    windows = list(get_rolling_token_windows(neox.tok_encode(long), neox.prefix_token_id, CONTEXT, 1))
+    assert len(windows) >= 4
+    requests = [Instance("loglikelihood_rolling", {}, (text,), i) for i, text in enumerate([short, long, ""])]
+    ours, ref = neox.loglikelihood_rolling(requests), hf.loglikelihood_rolling(requests)
+    for x, y in zip(ours, ref):
+        assert abs(x - y) <= 1e-4 + 1e-6 * abs(y), (ours, ref)
+    assert ours[2] == 0.0
+
+
+def test_generate_until_cuts_at_stop_string(neox, hf):
+    prompts = ["The quick brown fox", "Rotary position", "def hello():"]
+    base = {"max_gen_toks": 24, "do_sample": False}
+    full = neox.generate_until([Instance("generate_until", {}, (p, {**base, "until": []}), i)
+                                for i, p in enumerate(prompts)])
+    # The greedy tokens themselves, decoded: generate_until returns exactly their text when nothing stops it.
+    tokens = neox.model.generate([neox.tok_encode(p) for p in prompts], 24, stop_token=neox.eot_token_id)
+    assert full == [neox.tok_decode(t) for t in tokens]
+    requests, expected = [], []
+    for i, (prompt, text) in enumerate(zip(prompts, full)):
+        assert len(text) >= 8, text
+        k = len(text) // 2
+        stop = text[k:k + 2]
+        requests.append(Instance("generate_until", {}, (prompt, {**base, "until": [stop, "never-seen"]}), i))
+        expected.append(text[:text.index(stop)])
+    cut = neox.generate_until(requests)
+    assert cut == expected and all(len(c) < len(t) for c, t in zip(cut, full))
+    assert hf.generate_until(requests) == cut
+
+
+def _metrics(results: dict) -> dict:
+    return {(task, name): value for task, metrics in results["results"].items()
+            for name, value in metrics.items() if "stderr" not in name and isinstance(value, float)}
+
+
+def test_task_metrics_match_hf(checkpoint, hf, monkeypatch):
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.chdir(REPO)  # the task YAMLs name their data files relative to the repository root
+    manager = TaskManager(include_path=str(DATA))
+    common = dict(tasks=TASKS, task_manager=manager, bootstrap_iters=0, log_samples=False)
+    ours = lm_eval.simple_evaluate(model="neox-jax", model_args=f"pretrained={checkpoint},dtype=float32",
+                                   batch_size=8, **common)
+    ref = lm_eval.simple_evaluate(model=hf, **common)
+    ours, ref = _metrics(ours), _metrics(ref)
+    assert ours.keys() == ref.keys() and {t for t, _ in ours} == set(TASKS)
+    assert ("lambada_local_tiny", "perplexity,none") in ours and ("mc_local_tiny", "acc_norm,none") in ours
+    for key, value in ours.items():
+        if key[1].startswith(("acc", "acc_norm")):
+            assert value == ref[key], key
+        else:
+            assert math.isclose(value, ref[key], rel_tol=1e-5), (key, value, ref[key])
+
+
+def test_cli_help():
+    out = subprocess.run([sys.executable, "-m", "neox_jax.eval", "--help"], cwd=REPO, env=OFFLINE_ENV,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "--tasks" in out.stdout and "--include_path" in out.stdout and "pretrained=DIR" in out.stdout
+
+
+def test_cli_run_writes_results(checkpoint, tmp_path):
+    out_dir = tmp_path / "out"
+    cmd = [sys.executable, "-m", "neox_jax.eval", "--model_args", f"pretrained={checkpoint},dtype=float32",
+           "--tasks", "mc_local_tiny,lambada_local_tiny", "--include_path", str(DATA),
+           "--batch_size", "4", "--output_path", str(out_dir)]
+    out = subprocess.run(cmd, cwd=REPO, env=OFFLINE_ENV, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "mc_local_tiny" in out.stdout and "neox-jax" in out.stdout  # the results table and its header
+    assert "os.fork() was called" not in out.stderr  # LAMBADA's bootstrapped stderr runs under forkserver
+    files = glob.glob(str(out_dir / "**" / "results_*.json"), recursive=True)
+    assert len(files) == 1, files
+    results = json.loads(open(files[0]).read())
+    assert set(results["results"]) == {"mc_local_tiny", "lambada_local_tiny"}
+    assert results["config"]["model"] == "neox-jax"
+    assert 0.0 <= results["results"]["mc_local_tiny"]["acc,none"] <= 1.0
+
+
+def test_tokenization_matches_transformers_on_20b_tokenizer(tokenizer_path, tmp_path):
+    """With the real 20B tokenizer, neox-jax encodes as transformers' GPT-NeoX tokenizer (HFLM's) does."""
+    transformers = pytest.importorskip("transformers")
+    config = NeoXConfig(vocab_size=50432, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
+                        max_position_embeddings=128)
+    path = write_hf_checkpoint(tmp_path / "ckpt", config)
+    lm = NeoXLM(pretrained=str(path), tokenizer=str(tokenizer_path), dtype="float32")
+    cls = getattr(transformers, "GPTNeoXTokenizer", None) or transformers.GPTNeoXTokenizerFast
+    ref = cls(tokenizer_file=str(tokenizer_path))
+    for text in ["In my palace of Leaves Sorrow, I wait", " Hello", "  two spaces\n\n\ttabs \u00fcn\u00ef \u2603",
+                 "<|endoftext|>after"]:
+        assert lm.tok_encode(text) == ref.encode(text), text
+    assert lm.eot_token_id == lm.prefix_token_id == ref.eos_token_id == 0
+    assert lm._eot_string == ref.decode([0], skip_special_tokens=False) == END_OF_TEXT

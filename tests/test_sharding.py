@@ -1,0 +1,59 @@
+"""Tensor parallelism: the 8-device cases run in a subprocess; mesh parsing and the memory plan here."""
+
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import pytest
+
+from neox_jax.config import PRESETS
+from neox_jax.generate import main as generate_main
+from neox_jax.sharding import MemoryPlan, ShardingError, make_mesh, parse_mesh, plan_memory, require_fit
+
+from conftest import REPO
+
+
+def test_sharded_cases_on_eight_virtual_devices():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/sharded_cases.py"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout and "skipped" not in result.stdout
+
+
+@pytest.mark.parametrize("text, sizes", [("model=4", {"model": 4, "data": 1}),
+                                         ("model=2,data=4", {"model": 2, "data": 4}), ("data=2", {"model": 1, "data": 2})])
+def test_parse_mesh(text, sizes):
+    assert parse_mesh(text) == sizes
+
+
+@pytest.mark.parametrize("text", ["model=0", "tensor=2", "model=two", "model"])
+def test_bad_mesh_text(text):
+    with pytest.raises(ShardingError, match="expected model=N"):
+        parse_mesh(text)
+
+
+def test_mesh_larger_than_the_machine():
+    with pytest.raises(ShardingError, match="needs 64 devices"):
+        make_mesh(64, 1)
+
+
+def test_20b_plan_and_what_would_fit():
+    mesh = make_mesh(1, 1)
+    config = PRESETS["gpt-neox-20b"]
+    plan = plan_memory(config, jnp.float16, mesh, batch=8, context=2048)
+    assert 40.5e9 < plan.weights_per_device < 41.5e9  # 20.6B parameters in fp16
+    assert plan.cache_per_device == 2 * 44 * 8 * 2048 * 6144 * 2  # ~1.1 MB per token per sequence
+    on_48gb = MemoryPlan(plan.weights_per_device, plan.cache_per_device, 48 * 2**30)
+    with pytest.raises(ShardingError, match=r"at most 4 sequences of 2048 tokens would fit, or 8 sequences of 1205 tokens"):
+        require_fit(on_48gb, config, mesh, 8, 2048)
+    on_24gb = MemoryPlan(plan.weights_per_device, plan.cache_per_device, 24 * 2**30)
+    with pytest.raises(ShardingError, match="the weights alone need about 2 devices"):
+        require_fit(on_24gb, config, mesh, 8, 2048)
+    require_fit(MemoryPlan(plan.weights_per_device, plan.cache_per_device, 141 * 2**30), config, mesh, 8, 2048)
+
+
+def test_generate_cli_rejects_a_bad_mesh(capsys):
+    assert generate_main(["--demo", "--mesh", "model=3"]) == 2  # one CPU device here; 4 heads don't split 3 ways
+    assert capsys.readouterr().err.splitlines()[-1].startswith("error: ")
