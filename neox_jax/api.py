@@ -15,7 +15,7 @@ from .config import NeoXConfig
 from .decode import Compiled, Decoder, Generation, length_bucket
 from .model import NeoX
 from .sampling import Sampling
-from .sharding import default_mesh, plan_memory, require_fit
+from .sharding import default_mesh, plan_memory, require_fit, to_host
 from .streaming import TextStream, stream_text
 from .tokenizer import Tokenizer, load_tokenizer
 from .weights import build_params
@@ -77,12 +77,12 @@ class NeoXModel:
     def logits(self, tokens) -> np.ndarray:
         """[B, T] token ids -> fp32 logits [B, T, V] over the (padded) vocabulary."""
         batch, length = np.shape(tokens)[:2]
-        return np.asarray(self._run(self._logits, tokens)[:batch, :length])
+        return to_host(self._run(self._logits, tokens))[:batch, :length]
 
     def hidden_states(self, tokens) -> np.ndarray:
         """[B, T] -> fp32 residual stream after the embedding and after each layer, [L + 1, B, T, D]."""
         batch, length = np.shape(tokens)[:2]
-        return np.asarray(self._run(self._hidden_states, tokens)[:, :batch, :length])
+        return to_host(self._run(self._hidden_states, tokens))[:, :batch, :length]
 
     def generate(self, prompts: Sequence[Sequence[int]] | Sequence[str], max_new_tokens: int, *,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,

@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from .config import NeoXConfig
 from .model import KVCache, NeoX
 from .sampling import Sampling, select_token
-from .sharding import BATCH_SPEC, CACHE_SPEC, DATA, make_mesh
+from .sharding import BATCH_SPEC, CACHE_SPEC, DATA, make_mesh, put, to_host
 
 NO_STOP = -1
 
@@ -151,7 +151,7 @@ class Decoder:
 
     def place_rows(self, array: np.ndarray) -> jax.Array:
         """Host array with a leading batch axis -> device array split over the mesh's data axis."""
-        return jax.device_put(array, self._sharded(BATCH_SPEC))
+        return put(array, self._sharded(BATCH_SPEC))
 
     def batch_size(self, rows: int) -> int:
         """Rows padded to a bucket that the data axis divides."""
@@ -213,16 +213,16 @@ class Decoder:
             state = self._prefill(self.params, self.place_rows(tokens), self.place_rows(positions),
                                   self._new_cache(batch, slots), sampling, stop,
                                   self.place_rows(np.arange(batch) < rows))
-            first = np.asarray(state.token)[:rows, None]
+            first = to_host(state.token)[:rows, None]
         yield first
 
         produced = 1
-        while produced < max_new_tokens and not bool(jnp.all(state.done)):
+        while produced < max_new_tokens and not to_host(state.done).all():
             with timing.measure("decode", self._decode):
                 out, count, state = self._decode(self.params, state, sampling, stop,
                                                  jnp.int32(min(chunk or max_new_tokens, max_new_tokens - produced)))
-                count = int(count)
-                out = np.asarray(out[:rows, :count])
+                count = int(to_host(count))
+                out = to_host(out)[:rows, :count]
             timing.decode_steps += count
             produced += count
             yield out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -62,6 +63,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="precision of the rotary angle tables (default: the model dtype, fp32 for bf16)")
     p.add_argument("--mesh", help="split the model over devices: model=N[,data=M] (default: one device, or all "
                                   "local devices on 'model' when the weights do not fit on one)")
+    p.add_argument("--distributed", action="store_true",
+                   help="multi-host: run this same command once per host (process 0 prints); the coordinator, "
+                        "process count and id come from the flags below or the cluster (SLURM, Open MPI, ...)")
+    p.add_argument("--coordinator", help="with --distributed: HOST:PORT of process 0")
+    p.add_argument("--num-processes", type=int, help="with --distributed: number of processes")
+    p.add_argument("--process-id", type=int, help="with --distributed: this process's index")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     return p.parse_args(argv)
 
@@ -165,7 +172,7 @@ def complete(model, args, sampling, stop_token, prompts: list[str], prompt_ids: 
 def show(args, prompt: str, ids: list[int], stream: TextStream, batch: int) -> None:
     if args.json:
         print(json.dumps({"prompt": prompt, "completion": stream.text, "prompt_tokens": ids,
-                          "completion_tokens": stream.tokens}, ensure_ascii=False), flush=True)
+                          "completion_tokens": stream.tokens}), flush=True)  # ASCII: safe for line-based readers
     else:
         print(prompt + stream.text, flush=True)
         if batch > 1:
@@ -220,6 +227,17 @@ def run(args) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        if args.distributed:
+            import jax
+
+            from .sharding import initialize_distributed
+
+            initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+            # Every process computes; process 0 alone prints. The collectives library writes status lines
+            # to file descriptor 1, so that goes to stderr and only our results reach stdout.
+            results = os.fdopen(os.dup(1), "w", buffering=1) if jax.process_index() == 0 else open(os.devnull, "w")
+            os.dup2(2, 1)
+            sys.stdout = results
         run(args)
     except (CheckpointError, ConfigError, GenerationError, SamplingError, ShardingError, FileNotFoundError,
             ValueError) as e:

@@ -53,6 +53,7 @@ from tqdm import tqdm
 
 from .api import NeoXModel, load
 from .decode import Compiled, length_bucket
+from .sharding import to_host
 from .tokenizer import END_OF_TEXT, Tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ class Scorer:
             targets[i, :n - 1] = row[1:]  # the last position's target is read from last_logprobs instead
             last[i] = n - 1
         out = self._fn(self.params, *(self._place(x) for x in (tokens, positions, targets, last)))
-        return tuple(np.asarray(x) for x in out)
+        return tuple(to_host(x) for x in out)
 
 
 def _parse_batch_size(batch_size, max_batch_size) -> int:

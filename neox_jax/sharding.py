@@ -36,6 +36,29 @@ CACHE_SPEC = P(None, DATA, None, MODEL, None)  # [L, B, S, N, H]
 BATCH_SPEC = P(DATA)  # leading batch axis of tokens, positions, per-row state
 
 
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """Join a multi-host run: one process per host, all devices in one mesh. With no arguments JAX reads
+    them from the environment (SLURM, Open MPI, Kubernetes, or JAX_COORDINATOR_ADDRESS & co.)."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; GPUs use NCCL regardless
+    jax.distributed.initialize(coordinator, num_processes, process_id)
+
+
+def put(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """Host array -> device array built shard by shard: no device (and no host of a multi-host run) is
+    sent more than its own slices."""
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole value on every process, also when other hosts hold parts of it."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 class ShardingError(ValueError):
     """A mesh that cannot split this model, or a request that cannot fit in device memory."""
 
@@ -119,7 +142,8 @@ def plan_memory(config: NeoXConfig, dtype, mesh: Mesh, batch: int = 0, context: 
                   for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0])
     cache_shape = (config.num_layers, batch, context, config.num_heads, config.head_dim)
     cache = 2 * shard_bytes(cache_shape, dtype, CACHE_SPEC, mesh)
-    return MemoryPlan(weights, cache, device_memory(mesh.devices.flat[0]))
+    local = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
+    return MemoryPlan(weights, cache, device_memory(local))
 
 
 def require_fit(plan: MemoryPlan, config: NeoXConfig, mesh: Mesh, batch: int, context: int) -> None:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from .checkpoints import LAYER_PREFIX, CheckpointError, expected_shapes
 from .config import NeoXConfig
 from .model import NeoX
-from .sharding import check_divisible, make_mesh, param_shardings
+from .sharding import check_divisible, make_mesh, param_shardings, put
 
 
 def param_location(name: str) -> tuple[tuple[str, ...], int | None]:
@@ -88,12 +88,12 @@ def build_params(config: NeoXConfig, tensors: Iterable[tuple[str, np.ndarray]], 
         for key in path:
             leaf_spec, sharding = leaf_spec[key], sharding[key]
         if layer is None:
-            node[path[-1]] = jax.device_put(value, sharding)
+            node[path[-1]] = put(value, sharding)
         else:
             if path[-1] not in node:
                 node[path[-1]] = _zeros(leaf_spec.shape, leaf_spec.dtype, sharding)()
             layer_sharding = NamedSharding(mesh, P(*sharding.spec[1:]))
-            node[path[-1]] = _set_layer(node[path[-1]], jax.device_put(value, layer_sharding), layer)
+            node[path[-1]] = _set_layer(node[path[-1]], put(value, layer_sharding), layer)
     if remaining:
         raise CheckpointError(f"checkpoint stream ended without tensor {sorted(remaining)[0]!r}")
     return params

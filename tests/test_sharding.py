@@ -57,3 +57,35 @@ def test_20b_plan_and_what_would_fit():
 def test_generate_cli_rejects_a_bad_mesh(capsys):
     assert generate_main(["--demo", "--mesh", "model=3"]) == 2  # one CPU device here; 4 heads don't split 3 ways
     assert capsys.readouterr().err.splitlines()[-1].startswith("error: ")
+
+
+def test_two_processes_share_one_mesh(tmp_path):
+    """Multi-host on one machine: two CPU processes (gloo collectives) split the model over model=2."""
+    import json
+    import socket
+
+    from neox_jax.checkpoints.synthetic import write_hf_checkpoint
+    from neox_jax.tokenizer import demo_tokenizer
+
+    from conftest import tiny_config
+
+    path = write_hf_checkpoint(tmp_path / "m", tiny_config(vocab_size=384))
+    demo_tokenizer()._tokenizer.save(str(path / "tokenizer.json"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["--model", str(path), "--prompt", "The quick brown fox", "--prompt", "JAX", "--max-new-tokens", "6",
+            "--json", "--stop-token", "-1", "--dtype", "float32"]
+    base = [sys.executable, "-m", "neox_jax.generate"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    workers = [subprocess.Popen(base + args + ["--mesh", "model=2", "--distributed", "--coordinator",
+                                               f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for i in range(2)]
+    outputs = [w.communicate(timeout=300) for w in workers]
+    assert all(w.returncode == 0 for w in workers), [o[1][-2000:] for o in outputs]
+    single = subprocess.run(base + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    completions = [json.loads(line)["completion_tokens"] for line in single.stdout.splitlines()]
+    assert [json.loads(line)["completion_tokens"] for line in outputs[0][0].splitlines()] == completions
+    assert outputs[1][0] == ""  # only process 0 prints
