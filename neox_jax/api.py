@@ -16,7 +16,7 @@ from .decode import Compiled, Decoder, Generation, length_bucket
 from .model import NeoX
 from .sampling import Sampling
 from .sharding import default_mesh, plan_memory, require_fit, to_host
-from .streaming import TextStream, stream_text
+from .streaming import STREAM_CHUNK, TextStream, stream_text
 from .tokenizer import Tokenizer, load_tokenizer
 from .weights import build_params
 
@@ -101,7 +101,7 @@ class NeoXModel:
         return self.decoder.generate(prompts, max_new_tokens, sampling, stop_token).tokens
 
     def stream(self, prompts: Sequence[str], max_new_tokens: int, *, sampling: Sampling | None = None,
-               stop_token: int | None = 0, stop: Sequence[str] = (), chunk: int | None = None,
+               stop_token: int | None = 0, stop: Sequence[str] = (), chunk: int | None = STREAM_CHUNK,
                timing: Generation | None = None) -> Iterator[list[str]]:
         """Yield the newly generated text of every prompt, `chunk` decode steps at a time."""
         if self.tokenizer is None:

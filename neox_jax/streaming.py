@@ -16,6 +16,10 @@ from .decode import NO_STOP, Decoder
 from .sampling import Sampling
 
 REPLACEMENT = "\ufffd"
+# Decode steps per device call while streaming; each call costs one host round trip. Measured on CPU with
+# the demo model (0.12 ms/token in one call): 0.52 ms/token in chunks of 1, 0.15 in chunks of 8. A real
+# model's step takes milliseconds, so at 8 the round trip is lost in the noise.
+STREAM_CHUNK = 8
 
 
 class TextStream:
