@@ -43,17 +43,18 @@ class KVCache:
 
     Slots are filled left to right; `positions` is -1 for empty and padding slots, which are never
     attended to. A token at position p attends to slots holding positions 0..p, so left-padded batches
-    of different prompt lengths share one write index (`length`).
+    of different prompt lengths share one write index (`length`). Heads come before slots so that each
+    head's keys are contiguous: the attention matmuls read the cache as stored, with no transposed copy.
     """
 
-    k: jax.Array  # [L, B, S, N, H]
-    v: jax.Array  # [L, B, S, N, H]
+    k: jax.Array  # [L, B, N, S, H]
+    v: jax.Array  # [L, B, N, S, H]
     positions: jax.Array  # [B, S] int32
     length: jax.Array  # [] int32: slots filled so far
 
     @classmethod
     def init(cls, config: NeoXConfig, batch: int, slots: int, dtype) -> "KVCache":
-        shape = (config.num_layers, batch, slots, config.num_heads, config.head_dim)
+        shape = (config.num_layers, batch, config.num_heads, slots, config.head_dim)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                    positions=jnp.full((batch, slots), -1, jnp.int32), length=jnp.zeros((), jnp.int32))
 
@@ -90,10 +91,10 @@ def rotary_cos_sin(positions, cos_table, sin_table):
 
 
 def apply_rotary(x, cos, sin, rotary_dim: int):
-    """NeoX rotate_half rotary on the first rotary_dim of each head: [B, T, N, H] -> [B, T, N, H]."""
+    """NeoX rotate_half rotary on the first rotary_dim of each head: [B, N, T, H] -> [B, N, T, H]."""
     rot, rest = x[..., :rotary_dim].astype(F32), x[..., rotary_dim:]
-    x1, x2 = jnp.split(rot, 2, axis=-1)  # [B, T, N, R/2] each
-    cos, sin = cos[:, :, None, :].astype(F32), sin[:, :, None, :].astype(F32)
+    x1, x2 = jnp.split(rot, 2, axis=-1)  # [B, N, T, R/2] each
+    cos, sin = cos[:, None].astype(F32), sin[:, None].astype(F32)
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return jnp.concatenate([rotated.astype(x.dtype), rest], axis=-1)
 
@@ -128,8 +129,13 @@ class Attention(nn.Module):
     rotary_dtype: Any
 
     @nn.compact
-    def __call__(self, x, positions, key_positions, kv, write_index):
-        """x [B, T, D], positions [B, T], key_positions [B, S]; kv: (k, v) [B, S, N, H] each or None."""
+    def __call__(self, x, positions, key_positions, cache_kv, layer, write_index):
+        """x [B, T, D], positions [B, T], key_positions [B, S] -> [B, T, D], cache_kv.
+
+        With `cache_kv` (the whole stacked cache, [L, B, N, S, H] each), this layer's new keys and values
+        are written in place at (`layer`, `write_index`) and attention reads the layer's slots; without
+        it, the tokens attend among themselves.
+        """
         c = self.config
         n, h, d = c.num_heads, c.head_dim, c.hidden_size
         qkv_w = self.param("query_key_value.weight", _init(), (n, 3, h, d), self.dtype)
@@ -137,26 +143,27 @@ class Attention(nn.Module):
         out_w = self.param("dense.weight", _init(), (d, n, h), self.dtype)
         out_b = self.param("dense.bias", nn.initializers.zeros, (d,), self.dtype)
 
-        qkv = matmul("BTD,NCHD->BTNCH", x, qkv_w, self.dtype) + qkv_b  # [B, T, N, 3, H]
-        q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]  # [B, T, N, H] each
+        qkv = matmul("BTD,NCHD->BNCTH", x, qkv_w, self.dtype) + qkv_b[:, :, None]  # [B, N, 3, T, H]
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, T, H] each
         cos, sin = rotary_cos_sin(positions, *rotary_tables(c.max_position_embeddings, c.rotary_dim,
                                                             c.rotary_base, self.rotary_dtype))
         q = apply_rotary(q, cos, sin, c.rotary_dim)
         k = apply_rotary(k, cos, sin, c.rotary_dim)
 
-        if kv is not None:  # write this step's keys and values at the cache's write index
-            k = jax.lax.dynamic_update_slice(kv[0], k, (0, write_index, 0, 0))  # [B, S, N, H]
-            v = jax.lax.dynamic_update_slice(kv[1], v, (0, write_index, 0, 0))
+        if cache_kv is not None:
+            at = (layer, 0, 0, write_index, 0)
+            cache_kv = tuple(jax.lax.dynamic_update_slice(stack, new[None], at) for stack, new in zip(cache_kv, (k, v)))
+            k, v = (jax.lax.dynamic_index_in_dim(stack, layer, keepdims=False) for stack in cache_kv)  # [B, N, S, H]
 
         # Cast to fp32 for scores and softmax.
-        scores = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=F32,
+        scores = jnp.einsum("BNTH,BNSH->BNTS", q, k, preferred_element_type=F32,
                             precision=_precision(self.dtype)) / np.sqrt(h).astype(np.float32)
         visible = (key_positions[:, None, :] <= positions[:, :, None]) & (key_positions[:, None, :] >= 0)
         scores = jnp.where(visible[:, None], scores, MASKED)  # [B, N, T, S]
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        attended = matmul("BNTS,BSNH->BTNH", probs, v, self.dtype)
-        out = matmul("BTNH,DNH->BTD", attended, out_w, self.dtype) + out_b
-        return out, (k, v)
+        attended = matmul("BNTS,BNSH->BNTH", probs, v, self.dtype)
+        out = matmul("BNTH,DNH->BTD", attended, out_w, self.dtype) + out_b
+        return out, cache_kv
 
 
 class MLP(nn.Module):
@@ -184,20 +191,21 @@ class Layer(nn.Module):
     keep_hidden: bool = False
 
     @nn.compact
-    def __call__(self, x, positions, key_positions, write_index, kv):
+    def __call__(self, carry, positions, key_positions, write_index, layer):
+        x, cache_kv = carry
         c = self.config
         ln1 = LayerNorm(c.layer_norm_eps, self.dtype, name="input_layernorm")
         ln2 = LayerNorm(c.layer_norm_eps, self.dtype, name="post_attention_layernorm")
         attention = Attention(c, self.dtype, self.rotary_dtype, name="attention")
         mlp = MLP(c, self.dtype, name="mlp")
 
-        attn_out, kv = attention(ln1(x), positions, key_positions, kv, write_index)
+        attn_out, cache_kv = attention(ln1(x), positions, key_positions, cache_kv, layer, write_index)
         if c.parallel_residual:  # GPT-NeoX sums both branches before adding the residual
             x = x + (attn_out + mlp(ln2(x)))
         else:
             x = x + attn_out
             x = x + mlp(ln2(x))
-        return x, (kv, x if self.keep_hidden else None)
+        return (x, cache_kv), (x if self.keep_hidden else None)
 
 
 class NeoX(nn.Module):
@@ -220,19 +228,21 @@ class NeoX(nn.Module):
         x = embed[tokens]  # [B, T, D]
 
         if cache is None:
-            key_positions, write_index, kv = positions, 0, None
+            key_positions, write_index, cache_kv = positions, 0, None
         else:
             write_index = cache.length
             key_positions = jax.lax.dynamic_update_slice(cache.positions, positions, (0, write_index))
-            kv = (cache.k, cache.v)
+            cache_kv = (cache.k, cache.v)
 
+        # The cache rides in the scan's carry, so each layer updates it in place (as scanned input and
+        # output it would be copied whole every step).
         layers = nn.scan(Layer, variable_axes={"params": 0}, split_rngs={"params": True},
                          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=c.num_layers)
-        x_final, (kv, hidden) = layers(c, self.dtype, rotary_dtype, return_hidden_states, name="layers")(
-            x, positions, key_positions, write_index, kv)
+        (x_final, cache_kv), hidden = layers(c, self.dtype, rotary_dtype, return_hidden_states, name="layers")(
+            (x, cache_kv), positions, key_positions, write_index, jnp.arange(c.num_layers))
 
         if cache is not None:
-            cache = KVCache(k=kv[0], v=kv[1], positions=key_positions,
+            cache = KVCache(k=cache_kv[0], v=cache_kv[1], positions=key_positions,
                             length=cache.length + tokens.shape[1])
         if last_token_only:
             x_final = x_final[:, -1:]

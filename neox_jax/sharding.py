@@ -32,7 +32,7 @@ _PARAM_SPECS = {
     ("layers", "mlp", "dense_h_to_4h.bias"): P(None, MODEL),  # [L, F]
     ("layers", "mlp", "dense_4h_to_h.weight"): P(None, None, MODEL),  # [L, D, F]
 }
-CACHE_SPEC = P(None, DATA, None, MODEL, None)  # [L, B, S, N, H]
+CACHE_SPEC = P(None, DATA, MODEL, None, None)  # [L, B, N, S, H]
 BATCH_SPEC = P(DATA)  # leading batch axis of tokens, positions, per-row state
 
 
@@ -140,7 +140,7 @@ def plan_memory(config: NeoXConfig, dtype, mesh: Mesh, batch: int = 0, context: 
     abstract = abstract_params or make_abstract(config, dtype)
     weights = sum(shard_bytes(leaf.shape, leaf.dtype, param_spec(tuple(k.key for k in path)), mesh)
                   for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0])
-    cache_shape = (config.num_layers, batch, context, config.num_heads, config.head_dim)
+    cache_shape = (config.num_layers, batch, config.num_heads, context, config.head_dim)
     cache = 2 * shard_bytes(cache_shape, dtype, CACHE_SPEC, mesh)
     local = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
     return MemoryPlan(weights, cache, device_memory(local))

@@ -49,7 +49,7 @@ def test_sharded_equals_single_device(single, model_size, data_size):
         assert {s.data.shape for s in leaf.addressable_shards} == {expected}
     cache = model.decoder._new_cache(4, 16)
     assert {s.data.shape for s in cache.k.addressable_shards} == {
-        (CONFIG.num_layers, 4 // data_size, 16, CONFIG.num_heads // model_size, CONFIG.head_dim)}
+        (CONFIG.num_layers, 4 // data_size, CONFIG.num_heads // model_size, 16, CONFIG.head_dim)}
 
 
 def test_decode_state_stays_sharded():
