@@ -117,14 +117,16 @@ class NeoXModel:
 
 
 def load(path: str | os.PathLike, dtype: str | None = None, rotary_dtype: str | None = None,
-         tokenizer: str | os.PathLike | None = None, mesh: Mesh | None = None, progress: bool = True) -> NeoXModel:
+         tokenizer: str | os.PathLike | None = None, mesh: Mesh | None = None, progress: bool = True,
+         config: NeoXConfig | str | os.PathLike | None = None) -> NeoXModel:
     """Load a Hugging Face GPT-NeoX directory, or GPT-NeoX DeepSpeed shards (merged while streaming).
 
     The tokenizer is `tokenizer` if given, else the checkpoint's `tokenizer.json` if there is one. The
     params are split over `mesh` (`sharding.make_mesh(model=N, data=M)`); by default one device, or all
-    local devices on the model axis when the weights do not fit on one.
+    local devices on the model axis when the weights do not fit on one. `config` (a NeoXConfig, e.g.
+    `PRESETS["gpt-neox-20b"]`, or a NeoX YAML) describes DeepSpeed shards that carry no `configs/*.yml`.
     """
-    return load_checkpoint(open_checkpoint(path), dtype, rotary_dtype, tokenizer, mesh, progress)
+    return load_checkpoint(open_checkpoint(path, config), dtype, rotary_dtype, tokenizer, mesh, progress)
 
 
 def load_checkpoint(checkpoint: Checkpoint, dtype: str | None = None, rotary_dtype: str | None = None,

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from .checkpoints import CheckpointError
-from .config import ConfigError
+from .config import PRESETS, ConfigError
 from .decode import Generation, GenerationError, validate_request
 from .sampling import Sampling, SamplingError
 from .sharding import ShardingError
@@ -37,6 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--demo", action="store_true",
                      help="no files needed: a tiny random model and an in-memory tokenizer run the whole path")
     p.add_argument("--tokenizer", help="tokenizer.json (default: MODEL/tokenizer.json)")
+    config = p.add_mutually_exclusive_group()
+    config.add_argument("--config", help="NeoX YAML for DeepSpeed shards without configs/*.yml beside them")
+    config.add_argument("--preset", choices=sorted(PRESETS), help="a known config for DeepSpeed shards")
     prompts = p.add_mutually_exclusive_group()
     prompts.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
     prompts.add_argument("--prompt-file", help="file with one prompt per line ('-' for stdin)")
@@ -105,7 +108,7 @@ def load_model_and_tokenizer(args, prompts: list[str]):
         mesh = make_mesh(**parse_mesh(args.mesh)) if args.mesh else None
         model = demo_model(args.dtype or "float32", args.rotary_dtype, mesh)
         return model, model.tokenizer, encode(model.tokenizer, prompts, model.config, args.max_new_tokens)
-    checkpoint = open_checkpoint(args.model)
+    checkpoint = open_checkpoint(args.model, PRESETS[args.preset] if args.preset else args.config)
     tokenizer_path = args.tokenizer or Path(args.model) / "tokenizer.json"
     if not Path(tokenizer_path).exists():
         raise FileNotFoundError(f"{tokenizer_path}: no tokenizer (give --tokenizer FILE)")

@@ -68,3 +68,23 @@ def test_help_explains_the_inputs(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "--demo" in out and "DeepSpeed" in out and "--max-new-tokens" in out
+
+
+def test_deepspeed_shards_without_yaml_take_a_preset_or_config(tmp_path, capsys):
+    from neox_jax.checkpoints.synthetic import neox_yaml, write_deepspeed_checkpoint
+
+    config = tiny_config(vocab_size=384)
+    ds = write_deepspeed_checkpoint(tmp_path / "ds", config, ranks=2, write_config_yaml=False)
+    tokenizer = tmp_path / "tokenizer.json"
+    demo_tokenizer()._tokenizer.save(str(tokenizer))
+    args = ["--model", str(ds), "--tokenizer", str(tokenizer), "--prompt", "The quick", "--max-new-tokens", "3"]
+    assert main(args) == 2
+    assert "error:" in capsys.readouterr().err
+    yaml = tmp_path / "model.yml"
+    yaml.write_text(neox_yaml(config, ranks=2))
+    assert main(args + ["--config", str(yaml)]) == 0
+    assert capsys.readouterr().out.startswith("The quick")
+    hf_dir = write_hf_checkpoint(tmp_path / "hf", config)
+    assert main(["--model", str(hf_dir), "--tokenizer", str(tokenizer), "--prompt", "x",
+                 "--preset", "gpt-neox-20b"]) == 2
+    assert "DeepSpeed shards only" in capsys.readouterr().err

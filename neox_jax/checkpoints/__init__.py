@@ -69,8 +69,12 @@ def check_shape(name: str, array: np.ndarray, expected: tuple[int, ...], where: 
                               f"the config expects {tuple(expected)}")
 
 
-def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Open a Hugging Face GPT-NeoX directory or a GPT-NeoX (DeepSpeed) checkpoint directory."""
+def open_checkpoint(path: str | os.PathLike, config: NeoXConfig | str | os.PathLike | None = None) -> Checkpoint:
+    """Open a Hugging Face GPT-NeoX directory or a GPT-NeoX (DeepSpeed) checkpoint directory.
+
+    `config` (a NeoXConfig or a NeoX YAML path) describes DeepSpeed shards that have no `configs/*.yml`
+    beside them; a Hugging Face directory's own config.json always applies.
+    """
     from . import hf
 
     path = Path(path)
@@ -79,11 +83,14 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory (expected a checkpoint directory)")
     if (path / "config.json").exists():
+        if config is not None:
+            raise CheckpointError(f"{path}: a Hugging Face directory uses its own config.json; "
+                                  f"--config/--preset apply to DeepSpeed shards only")
         return hf.HFCheckpoint(path)
     from . import deepspeed
 
     if deepspeed.looks_like_deepspeed(path):
-        return deepspeed.DeepSpeedCheckpoint(path)
+        return deepspeed.DeepSpeedCheckpoint(path, config)
     raise CheckpointError(
         f"{path}: not a checkpoint directory: expected a Hugging Face layout (config.json + *.safetensors) "
         f"or GPT-NeoX DeepSpeed shards (layer_XX-model_YY-model_states.pt)")
