@@ -53,7 +53,7 @@ from tqdm import tqdm
 
 from .api import NeoXModel, load
 from .decode import Compiled, length_bucket
-from .sharding import to_host
+from .sharding import DATA, to_host
 from .tokenizer import END_OF_TEXT, Tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -74,9 +74,7 @@ class Scorer:
     def __init__(self, model: NeoXModel):
         self.module = model.module
         self.params = model.params
-        # Rows go where the decoder puts them (split over the mesh's data axis, when the model has one).
-        place_rows = getattr(getattr(model, "decoder", None), "place_rows", None)
-        self._place = place_rows or jnp.asarray
+        self._place = model.decoder.place_rows  # rows split over the mesh's data axis, as the decoder's
         self._fn = Compiled(self._score)
 
     @property
@@ -181,8 +179,7 @@ class NeoXLM(TemplateLM):
             raise ValueError(f"max_length must be in [1, {limit}] (max_position_embeddings), got {max_length}")
         self._max_gen_toks = int(max_gen_toks)
         self._prefix_token_id = None if prefix_token_id is None else int(prefix_token_id)
-        mesh = getattr(self.model, "mesh", None)
-        data = mesh.shape.get("data", 1) if mesh is not None else 1
+        data = self.model.mesh.shape[DATA]
         self._batch_size = -(-_parse_batch_size(batch_size, max_batch_size) // data) * data
         self.scorer = Scorer(self.model)
         self._warned_sampling = False
