@@ -61,7 +61,6 @@ from tokenizers import Tokenizer
 
 import neox_jax
 from neox_jax.checkpoints import CheckpointError
-from neox_jax.checkpoints.deepspeed import DeepSpeedCheckpoint
 from neox_jax.config import PRESETS, ConfigError, NeoXConfig
 
 from .load import LoadError, deepspeed_config, load
@@ -116,6 +115,7 @@ def parse_args(argv):
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--json", help="write the full report as JSON here")
     p.add_argument("--per-layer", action="store_true", help="also compare the hidden state after each layer")
+    p.add_argument("--mesh", help="split neox_jax over devices: model=N[,data=M] (as generate --mesh)")
     config = p.add_mutually_exclusive_group()
     config.add_argument("--config", help="config for a DeepSpeed checkpoint: NeoX YAML or HF config.json")
     config.add_argument("--preset", choices=list(PRESETS), help="a built-in config instead")
@@ -232,16 +232,17 @@ def run_reference(checkpoint: Path, config: NeoXConfig, dtype: str, prompts, new
     return out
 
 
-def run_jax(path: Path, dtype: str, prompts, new_tokens, per_layer: bool, ds_config=None):
+def run_jax(path: Path, dtype: str, prompts, new_tokens, per_layer: bool, ds_config=None, mesh: str | None = None):
     """`ds_config`: a NeoXConfig or NeoX YAML path given on the command line, for neox_jax to read DeepSpeed
-    shards with (it finds configs/*.yml by itself otherwise); a converted directory brings its own."""
+    shards with (it finds configs/*.yml by itself otherwise); a converted directory brings its own.
+    `mesh`: model=N[,data=M], as `generate --mesh`."""
+    from neox_jax.sharding import make_mesh, parse_mesh
+
     start = time.perf_counter()
     try:
-        if ds_config is not None and not (path / "config.json").is_file():
-            model = neox_jax.api.load_checkpoint(DeepSpeedCheckpoint(path, ds_config), dtype)
-        else:
-            model = neox_jax.load(path, dtype=dtype)
-    except (CheckpointError, ValueError, OSError) as e:  # ValueError covers neox_jax's ConfigError
+        config = None if (path / "config.json").is_file() else ds_config
+        model = neox_jax.load(path, dtype=dtype, config=config, mesh=make_mesh(**parse_mesh(mesh)) if mesh else None)
+    except (CheckpointError, ValueError, OSError) as e:  # covers neox_jax's ConfigError and ShardingError
         raise BadInput(f"neox_jax cannot load {path}: {e}") from None
     log(f"neox_jax loaded in {time.perf_counter() - start:.1f}s")
     out = SideOutput([], [] if per_layer else None, [], None)
@@ -472,7 +473,7 @@ def check(args) -> int:
         given = config if Path(args.config).suffix == ".json" else Path(args.config)
     elif args.preset:
         given = config
-    jax_config, got = run_jax(jax_path, dtype, tokens, new_tokens, args.per_layer, given)
+    jax_config, got = run_jax(jax_path, dtype, tokens, new_tokens, args.per_layer, given, args.mesh)
 
     differing = [f"{f.name} {getattr(jax_config, f.name)!r} (neox_jax) vs {getattr(config, f.name)!r} (reference)"
                  for f in dataclasses.fields(config) if getattr(jax_config, f.name) != getattr(config, f.name)]
