@@ -1,0 +1,408 @@
+"""CPU benchmark: neox-jax greedy generation against the parity/ PyTorch model and transformers' generate.
+
+    python -m bench.cpu [--shapes tiny,pythia-70m] [--batch 1,8] [--new-tokens 32] [--prompt-len 64]
+                        [--reps 3] [--json OUT]
+
+One run compares three engines in fp32 on the same random weights (`random_tensors(config, seed)`), the
+same prompts (random token ids, every row the same length, so nobody pads) and the same number of new
+tokens (no stop token: each decodes exactly `--new-tokens`, greedy, with a KV cache). Each engine runs
+in a child process of its own (see `worker`), generates once to warm up (neox-jax compiles then), then
+`--reps` times; the tables show medians.
+
+* prefill: the forward pass over the prompt that yields the first new token; tok/s counts prompt tokens.
+* decode: the remaining new_tokens - 1 steps, one token for every row each; tok/s counts all rows'
+  tokens, ms/step is the time of one step.
+* compile s: neox-jax's one-off XLA compilation (prefill + decode programs), excluded from its times.
+* peak MB: peak resident set size during the timed runs minus the RSS before the engine was built (with
+  its framework already imported and started): its copy of the weights, compiled programs, cache,
+  activations and allocator pools (not the host copy of the random weights every engine is built from).
+* jax speedup: neox-jax's tok/s divided by that engine's; same tokens: rows whose tokens equal neox-jax's.
+
+After the neox-jax timings of each case, the weight-read bandwidth of its decode (bytes of parameters
+one step must read: every layer and the output head, the input embedding only for the gathered rows,
+KV cache not counted; over the time of one step) is set against references measured right then: host
+memory bandwidth (a numpy copy of 1 GiB, read + write bytes) and XLA's own fp32 matvec on a matrix of
+the same size as the step's weights (see `host_bandwidth`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from .common import (SHAPES, PeakRSS, decode_weight_bytes, load_average, median, param_count, parse_list,
+                     release_memory, rss_mb, table)
+
+ENGINES = ("neox-jax", "parity", "transformers")
+
+
+# ---- engines: each returns per-run (prefill_s, decode_s, decode_steps, tokens) ----
+
+class NeoXJaxEngine:
+    name = "neox-jax"
+
+    @staticmethod
+    def prepare():
+        """Import and start the runtime, so that peak MB does not count it."""
+        import jax.numpy as jnp
+
+        import neox_jax.api  # noqa: F401
+
+        (jnp.ones((2, 2)) @ jnp.ones((2, 2))).block_until_ready()
+
+    def __init__(self, config, tensors):
+        import jax.numpy as jnp
+
+        from neox_jax.api import NeoXModel
+        from neox_jax.weights import build_params
+
+        self.model = NeoXModel(config, build_params(config, tensors.items(), jnp.float32, progress=False), "float32")
+        self.compile_seconds = 0.0
+
+    def run(self, prompts: np.ndarray, new_tokens: int):
+        g = self.model.generate_timed(prompts.tolist(), new_tokens, stop_token=None)
+        self.compile_seconds += g.compile_seconds
+        return g.prefill_seconds, g.decode_seconds, g.decode_steps, g.tokens
+
+
+class ParityEngine:
+    """parity/model.py's GPTNeoX, driven by a batched greedy loop over its KV cache (its own `generate`
+    takes one prompt at a time)."""
+
+    name = "parity"
+
+    @staticmethod
+    def prepare():
+        import torch
+
+        import parity.model  # noqa: F401
+
+        torch.ones(2, 2) @ torch.ones(2, 2)
+
+    def __init__(self, config, tensors):
+        import torch
+
+        from parity.model import GPTNeoX
+
+        self.torch = torch
+        model = GPTNeoX(config, torch.float32, device="meta").to_empty(device="cpu").requires_grad_(False)
+        state = {k.removeprefix("gpt_neox."): torch.from_numpy(np.ascontiguousarray(v, np.float32))
+                 for k, v in tensors.items()}
+        model.load_state_dict(state, strict=True)
+        self.model = model.eval()
+        self.compile_seconds = None
+
+    def run(self, prompts: np.ndarray, new_tokens: int):
+        from parity.model import KVCache
+
+        torch, model = self.torch, self.model
+        with torch.inference_mode():
+            ids = torch.from_numpy(prompts).long()
+            start = time.perf_counter()
+            cache = KVCache(len(model.layers))
+            token = model(ids, cache=cache)[:, -1].float().argmax(-1)
+            out = [token]
+            prefill = time.perf_counter() - start
+            start = time.perf_counter()
+            for _ in range(new_tokens - 1):
+                token = model(token[:, None], cache=cache)[:, -1].float().argmax(-1)
+                out.append(token)
+            decode = time.perf_counter() - start
+        return prefill, decode, new_tokens - 1, torch.stack(out, 1).tolist()
+
+
+class TransformersEngine:
+    """GPTNeoXForCausalLM.generate: greedy, KV cache (its default DynamicCache, default attention kernel),
+    no EOS. A stopping criterion that never stops records when each new token exists: the first call comes
+    right after the prefill's token, so prefill and decode are split exactly as for the other two."""
+
+    name = "transformers"
+
+    @staticmethod
+    def prepare():
+        import torch
+        import transformers
+
+        transformers.GPTNeoXForCausalLM  # noqa: B018  (resolves the lazy import)
+        torch.ones(2, 2) @ torch.ones(2, 2)
+
+    def __init__(self, config, tensors):
+        import torch
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        self.torch = torch
+        model = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**config.to_hf_dict("float32")))
+        own = set(model.state_dict())
+        # transformers 5 calls the output head `lm_head` (checkpoints on disk keep `embed_out`).
+        rename = {"embed_out.weight": "lm_head.weight"} if "embed_out.weight" not in own else {}
+        state = {rename.get(k, k): torch.from_numpy(np.ascontiguousarray(v, np.float32)) for k, v in tensors.items()}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"transformers state dict mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        model.generation_config.eos_token_id = None
+        model.generation_config.pad_token_id = 0
+        self.model = model.eval().requires_grad_(False)
+        self.compile_seconds = None
+
+    def run(self, prompts: np.ndarray, new_tokens: int):
+        import transformers
+
+        torch = self.torch
+        times: list[float] = []
+
+        class Clock(transformers.StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                times.append(time.perf_counter())
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+        ids = torch.from_numpy(prompts).long()
+        start = time.perf_counter()
+        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                  do_sample=False, num_beams=1, use_cache=True,
+                                  eos_token_id=None, pad_token_id=0,
+                                  stopping_criteria=transformers.StoppingCriteriaList([Clock()]))
+        new = out[:, prompts.shape[1]:]
+        if new.shape[1] != new_tokens or len(times) != new_tokens:
+            raise RuntimeError(f"transformers generated {new.shape[1]} tokens ({len(times)} steps), "
+                               f"expected {new_tokens}")
+        return times[0] - start, times[-1] - times[0], new_tokens - 1, new.tolist()
+
+
+ENGINE_CLASSES = {"neox-jax": NeoXJaxEngine, "parity": ParityEngine, "transformers": TransformersEngine}
+
+
+def make_prompts(config, batch: int, prompt_len: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed + 1000 * batch)
+    return rng.integers(1, config.vocab_size, size=(batch, prompt_len)).astype(np.int32)
+
+
+def time_engine(engine, prompts, new_tokens, reps, base_mb) -> dict:
+    compile_before = engine.compile_seconds
+    engine.run(prompts, new_tokens)  # warm-up (neox-jax compiles here)
+    runs = []
+    with PeakRSS() as mem:
+        for _ in range(reps):
+            runs.append(engine.run(prompts, new_tokens))
+    batch, prompt_len = prompts.shape
+    prefill = median([r[0] for r in runs])
+    decode = median([r[1] for r in runs])
+    steps = runs[0][2]
+    return {
+        "engine": engine.name,
+        "prefill_seconds": prefill, "decode_seconds": decode, "decode_steps": steps,
+        "prefill_runs": [r[0] for r in runs], "decode_runs": [r[1] for r in runs],
+        "prefill_tokens_per_s": batch * prompt_len / prefill,
+        "decode_tokens_per_s": batch * steps / decode,
+        "ms_per_step": 1e3 * decode / steps,
+        "compile_seconds": None if compile_before is None else engine.compile_seconds - compile_before,
+        "peak_mb": mem.peak_mb - base_mb,
+        "tokens": [list(map(int, row)) for row in runs[-1][3][:batch]],
+    }
+
+
+# ---- host memory bandwidth ----
+
+def host_bandwidth(copy_mib: int, matvec_bytes: int, reps: int = 5) -> dict:
+    """Two references for the decode's weight reads, measured now (medians of `reps`):
+
+    * copy_gbps: a numpy copy between two preallocated `copy_mib` arrays, counted as read + write bytes
+      (single thread; at 1 GiB it runs past any cache, and glibc's large-copy path avoids write-allocate
+      reads, so it approximates the memory system's bandwidth);
+    * matvec_gbps: an XLA fp32 matrix-vector product over a [n, 512] matrix of `matvec_bytes` (one decode
+      step's weights), counted as matrix bytes read: the streaming read rate XLA's own dot kernel reaches
+      on a working set of that size.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    n = copy_mib * 2 ** 20 // 4
+    src = np.ones(n, np.float32)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)  # touch every page first
+    copy = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        copy.append(time.perf_counter() - t)
+    del src, dst
+    rows = max(1, matvec_bytes // (4 * 512))
+    w = jnp.full((rows, 512), 0.5, jnp.float32)
+    x = jnp.ones((1, 512), jnp.float32)
+    matvec = jax.jit(lambda x, w: jnp.einsum("bd,fd->bf", x, w, precision="highest"))
+    matvec(x, w).block_until_ready()
+    read = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        matvec(x, w).block_until_ready()
+        read.append(time.perf_counter() - t)
+    del w
+    release_memory()
+    return {"copy_mib": copy_mib, "copy_gbps": 2 * n * 4 / median(copy) / 1e9,
+            "matvec_mb": rows * 512 * 4 / 1e6, "matvec_gbps": rows * 512 * 4 / median(read) / 1e9}
+
+
+# ---- worker: one engine, one shape, every batch size ----
+
+def worker(args) -> int:
+    """One engine in a child process of its own: no engine shares thread pools (XLA's and OpenMP's, each sized
+    to all cores), allocator state or peak-RSS accounting with another, and each starts from a clean heap."""
+    from neox_jax.checkpoints.synthetic import random_tensors
+
+    config = SHAPES[args.shapes]
+    tensors = random_tensors(config, seed=args.seed)
+    engine_class = ENGINE_CLASSES[args.worker]
+    engine_class.prepare()
+    release_memory()
+    base_mb = rss_mb()
+    start = time.perf_counter()
+    engine = engine_class(config, tensors)
+    build_seconds = time.perf_counter() - start
+    out = []
+    for batch in parse_list(args.batch, int):
+        prompts = make_prompts(config, batch, args.prompt_len, args.seed)
+        result = time_engine(engine, prompts, args.new_tokens, args.reps, base_mb)
+        result.update(shape=args.shapes, batch=batch, build_seconds=build_seconds)
+        if args.worker == "neox-jax" and args.bandwidth_mib:
+            result["host_bandwidth"] = host_bandwidth(args.bandwidth_mib, decode_weight_bytes(config, batch, 4))
+        out.append(result)
+    with open(args.worker_out, "w") as f:
+        json.dump(out, f)
+    return 0
+
+
+def run_worker(engine: str, shape: str, args) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.json")
+        cmd = [sys.executable, "-m", "bench.cpu", "--worker", engine, "--worker-out", out, "--shapes", shape,
+               "--batch", args.batch, "--new-tokens", str(args.new_tokens), "--prompt-len", str(args.prompt_len),
+               "--reps", str(args.reps), "--seed", str(args.seed), "--bandwidth-mib", str(args.bandwidth_mib)]
+        env = dict(os.environ)
+        if args.omp_wait_policy:
+            env["OMP_WAIT_POLICY"] = args.omp_wait_policy
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{engine} on {shape} failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}")
+        with open(out) as f:
+            return json.load(f)
+
+
+# ---- report ----
+
+def bandwidth_summary(config, result) -> dict | None:
+    bw = result.get("host_bandwidth")
+    if not bw:
+        return None
+    weight_bytes = decode_weight_bytes(config, result["batch"], 4)
+    achieved = weight_bytes / (result["ms_per_step"] / 1e3) / 1e9
+    return {**bw, "weight_bytes_per_step": weight_bytes, "achieved_gbps": achieved,
+            "pct_of_copy": 100 * achieved / bw["copy_gbps"], "pct_of_matvec": 100 * achieved / bw["matvec_gbps"]}
+
+
+def print_case(case, config) -> None:
+    results = case["engines"]
+    ref = results.get("neox-jax")
+    print(f"\n== {case['shape']}  batch {case['batch']}  prompt {case['prompt_len']}  new tokens "
+          f"{case['new_tokens']}  ({param_count(config) / 1e6:.2f}M params, fp32, median of {case['reps']}) ==")
+    headers = ["engine", "prefill tok/s", "decode tok/s", "ms/step", "compile s", "peak MB",
+               "jax speedup prefill", "jax speedup decode", "same tokens"]
+    rows = []
+    for name, r in results.items():
+        if ref is None or name == "neox-jax":
+            speed_p = speed_d = same = "-"
+        else:
+            speed_p = f"{ref['prefill_tokens_per_s'] / r['prefill_tokens_per_s']:.2f}x"
+            speed_d = f"{ref['decode_tokens_per_s'] / r['decode_tokens_per_s']:.2f}x"
+            agree = sum(a == b for a, b in zip(ref["tokens"], r["tokens"]))
+            same = f"{agree}/{len(r['tokens'])} rows"
+        rows.append([name, r["prefill_tokens_per_s"], r["decode_tokens_per_s"], f"{r['ms_per_step']:.2f}",
+                     None if r["compile_seconds"] is None else f"{r['compile_seconds']:.2f}",
+                     r["peak_mb"], speed_p, speed_d, same])
+    print(table(headers, rows))
+    bw = case.get("bandwidth")
+    if bw:
+        print(f"neox-jax decode reads {bw['weight_bytes_per_step'] / 1e6:.1f} MB of weights per step in "
+              f"{ref['ms_per_step']:.2f} ms = {bw['achieved_gbps']:.1f} GB/s\n"
+              f"  = {bw['pct_of_copy']:.0f}% of host memory bandwidth measured next ({bw['copy_gbps']:.1f} GB/s: numpy "
+              f"{bw['copy_mib']} MiB copy, read+write bytes)\n"
+              f"  = {bw['pct_of_matvec']:.0f}% of XLA's fp32 matvec over {bw['matvec_mb']:.0f} MB of weights "
+              f"({bw['matvec_gbps']:.1f} GB/s read)")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.cpu", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default="tiny,pythia-70m", help=f"comma list of {', '.join(SHAPES)}")
+    parser.add_argument("--batch", default="1,8", help="comma list of batch sizes")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--reps", type=int, default=3, help="timed repetitions after one warm-up (median shown)")
+    parser.add_argument("--engines", default=",".join(ENGINES), help=f"comma list of {', '.join(ENGINES)}")
+    parser.add_argument("--bandwidth-mib", type=int, default=1024,
+                        help="size of the numpy copy that measures host memory bandwidth (0: skip the probes)")
+    parser.add_argument("--omp-wait-policy", choices=("active", "passive"),
+                        help="set OMP_WAIT_POLICY for the engines (default: leave it alone, torch's default). Its "
+                             "OpenMP threads spin between ops: fastest on an idle machine, but when other jobs "
+                             "take a core a 2-thread team can stall per op (tiny-model transformers steps were "
+                             "measured at 1.3 ms idle and 69 ms under load). 'passive' is steadier under load "
+                             "but slower when idle (1.3 -> 2.4 ms; Pythia-70M batch 1 10-12 -> 16-18 ms)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="also write all results (and per-run times) to this file")
+    parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    shapes = parse_list(args.shapes)
+    engines = parse_list(args.engines)
+    unknown = [s for s in shapes if s not in SHAPES] + [e for e in engines if e not in ENGINES]
+    if unknown:
+        parser.error(f"unknown shape or engine: {', '.join(unknown)}")
+    if args.new_tokens < 2 or args.prompt_len < 1 or args.reps < 1 or not parse_list(args.batch, int):
+        parser.error("need --new-tokens >= 2, --prompt-len >= 1, --reps >= 1 and at least one batch size")
+    for shape in shapes:
+        if args.prompt_len + args.new_tokens > SHAPES[shape].max_position_embeddings:
+            parser.error(f"--prompt-len + --new-tokens exceed the context of {shape}")
+    if args.worker:
+        return worker(args)
+
+    import torch
+    import transformers
+
+    import neox_jax
+
+    print(f"neox-jax CPU benchmark ({os.path.dirname(neox_jax.__file__)}): torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
+          f"{transformers.__version__}; {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}); "
+          f"load average at start {load_average()}; OMP_WAIT_POLICY "
+          f"{args.omp_wait_policy or os.environ.get('OMP_WAIT_POLICY') or 'unset (the default)'}. Each engine runs "
+          f"in its own child process, on the same random weights and prompts.", flush=True)
+    started = time.perf_counter()
+    cases = []
+    for shape in shapes:
+        config = SHAPES[shape]
+        per_engine = {engine: run_worker(engine, shape, args) for engine in engines}
+        for i, batch in enumerate(parse_list(args.batch, int)):
+            case = {"shape": shape, "batch": batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+                    "reps": args.reps, "engines": {e: per_engine[e][i] for e in engines}}
+            if "neox-jax" in engines:
+                case["bandwidth"] = bandwidth_summary(config, per_engine["neox-jax"][i])
+            print_case(case, config)
+            cases.append(case)
+        sys.stdout.flush()
+    print(f"\ntotal {time.perf_counter() - started:.0f} s; load average at end {load_average()} "
+          f"(on a shared machine compare within a table, not across runs)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"argv": sys.argv[1:] if argv is None else argv, "cases": cases}, f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
