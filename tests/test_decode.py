@@ -1,6 +1,5 @@
 """Greedy decoding: equals transformers, batches equal single prompts, stops, compiles once per bucket."""
 
-import numpy as np
 import pytest
 import torch
 

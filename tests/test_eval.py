@@ -15,7 +15,6 @@ import sys
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 lm_eval = pytest.importorskip("lm_eval")

@@ -515,7 +515,7 @@ def _indices(num_layers: int, tied: bool) -> list[int]:
 def describe_layout(config: NeoXConfig, ranks: int) -> str:
     n = config.num_layers
     last = [] if config.tie_word_embeddings else [f"layer_{n + 4:02d} output layer"]
-    return ", ".join([f"layer_00 embedding", f"layer_02..layer_{n + 1:02d} transformer layers",
+    return ", ".join(["layer_00 embedding", f"layer_02..layer_{n + 1:02d} transformer layers",
                       f"layer_{n + 3:02d} final norm", *last]) + f", each as model_00..model_{ranks - 1:02d}"
 
 
