@@ -74,12 +74,12 @@ def init_std(path: str, config) -> float | None:
 
 class Plan:
     """Prompt lengths for each decode batch, shrunk (halved) where the prefill's transient memory would not
-    fit next to the weights and a full-size cache. `temp_bytes_per_token(batch, slots)` is the engine's
-    transient prefill memory per prompt token."""
+    fit next to the weights and a full-size cache. `temp_bytes(batch, slots, prompt)` is the engine's
+    transient prefill memory."""
 
-    def __init__(self, config, dtype_bytes, device_bytes, steps, temp_bytes_per_token):
+    def __init__(self, config, dtype_bytes, device_bytes, steps, temp_bytes):
         self.config, self.itemsize, self.device_bytes, self.steps = config, dtype_bytes, device_bytes, steps
-        self.temp_bytes_per_token = temp_bytes_per_token
+        self.temp_bytes = temp_bytes
 
     def prompt_len(self, batch: int) -> int:
         context = self.config.max_position_embeddings
@@ -87,7 +87,7 @@ class Plan:
         if self.device_bytes is None:
             return prompt
         fixed = param_count(self.config) * self.itemsize + kv_bytes(self.config, batch, context, self.itemsize)
-        while prompt > 64 and fixed + prompt * self.temp_bytes_per_token(batch, context) > 0.9 * self.device_bytes:
+        while prompt > 64 and fixed + self.temp_bytes(batch, context, prompt) > 0.9 * self.device_bytes:
             prompt //= 2
         return prompt
 
@@ -99,7 +99,7 @@ def jax_worker(args, config) -> dict:
     import jax.numpy as jnp
 
     from neox_jax.api import NeoXModel
-    from neox_jax.decode import Generation
+    from neox_jax.decode import PREFILL_CHUNK, Generation
     from neox_jax.weights import abstract_params
 
     dtype = jnp.dtype(args.dtype)
@@ -136,11 +136,11 @@ def jax_worker(args, config) -> dict:
     rng = np.random.default_rng(args.seed)
     context = config.max_position_embeddings
     itemsize = dtype.itemsize
-    # neox-jax's prefill materialises [B, N, T, S] fp32 scores and their softmax: XLA's memory analysis of the
-    # CPU program shows ~5.5 bytes of temporaries a score; plan for 6. At batch 32 the 71 GB cache leaves room
-    # for ~500 prompt tokens, so that case gets a shorter prompt (the cache keeps all its slots).
+    # neox-jax's prefill materialises [B, N, chunk, S] fp32 scores and their softmax, PREFILL_CHUNK prompt
+    # tokens at a time: XLA's memory analysis of the CPU program shows ~5.5 bytes of temporaries a score;
+    # plan for 6. A prompt is shortened only where even that would not fit beside the cache.
     plan = Plan(config, itemsize, memory().get("bytes_limit"), args.decode_steps,
-                lambda b, s: b * config.num_heads * s * 6)
+                lambda b, s, p: b * config.num_heads * s * min(p, PREFILL_CHUNK) * 6)
 
     # prefill
     prompt_len = min(args.prefill_tokens, context) - 1

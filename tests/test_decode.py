@@ -105,3 +105,22 @@ def test_full_context_is_allowed(reference):
     model, _ = reference
     out = model.generate([[1] * 120], 8, stop_token=None)
     assert len(out[0]) == 8
+
+
+def test_long_prompts_prefill_in_chunks_and_match_transformers(tmp_path, rng):
+    """Prompts longer than PREFILL_CHUNK go through the cache chunk by chunk; the result is unchanged."""
+    from conftest import hf_reference
+
+    from neox_jax.decode import PREFILL_CHUNK
+
+    config = tiny_config(vocab_size=64, max_position_embeddings=1024)
+    torch_model = hf_reference(config, seed=2)
+    torch_model.save_pretrained(tmp_path)
+    model = neox_jax.load(tmp_path, dtype="float32", progress=False)
+    long_prompt = rng.integers(0, 64, 2 * PREFILL_CHUNK + 90).tolist()
+    short_prompt = long_prompt[:40]
+    calls = CountingCalls(model.decoder._prefill)
+    model.decoder._prefill = calls
+    out = model.generate([long_prompt, short_prompt], 8, stop_token=None)
+    assert calls.calls == 3  # 602 tokens pad to 768: three chunks of 256
+    assert out == [torch_greedy(torch_model, long_prompt, 8), torch_greedy(torch_model, short_prompt, 8)]
