@@ -154,7 +154,7 @@ def jax_worker(args, config) -> dict:
     log(f"prefill {prompt_len} tokens: {1e3 * seconds:.1f} ms (compile {compile_s:.1f} s)")
 
     def decode(prompts, max_new_tokens):
-        timing = Generation([], 0.0, 0.0, 0, 0.0)
+        timing = Generation()
         stream = model.decoder.stream(prompts, max_new_tokens, stop_token=None, chunk=args.decode_steps,
                                       timing=timing)
         next(stream)  # prefill

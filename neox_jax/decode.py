@@ -72,11 +72,11 @@ class Compiled:
 
 @dataclasses.dataclass
 class Generation:
-    tokens: list[list[int]]  # new tokens per prompt, without the stop token
-    prefill_seconds: float
-    decode_seconds: float
-    decode_steps: int  # forward passes after the prefill (the batch advances together)
-    compile_seconds: float
+    tokens: list[list[int]] = dataclasses.field(default_factory=list)  # new tokens per prompt, no stop token
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    decode_steps: int = 0  # forward passes after the prefill (the batch advances together)
+    compile_seconds: float = 0.0
 
     @contextlib.contextmanager
     def measure(self, phase: str, compiled: Compiled):
@@ -211,7 +211,7 @@ class Decoder:
         slots = length_bucket(prompt_len + max_new_tokens - 1)
         tokens, positions = left_pad(prompts, batch, prompt_len)
         rows = len(prompts)
-        timing = timing or Generation([], 0.0, 0.0, 0, 0.0)
+        timing = timing or Generation()
 
         with timing.measure("prefill", self._prefill):
             cache, active = self._new_cache(batch, slots), self.place_rows(np.arange(batch) < rows)
@@ -237,7 +237,7 @@ class Decoder:
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling | None = None,
                  stop_token: int | None = 0) -> Generation:
-        timing = Generation([], 0.0, 0.0, 0, 0.0)
+        timing = Generation()
         chunks = list(self.stream(prompts, max_new_tokens, sampling, stop_token, timing=timing))
         timing.tokens = [completion_tokens(row, stop_token) for row in np.concatenate(chunks, axis=1)]
         return timing

@@ -149,7 +149,7 @@ def encode(tokenizer, prompts: list[str], config, max_new_tokens: int) -> list[l
 def complete(model, args, sampling, stop_token, prompts: list[str], prompt_ids: list[list[int]]) -> Generation:
     """Generate for one batch, printing as the mode asks; returns the timings."""
     streams = [TextStream(model.tokenizer, args.stop) for _ in prompts]
-    timing = Generation([], 0.0, 0.0, 0, 0.0)
+    timing = Generation()
     single = len(prompts) == 1 and not args.json
     printed = 0
     if single:
