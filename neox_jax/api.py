@@ -35,7 +35,7 @@ def default_rotary_dtype(dtype: str) -> str:
 
 
 class NeoXModel:
-    """Config plus params on device, with compiled entry points for logits and greedy generation."""
+    """Config plus params on device, with compiled entry points for logits and generation."""
 
     def __init__(self, config: NeoXConfig, params: dict, dtype: str = "float32", rotary_dtype: str | None = None,
                  tokenizer: Tokenizer | None = None, mesh: Mesh | None = None):
