@@ -48,10 +48,10 @@ class HFCheckpoint:
             self.config = NeoXConfig.from_hf_json(self.path / "config.json")
         except ConfigError as e:
             raise CheckpointError(str(e)) from None
-        self._file_of = self._index()
+        self._location = self._index()
 
-    def _index(self) -> dict[str, Path]:
-        """Canonical tensor name -> the safetensors file holding it, checked against every file's header."""
+    def _index(self) -> dict[str, tuple[Path, str]]:
+        """Canonical tensor name -> (safetensors file, key in it), checked against every file's header."""
         index_path = self.path / INDEX_NAME
         if index_path.exists():
             try:
@@ -67,7 +67,7 @@ class HFCheckpoint:
             files = [self.path / "model.safetensors"]
 
         expected = expected_shapes(self.config)
-        mapped: dict[str, Path] = {}
+        mapped: dict[str, tuple[Path, str]] = {}
         for file in files:
             if not file.exists():
                 raise CheckpointError(f"{index_path} names {file.name}, which does not exist")
@@ -81,7 +81,7 @@ class HFCheckpoint:
                 if shape != expected[name]:
                     raise CheckpointError(f"{file}: tensor {key!r} has shape {shape}, "
                                           f"the config expects {expected[name]}")
-                mapped[name] = file
+                mapped[name] = file, key
         missing = [n for n in expected if n not in mapped]
         if missing:
             raise CheckpointError(f"{self.path}: missing tensor {missing[0]!r}"
@@ -98,17 +98,16 @@ class HFCheckpoint:
 
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         order = list(expected_shapes(self.config).items())
-        last_use = {self._file_of[name]: i for i, (name, _) in enumerate(order)}
+        last_use = {self._location[name][0]: i for i, (name, _) in enumerate(order)}
         handles = {}
         for i, (name, shape) in enumerate(order):
-            file = self._file_of[name]
+            file, key = self._location[name]
             if file not in handles:
                 try:
                     handles[file] = safe_open(file, "pt")
                 except (SafetensorError, OSError) as e:
                     raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from None
             handle = handles[file]
-            key = name if name in handle.keys() else "lm_head.weight"
             try:
                 array = torch_to_numpy(handle.get_tensor(key))
             except (SafetensorError, OSError) as e:
