@@ -130,14 +130,15 @@ def load(path: str | os.PathLike, dtype: str | None = None, rotary_dtype: str | 
 
 
 def load_checkpoint(checkpoint: Checkpoint, dtype: str | None = None, rotary_dtype: str | None = None,
-                    tokenizer: str | os.PathLike | None = None, mesh: Mesh | None = None,
+                    tokenizer: Tokenizer | str | os.PathLike | None = None, mesh: Mesh | None = None,
                     progress: bool = True) -> NeoXModel:
     dtype = dtype or default_dtype()
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if tokenizer is None and (checkpoint.path / "tokenizer.json").is_file():
         tokenizer = checkpoint.path / "tokenizer.json"
-    tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else None
+    if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
+        tokenizer = load_tokenizer(tokenizer)
     mesh = mesh or default_mesh(checkpoint.config, DTYPES[dtype])
     require_fit(plan_memory(checkpoint.config, DTYPES[dtype], mesh), checkpoint.config, mesh, 0, 0)
     params = build_params(checkpoint.config, checkpoint.tensors(), DTYPES[dtype], mesh, progress=progress)

@@ -92,8 +92,9 @@ def read_prompts(args) -> list[str]:
     raise GenerationError("give --prompt TEXT, --prompt-file FILE or --interactive")
 
 
-def load_model_and_tokenizer(args, prompts: list[str]):
-    """-> model, tokenizer, prompt ids; the request is checked against the config before any weights load."""
+def load_model(args, prompts: list[str]):
+    """-> model (with its tokenizer), prompt ids; the request is checked against the config before any
+    weights load."""
     from .api import load_checkpoint
     from .checkpoints import open_checkpoint
     from .tokenizer import load_tokenizer
@@ -107,7 +108,7 @@ def load_model_and_tokenizer(args, prompts: list[str]):
 
         mesh = make_mesh(**parse_mesh(args.mesh)) if args.mesh else None
         model = demo_model(args.dtype or "float32", args.rotary_dtype, mesh)
-        return model, model.tokenizer, encode(model.tokenizer, prompts, model.config, args.max_new_tokens)
+        return model, encode(model.tokenizer, prompts, model.config, args.max_new_tokens)
     checkpoint = open_checkpoint(args.model, PRESETS[args.preset] if args.preset else args.config)
     tokenizer_path = args.tokenizer or Path(args.model) / "tokenizer.json"
     if not Path(tokenizer_path).exists():
@@ -115,9 +116,9 @@ def load_model_and_tokenizer(args, prompts: list[str]):
     tokenizer = load_tokenizer(tokenizer_path)
     prompt_ids = encode(tokenizer, prompts, checkpoint.config, args.max_new_tokens)
     mesh = plan_devices(args, checkpoint.config, prompt_ids)
-    model = load_checkpoint(checkpoint, dtype=args.dtype, rotary_dtype=args.rotary_dtype, tokenizer=tokenizer_path,
+    model = load_checkpoint(checkpoint, dtype=args.dtype, rotary_dtype=args.rotary_dtype, tokenizer=tokenizer,
                             mesh=mesh)
-    return model, tokenizer, prompt_ids
+    return model, prompt_ids
 
 
 def plan_devices(args, config, prompt_ids: list[list[int]]):
@@ -211,9 +212,9 @@ def run(args) -> None:
     sampling = Sampling.create(args.temperature, args.top_k, args.top_p, args.seed)
     prompts = [] if args.interactive else read_prompts(args)
     start = time.perf_counter()
-    model, tokenizer, prompt_ids = load_model_and_tokenizer(args, prompts)
+    model, prompt_ids = load_model(args, prompts)
     load_seconds = time.perf_counter() - start
-    stop = args.stop_token if args.stop_token is not None else (-1 if args.demo else tokenizer.eos_id)
+    stop = args.stop_token if args.stop_token is not None else (-1 if args.demo else model.tokenizer.eos_id)
     stop_token = None if stop == -1 else stop
     if args.interactive:
         print(f"loaded in {load_seconds:.2f}s", file=sys.stderr)
