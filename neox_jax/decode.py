@@ -146,8 +146,8 @@ class Decoder:
     def _constrain(self, state: DecodeState) -> DecodeState:
         """Keep the carried state split as planned: the cache by heads and batch, per-row values by batch."""
         kv, rows = self._sharded(CACHE_SPEC), self._sharded(BATCH_SPEC)
-        cache = state.cache.replace(k=jax.lax.with_sharding_constraint(state.cache.k, kv),
-                                    v=jax.lax.with_sharding_constraint(state.cache.v, kv),
+        keep_kv = functools.partial(jax.tree.map, lambda x: jax.lax.with_sharding_constraint(x, kv))
+        cache = state.cache.replace(k=keep_kv(state.cache.k), v=keep_kv(state.cache.v),
                                     positions=jax.lax.with_sharding_constraint(state.cache.positions, rows))
         token, positions, done = (jax.lax.with_sharding_constraint(x, rows)
                                   for x in (state.token, state.positions, state.done))

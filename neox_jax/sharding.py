@@ -21,18 +21,18 @@ from .config import NeoXConfig
 
 DATA, MODEL = "data", "model"
 
-# Partition specs by params path; the stacked layer axis (first) is never split.
+# Partition specs by params path, "layers" standing for every "layers_<i>".
 _PARAM_SPECS = {
     ("embed_in",): P(MODEL, None),  # [V, D]
     ("embed_out",): P(MODEL, None),  # [V, D]
-    ("layers", "attention", "query_key_value.weight"): P(None, MODEL, None, None, None),  # [L, N, 3, H, D]
-    ("layers", "attention", "query_key_value.bias"): P(None, MODEL, None, None),  # [L, N, 3, H]
-    ("layers", "attention", "dense.weight"): P(None, None, MODEL, None),  # [L, D, N, H]
-    ("layers", "mlp", "dense_h_to_4h.weight"): P(None, MODEL, None),  # [L, F, D]
-    ("layers", "mlp", "dense_h_to_4h.bias"): P(None, MODEL),  # [L, F]
-    ("layers", "mlp", "dense_4h_to_h.weight"): P(None, None, MODEL),  # [L, D, F]
+    ("layers", "attention", "query_key_value.weight"): P(MODEL, None, None, None),  # [N, 3, H, D]
+    ("layers", "attention", "query_key_value.bias"): P(MODEL, None, None),  # [N, 3, H]
+    ("layers", "attention", "dense.weight"): P(None, MODEL, None),  # [D, N, H]
+    ("layers", "mlp", "dense_h_to_4h.weight"): P(MODEL, None),  # [F, D]
+    ("layers", "mlp", "dense_h_to_4h.bias"): P(MODEL),  # [F]
+    ("layers", "mlp", "dense_4h_to_h.weight"): P(None, MODEL),  # [D, F]
 }
-CACHE_SPEC = P(None, DATA, MODEL, None, None)  # [L, B, N, S, H]
+CACHE_SPEC = P(DATA, MODEL, None, None)  # each layer's keys or values, [B, N, S, H]
 BATCH_SPEC = P(DATA)  # leading batch axis of tokens, positions, per-row state
 
 
@@ -92,6 +92,8 @@ def check_divisible(config: NeoXConfig, mesh: Mesh) -> None:
 
 
 def param_spec(path: tuple[str, ...]) -> P:
+    if path[0].startswith("layers_"):
+        path = ("layers",) + path[1:]
     return _PARAM_SPECS.get(path, P())
 
 
@@ -140,8 +142,8 @@ def plan_memory(config: NeoXConfig, dtype, mesh: Mesh, batch: int = 0, context: 
     abstract = abstract_params or make_abstract(config, dtype)
     weights = sum(shard_bytes(leaf.shape, leaf.dtype, param_spec(tuple(k.key for k in path)), mesh)
                   for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0])
-    cache_shape = (config.num_layers, batch, config.num_heads, context, config.head_dim)
-    cache = 2 * shard_bytes(cache_shape, dtype, CACHE_SPEC, mesh)
+    layer_cache = (batch, config.num_heads, context, config.head_dim)
+    cache = 2 * config.num_layers * shard_bytes(layer_cache, dtype, CACHE_SPEC, mesh)
     local = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
     return MemoryPlan(weights, cache, device_memory(local))
 

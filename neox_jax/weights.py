@@ -1,8 +1,7 @@
 """The params sink of the canonical stream: `(hf_name, array)` pairs -> the model's device pytree.
 
-Each tensor is cast on the host, sent to the device and written into its slot of the stacked layer
-arrays (an in-place, donated update), so host memory holds one tensor at a time and the device never
-holds two copies of the model.
+Each tensor is cast on the host and sent straight to its shards on the device, so host memory holds
+one tensor at a time and the device never holds two copies of the model.
 """
 
 from __future__ import annotations
@@ -22,17 +21,17 @@ from .model import NeoX
 from .sharding import check_divisible, make_mesh, param_shardings, put
 
 
-def param_location(name: str) -> tuple[tuple[str, ...], int | None]:
-    """HF tensor name -> (path in the params dict, layer index or None)."""
+def param_path(name: str) -> tuple[str, ...]:
+    """HF tensor name -> path in the params dict."""
     if name == "gpt_neox.embed_in.weight":
-        return ("embed_in",), None
+        return ("embed_in",)
     if name == "embed_out.weight":
-        return ("embed_out",), None
+        return ("embed_out",)
     if name.startswith("gpt_neox.final_layer_norm."):
-        return ("final_layer_norm", name.rsplit(".", 1)[1]), None
+        return ("final_layer_norm", name.rsplit(".", 1)[1])
     if name.startswith(LAYER_PREFIX + "."):
         index, module, leaf = name[len(LAYER_PREFIX) + 1:].split(".", 2)
-        return ("layers", module, leaf), int(index)
+        return (f"layers_{index}", module, leaf)
     raise CheckpointError(f"no parameter for tensor {name!r}")
 
 
@@ -54,17 +53,6 @@ def abstract_params(config: NeoXConfig, dtype) -> dict:
     return jax.eval_shape(lambda t: NeoX(config, dtype).init(jax.random.PRNGKey(0), t, t)["params"], tokens)
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _set_layer(stack, value, index):
-    return jax.lax.dynamic_update_index_in_dim(stack, value, index, 0)
-
-
-@functools.lru_cache(maxsize=None)
-def _zeros(shape, dtype, sharding):
-    """A zero array created directly in its shards (never whole on one device or the host)."""
-    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
-
-
 def build_params(config: NeoXConfig, tensors: Iterable[tuple[str, np.ndarray]], dtype, mesh: Mesh | None = None,
                  *, progress: bool = True, description: str = "loading") -> dict:
     """Consume a canonical stream into a params pytree of `dtype`, each tensor placed in its shards on `mesh`
@@ -79,21 +67,13 @@ def build_params(config: NeoXConfig, tensors: Iterable[tuple[str, np.ndarray]], 
 
     for name, array in tqdm(tensors, total=len(remaining), desc=description, unit="tensor",
                             disable=not progress, leave=False):
-        path, layer = param_location(name)
+        path = param_path(name)
         remaining.discard(name)
         value = np.asarray(to_param_layout(name, array, config)).astype(np_dtype, copy=False)
-        node, leaf_spec, sharding = params, abstract, shardings
+        node, sharding = params, shardings
         for key in path[:-1]:
-            node = node.setdefault(key, {})
-        for key in path:
-            leaf_spec, sharding = leaf_spec[key], sharding[key]
-        if layer is None:
-            node[path[-1]] = put(value, sharding)
-        else:
-            if path[-1] not in node:
-                node[path[-1]] = _zeros(leaf_spec.shape, leaf_spec.dtype, sharding)()
-            layer_sharding = NamedSharding(mesh, P(*sharding.spec[1:]))
-            node[path[-1]] = _set_layer(node[path[-1]], put(value, layer_sharding), layer)
+            node, sharding = node.setdefault(key, {}), sharding[key]
+        node[path[-1]] = put(value, sharding[path[-1]])
     if remaining:
         raise CheckpointError(f"checkpoint stream ended without tensor {sorted(remaining)[0]!r}")
     return params

@@ -128,7 +128,7 @@ def test_fp16_checkpoint_loads_as_any_dtype(tmp_path, rng):
     tokens = rng.integers(0, config.vocab_size, (2, 7))
     full = neox_jax.load(path, "float32", progress=False)
     half = neox_jax.load(path, "float16", progress=False)
-    assert half.params["layers"]["mlp"]["dense_h_to_4h.weight"].dtype == np.float16
+    assert half.params["layers_0"]["mlp"]["dense_h_to_4h.weight"].dtype == np.float16
     a, b = full.logits(tokens), half.logits(tokens)
     assert np.abs(a - b).max() < 0.02 * np.abs(a).max()
     assert (a.argmax(-1) == b.argmax(-1)).mean() > 0.9
