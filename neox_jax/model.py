@@ -138,13 +138,12 @@ class Attention(nn.Module):
     rotary_dtype: Any
 
     @nn.compact
-    def __call__(self, x, positions, key_positions, cache_kv, write_index):
-        """x [B, T, D], positions [B, T], key_positions [B, S] -> [B, T, D], cache_kv.
+    def __call__(self, x, positions, cache_kv, cache_positions, write_index):
+        """x [B, T, D], positions [B, T] -> [B, T, D], cache_kv.
 
-        With `cache_kv` (this layer's keys and values, [B, N, S, H] each), the new keys and values are
-        written at slot `write_index` and attention reads all slots; without it, the tokens attend among
-        themselves. Writing before reading is what lets XLA update the cache in place: reading the old
-        cache first and writing afterwards made it copy the cache twice per step.
+        The tokens attend causally to each other and, with `cache_kv` (this layer's keys and values,
+        [B, N, S, H] each, holding `cache_positions` [B, S]), to the cached slots; their keys and values
+        are then written at slot `write_index`.
         """
         c = self.config
         n, h, d = c.num_heads, c.head_dim, c.hidden_size
@@ -166,21 +165,37 @@ class Attention(nn.Module):
         q = apply_rotary(q, cos, sin, c.rotary_dim)
         k = apply_rotary(k, cos, sin, c.rotary_dim)
 
+        parts = [(k, v, positions)]  # [B, N, T or S, H] keys and values, [B, T or S] their positions
         if cache_kv is not None:
-            cache_kv = tuple(jax.lax.dynamic_update_slice(slots, new, (0, 0, write_index, 0))
-                             for slots, new in zip(cache_kv, (k, v)))
-            k, v = cache_kv  # [B, N, S, H] each
+            parts.insert(0, (*cache_kv, cache_positions))
 
         # Cast to fp32 for scores and softmax.
-        scores = jnp.einsum("BNTH,BNSH->BNTS", q, k, preferred_element_type=F32,
-                            precision=_precision(self.dtype)) / np.sqrt(h).astype(np.float32)
-        visible = (key_positions[:, None, :] <= positions[:, :, None]) & (key_positions[:, None, :] >= 0)
-        scores = jnp.where(visible[:, None], scores, MASKED)  # [B, N, T, S]
+        scores = jnp.concatenate([self.scores(q, keys, positions, key_positions)
+                                  for keys, _, key_positions in parts], axis=-1)  # [B, N, T, S + T]
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        attended = matmul("BNTS,BNSH->BNTH", probs, v, self.dtype)
+        splits = np.cumsum([keys.shape[2] for keys, _, _ in parts])[:-1]
+        attended = sum(jnp.einsum("BNTS,BNSH->BNTH", part_probs, values, preferred_element_type=F32,
+                                  precision=_precision(self.dtype))
+                       for part_probs, (_, values, _) in zip(jnp.split(probs, splits, axis=-1), parts))
+        attended = attended.astype(self.dtype)  # [B, N, T, H]
+
+        if cache_kv is not None:
+            # The cache is written after it was read. XLA updates it in place only if it can tell the
+            # reads come first, so the write is made to depend on their result (adding zero); without
+            # that it copied the whole cache, twice, every step.
+            after_reads = 0 * attended[:, :, :1, :1]
+            cache_kv = tuple(jax.lax.dynamic_update_slice(slots, new + after_reads, (0, 0, write_index, 0))
+                             for slots, new in zip(cache_kv, (k, v)))
         attended = attended.transpose(0, 2, 1, 3).reshape(b, t, d)  # [B, T, (N, H)]
         out = matmul("BTE,DE->BTD", attended, out_w.reshape(d, d), self.dtype) + out_b
         return out, cache_kv
+
+    def scores(self, q, keys, positions, key_positions):
+        """fp32 q.k / sqrt(H), [B, N, T, S]; a key is visible from its own position on, padding (-1) never."""
+        scores = jnp.einsum("BNTH,BNSH->BNTS", q, keys, preferred_element_type=F32,
+                            precision=_precision(self.dtype)) / np.sqrt(q.shape[-1]).astype(np.float32)
+        visible = (key_positions[:, None, :] <= positions[:, :, None]) & (key_positions[:, None, :] >= 0)
+        return jnp.where(visible[:, None], scores, MASKED)
 
 
 class MLP(nn.Module):
@@ -205,14 +220,14 @@ class Layer(nn.Module):
     rotary_dtype: Any
 
     @nn.compact
-    def __call__(self, x, positions, key_positions, cache_kv, write_index):  # [B, T, D] -> [B, T, D], cache_kv
+    def __call__(self, x, positions, cache_kv, cache_positions, write_index):  # [B, T, D] -> [B, T, D], cache_kv
         c = self.config
         ln1 = LayerNorm(c.layer_norm_eps, self.dtype, name="input_layernorm")
         ln2 = LayerNorm(c.layer_norm_eps, self.dtype, name="post_attention_layernorm")
         attention = Attention(c, self.dtype, self.rotary_dtype, name="attention")
         mlp = MLP(c, self.dtype, name="mlp")
 
-        attn_out, cache_kv = attention(ln1(x), positions, key_positions, cache_kv, write_index)
+        attn_out, cache_kv = attention(ln1(x), positions, cache_kv, cache_positions, write_index)
         if c.parallel_residual:  # GPT-NeoX sums both branches before adding the residual
             x = x + (attn_out + mlp(ln2(x)))
         else:
@@ -240,21 +255,17 @@ class NeoX(nn.Module):
         embed = self.param("embed_in", _init(), (c.vocab_size, c.hidden_size), self.dtype)
         x = embed[tokens]  # [B, T, D]
 
-        if cache is None:
-            key_positions, write_index = positions, 0
-        else:
-            write_index = cache.length
-            key_positions = jax.lax.dynamic_update_slice(cache.positions, positions, (0, write_index))
-
+        cache_positions, write_index = (None, None) if cache is None else (cache.positions, cache.length)
         layer_caches = [None] * c.num_layers if cache is None else list(zip(cache.k, cache.v))
         hidden = [x]
         for i, layer_cache in enumerate(layer_caches):
             x, layer_caches[i] = Layer(c, self.dtype, rotary_dtype, name=f"layers_{i}")(
-                x, positions, key_positions, layer_cache, write_index)
+                x, positions, layer_cache, cache_positions, write_index)
             hidden.append(x)
         if cache is not None:
             k, v = zip(*layer_caches)
-            cache = KVCache(k=k, v=v, positions=key_positions, length=cache.length + tokens.shape[1])
+            filled = jax.lax.dynamic_update_slice(cache.positions, positions, (0, write_index))
+            cache = KVCache(k=k, v=v, positions=filled, length=write_index + tokens.shape[1])
 
         if last_token_only:
             x = x[:, -1:]
