@@ -2,7 +2,7 @@
 # The project's GPU checks, prepared for a session that is lent a GPU machine (see README, "GPU status").
 # The device image already has jax (CUDA), torch (CUDA), flax, transformers, tokenizers and pytest, so this
 # runs from the working tree without installing. Two stages, each one `run` call well inside 10 minutes:
-#   bash bench/gpu_session.sh checks   # test suite on CUDA + fp16 parity on CUDA        (~3-4 min)
+#   bash bench/gpu_session.sh checks   # test suite on CUDA, 20B compile time, fp16 parity (~4-5 min)
 #   bash bench/gpu_session.sh bench    # python -m bench.gpu at GPT-NeoX-20B shapes       (< 8 min)
 # Logs and JSON go to $OUT (the device tool brings them back).
 set -uo pipefail
@@ -20,6 +20,8 @@ checks)
   # Modules whose numerics and compilation could differ on GPU; lm-eval is not installed there (skips).
   timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_model.py tests/test_decode.py tests/test_sampling.py \
     tests/test_streaming.py tests/test_hf_checkpoint.py tests/test_parity_model.py 2>&1 | tee "$OUT/pytest.txt"
+  # GPT-NeoX-20B's prefill and decode programs compiled from abstract shapes (the layers are unrolled).
+  timeout 120 "$PY" -m bench.compile 2>&1 | tee "$OUT/compile.txt"
   # fp16 parity on CUDA: a synthetic 2-rank DeepSpeed checkpoint, 8 layers of hidden 1024, 16 heads.
   "$PY" - <<'EOF' 2>&1 | tee "$OUT/make_ckpt.txt"
 import numpy as np

@@ -59,12 +59,16 @@ class Compiled:
         self.compiles = 0
         self.compile_seconds = 0.0
 
+    def lower(self, *args):
+        """The program for these arguments (arrays or abstract shapes), lowered but not compiled."""
+        return self._jit.lower(*args)
+
     def __call__(self, *args):
         leaves, treedef = jax.tree.flatten(args)
         key = (treedef, tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves))
         if key not in self._executables:
             start = time.perf_counter()
-            self._executables[key] = self._jit.lower(*args).compile()
+            self._executables[key] = self.lower(*args).compile()
             self.compile_seconds += time.perf_counter() - start
             self.compiles += 1
         return self._executables[key](*args)

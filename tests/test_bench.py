@@ -70,3 +70,9 @@ def test_table_aligns_columns():
     lines = text.splitlines()
     assert len({len(line) for line in lines}) == 1
     assert lines[3].endswith("1,234,567")
+
+
+def test_compile_bench_compiles_from_abstract_shapes():
+    out = run("bench.compile", "--preset", "pythia-70m", "--dtype", "float32", "--batch", "2", "--slots", "64")
+    assert "pythia-70m (6 layers), float32, batch 2, 64 slots" in out
+    assert "prefill" in out and "decode loop" in out and "total" in out

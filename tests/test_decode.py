@@ -99,8 +99,8 @@ def large_arrays_moved(hlo: str, min_elements: int) -> list[str]:
         if not match or math.prod(int(n) for n in match.group(2).split(",") if n) < min_elements:
             continue
         name, opcode = match.group(1), match.group(3)
-        if opcode not in ("parameter", "get-tuple-element", "bitcast", "tuple") and \
-                "dynamic-update-slice" not in opcode + name:
+        in_place_update = "dynamic-update-slice" in (opcode + name).replace("_", "-")
+        if opcode not in ("parameter", "get-tuple-element", "bitcast", "tuple") and not in_place_update:
             found.append(line.strip())
     return found
 

@@ -1,0 +1,65 @@
+"""Compile time of the decoder's programs at any model's shapes, with no weights: the params, cache and
+inputs are abstract, so GPT-NeoX-20B's programs compile on a laptop.
+
+    python -m bench.compile                              # GPT-NeoX-20B, fp16, batch 1, 2048 slots
+    python -m bench.compile --preset pythia-70m --dtype float32 --batch 8 --slots 512
+
+It compiles for the machine it runs on (XLA:CPU here, XLA:GPU on a GPU), so run it where you will decode.
+The layers are unrolled (see neox_jax/model.py), so compile time grows with depth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+
+from neox_jax.config import PRESETS
+from neox_jax.decode import PREFILL_CHUNK, Decoder
+from neox_jax.model import KVCache, NeoX
+from neox_jax.sampling import Sampling
+from neox_jax.weights import abstract_params
+
+
+def compile_seconds(program, *args) -> tuple[float, float]:
+    """Seconds to trace and lower one of the decoder's programs, then to compile it."""
+    start = time.perf_counter()
+    lowered = program.lower(*args)
+    lowered_at = time.perf_counter()
+    lowered.compile()
+    return lowered_at - start, time.perf_counter() - lowered_at
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.compile", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="gpt-neox-20b")
+    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--slots", type=int, default=2048, help="KV-cache slots (the context)")
+    args = parser.parse_args(argv)
+    if args.batch < 1 or args.slots < 1:
+        parser.error("--batch and --slots must be positive")
+
+    config, dtype = PRESETS[args.preset], jnp.dtype(args.dtype)
+    decoder = Decoder(NeoX(config, dtype), params=None)
+    params = abstract_params(config, dtype)
+    cache = jax.eval_shape(lambda: KVCache.init(config, args.batch, args.slots, dtype))
+    rows = lambda *shape: jax.ShapeDtypeStruct((args.batch, *shape), jnp.int32)  # noqa: E731
+    piece = min(PREFILL_CHUNK, args.slots)
+    sampling, stop = Sampling.create(), jnp.int32(0)
+    active = jax.ShapeDtypeStruct((args.batch,), jnp.bool_)
+    prefill = compile_seconds(decoder._prefill, params, rows(piece), rows(piece), cache, sampling, stop, active)
+    state = jax.eval_shape(decoder._prefill_fn, params, rows(piece), rows(piece), cache, sampling, stop, active)
+    decode = compile_seconds(decoder._decode, params, state, sampling, stop, jnp.int32(1))
+
+    print(f"{args.preset} ({config.num_layers} layers), {args.dtype}, batch {args.batch}, {args.slots} slots, "
+          f"on {jax.devices()[0].platform}:")
+    for name, (lower, compile_) in (("prefill", prefill), ("decode loop", decode)):
+        print(f"  {name:12s} trace+lower {lower:5.1f} s   compile {compile_:5.1f} s")
+    print(f"  total {sum(prefill) + sum(decode):.1f} s")
+
+
+if __name__ == "__main__":
+    main()
