@@ -7,8 +7,8 @@ to name heads, so loading never transposes.
 Layers are separate arrays run by a Python loop rather than stacked and scanned: decoding reads every
 weight once per token, and under a scan XLA copies each layer's slice of the stacked weights (and of the
 cache) before using it, which doubled the bytes moved per step (Pythia-70M batch-1 decode on CPU: 10.5 ms
-scanned, 7.5 ms unrolled; see the README). Compile time grows with depth instead: ~6 s for a 44-layer
-20B decode loop on CPU.
+scanned, 7.3 ms unrolled; see the README). Compile time grows with depth instead: 10 s for GPT-NeoX-20B's
+prefill and decode programs on CPU (`python -m bench.compile`).
 
 Axis names in shape comments and einsums: B batch, T query tokens, S key slots, D hidden,
 N heads, H head dim, C the (q, k, v) triple, F MLP width, V vocabulary.
