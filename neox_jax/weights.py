@@ -6,13 +6,12 @@ one tensor at a time and the device never holds two copies of the model.
 
 from __future__ import annotations
 
-import functools
 from typing import Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from .checkpoints import LAYER_PREFIX, CheckpointError, expected_shapes
