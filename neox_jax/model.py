@@ -51,8 +51,8 @@ class KVCache:
     attended to. A token at position p attends to slots holding positions 0..p, so left-padded batches
     of different prompt lengths share one write index (`length`). Heads come before slots so that each
     head's keys are contiguous: the attention matmuls read the cache as stored, with no transposed copy.
-    Each layer has its own arrays, updated in place and then read (a stacked array would be sliced, i.e.
-    copied, per layer).
+    Each layer has its own arrays, read by attention and then updated in place (a stacked array would be
+    sliced, i.e. copied, per layer).
     """
 
     k: tuple[jax.Array, ...]  # per layer [B, N, S, H]
