@@ -136,9 +136,10 @@ def jax_worker(args, config) -> dict:
     rng = np.random.default_rng(args.seed)
     context = config.max_position_embeddings
     itemsize = dtype.itemsize
-    # neox-jax's prefill materialises [B, N, chunk, S] fp32 scores and their softmax, PREFILL_CHUNK prompt
-    # tokens at a time: XLA's memory analysis of the CPU program shows ~5.5 bytes of temporaries a score;
-    # plan for 6. A prompt is shortened only where even that would not fit beside the cache.
+    # neox-jax's prefill materialises [B, N, chunk, S] fp32 scores and their fp16 softmax weights,
+    # PREFILL_CHUNK prompt tokens at a time: 6 bytes a score (XLA's memory analysis of the fp32 CPU program:
+    # 5.9 at batch 8 and 2048 slots; fp16 on CPU says nothing, XLA:CPU converts fp16 matmul operands to
+    # fp32). A prompt is shortened only where even that would not fit beside the cache.
     plan = Plan(config, itemsize, memory().get("bytes_limit"), args.decode_steps,
                 lambda b, s, p: b * config.num_heads * s * min(p, PREFILL_CHUNK) * 6)
 

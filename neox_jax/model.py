@@ -21,6 +21,8 @@ Numerics (the one place they are decided):
   logits are computed in fp32: they are the reductions and transcendental ops where fp16 loses accuracy
   (a 2048-long softmax, a 6144-wide variance) while costing little next to the matmuls.
 - Masking uses the most negative fp32, applied to fp32 scores, so it cannot overflow.
+- The softmax's max, exponentials, sum and normalisation are fp32; the unnormalised weights (in (0, 1])
+  meet the values in `dtype`, and the fp32 product is divided by the sum (flash attention's order).
 - Rotary angle tables are rounded to `rotary_dtype`. With fp16 this reproduces GPT-NeoX's training code,
   whose `inv_freq` buffer, positions and angle products were fp16 (an angle between 512 and 1024 radians
   is rounded to a multiple of 0.5, above 1024 to a whole radian). The model learned with those angles;
