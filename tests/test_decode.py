@@ -3,11 +3,16 @@
 import math
 import re
 
+import jax
+import jax.numpy as jnp
 import pytest
 import torch
 
 import neox_jax
 from neox_jax.decode import Decoder, GenerationError
+from neox_jax.model import KVCache, NeoX
+from neox_jax.sampling import Sampling
+from neox_jax.weights import abstract_params
 
 from conftest import tiny_config
 
@@ -160,3 +165,20 @@ def test_long_prompts_prefill_in_chunks_and_match_transformers(tmp_path, rng):
     out = model.generate([long_prompt, short_prompt], 8, stop_token=None)
     assert calls.calls == 3  # 602 tokens pad to 768: three chunks of 256
     assert out == [torch_greedy(torch_model, long_prompt, 8), torch_greedy(torch_model, short_prompt, 8)]
+
+
+def test_prefill_attention_makes_each_score_sized_array_once():
+    """A 256-token prefill chunk against 2048 cached slots keeps ~6 bytes of temporaries a score (the fp32
+    scores, then the weights) in XLA's memory analysis; concatenating the cached and the new tokens'
+    scores before the softmax had made it ~14."""
+    config = tiny_config(hidden_size=1024, num_heads=16, intermediate_size=1024, num_layers=1,
+                         max_position_embeddings=2048)
+    batch, chunk, slots = 8, 256, 2048
+    decoder = Decoder(NeoX(config, jnp.float32), None)
+    cache = jax.eval_shape(lambda: KVCache.init(config, batch, slots, jnp.float32))
+    rows = jax.ShapeDtypeStruct((batch, chunk), jnp.int32)
+    compiled = decoder._prefill.lower(abstract_params(config, jnp.float32), rows, rows, cache,
+                                      Sampling.create(), jnp.int32(0),
+                                      jax.ShapeDtypeStruct((batch,), jnp.bool_)).compile()
+    scores = batch * config.num_heads * chunk * slots
+    assert compiled.memory_analysis().temp_size_in_bytes / scores < 8
