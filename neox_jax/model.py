@@ -175,7 +175,7 @@ class Attention(nn.Module):
         # Cast to fp32 for scores and softmax: one softmax over all the parts' keys, computed part by part
         # (concatenated scores would be copied) and normalised after the product with the values, as flash
         # attention does, so that each [B, N, T, S] array is made once: the fp32 scores, then the
-        # unnormalised weights (in (0, 1], safe in fp16). Prefill temporaries: 16 -> 6 bytes a score.
+        # unnormalised weights (in (0, 1], safe in fp16). Prefill temporaries: ~14 -> ~6 bytes a score (fp32).
         scores = [self.scores(q, keys, positions, key_positions) for keys, _, key_positions in parts]
         top = functools.reduce(jnp.maximum, [s.max(-1, keepdims=True) for s in scores])  # [B, N, T, 1]
         weights = [jnp.exp(s - top) for s in scores]
