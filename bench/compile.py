@@ -49,9 +49,10 @@ def main(argv=None) -> None:
     rows = lambda *shape: jax.ShapeDtypeStruct((args.batch, *shape), jnp.int32)  # noqa: E731
     piece = min(PREFILL_CHUNK, args.slots)
     sampling, stop = Sampling.create(), jnp.int32(0)
-    active = jax.ShapeDtypeStruct((args.batch,), jnp.bool_)
-    prefill = compile_seconds(decoder._prefill, params, rows(piece), rows(piece), cache, sampling, stop, active)
-    state = jax.eval_shape(decoder._prefill_fn, params, rows(piece), rows(piece), cache, sampling, stop, active)
+    active, salt = (jax.ShapeDtypeStruct((args.batch,), dtype) for dtype in (jnp.bool_, jnp.uint32))
+    prefill = compile_seconds(decoder._prefill, params, rows(piece), rows(piece), cache, sampling, stop, active, salt)
+    state = jax.eval_shape(decoder._prefill_fn, params, rows(piece), rows(piece), cache, sampling, stop, active,
+                           salt)
     decode = compile_seconds(decoder._decode, params, state, sampling, stop, jnp.int32(1))
 
     print(f"{args.preset} ({config.num_layers} layers), {args.dtype}, batch {args.batch}, {args.slots} slots, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 from typing import Iterator, Sequence
 
@@ -93,9 +94,11 @@ class NeoXModel:
         completion text, cut before the first of the `stop` strings.
         """
         sampling = Sampling.create(temperature, top_k, top_p, seed)
-        if prompts and all(isinstance(p, str) for p in prompts):
-            return ["".join(parts) for parts in zip(*self.stream(prompts, max_new_tokens, sampling=sampling,
-                                                                  stop_token=stop_token, stop=stop))]
+        prompts, single = prompt_batch(prompts)
+        if prompts and isinstance(prompts[0], str):
+            texts = ["".join(parts) for parts in zip(*self.stream(prompts, max_new_tokens, sampling=sampling,
+                                                                   stop_token=stop_token, stop=stop))]
+            return texts[0] if single else texts
         if stop:
             raise ValueError("stop strings need text prompts (and a tokenizer): pass strings, not token ids")
         return self.decoder.generate(prompts, max_new_tokens, sampling, stop_token).tokens
@@ -106,6 +109,9 @@ class NeoXModel:
         """Yield the newly generated text of every prompt, `chunk` decode steps at a time."""
         if self.tokenizer is None:
             raise ValueError("text prompts need a tokenizer: load(..., tokenizer=PATH) or set model.tokenizer")
+        prompts, _ = prompt_batch(prompts)
+        if prompts and not isinstance(prompts[0], str):
+            raise TypeError("stream() takes text prompts; generate() also takes token ids")
         ids = [self.tokenizer.encode(p) for p in prompts]
         streams = [TextStream(self.tokenizer, stop) for _ in prompts]
         return stream_text(self.decoder, streams, ids, max_new_tokens, sampling=sampling, stop_token=stop_token,
@@ -114,6 +120,33 @@ class NeoXModel:
     def generate_timed(self, prompts, max_new_tokens: int, sampling: Sampling | None = None,
                        stop_token: int | None = 0) -> Generation:
         return self.decoder.generate(prompts, max_new_tokens, sampling, stop_token)
+
+
+def prompt_batch(prompts) -> tuple[list[str] | list[list[int]], bool]:
+    """-> (a list of text prompts or of token-id lists, whether one bare string was given).
+
+    A bare string is one prompt (not one per character); ids must be integers (a float would be truncated)."""
+    if isinstance(prompts, str):
+        return [prompts], True
+    if isinstance(prompts, (bytes, dict)) or not isinstance(prompts, Sequence | np.ndarray):
+        raise TypeError(f"prompts must be a string, a list of strings or a list of token-id lists, "
+                        f"got {type(prompts).__name__}")
+    prompts = list(prompts)
+    if all(isinstance(p, str) for p in prompts):
+        return prompts, False
+    batch = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str) or not isinstance(prompt, Sequence | np.ndarray):
+            raise TypeError(f"prompt {i} is {type(prompt).__name__}: a batch is all strings or all token-id "
+                            f"lists, not a mix")
+        if isinstance(prompt, np.ndarray):
+            bad = None if prompt.ndim == 1 and prompt.dtype.kind in "iu" else f"an array of {prompt.dtype}"
+        else:
+            bad = next((t for t in prompt if isinstance(t, bool) or not isinstance(t, numbers.Integral)), None)
+        if bad is not None:
+            raise TypeError(f"prompt {i}: token ids must be integers, got {bad!r}")
+        batch.append([int(t) for t in prompt])
+    return batch, False
 
 
 def load(path: str | os.PathLike, dtype: str | None = None, rotary_dtype: str | None = None,

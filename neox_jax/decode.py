@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from .config import NeoXConfig
 from .model import KVCache, NeoX
-from .sampling import Sampling, select_token
+from .sampling import NONFINITE, Sampling, row_salt, select_token
 from .sharding import BATCH_SPEC, CACHE_SPEC, DATA, make_mesh, put, to_host
 
 NO_STOP = -1
@@ -36,6 +36,16 @@ PREFILL_CHUNK = 256
 
 class GenerationError(ValueError):
     """Bad generation request: empty prompt, unknown token id, too long for the context."""
+
+
+class NonFiniteLogitsError(ArithmeticError):
+    """The model's logits for a row held a NaN or an infinity, so no token could be chosen."""
+
+    def __init__(self, row: int, step: int):
+        self.row, self.step = row, step
+        super().__init__(f"prompt {row}, generated token {step}: the model's logits are not finite (NaN or "
+                         f"infinity), so no token was chosen; non-finite weights, or activations overflowing "
+                         f"the dtype (try --dtype float32)")
 
 
 def length_bucket(n: int) -> int:
@@ -93,7 +103,11 @@ class Generation:
                 getattr(self, f"{phase}_seconds") + time.perf_counter() - start - compile_seconds)
 
 
-def validate_request(config: NeoXConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+def validate_request(config: NeoXConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                     stop_token: int | None = None) -> None:
+    if stop_token is not None and (isinstance(stop_token, bool) or not isinstance(stop_token, (int, np.integer))
+                                   or not 0 <= stop_token < config.vocab_size):
+        raise GenerationError(f"stop token {stop_token!r} is outside the vocabulary [0, {config.vocab_size})")
     if not prompts:
         raise GenerationError("no prompts given")
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
@@ -130,6 +144,7 @@ class DecodeState:
     positions: jax.Array  # [B] its position
     done: jax.Array  # [B] bool: stopped, or a padding row
     step: jax.Array  # [] int32: tokens chosen so far (seeds each step's random draw)
+    salt: jax.Array  # [B] uint32: each row's part of its random key (a hash of its prompt)
 
 
 class Decoder:
@@ -153,9 +168,9 @@ class Decoder:
         keep_kv = functools.partial(jax.tree.map, lambda x: jax.lax.with_sharding_constraint(x, kv))
         cache = state.cache.replace(k=keep_kv(state.cache.k), v=keep_kv(state.cache.v),
                                     positions=jax.lax.with_sharding_constraint(state.cache.positions, rows))
-        token, positions, done = (jax.lax.with_sharding_constraint(x, rows)
-                                  for x in (state.token, state.positions, state.done))
-        return DecodeState(cache, token, positions, done, state.step)
+        token, positions, done, salt = (jax.lax.with_sharding_constraint(x, rows)
+                                        for x in (state.token, state.positions, state.done, state.salt))
+        return DecodeState(cache, token, positions, done, state.step, salt)
 
     def place_rows(self, array: np.ndarray) -> jax.Array:
         """Host array with a leading batch axis -> device array split over the mesh's data axis."""
@@ -169,11 +184,11 @@ class Decoder:
     def _new_cache(self, batch: int, slots: int) -> KVCache:
         return _cache_initializer(self.module.config, batch, slots, jnp.dtype(self.module.dtype), self.mesh)()
 
-    def _prefill_fn(self, params, tokens, positions, cache, sampling, stop_token, active):
+    def _prefill_fn(self, params, tokens, positions, cache, sampling, stop_token, active, salt):
         logits, cache = self.module.apply({"params": params}, tokens, positions, cache, last_token_only=True)
-        first = select_token(logits[:, -1], sampling, jnp.int32(0))
-        done = ~active | (first == stop_token)
-        return self._constrain(DecodeState(cache, first, positions[:, -1] + 1, done, jnp.int32(1)))
+        first = select_token(logits[:, -1], sampling, jnp.int32(0), salt)
+        done = ~active | (first == stop_token) | (first == NONFINITE)
+        return self._constrain(DecodeState(cache, first, positions[:, -1] + 1, done, jnp.int32(1), salt))
 
     def _decode_fn(self, params, state: DecodeState, sampling, stop_token, steps):
         """Up to `steps` more tokens, fewer once every row is done -> tokens [B, slots], count, state.
@@ -191,10 +206,11 @@ class Decoder:
             i, state, out = carry
             logits, cache = self.module.apply({"params": params}, state.token[:, None], state.positions[:, None],
                                               state.cache)
-            token = jnp.where(state.done, NO_STOP, select_token(logits[:, -1], sampling, state.step))
+            token = jnp.where(state.done, NO_STOP, select_token(logits[:, -1], sampling, state.step, state.salt))
             out = jax.lax.dynamic_update_slice(out, token[:, None], (0, i))
             state = DecodeState(cache, jnp.maximum(token, 0), state.positions + 1,
-                                state.done | (token == stop_token), state.step + 1)
+                                state.done | (token == stop_token) | (token == NONFINITE), state.step + 1,
+                                state.salt)
             return i + 1, state, out
 
         count, state, out = jax.lax.while_loop(keep_going, step_fn, (jnp.int32(0), state, out))
@@ -205,9 +221,10 @@ class Decoder:
         """Yield new tokens as [rows, n] int arrays, `chunk` steps at a time (default: all at once).
 
         Finished rows hold NO_STOP after their stop token. `timing`, if given, accumulates seconds.
+        Raises NonFiniteLogitsError, naming the row and step, if a row's logits are not finite.
         """
         config = self.module.config
-        validate_request(config, prompts, max_new_tokens)
+        validate_request(config, prompts, max_new_tokens, stop_token)
         sampling = sampling or Sampling.create()
         stop = jnp.int32(NO_STOP if stop_token is None else stop_token)
         batch = self.batch_size(len(prompts))
@@ -219,13 +236,15 @@ class Decoder:
 
         with timing.measure("prefill", self._prefill):
             cache, active = self._new_cache(batch, slots), self.place_rows(np.arange(batch) < rows)
+            salt = self.place_rows(np.array([row_salt(p) for p in prompts] + [0] * (batch - rows), np.uint32))
             piece = min(prompt_len, PREFILL_CHUNK)
             for start in range(0, prompt_len, piece):  # the last piece's choice is the first new token
                 state = self._prefill(self.params, self.place_rows(tokens[:, start:start + piece]),
                                       self.place_rows(positions[:, start:start + piece]), cache, sampling, stop,
-                                      active)
+                                      active, salt)
                 cache = state.cache
             first = to_host(state.token)[:rows, None]
+        _check_finite(first, 0)
         yield first
 
         produced = 1
@@ -236,6 +255,7 @@ class Decoder:
                 count = int(to_host(count))
                 out = to_host(out)[:rows, :count]
             timing.decode_steps += count
+            _check_finite(out, produced)
             produced += count
             yield out
 
@@ -245,6 +265,13 @@ class Decoder:
         chunks = list(self.stream(prompts, max_new_tokens, sampling, stop_token, timing=timing))
         timing.tokens = [completion_tokens(row, stop_token) for row in np.concatenate(chunks, axis=1)]
         return timing
+
+
+def _check_finite(chunk: np.ndarray, first_step: int) -> None:
+    """Raise for the first row of a [rows, n] chunk of new tokens that holds the NONFINITE marker."""
+    rows, steps = np.nonzero(chunk == NONFINITE)
+    if len(rows):
+        raise NonFiniteLogitsError(int(rows[0]), first_step + int(steps[0]))
 
 
 @functools.lru_cache(maxsize=None)

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from .cli import INTERRUPTED, ArgumentParser, exit_on_interrupt
+
+if __name__ == "__main__":
+    exit_on_interrupt()  # before the heavy imports below, so that Ctrl-C there is not a traceback
+
 import argparse
 import json
 import os
+import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -30,7 +37,7 @@ token) go to stderr."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m neox_jax.generate", description=__doc__, epilog=EPILOG,
+    p = ArgumentParser(prog="python -m neox_jax.generate", description=__doc__, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="checkpoint directory (Hugging Face layout or DeepSpeed shards)")
@@ -75,14 +82,19 @@ def read_prompts(args) -> list[str]:
     if args.prompt:
         return args.prompt
     if args.prompt_file:
-        if args.prompt_file == "-":
-            lines = sys.stdin.read().splitlines()
-        else:
-            try:
-                with open(args.prompt_file, encoding="utf-8") as f:
-                    lines = f.read().splitlines()
-            except OSError as e:
-                raise FileNotFoundError(f"--prompt-file {args.prompt_file}: {e.strerror}") from None
+        name = "standard input" if args.prompt_file == "-" else args.prompt_file
+        try:
+            if args.prompt_file == "-":
+                data = sys.stdin.buffer.read()
+            else:
+                with open(args.prompt_file, "rb") as f:
+                    data = f.read()
+            lines = data.decode("utf-8").splitlines()
+        except OSError as e:
+            raise FileNotFoundError(f"--prompt-file {name}: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise GenerationError(f"--prompt-file {name}: not UTF-8 text (byte {e.start}: "
+                                  f"{data[e.start:e.start + 4]!r}...)") from None
         prompts = [line for line in lines if line.strip()]
         if not prompts:
             raise GenerationError(f"--prompt-file {args.prompt_file}: no prompts (one per line)")
@@ -115,6 +127,8 @@ def load_model(args, prompts: list[str]):
         raise FileNotFoundError(f"{tokenizer_path}: no tokenizer (give --tokenizer FILE)")
     tokenizer = load_tokenizer(tokenizer_path)
     prompt_ids = encode(tokenizer, prompts, checkpoint.config, args.max_new_tokens)
+    if args.stop_token not in (None, -1):
+        validate_request(checkpoint.config, [[0]], 1, args.stop_token)
     mesh = plan_devices(args, checkpoint.config, prompt_ids)
     model = load_checkpoint(checkpoint, dtype=args.dtype, rotary_dtype=args.rotary_dtype, tokenizer=tokenizer,
                             mesh=mesh)
@@ -218,15 +232,33 @@ def run(args) -> None:
     stop_token = None if stop == -1 else stop
     if args.interactive:
         print(f"loaded in {load_seconds:.2f}s", file=sys.stderr)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C stops one generation, not the session
         interact(model, args, sampling, stop_token)
     else:
         report(model, complete(model, args, sampling, stop_token, prompts, prompt_ids), prompt_ids, load_seconds)
+
+
+def check_distributed_args(args) -> None:
+    """The coordinator, process count and index, checked before JAX's runtime waits on them."""
+    if args.num_processes is not None and args.num_processes < 1:
+        raise GenerationError(f"--num-processes must be >= 1, got {args.num_processes}")
+    if args.process_id is not None and not 0 <= args.process_id < (args.num_processes or 2**31):
+        raise GenerationError(f"--process-id must be in [0, --num-processes), got {args.process_id}")
+    if args.coordinator is not None:
+        host, _, port = args.coordinator.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise GenerationError(f"--coordinator {args.coordinator!r}: expected HOST:PORT")
+        try:
+            socket.getaddrinfo(host.strip("[]"), int(port))
+        except (socket.gaierror, UnicodeError) as e:
+            raise GenerationError(f"--coordinator {args.coordinator!r}: cannot resolve {host!r} ({e})") from None
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         if args.distributed:
+            check_distributed_args(args)
             import jax
 
             from .sharding import initialize_distributed
@@ -244,7 +276,7 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED
     return 0
 
 

@@ -2,17 +2,29 @@
 
 The settings are traced arrays, not static arguments: changing them never recompiles. Greedy settings
 (temperature 0 or top-k 1) take a `lax.cond` branch that is exactly `argmax`, so they cost no sort.
+Each row draws with its own key, made from the seed, the step and a hash of the row's prompt (`row_salt`),
+so a row's text depends only on its prompt, the settings and the seed, never on the batch it is decoded
+in, and rows with different prompts draw independent random numbers. A row whose logits are not all
+finite gets `NONFINITE` instead of a token: the argmax of NaN logits would be token 0, a silent answer.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
+import zlib
+
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+NONFINITE = -2  # "this row's logits held a NaN or an infinity": never a token id
+_INT32_MAX = 2**31 - 1
 
 
 class SamplingError(ValueError):
-    """Settings outside their domain (negative temperature, top-p outside (0, 1], ...)."""
+    """Settings outside their domain (negative temperature, top-p outside (0, 1], NaN, ...)."""
 
 
 @flax.struct.dataclass
@@ -24,23 +36,42 @@ class Sampling:
 
     @classmethod
     def create(cls, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> "Sampling":
+        for name, value in (("temperature", temperature), ("top_p", top_p)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise SamplingError(f"{name} must be a finite number, got {value!r}")
+        for name, value in (("top_k", top_k), ("seed", seed)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise SamplingError(f"{name} must be an integer, got {value!r}")
         if temperature < 0:
             raise SamplingError(f"temperature must be >= 0, got {temperature}")
         if top_k < 0:
             raise SamplingError(f"top_k must be >= 0 (0: no limit), got {top_k}")
         if not 0 < top_p <= 1:
             raise SamplingError(f"top_p must be in (0, 1], got {top_p}")
-        return cls(jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), jax.random.PRNGKey(seed))
+        if not 0 <= seed < 2**64:
+            raise SamplingError(f"seed must be in [0, 2**64), got {seed}")
+        # Threefry's key for a 64-bit seed (PRNGKey(seed) without jax_enable_x64 keeps only the low 32 bits,
+        # so seeds 2**32 apart would collide). A top-k beyond the vocabulary, or beyond int32, keeps every token.
+        key = jnp.array([seed >> 32, seed & 0xFFFFFFFF], jnp.uint32)
+        return cls(jnp.float32(temperature), jnp.int32(min(top_k, _INT32_MAX)), jnp.float32(top_p), key)
 
 
-def select_token(logits: jax.Array, sampling: Sampling, step: jax.Array) -> jax.Array:
-    """[B, V] fp32 logits -> [B] int32 next tokens; `step` decorrelates the random draws of each step."""
+def row_salt(prompt) -> int:
+    """A row's part of its random key: a hash of its prompt tokens (stable across runs and machines)."""
+    return zlib.crc32(np.asarray(prompt, np.int64).tobytes())
+
+
+def select_token(logits: jax.Array, sampling: Sampling, step: jax.Array, salt: jax.Array) -> jax.Array:
+    """[B, V] fp32 logits -> [B] int32 next tokens (NONFINITE where a row's logits are not all finite).
+
+    `salt` [B] uint32 (`row_salt` of each row's prompt) and `step` make each row's draw at each step its own."""
     greedy = (sampling.temperature <= 0) | (sampling.top_k == 1)
-    return jax.lax.cond(greedy, lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32),
-                        lambda: _sample(logits, sampling, step))
+    tokens = jax.lax.cond(greedy, lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32),
+                          lambda: _sample(logits, sampling, step, salt))
+    return jnp.where(jnp.all(jnp.isfinite(logits), axis=-1), tokens, NONFINITE)
 
 
-def _sample(logits, sampling: Sampling, step):
+def _sample(logits, sampling: Sampling, step, salt):
     vocab = logits.shape[-1]
     logits = logits / sampling.temperature
     descending = -jnp.sort(-logits, axis=-1)  # [B, V]
@@ -52,5 +83,6 @@ def _sample(logits, sampling: Sampling, step):
     kept = jnp.sum(in_top_k & (mass_before < sampling.top_p), axis=-1, keepdims=True)  # [B, 1], >= 1
     cutoff = jnp.take_along_axis(descending, kept - 1, axis=-1)
     masked = jnp.where(logits >= cutoff, logits, -jnp.inf)
-    key = jax.random.fold_in(sampling.key, step)
-    return jax.random.categorical(key, masked, axis=-1).astype(jnp.int32)
+    key = jax.random.fold_in(jax.random.wrap_key_data(sampling.key), step)
+    draw = lambda row, salt: jax.random.categorical(jax.random.fold_in(key, salt), row)  # noqa: E731
+    return jax.vmap(draw)(masked, salt).astype(jnp.int32)

@@ -14,7 +14,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from .checkpoints import LAYER_PREFIX, CheckpointError, expected_shapes
+from .checkpoints import LAYER_PREFIX, CheckpointError, check_finite, expected_shapes
 from .config import NeoXConfig
 from .model import NeoX
 from .sharding import check_divisible, make_mesh, param_shardings, put
@@ -64,15 +64,20 @@ def build_params(config: NeoXConfig, tensors: Iterable[tuple[str, np.ndarray]], 
     remaining = set(expected_shapes(config))
     np_dtype = jnp.dtype(dtype)
 
-    for name, array in tqdm(tensors, total=len(remaining), desc=description, unit="tensor",
-                            disable=not progress, leave=False):
-        path = param_path(name)
-        remaining.discard(name)
-        value = np.asarray(to_param_layout(name, array, config)).astype(np_dtype, copy=False)
-        node, sharding = params, shardings
-        for key in path[:-1]:
-            node, sharding = node.setdefault(key, {}), sharding[key]
-        node[path[-1]] = put(value, sharding[path[-1]])
+    # `with`: the bar is cleared before an error propagates, so the error is the only line left.
+    with tqdm(tensors, total=len(remaining), desc=description, unit="tensor", disable=not progress,
+              leave=False) as bar:
+        for name, array in bar:
+            path = param_path(name)
+            remaining.discard(name)
+            with np.errstate(over="ignore"):  # an overflow is reported below, by name
+                value = np.asarray(to_param_layout(name, array, config)).astype(np_dtype, copy=False)
+            if value.dtype.itemsize < array.dtype.itemsize:  # the stored values were checked; a cast can overflow
+                check_finite(name, value, f"{np_dtype.name} cannot hold its values")
+            node, sharding = params, shardings
+            for key in path[:-1]:
+                node, sharding = node.setdefault(key, {}), sharding[key]
+            node[path[-1]] = put(value, sharding[path[-1]])
     if remaining:
         raise CheckpointError(f"checkpoint stream ended without tensor {sorted(remaining)[0]!r}")
     return params

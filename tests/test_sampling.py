@@ -54,13 +54,16 @@ def chi_square(counts, probs):
 
 
 def test_full_softmax_sampling_has_the_model_distribution(model):
-    """top_p 1, temperature 1: the first sampled token of 4096 identical prompts follows softmax(logits)."""
+    """top_p 1, temperature 1: 4096 rows (4096 salts, as 4096 prompts) drawing from the model's next-token
+    logits follow softmax(logits)."""
     prompt = [3, 1, 4, 1, 5]
     logits = model.logits([prompt])[0, -1].astype(np.float64)
     probs = np.exp(logits - logits.max())
     probs /= probs.sum()
-    draws = model.generate([prompt] * 4096, 1, temperature=1.0, top_p=1.0, seed=11, stop_token=None)
-    counts = np.bincount([d[0] for d in draws], minlength=len(probs)).astype(np.float64)
+    rows = jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (4096, len(logits)))
+    sampling = Sampling.create(temperature=1.0, top_p=1.0, seed=11)
+    draws = np.asarray(select_token(rows, sampling, jnp.int32(0), jnp.arange(4096, dtype=jnp.uint32)))
+    counts = np.bincount(draws, minlength=len(probs)).astype(np.float64)
     stat, dof = chi_square(counts, probs)
     assert dof >= 3
     # The 99.9th percentile of chi-square is below dof + 5 * sqrt(2 dof) + 10 for these dof; a wrong
@@ -75,7 +78,7 @@ def test_top_k_and_top_p_only_sample_allowed_tokens():
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 2048, jnp.float32))
     for top_k, top_p, allowed in [(2, 1.0, {0, 1}), (0, 0.75, {0, 1}), (0, 0.85, {0, 1, 2}), (3, 0.9, {0, 1, 2})]:
         sampling = Sampling.create(temperature=1.0, top_k=top_k, top_p=top_p, seed=0)
-        drawn = set(np.asarray(select_token(logits, sampling, jnp.int32(0))).tolist())
+        drawn = set(np.asarray(select_token(logits, sampling, jnp.int32(0), jnp.arange(2048, dtype=jnp.uint32))).tolist())
         assert drawn == allowed, (top_k, top_p)
 
 

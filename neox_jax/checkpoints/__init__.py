@@ -69,6 +69,24 @@ def check_shape(name: str, array: np.ndarray, expected: tuple[int, ...], where: 
                               f"the config expects {tuple(expected)}")
 
 
+_FINITE_CHECK_BLOCK = 1 << 24  # elements per np.isfinite call: a 16 MB mask, whatever the tensor's size
+
+
+def check_finite(name: str, array: np.ndarray, where: str) -> None:
+    """Refuse a tensor holding NaN or infinity, as it streams past (one more read of memory already mapped).
+
+    A NaN weight makes every logit NaN, and the argmax of NaN logits is token 0, `<|endoftext|>`: without
+    this check a broken checkpoint would convert, load and answer with empty completions."""
+    if array.dtype.kind in "iub":
+        return
+    flat = array.reshape(-1)
+    bad = sum(int(block.size - np.count_nonzero(np.isfinite(block)))
+              for block in (flat[i:i + _FINITE_CHECK_BLOCK] for i in range(0, flat.size, _FINITE_CHECK_BLOCK)))
+    if bad:
+        raise CheckpointError(f"{where}: tensor {name!r} holds {bad} non-finite value{'s' if bad > 1 else ''} "
+                              f"(NaN or infinity) of {flat.size}")
+
+
 def open_checkpoint(path: str | os.PathLike, config: NeoXConfig | str | os.PathLike | None = None) -> Checkpoint:
     """Open a Hugging Face GPT-NeoX directory or a GPT-NeoX (DeepSpeed) checkpoint directory.
 

@@ -14,7 +14,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..config import ConfigError, NeoXConfig
-from . import CheckpointError, check_shape, expected_shapes
+from . import CheckpointError, check_finite, check_shape, expected_shapes
 
 # Buffers older transformers versions saved next to the weights; they hold no parameters.
 _IGNORED = re.compile(r"^gpt_neox\.layers\.\d+\.attention\.(bias|masked_bias|rotary_emb\.inv_freq)$")
@@ -115,6 +115,7 @@ class HFCheckpoint:
             if last_use[file] == i:  # unmap a shard once read, so resident memory stays bounded
                 del handles[file]
             check_shape(name, array, shape, str(file))
+            check_finite(key, array, str(file))
             yield name, array
 
 
