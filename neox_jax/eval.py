@@ -16,6 +16,11 @@ Offline, with a task defined by local files:
 
 from __future__ import annotations
 
+from .cli import exit_on_interrupt
+
+if __name__ == "__main__":
+    exit_on_interrupt()  # lm-eval writes its results at the end: an interrupted run has nothing to clean up
+
 import multiprocessing
 import sys
 
@@ -64,8 +69,15 @@ def main(argv: list[str] | None = None) -> None:
     from . import lm_eval_model  # noqa: F401  (registers "neox-jax")
     from lm_eval.__main__ import cli_evaluate
 
+    from .checkpoints import CheckpointError
+
     sys.argv = ["lm-eval", *build_argv(argv)]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    # A missing or broken model, a bad model_arg, an unknown task (lm-eval raises ValueError for it), NaN scores.
+    except (CheckpointError, ValueError, OSError, FloatingPointError) as e:
+        print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

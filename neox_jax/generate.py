@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .checkpoints import CheckpointError
 from .config import PRESETS, ConfigError
-from .decode import Generation, GenerationError, validate_request
+from .decode import Generation, GenerationError, NonFiniteLogitsError, validate_request
 from .sampling import Sampling, SamplingError
 from .sharding import ShardingError
 from .streaming import STREAM_CHUNK, TextStream, stream_text
@@ -274,6 +274,9 @@ def main(argv=None) -> int:
             ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLogitsError as e:  # the model failed, not the request
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return INTERRUPTED

@@ -272,6 +272,10 @@ class NeoXLM(TemplateLM):
                     request_str, _, continuation = requests[i]
                     start = n - len(continuation)  # first scored position
                     logprob = math.fsum(target_lp[b, start:n - 1].tolist()) + float(last_lp[b, continuation[-1]])
+                    if not math.isfinite(logprob):
+                        raise FloatingPointError(
+                            f"request {i}: the continuation's log-likelihood is {logprob} (non-finite logits: "
+                            f"activations overflowing the dtype? try dtype=float32)")
                     is_greedy = bool(np.array_equal(greedy[b, start:n - 1], inp[start + 1:n])
                                      and greedy[b, n - 1] == continuation[-1])
                     results[i] = (logprob, is_greedy)

@@ -1,6 +1,7 @@
 """Faults and hostile input: non-finite numbers never pass silently, user mistakes are one `error:` line,
 the Python API reads its input as meant, Ctrl-C ends a generation cleanly."""
 
+import os
 import random
 import signal
 import subprocess
@@ -227,3 +228,35 @@ def test_ctrl_c_at_random_moments_exits_130_and_nothing_else():
         assert child.returncode == 130, (delay, child.returncode, err)
         for crash in ("Traceback", "pure virtual", "Segmentation", "terminate called", "Fatal Python"):
             assert crash not in err, (delay, err)
+
+
+# ---- lm-eval ----
+
+EVAL_ENV = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
+
+
+@pytest.mark.parametrize("model_args, task, fragments", [
+    ("pretrained={model}", "no_such_task", ["Tasks not found: no_such_task"]),
+    ("pretrained={missing}", "lambada_local_tiny", ["missing: no such directory"]),
+    ("pretrained={model},dtype=float17", "lambada_local_tiny", ["dtype must be one of", "'float17'"]),
+])
+def test_eval_mistakes_end_in_one_error_line(model_dir, tmp_path, model_args, task, fragments):
+    args = ["--model_args", model_args.format(model=model_dir, missing=tmp_path / "missing"), "--tasks", task,
+            "--include_path", str(REPO / "tests" / "data")]
+    out = subprocess.run([sys.executable, "-m", "neox_jax.eval", *args], cwd=REPO, env=EVAL_ENV,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]  # after lm-eval's own INFO log lines
+    assert last.startswith("error: ") and all(f in last for f in fragments), out.stderr[-2000:]
+
+
+def test_eval_refuses_non_finite_scores(tensors):
+    lm_eval_model = pytest.importorskip("neox_jax.lm_eval_model")
+    poisoned = dict(tensors)
+    poisoned["embed_out.weight"] = tensors["embed_out.weight"].copy()
+    poisoned["embed_out.weight"][7] = np.inf
+    model = NeoXModel(CONFIG, build_params(CONFIG, poisoned.items(), jnp.float32, progress=False))
+    lm = lm_eval_model.NeoXLM(pretrained=model, tokenizer=demo_tokenizer())
+    with pytest.raises(FloatingPointError, match="request 0: the continuation's log-likelihood is nan"):
+        lm._loglikelihood_tokens([(None, [5, 6], [7])])
