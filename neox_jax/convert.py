@@ -10,14 +10,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import errno
 import hashlib
 import json
 import os
 import re
 import secrets
 import shutil
+import socket
 import sys
-import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -25,15 +26,18 @@ from typing import Callable, Sequence
 
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .config import PRESETS, ConfigError, NeoXConfig
 from .checkpoints import CheckpointError, expected_shapes, hf
-from .checkpoints.deepspeed import DeepSpeedCheckpoint, looks_like_deepspeed
+from .checkpoints.deepspeed import DeepSpeedCheckpoint, _find_yaml, looks_like_deepspeed
 
 DTYPES = {"keep": None, "float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16),
           "float32": np.dtype(np.float32)}
 PROVENANCE_NAME = "conversion.json"
+# Named in the folders a conversion keeps beside OUT (with its pid), so that a later run can tell whether
+# their owner is still running; only characters that keep those names unambiguous.
+_HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())
 
 
 class ConvertError(Exception):
@@ -61,18 +65,22 @@ def convert(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *,
     """DeepSpeed checkpoint -> HF directory at `out_dir`, written beside it, verified, then renamed into place.
 
     `config`: a NeoXConfig, a NeoX YAML path, or None for the checkpoint's own `configs/*.yml`.
-    `progress`: None shows a bar only on a terminal. Raises CheckpointError, ConfigError or ConvertError;
-    on any failure or interrupt nothing is left at `out_dir` or beside it.
+    `progress`: None shows a bar only on a terminal. Raises CheckpointError, ConfigError or ConvertError.
+    An output that overlaps anything the conversion reads is refused before anything is written. On any
+    failure or interrupt nothing is left at `out_dir` or beside it (a previous output replaced with `force`
+    is put back); what a killed conversion left beside `out_dir` is removed by the next one.
     """
     start = time.perf_counter()
     if dtype not in DTYPES:
         raise ConvertError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    out_dir = Path(out_dir)
+    out_dir = _absolute(out_dir)
     if (Path(checkpoint) / "config.json").is_file() and not looks_like_deepspeed(checkpoint):
         raise ConvertError(f"{checkpoint} is already a Hugging Face directory (config.json); nothing to convert")
     ckpt = DeepSpeedCheckpoint(checkpoint, config)
-    _check_output(out_dir, ckpt.path, force)
     tokenizer_file = _find_tokenizer(ckpt, tokenizer, log)
+    _refuse_overlap(out_dir, _sources(ckpt, config, tokenizer_file))
+    _clean_leftovers(out_dir, log)
+    _check_output(out_dir, force)
     stored_bytes = ckpt.validate()
     target = DTYPES[dtype]
     n_params = sum(int(np.prod(s)) for s in expected_shapes(ckpt.config).values())
@@ -104,8 +112,14 @@ def convert(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *,
         (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2) + "\n")
         _apply_umask(tmp)
         _move_into_place(tmp, out_dir, force)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _out_of_space(e):
+            raise ConvertError(f"the disk is full: no space left on the filesystem of {out_dir.parent} while "
+                               f"writing {out_dir} (the output needs {out_bytes / 1e9:.2f} GB); the partial "
+                               f"output was removed") from None
+        if isinstance(e, SafetensorError):
+            raise ConvertError(f"writing {out_dir} failed: {e}") from None
         raise
     return ConversionResult(out_dir, n_params, provenance["output"]["bytes"], seconds, provenance)
 
@@ -179,13 +193,120 @@ def _crc(array: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
 
 
-def _check_output(out_dir: Path, source: Path, force: bool) -> None:
-    if out_dir.exists() or out_dir.is_symlink():
-        resolved = out_dir.resolve()
-        if resolved == source.resolve() or resolved in source.resolve().parents:
-            raise ConvertError(f"{out_dir} holds the checkpoint being converted; choose another output directory")
-        if not force:
-            raise ConvertError(f"{out_dir} already exists (use --force to replace it)")
+def _out_of_space(e: BaseException) -> bool:
+    """Whether a write failed for lack of space or quota (safetensors reports I/O errors as text)."""
+    if isinstance(e, OSError):
+        code = e.errno
+    elif isinstance(e, SafetensorError):
+        m = re.search(r"\(os error (\d+)\)", str(e))
+        code = int(m.group(1)) if m else None
+    else:
+        return False
+    return code in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _absolute(out_dir: str | os.PathLike) -> Path:
+    """OUT with its folder resolved, so that it has a name and a folder to keep the temporary one in ('.'
+    has neither). A symlink at OUT itself is kept: `--force` replaces the link, not where it leads."""
+    out_dir = Path(out_dir)
+    if out_dir.name in ("", ".."):
+        return out_dir.resolve()
+    return out_dir.parent.resolve() / out_dir.name
+
+
+def _sources(ckpt: DeepSpeedCheckpoint, config: NeoXConfig | str | os.PathLike | None,
+             tokenizer_file: Path | None) -> list[tuple[str, Path]]:
+    """Everything the conversion reads, narrowest first, each with what to call it in an error."""
+    sources = [] if tokenizer_file is None else [("the tokenizer file", tokenizer_file)]
+    if config is None:
+        sources += [("the configs folder", f.parent) for f in _find_yaml(ckpt.step_dir)[:1]]
+    elif not isinstance(config, NeoXConfig):
+        sources.append(("the config file", Path(config)))
+    return sources + [("the step folder", ckpt.step_dir), ("the checkpoint folder", ckpt.path)]
+
+
+def _refuse_overlap(out_dir: Path, sources: list[tuple[str, Path]]) -> None:
+    """Refuse an output that is, lies inside or contains a source: replacing it would destroy that source.
+
+    Both OUT itself (a symlink there is what `--force` replaces) and where it leads are compared with the
+    resolved sources. The error names the closest source: the innermost one OUT lies in, the outermost
+    one it contains.
+    """
+    outs = dict.fromkeys((out_dir, out_dir.resolve()))
+    resolved = [(role, source.resolve()) for role, source in sources]
+    checks = (("is", resolved, lambda out, source: out == source),
+              ("lies inside", resolved, lambda out, source: source in out.parents),
+              ("contains", resolved[::-1], lambda out, source: out in source.parents))
+    for how, candidates, overlaps in checks:
+        for role, source in candidates:
+            for out in outs:
+                if overlaps(out, source):
+                    where = out_dir if out == out_dir else f"{out_dir} (a link to {out})"
+                    named = "" if out == source else f" {source}"
+                    raise ConvertError(f"{where} {how} {role}{named}, which this conversion reads; a conversion "
+                                       f"never writes over its source: choose another output directory")
+
+
+def _check_output(out_dir: Path, force: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConvertError(f"{out_dir} exists and is not a directory; --force replaces only an earlier output "
+                           f"directory: remove it or choose another name")
+    if (out_dir.exists() or out_dir.is_symlink()) and not force:
+        raise ConvertError(f"{out_dir} already exists (use --force to replace it)")
+
+
+def _sibling(out_dir: Path, kind: str) -> Path:
+    """A new name beside `out_dir` for a folder this run owns: `.NAME.KIND-PID@HOST-TOKEN`."""
+    return out_dir.parent / f".{out_dir.name}.{kind}-{os.getpid()}@{_HOST}-{secrets.token_hex(4)}"
+
+
+def _clean_leftovers(out_dir: Path, log: Callable[[str], None]) -> None:
+    """Remove the folders that conversions to `out_dir` killed outright (SIGKILL, power loss) left beside it.
+
+    Only a folder whose owner is known to be dead is removed: one named with this host and a pid that no
+    process has. A live owner's folder is left alone; one whose owner cannot be checked (another host on a
+    shared filesystem, or an older version's name without a host) is reported instead. A previous output
+    that a killed `--force` replacement had moved aside is put back first if nothing took its place.
+    """
+    pattern = re.compile(rf"\.{re.escape(out_dir.name)}\.(tmp|old)-([1-9]\d{{0,6}})(?:@(.+))?-[0-9a-f]+")
+    try:
+        siblings = sorted(out_dir.parent.iterdir())
+    except OSError:  # no folder yet, so nothing left over
+        return
+    for leftover in siblings:
+        m = pattern.fullmatch(leftover.name)
+        if not m or leftover.is_symlink() or not leftover.is_dir():
+            continue
+        kind, pid, host = m.group(1), int(m.group(2)), m.group(3)
+        if host != _HOST:
+            log(f"warning: {leftover} may be left over from an interrupted conversion (pid {pid} on "
+                f"{host or 'an unknown host'}); delete it if no conversion to {out_dir} is running there")
+            continue
+        if _running(pid):
+            continue  # a conversion in progress, or the pid was reused: not ours to judge
+        try:
+            previous = leftover / "previous"
+            if kind == "old" and (previous.exists() or previous.is_symlink()) and not (
+                    out_dir.exists() or out_dir.is_symlink()):
+                os.rename(previous, out_dir)
+                log(f"restored {out_dir}, which an interrupted --force replacement (pid {pid}) had moved to "
+                    f"{previous}")
+            shutil.rmtree(leftover)
+        except OSError as e:
+            log(f"warning: could not remove {leftover}, left over from an interrupted conversion (pid {pid}): "
+                f"{e.strerror or e}")
+            continue
+        log(f"removed leftover {leftover} from an interrupted conversion (pid {pid})")
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _make_temp_dir(out_dir: Path) -> Path:
@@ -195,7 +316,7 @@ def _make_temp_dir(out_dir: Path) -> Path:
     """
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp = _sibling(out_dir, "tmp")
         tmp.mkdir()
         return tmp
     except OSError as e:
@@ -218,15 +339,30 @@ def _move_into_place(tmp: Path, out_dir: Path, force: bool) -> None:
         return
     if not force:  # appeared while we were converting
         raise ConvertError(f"{out_dir} already exists (use --force to replace it)")
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-    os.rename(out_dir, old / "previous")
+    # The previous output is moved aside, not deleted, until the new one is in place. If this process is
+    # killed in between, the next conversion finds it in `old` and puts it back.
+    old = _sibling(out_dir, "old")
+    previous = old / "previous"
+    old.mkdir()
+    try:
+        os.rename(out_dir, previous)
+    except BaseException:
+        old.rmdir()
+        raise
     try:
         os.rename(tmp, out_dir)
-    except BaseException:
-        os.rename(old / "previous", out_dir)
+    except BaseException as failure:
+        try:
+            os.rename(previous, out_dir)
+        except OSError as e:
+            raise ConvertError(f"could not move the new output to {out_dir}, nor put the previous one back "
+                               f"({e.strerror or e}): it is in {previous}") from None
+        old.rmdir()
+        if isinstance(failure, OSError):
+            raise ConvertError(f"could not move the new output to {out_dir} ({failure.strerror or failure}); "
+                               f"the previous output is unchanged") from None
         raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)  # what cannot be removed now, the next conversion removes
 
 
 def _find_tokenizer(ckpt: DeepSpeedCheckpoint, given: str | os.PathLike | None,

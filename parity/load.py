@@ -12,7 +12,9 @@ Two sources:
 from __future__ import annotations
 
 import json
+import pickletools
 import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -86,11 +88,66 @@ def _load_stage(step_dir: Path, idx: int, ranks: int, required: bool = True) -> 
     for f in files:
         if not f.exists():
             raise LoadError(f"{f}: missing shard")
-        try:
-            states.append(torch.load(f, map_location="cpu", weights_only=True))
-        except Exception as e:  # torch raises several unrelated types for corrupt or non-tensor pickles
-            raise LoadError(f"{f}: unreadable shard ({e})") from None
+        states.append(_load_shard(f))
     return states
+
+
+def _load_shard(f: Path) -> dict:
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several unrelated types for corrupt or non-tensor pickles
+        code = _code_in_pickle(f)
+        if code:
+            raise LoadError(f"{f}: refused to load: it would run code when unpickled (it calls "
+                            f"{', '.join(code)}); a shard holds only tensors") from None
+        # torch's message also advises loading with weights_only=False, which would run whatever the file holds.
+        reason = next((line.strip() for line in str(e).splitlines()
+                       if line.strip() and "weights_only" not in line and "Weights only" not in line),
+                      type(e).__name__)
+        raise LoadError(f"{f}: unreadable shard ({reason})") from None
+
+
+def _code_in_pickle(f: Path) -> list[str]:
+    """What `f`'s pickle would call beyond torch's tensor types, read from its opcodes alone (pickletools
+    decodes, it never imports or calls): torch reports any pickle protocol above 2 as an "unsupported
+    operand", whatever it holds, so its refusal alone does not tell a pickle that would run code from a
+    damaged one.
+
+    torch's zip format keeps its pickle in `data.pkl`; the legacy one writes four pickles (magic number,
+    protocol version, system info, then the object) before the raw tensor bytes; a plain pickle has one.
+    """
+    names: set[str] = set()
+
+    def scan(stream):
+        strings, memo = [], {}  # the values pushed, strings only (else None), for STACK_GLOBAL's two operands
+        for op, arg, _ in pickletools.genops(stream):
+            if op.name in ("GLOBAL", "INST"):
+                names.add(arg.replace(" ", "."))
+            elif op.name == "STACK_GLOBAL":
+                module, name = ([None, None] + strings)[-2:]
+                names.add(f"{module or '?'}.{name or '?'}")
+            if op.name == "MEMOIZE":
+                memo[len(memo)] = strings[-1] if strings else None
+            elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[arg] = strings[-1] if strings else None
+            elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+                strings.append(memo.get(arg))
+            elif op.name not in ("PROTO", "FRAME", "STOP"):
+                strings.append(arg if "STRING" in op.name or "UNICODE" in op.name else None)
+
+    try:
+        if zipfile.is_zipfile(f):
+            with zipfile.ZipFile(f) as archive, archive.open(
+                    next(n for n in archive.namelist() if n.endswith("data.pkl"))) as stream:
+                scan(stream)
+        else:
+            with open(f, "rb") as stream:
+                for _ in range(4):
+                    scan(stream)
+    except Exception:  # undecodable bytes (the raw tensor data, or damage) end the scan
+        pass
+    safe = torch._weights_only_unpickler._get_allowed_globals()
+    return sorted(n for n in names if n not in safe)
 
 
 def _get(states: list[dict], key: str, step_dir: Path, idx: int) -> list[torch.Tensor]:

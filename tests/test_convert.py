@@ -1,14 +1,20 @@
 """`python -m neox_jax.convert`: output a transformers-loadable directory, atomically, or a one-line error."""
 
+import errno
 import hashlib
 import json
+import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors import SafetensorError
 
 from conftest import REPO, tiny_config
 from neox_jax import convert
@@ -140,7 +146,215 @@ def test_existing_output_and_force(tmp_path, capsys):
     assert run(capsys, root, out, "--force")[0] == 0
     assert not (out / "old.txt").exists() and (out / "conversion.json").exists()
     assert not list(tmp_path.glob(".hf.*"))
-    assert_error(run(capsys, root, root, "--force"), "holds the checkpoint being converted")
+    assert_error(run(capsys, root, root, "--force"), r"ckpt is the step folder, which this conversion reads")
+
+
+def snapshot(root):
+    """Every path under `root` with its bytes: a refused conversion must leave it exactly as it was."""
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() and not p.is_symlink() else p.is_symlink()
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("checkpoint, out, args, pattern", [
+    ("ckpt", "ckpt/global_step100", [], r"ckpt/global_step100 is the step folder, which"),
+    ("ckpt/global_step100", "ckpt/configs", [], r"ckpt/configs is the configs folder, which"),
+    ("ckpt/global_step100", "ckpt", [], r"ckpt contains the checkpoint folder \S+/ckpt/global_step100, which"),
+    ("ckpt", "ckpt/global_step100/hf", [], r"hf lies inside the step folder \S+/ckpt/global_step100, which"),
+    ("ckpt", "tok", ["--tokenizer", "tok/t.json"], r"tok contains the tokenizer file \S+/tok/t\.json, which"),
+    ("ckpt", "tok/t.json", ["--tokenizer", "tok/t.json"], r"tok/t\.json is the tokenizer file, which"),
+    ("ckpt", ".", [], r"contains the checkpoint folder \S+/ckpt, which"),
+    ("ckpt", "cfg", ["--config", "cfg/20B.yml"], r"cfg contains the config file \S+/cfg/20B\.yml, which"),
+    ("ckpt", "link", [], r"link \(a link to \S+/ckpt/global_step100\) is the step folder, which"),
+])
+def test_output_overlapping_the_source_is_refused_before_anything_is_touched(tmp_path, capsys, monkeypatch,
+                                                                              checkpoint, out, args, pattern):
+    make_checkpoint(tmp_path / "ckpt", step=100)
+    (tmp_path / "tok").mkdir()
+    write_tokenizer(tmp_path / "tok" / "t.json")
+    (tmp_path / "cfg").mkdir()
+    shutil.copy(tmp_path / "ckpt" / "configs" / "model.yml", tmp_path / "cfg" / "20B.yml")
+    (tmp_path / "link").symlink_to(tmp_path / "ckpt" / "global_step100")
+    before = snapshot(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    result = run(capsys, tmp_path / checkpoint, out, *[a if a.startswith("--") else tmp_path / a for a in args],
+                 "--force")
+    assert_error(result, pattern + r" this conversion reads; a conversion never writes over its source")
+    assert snapshot(tmp_path) == before
+
+
+def test_output_that_is_a_file_is_refused(tmp_path, capsys):
+    root, _ = make_checkpoint(tmp_path / "ckpt")
+    (tmp_path / "notes").write_text("keep me")
+    assert_error(run(capsys, root, tmp_path / "notes", "--force"),
+                 r"notes exists and is not a directory; --force replaces only an earlier output directory")
+    assert (tmp_path / "notes").read_text() == "keep me"
+    assert not list(tmp_path.glob(".notes.*"))
+
+
+def test_convert_into_the_current_directory(tmp_path, capsys, monkeypatch):
+    root, _ = make_checkpoint(tmp_path / "ckpt")
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "old.txt").write_text("previous")
+    monkeypatch.chdir(out)
+    code, stdout, err = run(capsys, root, ".", "--force")
+    assert code == 0, err
+    assert stdout.endswith(f"-> {out}\n")
+    assert {f.name for f in out.iterdir()} == {"config.json", "model-00001-of-00001.safetensors",
+                                              "model.safetensors.index.json", "conversion.json"}
+    assert not list(tmp_path.glob(".hf.*")), "leftovers beside the output"
+
+
+def dead_pid():
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_leftovers_of_a_killed_conversion_are_removed_by_the_next(tmp_path, capsys):
+    root, _ = make_checkpoint(tmp_path / "ckpt")
+    out = tmp_path / "hf"
+    # A real conversion, SIGKILLed while it writes the shards: nothing in it can clean up.
+    script = ("import os, signal, sys\n"
+              "from neox_jax import convert\n"
+              "real = convert.hf.write_hf\n"
+              "def killed_midway(out_dir, config, stream, **kwargs):\n"
+              "    def stream_until_killed():\n"
+              "        for i, item in enumerate(stream):\n"
+              "            if i == 10:\n"
+              "                os.kill(os.getpid(), signal.SIGKILL)\n"
+              "            yield item\n"
+              "    return real(out_dir, config, stream_until_killed(), **kwargs)\n"
+              "convert.hf.write_hf = killed_midway\n"
+              "convert.main(sys.argv[1:])\n")
+    killed = subprocess.Popen([sys.executable, "-c", script, str(root), str(out), "--shard-size", "40kB"],
+                              cwd=REPO, stderr=subprocess.PIPE, text=True)
+    _, stderr = killed.communicate()
+    assert killed.returncode == -signal.SIGKILL, stderr
+    [leftover] = tmp_path.glob(".hf.*")
+    assert leftover.name.startswith(f".hf.tmp-{killed.pid}@") and list(leftover.glob("*.safetensors.tmp"))
+
+    code, _, err = run(capsys, root, out)
+    assert code == 0, err
+    assert not list(tmp_path.glob(".hf.*"))
+    assert f"removed leftover {leftover} from an interrupted conversion (pid {killed.pid})" in err
+
+
+def test_leftovers_whose_owner_may_be_alive_are_kept(tmp_path, capsys):
+    root, _ = make_checkpoint(tmp_path / "ckpt")
+    host, dead = convert._HOST, dead_pid()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        dead_here = tmp_path / f".hf.tmp-{dead}@{host}-abcd"
+        old_dead_here = tmp_path / f".hf.old-{dead}@{host}-abcd"
+        live_here = tmp_path / f".hf.tmp-{live.pid}@{host}-abcd"
+        elsewhere = tmp_path / f".hf.tmp-{dead}@other.host-abcd"
+        no_host = tmp_path / f".hf.tmp-{dead}-abcd"  # named by an earlier version: its host is unknown
+        other_output = tmp_path / f".hf2.tmp-{dead}@{host}-abcd"
+        for d in (tmp_path / "hf", dead_here, old_dead_here / "previous", live_here, elsewhere, no_host,
+                  other_output):
+            d.mkdir(parents=True)
+            (d / "model.safetensors").write_bytes(b"partial")
+        code, _, err = run(capsys, root, tmp_path / "hf", "--force")
+    finally:
+        live.kill()
+        live.wait()
+    assert code == 0, err
+    assert not dead_here.exists() and not old_dead_here.exists()
+    assert f"removed leftover {dead_here} from an interrupted conversion (pid {dead})" in err
+    assert f"removed leftover {old_dead_here} from an interrupted conversion (pid {dead})" in err
+    assert live_here.exists() and str(live_here) not in err
+    assert other_output.exists() and str(other_output) not in err
+    for unsure, host_named in ((elsewhere, "other.host"), (no_host, "an unknown host")):
+        assert unsure.exists()
+        assert (f"warning: {unsure} may be left over from an interrupted conversion (pid {dead} on {host_named}); "
+                f"delete it if no conversion to {tmp_path / 'hf'} is running there") in err
+
+
+def test_previous_output_moved_aside_by_a_killed_replacement_is_restored(tmp_path, capsys):
+    root, _ = make_checkpoint(tmp_path / "ckpt")
+    out = tmp_path / "hf"
+    dead = dead_pid()
+    old = tmp_path / f".hf.old-{dead}@{convert._HOST}-abcd"
+    (old / "previous").mkdir(parents=True)  # killed between moving OUT aside and moving the new output in
+    (old / "previous" / "old.txt").write_text("previous")
+    (tmp_path / f".hf.tmp-{dead}@{convert._HOST}-abcd").mkdir()  # the new output it did not move in
+    code, stdout, err = run(capsys, root, out)
+    restored, removed_old, removed_tmp, *rest = [line for line in err.splitlines() if not line.startswith("warning")]
+    assert restored == (f"restored {out}, which an interrupted --force replacement (pid {dead}) had moved to "
+                        f"{old / 'previous'}")
+    assert removed_old.startswith(f"removed leftover {old}") and removed_tmp.startswith("removed leftover")
+    assert_error((code, stdout, "\n".join(rest)), r"hf already exists \(use --force to replace it\)")
+    assert [f.name for f in out.iterdir()] == ["old.txt"] and (out / "old.txt").read_text() == "previous"
+    assert not list(tmp_path.glob(".hf.*"))
+
+
+def test_failed_replacement_puts_the_previous_output_back(tmp_path, capsys, monkeypatch):
+    root, _ = make_checkpoint(tmp_path / "ckpt")
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "old.txt").write_text("previous")
+    real_rename, calls = os.rename, []
+
+    def rename(src, dst):
+        calls.append((Path(src).name, Path(dst).name))
+        if len(calls) == 2:  # the previous output is aside; moving the new one in fails
+            raise OSError(errno.EIO, "Input/output error")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(convert.os, "rename", rename)
+    assert_error(run(capsys, root, out, "--force"),
+                 r"could not move the new output to \S+/hf \(Input/output error\); the previous output is unchanged")
+    assert [(src.split("-")[0], dst) for src, dst in calls] == [("hf", "previous"), (".hf.tmp", "hf"),
+                                                                ("previous", "hf")]
+    assert [f.name for f in out.iterdir()] == ["old.txt"] and (out / "old.txt").read_text() == "previous"
+    assert not list(tmp_path.glob(".hf.*"))
+
+
+def test_previous_output_that_cannot_be_put_back_is_kept_and_named(tmp_path, capsys, monkeypatch):
+    root, _ = make_checkpoint(tmp_path / "ckpt")
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "old.txt").write_text("previous")
+    real_rename, calls = os.rename, []
+
+    def rename(src, dst):
+        calls.append(src)
+        if len(calls) > 1:  # neither the new output nor the previous one can move to OUT
+            raise OSError(errno.EIO, "Input/output error")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(convert.os, "rename", rename)
+    code, stdout, err = run(capsys, root, out, "--force")
+    [old] = tmp_path.glob(".hf.old-*")
+    assert_error((code, stdout, err), rf"could not move the new output to \S+/hf, nor put the previous one back "
+                                      rf"\(Input/output error\): it is in {re.escape(str(old / 'previous'))}$")
+    assert (old / "previous" / "old.txt").read_text() == "previous"
+    assert not out.exists() and not list(tmp_path.glob(".hf.tmp-*"))
+
+
+@pytest.mark.parametrize("disk_full", [
+    OSError(errno.ENOSPC, "No space left on device"),
+    SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),  # as safetensors
+])
+def test_disk_filling_up_while_writing_a_shard(tmp_path, capsys, monkeypatch, disk_full):
+    root, _ = make_checkpoint(tmp_path / "ckpt")
+    real, shards = convert.hf.save_file, []
+
+    def save_file(tensors, filename, **kwargs):
+        shards.append(filename)
+        if len(shards) == 3:
+            Path(filename).write_bytes(b"partial")
+            raise disk_full
+        real(tensors, filename, **kwargs)
+
+    monkeypatch.setattr(convert.hf, "save_file", save_file)
+    out = tmp_path / "hf"
+    assert_error(run(capsys, root, out, "--shard-size", "40kB"),
+                 rf"the disk is full: no space left on the filesystem of {re.escape(str(tmp_path))} while writing "
+                 rf"{re.escape(str(out))} \(the output needs 0\.\d+ GB\); the partial output was removed")
+    assert len(shards) == 3
+    assert_nothing_at(out)
 
 
 def truncate(root):
