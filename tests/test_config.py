@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from neox_jax.checkpoints.neox_yaml import config_from_neox_args, read_neox_yaml
 from neox_jax.config import PRESETS, ConfigError, NeoXConfig
 
 from conftest import tiny_config
@@ -48,10 +49,18 @@ def test_activation_names(act, expected):
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(hidden_act="relu"), "unsupported hidden_act 'relu'"),
-    (dict(num_attention_heads=5), "not divisible by num_heads 5"),
-    (dict(hidden_size=None), "missing key 'hidden_size'"),
-    (dict(num_hidden_layers=0), "num_layers must be a positive integer"),
+    (dict(hidden_act="relu"), "key 'hidden_act' = 'relu' is not supported"),
+    (dict(num_attention_heads=5), "key 'hidden_size' = 64 is not divisible by key 'num_attention_heads' = 5"),
+    (dict(hidden_size=None), r"key 'hidden_size' = None \(null\): expected a positive integer"),
+    (dict(num_hidden_layers=0), r"key 'num_hidden_layers' = 0 \(an integer\): expected a positive integer"),
+    (dict(rotary_pct=1.5), r"key 'rotary_pct' = 1.5 \(a float\): expected a number in \[0, 1\]"),
+    (dict(rotary_emb_base=0.5), "key 'rotary_emb_base' = 0.5 .*expected a finite number >= 1"),
+    (dict(layer_norm_eps=-1e-5), "key 'layer_norm_eps' = -1e-05 .*expected a finite number > 0"),
+    (dict(rope_parameters={"rope_type": "linear", "factor": 2.0}),
+     "key 'rope_parameters.rope_type' = 'linear': scaled rotary embeddings are not supported"),
+    (dict(rope_parameters={"partial_rotary_factor": 0.5}),
+     "key 'rotary_pct' = 0.25 disagrees with key 'rope_parameters.partial_rotary_factor' = 0.5"),
+    (dict(rope_scaling=[1.0]), r"key 'rope_scaling' = \[1.0\] \(a list\): expected a mapping or null"),
 ])
 def test_bad_config_is_named(change, message):
     d = {**tiny_config().to_hf_dict(), **change}
@@ -64,6 +73,99 @@ def test_missing_key_and_bad_json_name_the_file(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ConfigError, match="config.json: not valid JSON"):
         NeoXConfig.from_hf_json(path)
+    path.write_text("1" * 5000)  # past Python's integer conversion limit: a ValueError, not a JSONDecodeError
+    with pytest.raises(ConfigError, match="config.json: not valid JSON"):
+        NeoXConfig.from_hf_json(path)
+    path.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="config.json: expected a JSON object of model settings, got a list"):
+        NeoXConfig.from_hf_json(path)
     path.write_text(json.dumps({"hidden_size": 64}))
     with pytest.raises(ConfigError, match="config.json: missing key 'vocab_size'"):
         NeoXConfig.from_hf_json(path)
+
+
+# ---- Values of the wrong type or out of range, in config.json and in the GPT-NeoX YAML ----
+
+SIZE = "expected a positive integer no larger than 2**20 = 1048576"
+
+# (config.json key, GPT-NeoX YAML key, value as JSON/YAML text, how the message shows it, expected)
+MISREAD = [
+    ("use_parallel_residual", "gpt-j-residual", '"no"', "'no' (a string)", "expected a boolean (true or false)"),
+    ("num_hidden_layers", "num-layers", "true", "True (a boolean)", SIZE),
+    ("num_hidden_layers", "num-layers", "24.0", "24.0 (a float)", SIZE),
+    ("layer_norm_eps", "layernorm-epsilon", '"small"', "'small' (a string)", "expected a finite number > 0"),
+    ("rotary_emb_base", "rotary-emb-base", "NaN", "nan (a float)", "expected a finite number >= 1"),
+    ("max_position_embeddings", "max-position-embeddings", "1000000000000", "1000000000000 (an integer)", SIZE),
+]
+
+
+def write_hf_config(path, key, json_value):
+    d = tiny_config().to_hf_dict()
+    del d["rope_parameters"]  # one spelling of the rotary settings, so that each key alone decides
+    d[key] = json.loads(json_value)
+    path.write_text(json.dumps(d))
+    return path
+
+
+def write_neox_yaml(path, key, yaml_value):
+    path.write_text('{"num-layers": 2, "hidden-size": 64, "num-attention-heads": 4, "seq-length": 64,\n'
+                    f' "pos-emb": "rotary", "{key}": {yaml_value}}}\n')
+    return path
+
+
+def neox_yaml_config(path):
+    return config_from_neox_args(read_neox_yaml([path]), 96, str(path))
+
+
+@pytest.mark.parametrize("hf_key, yaml_key, text, shown, expected", MISREAD)
+def test_config_json_value_of_the_wrong_kind_is_named(tmp_path, hf_key, yaml_key, text, shown, expected):
+    path = write_hf_config(tmp_path / "config.json", hf_key, text)
+    with pytest.raises(ConfigError) as error:
+        NeoXConfig.from_hf_json(path)
+    assert str(error.value) == f"{path}: key '{hf_key}' = {shown}: {expected}"
+
+
+@pytest.mark.parametrize("hf_key, yaml_key, text, shown, expected", MISREAD)
+def test_neox_yaml_value_of_the_wrong_kind_is_named(tmp_path, hf_key, yaml_key, text, shown, expected):
+    path = write_neox_yaml(tmp_path / "neox.yml", yaml_key, text.replace("NaN", ".nan"))
+    with pytest.raises(ConfigError) as error:
+        neox_yaml_config(path)
+    assert str(error.value) == f"{path}: key '{yaml_key}' = {shown}: {expected}"
+
+
+def test_the_string_false_is_never_true(tmp_path):
+    with pytest.raises(ConfigError, match="key 'use_parallel_residual' = 'false' \\(a string\\): expected a boolean"):
+        NeoXConfig.from_hf_json(write_hf_config(tmp_path / "config.json", "use_parallel_residual", '"false"'))
+    # In the YAML, "true" and "false" strings are unambiguous and read as what they say.
+    for text, parallel in (('"false"', False), ('"TRUE"', True), ("false", False)):
+        path = write_neox_yaml(tmp_path / "neox.yml", "gpt-j-residual", text)
+        assert neox_yaml_config(path).parallel_residual is parallel
+
+
+def test_yaml_numeric_strings_are_numbers_only_for_float_keys(tmp_path):
+    # YAML 1.1 reads 1e-5 (no dot) as a string, and GPT-NeoX configs write it so.
+    assert neox_yaml_config(write_neox_yaml(tmp_path / "a.yml", "layernorm-epsilon", "1e-6")).layer_norm_eps == 1e-6
+    for key, text in (("layernorm-epsilon", '"inf"'), ("num-layers", '"2"'), ("rotary-pct", '"\u0661"')):
+        with pytest.raises(ConfigError, match=f"key '{key}' = .* \\(a string\\): expected"):
+            neox_yaml_config(write_neox_yaml(tmp_path / "a.yml", key, text))
+
+
+def test_sizes_whose_product_is_absurd_are_refused_before_anything_allocates():
+    # Each size is within its own limit; together they make 1.32e13 parameters.
+    with pytest.raises(ConfigError, match=r"key 'num_hidden_layers' .* make 1\.32e\+13 parameters, over the limit"):
+        NeoXConfig.from_hf_dict({**tiny_config().to_hf_dict(), "hidden_size": 2**14, "intermediate_size": 2**16,
+                                 "num_hidden_layers": 2**12})
+    with pytest.raises(ConfigError, match="key 'max_position_embeddings' = 1048576 times 1024 rotary dims per head"):
+        NeoXConfig.from_hf_dict({**tiny_config().to_hf_dict(), "max_position_embeddings": 2**20, "hidden_size": 4096,
+                                 "num_attention_heads": 1, "rotary_pct": 0.25, "rope_parameters": None})
+
+
+def test_dataclass_checks_types_strictly():
+    with pytest.raises(ConfigError, match=r"^num_layers = True \(a boolean\): expected a positive integer"):
+        tiny_config(num_layers=True)
+    with pytest.raises(ConfigError, match=r"^parallel_residual = 'false' \(a string\): expected a boolean"):
+        tiny_config(parallel_residual="false")
+    with pytest.raises(ConfigError, match=r"^layer_norm_eps = inf \(a float\): expected a finite number > 0"):
+        tiny_config(layer_norm_eps=float("inf"))
+    config = tiny_config(rotary_base=500)  # an int for a float field is stored as the float it means
+    assert type(config.rotary_base) is float and config == tiny_config(rotary_base=500.0)

@@ -9,8 +9,8 @@ import torch
 
 from conftest import tiny_config
 from neox_jax.checkpoints import CheckpointError, expected_shapes, open_checkpoint, synthetic
-from neox_jax.checkpoints.deepspeed import (DeepSpeedCheckpoint, config_from_neox_args, looks_like_deepspeed,
-                                            read_neox_yaml)
+from neox_jax.checkpoints.deepspeed import DeepSpeedCheckpoint, looks_like_deepspeed
+from neox_jax.checkpoints.neox_yaml import config_from_neox_args, read_neox_yaml
 from neox_jax.config import ConfigError
 
 

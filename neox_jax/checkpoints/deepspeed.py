@@ -29,9 +29,10 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..config import ConfigError, NeoXConfig
+from ..config import NeoXConfig
 from . import CheckpointError, LAYER_PREFIX, layer_shapes
 from .hf import torch_to_numpy
+from .neox_yaml import config_from_neox_args, read_neox_yaml
 
 INV_FREQ = "attention.rotary_emb.inv_freq"
 _LAYER_FILE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
@@ -115,110 +116,6 @@ def check_divisible(config: NeoXConfig, ranks: int) -> None:
                        ("intermediate_size", config.intermediate_size), ("hidden_size", config.hidden_size)):
         if size % ranks:
             raise CheckpointError(f"{what} {size} is not divisible by the {ranks} tensor-parallel ranks")
-
-
-# ---- NeoX YAML configs ----
-
-# Keys that shape the model: two YAML files disagreeing on one of these is an error.
-_MODEL_KEYS = {"num_layers", "hidden_size", "num_attention_heads", "intermediate_size", "max_position_embeddings",
-               "seq_length", "rotary_pct", "rotary_emb_base", "no_weight_tying", "gpt_j_residual", "gpt_j_tied",
-               "activation", "bias_gelu_fusion", "openai_gelu", "layernorm_epsilon", "norm", "pos_emb",
-               "mlp_type", "num_kv_heads", "use_bias_in_norms", "use_bias_in_attn_linear", "model_parallel_size"}
-
-
-def read_neox_yaml(files: Sequence[str | os.PathLike]) -> dict[str, Any]:
-    """Merge GPT-NeoX training YAMLs (as NeoX does with several), keys normalized to `_`.
-
-    A key given different values by two files is an error rather than a silent override.
-    """
-    import yaml
-
-    merged: dict[str, Any] = {}
-    origin: dict[str, Path] = {}
-    for file in map(Path, files):
-        try:
-            data = yaml.safe_load(file.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{file}: no such file") from None
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-            raise ConfigError(f"{file}: not a readable YAML file ({str(e).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{file}: expected a mapping of GPT-NeoX arguments")
-        for key, value in data.items():
-            key = str(key).replace("-", "_")
-            if key in merged and merged[key] != value and key in _MODEL_KEYS:
-                raise ConfigError(f"{file}: {key} = {value!r} conflicts with {merged[key]!r} in {origin[key]}")
-            merged[key], origin[key] = value, file
-    return merged
-
-
-def config_from_neox_args(args: Mapping[str, Any], vocab_size: int, where: str = "config") -> NeoXConfig:
-    """A NeoXConfig from merged NeoX arguments; defaults are GPT-NeoX's own (e.g. tied embeddings)."""
-
-    def get(key, default=None, kind=None):
-        value = args.get(key, default)
-        if value is None or kind is None:
-            return value
-        try:
-            # YAML 1.1 reads `1e-5` as a string; NeoX coerces it, and so do we.
-            return kind(value) if kind is not bool else _as_bool(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: {key} = {value!r} is not a valid {kind.__name__}") from None
-
-    def need(key, kind):
-        if args.get(key) is None:
-            raise ConfigError(f"{where}: no {key.replace('_', '-')!r}")
-        return get(key, kind=kind)
-
-    def unsupported(key, value, default, note=""):
-        if args.get(key, default) != value:
-            raise ConfigError(f"{where}: {key.replace('_', '-')} = {args.get(key, default)!r} is not supported "
-                              f"(only {value!r}){note}")
-
-    unsupported("pos_emb", "rotary", "learned", " (GPT-NeoX's default is 'learned': set \"pos-emb\": \"rotary\")")
-    unsupported("norm", "layernorm", "layernorm")
-    unsupported("mlp_type", "regular", "regular")
-    unsupported("gpt_j_tied", False, False)
-    unsupported("use_bias_in_norms", True, True)
-    unsupported("use_bias_in_attn_linear", True, True)
-    activation = get("activation", "gelu")
-    if activation != "gelu":
-        raise ConfigError(f"{where}: activation {activation!r} is not supported (only 'gelu')")
-    heads = need("num_attention_heads", int)
-    if args.get("num_kv_heads") not in (None, heads):
-        raise ConfigError(f"{where}: grouped-query attention (num-kv-heads) is not supported")
-    hidden = need("hidden_size", int)
-    max_pos = get("max_position_embeddings", kind=int) or get("seq_length", kind=int)
-    if max_pos is None:
-        raise ConfigError(f"{where}: neither 'max-position-embeddings' nor 'seq-length' is given")
-    try:
-        return NeoXConfig(
-            vocab_size=vocab_size,
-            hidden_size=hidden,
-            num_layers=need("num_layers", int),
-            num_heads=heads,
-            intermediate_size=get("intermediate_size", kind=int) or 4 * hidden,
-            rotary_pct=get("rotary_pct", 1.0, float),
-            rotary_base=get("rotary_emb_base", 10000.0, float),
-            layer_norm_eps=get("layernorm_epsilon", 1e-5, float),
-            # GPT-NeoX's fused bias-GELU kernel and its openai-gelu option compute the tanh approximation;
-            # plain F.gelu is exact.
-            activation="gelu_tanh" if get("bias_gelu_fusion", False, bool) or get("openai_gelu", False, bool)
-            else "gelu",
-            parallel_residual=get("gpt_j_residual", False, bool),
-            max_position_embeddings=max_pos,
-            tie_word_embeddings=not get("no_weight_tying", False, bool),
-        )
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
-
-
-def _as_bool(value) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    raise ValueError(value)
 
 
 # ---- Safe loading ----
