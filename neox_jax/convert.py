@@ -28,8 +28,9 @@ import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from .cli import ArgumentParser
 from .config import PRESETS, ConfigError, NeoXConfig
-from .checkpoints import CheckpointError, expected_shapes, hf
+from .checkpoints import CheckpointError, check_finite, expected_shapes, hf
 from .checkpoints.deepspeed import DeepSpeedCheckpoint, _find_yaml, looks_like_deepspeed
 
 DTYPES = {"keep": None, "float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16),
@@ -147,7 +148,9 @@ def _write(ckpt: DeepSpeedCheckpoint, tmp: Path, target: np.dtype | None, shard_
     def stream():
         for name, array in ckpt.tensors(on_file=on_file):
             if target is not None and array.dtype != target:
-                array = array.astype(target)
+                with np.errstate(over="ignore"):  # reported below, by name
+                    array = array.astype(target)
+                check_finite(name, array, f"--dtype {target.name} cannot hold its values")
             written[name] = (_crc(array), array.shape, array.dtype.name, array.nbytes)
             yield name, array
 
@@ -423,7 +426,7 @@ def _count(n: int) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m neox_jax.convert",
         description="Convert a GPT-NeoX DeepSpeed checkpoint (GPT-NeoX-20B slim weights, Pythia NeoX checkpoints)\n"
                     "into a Hugging Face GPT-NeoX directory that transformers' GPTNeoXForCausalLM.from_pretrained\n"

@@ -47,6 +47,11 @@ Exit status: 0 pass, 1 mismatch, 2 bad input (a one-line `error: ...` on stderr)
 
 from __future__ import annotations
 
+from neox_jax.cli import exit_on_interrupt
+
+if __name__ == "__main__":
+    exit_on_interrupt()  # before torch and JAX load: Ctrl-C anywhere is exit 130, never a traceback or a crash
+
 import argparse
 import dataclasses
 import json
@@ -453,6 +458,8 @@ def check(args) -> int:
         raise BadInput(f"{args.model}: no such model directory")
     if args.json and not Path(args.json).resolve().parent.is_dir():
         raise BadInput(f"{args.json}: its folder does not exist")
+    if args.json and Path(args.json).is_dir():
+        raise BadInput(f"--json {args.json}: a directory, not a file to write the report to")
     tokenizer = Path(args.tokenizer)
     if tokenizer.is_dir():
         tokenizer = tokenizer / "tokenizer.json"
@@ -487,7 +494,10 @@ def check(args) -> int:
     else:
         print(format_table(report, texts, tokens, new_tokens))
     if args.json:
-        Path(args.json).write_text(json.dumps(_jsonable(report), indent=2) + "\n")
+        try:
+            Path(args.json).write_text(json.dumps(_jsonable(report), indent=2) + "\n")
+        except OSError as e:
+            raise BadInput(f"--json {args.json}: cannot write the report ({e.strerror or e})") from None
     return 1 if report["failures"] else 0
 
 

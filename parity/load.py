@@ -201,35 +201,51 @@ def read_neox_yaml(files: list[Path], vocab_size: int) -> NeoXConfig:
             raise LoadError(f"{f}: not a GPT-NeoX YAML config (expected a mapping)")
         conf.update({str(k).replace("_", "-"): v for k, v in data.items()})
 
-    def need(key):
+    where = ", ".join(map(str, files))
+
+    def get(key, kind, default=None):
+        """conf[key] as `kind`, read strictly: a bool is never a number, nor a string a bool. YAML 1.1
+        reads `1e-5` as a string, which GPT-NeoX converts, so numeric strings are floats."""
         if key not in conf:
-            raise LoadError(f"{', '.join(map(str, files))}: no {key!r}")
-        return conf[key]
+            if default is None:
+                raise LoadError(f"{where}: no {key!r}")
+            return default
+        value = conf[key]
+        if kind is float and isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        ok = isinstance(value, bool) if kind is bool else (
+            isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool))
+        if not ok:
+            raise LoadError(f"{where}: {key} = {value!r} is not a{'n' if kind is int else ''} {kind.__name__}")
+        return kind(value)
 
     if conf.get("pos-emb", "rotary") != "rotary":
         raise LoadError(f"pos-emb {conf['pos-emb']!r} is not supported (only rotary)")
     if conf.get("activation", "gelu") != "gelu":
         raise LoadError(f"activation {conf['activation']!r} is not supported (only gelu)")
-    hidden = int(need("hidden-size"))
+    hidden = get("hidden-size", int)
     # GPT-NeoX's fused bias-GELU (and its openai-gelu option) is the tanh approximation; plain F.gelu is exact.
-    tanh = bool(conf.get("bias-gelu-fusion", False)) or bool(conf.get("openai-gelu", False))
+    tanh = get("bias-gelu-fusion", bool, False) or get("openai-gelu", bool, False)
     try:
         return NeoXConfig(
             vocab_size=vocab_size,
             hidden_size=hidden,
-            num_layers=int(need("num-layers")),
-            num_heads=int(need("num-attention-heads")),
+            num_layers=get("num-layers", int),
+            num_heads=get("num-attention-heads", int),
             intermediate_size=4 * hidden,
-            rotary_pct=float(conf.get("rotary-pct", 1.0)),
-            rotary_base=float(conf.get("rotary-emb-base", 10000)),
-            layer_norm_eps=float(conf.get("layernorm-epsilon", 1e-5)),
+            rotary_pct=get("rotary-pct", float, 1.0),
+            rotary_base=get("rotary-emb-base", float, 10000.0),
+            layer_norm_eps=get("layernorm-epsilon", float, 1e-5),
             activation="gelu_tanh" if tanh else "gelu",
-            parallel_residual=bool(conf.get("gpt-j-residual", False)),
-            max_position_embeddings=int(conf.get("max-position-embeddings", 2048)),
-            tie_word_embeddings=not bool(conf.get("no-weight-tying", False)),
+            parallel_residual=get("gpt-j-residual", bool, False),
+            max_position_embeddings=get("max-position-embeddings", int, 2048),
+            tie_word_embeddings=not get("no-weight-tying", bool, False),
         )
     except ConfigError as e:
-        raise LoadError(f"{', '.join(map(str, files))}: {e}") from None
+        raise LoadError(f"{where}: {e}") from None
 
 
 def deepspeed_config(path: str | Path, yaml_files: list[Path] | None = None) -> NeoXConfig:

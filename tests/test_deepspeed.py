@@ -256,8 +256,8 @@ def test_yaml_keys_with_dashes_and_underscores(tmp_path):
     ({"pos_emb": None}, "GPT-NeoX's default is 'learned'"),
     ({"activation": "swiglu"}, "activation 'swiglu' is not supported"),
     ({"num_layers": None}, "no 'num-layers'"),
-    ({"layernorm_epsilon": "small"}, "layernorm_epsilon = 'small' is not a valid float"),
-    ({"num_attention_heads": 5}, "not divisible by num_heads 5"),
+    ({"layernorm_epsilon": "small"}, r"key 'layernorm-epsilon' = 'small' \(a string\): expected a finite number > 0"),
+    ({"num_attention_heads": 5}, "is not divisible by key 'num-attention-heads' = 5"),
 ])
 def test_yaml_errors(args, message):
     base = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "seq_length": 64, "pos_emb": "rotary"}

@@ -78,6 +78,15 @@ def test_a_cast_that_overflows_the_dtype_is_refused(tensors):
         build_params(CONFIG, big.items(), jnp.float16, progress=False)
 
 
+def test_convert_to_a_dtype_too_narrow_for_the_values_is_refused(tmp_path, tensors):
+    big = dict(tensors)
+    big["embed_out.weight"] = tensors["embed_out.weight"] * 1e7  # beyond float16's 65504
+    src = write_deepspeed_checkpoint(tmp_path / "ds", CONFIG, big, ranks=1, dtype=np.float32)
+    with pytest.raises(CheckpointError, match=r"--dtype float16 cannot hold its values: tensor 'embed_out.weight'"):
+        convert(src, tmp_path / "out", dtype="float16")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+
+
 # ---- the decoder never turns NaN logits into a token ----
 
 def test_nan_logits_stop_generation_naming_the_row_and_step(tensors):

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..config import NeoXConfig
-from . import CheckpointError, LAYER_PREFIX, layer_shapes
+from . import CheckpointError, LAYER_PREFIX, check_finite, layer_shapes
 from .hf import torch_to_numpy
 from .neox_yaml import config_from_neox_args, read_neox_yaml
 
@@ -392,7 +392,10 @@ class DeepSpeedCheckpoint:
                 self._check_inv_freq(layer, shards)
             # One merged tensor at a time, so that the consumer can write it out before the next is built.
             for p in layer.params:
-                yield p.hf_name, self._merge(layer, p, [torch_to_numpy(s[p.key]) for s in shards])
+                arrays = [torch_to_numpy(s[p.key]) for s in shards]
+                for rank, array in enumerate(arrays):
+                    check_finite(p.key, array, self._where(layer.idx, rank))
+                yield p.hf_name, self._merge(layer, p, arrays)
             del shards  # unmaps this index's files (unless a yielded single-rank array still views them)
             for r in range(self.ranks):
                 file = self._file(layer.idx, r)
