@@ -7,6 +7,11 @@ The library entry point is `convert()`; `main()` only parses arguments and print
 
 from __future__ import annotations
 
+from .cli import ArgumentParser, exit_on_interrupt
+
+if __name__ == "__main__":
+    exit_on_interrupt()  # until main() starts: Ctrl-C while the libraries load is exit 130, not a traceback
+
 import argparse
 import dataclasses
 import datetime
@@ -17,6 +22,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -28,7 +34,6 @@ import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from .cli import ArgumentParser
 from .config import PRESETS, ConfigError, NeoXConfig
 from .checkpoints import CheckpointError, check_finite, expected_shapes, hf
 from .checkpoints.deepspeed import DeepSpeedCheckpoint, _find_yaml, looks_like_deepspeed
@@ -461,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, an interrupt cleans up what it started
     args = build_parser().parse_args(argv)
     config = PRESETS[args.preset] if args.preset else args.config
 
@@ -481,4 +487,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # done: Ctrl-C now would only interrupt the interpreter's exit
+    sys.exit(status)

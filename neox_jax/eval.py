@@ -22,6 +22,7 @@ if __name__ == "__main__":
     exit_on_interrupt()  # lm-eval writes its results at the end: an interrupted run has nothing to clean up
 
 import multiprocessing
+import signal
 import sys
 
 SUBCOMMANDS = ("run", "ls", "validate")
@@ -82,3 +83,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # done: Ctrl-C now would only interrupt the interpreter's exit
