@@ -95,6 +95,7 @@ class NeoXModel:
         """
         sampling = Sampling.create(temperature, top_k, top_p, seed)
         prompts, single = prompt_batch(prompts)
+        stop = [stop] if isinstance(stop, str) else stop  # one stop string, not one per character
         if prompts and isinstance(prompts[0], str):
             texts = ["".join(parts) for parts in zip(*self.stream(prompts, max_new_tokens, sampling=sampling,
                                                                    stop_token=stop_token, stop=stop))]
@@ -113,6 +114,7 @@ class NeoXModel:
         if prompts and not isinstance(prompts[0], str):
             raise TypeError("stream() takes text prompts; generate() also takes token ids")
         ids = [self.tokenizer.encode(p) for p in prompts]
+        stop = [stop] if isinstance(stop, str) else stop
         streams = [TextStream(self.tokenizer, stop) for _ in prompts]
         return stream_text(self.decoder, streams, ids, max_new_tokens, sampling=sampling, stop_token=stop_token,
                            chunk=chunk, timing=timing)

@@ -110,7 +110,7 @@ def validate_request(config: NeoXConfig, prompts: Sequence[Sequence[int]], max_n
         raise GenerationError(f"stop token {stop_token!r} is outside the vocabulary [0, {config.vocab_size})")
     if not prompts:
         raise GenerationError("no prompts given")
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     for i, prompt in enumerate(prompts):
         if len(prompt) == 0:

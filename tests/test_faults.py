@@ -159,6 +159,16 @@ def test_token_ids_must_be_integers_and_a_batch_one_kind(tensors, prompts, messa
         model_from(tensors).generate(prompts, 2)
 
 
+def test_a_bare_stop_string_is_one_stop_string_and_a_bool_is_no_token_count(tensors):
+    model = model_from(tensors)
+    full = model.generate("The quick", 24, stop_token=None)
+    # Two characters whose second occurs earlier on its own: read as two stop strings, it would cut there.
+    stop = next(full[i:i + 2] for i in range(1, len(full) - 1) if full[i + 1] in full[:full.index(full[i:i + 2])])
+    assert model.generate("The quick", 24, stop_token=None, stop=stop) == full[:full.index(stop)]
+    with pytest.raises(GenerationError, match="max_new_tokens must be a positive integer, got True"):
+        model.generate([[1, 2]], True)
+
+
 def test_a_stop_token_outside_the_vocabulary_is_refused(tensors):
     with pytest.raises(GenerationError, match=r"stop token 384 is outside the vocabulary \[0, 384\)"):
         model_from(tensors).generate([[1, 2]], 2, stop_token=384)
