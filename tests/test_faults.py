@@ -59,6 +59,15 @@ def test_hf_reader_names_the_nan_tensor_and_count(tmp_path, tensors):
         list(HFCheckpoint(path).tensors())
 
 
+@pytest.mark.parametrize("index", ['{"weight_map": 5}', '["weight_map"]', '{"weight_map": {"x": "../model.safetensors"}}',
+                                   '{"weight_map": {"x": 3}}', '{"metadata": {}}'])
+def test_a_malformed_safetensors_index_is_one_error(tmp_path, tensors, index):
+    path = write_hf_checkpoint(tmp_path / "hf", CONFIG, tensors)
+    (path / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json: .*(not a safetensors index|weight_map)"):
+        HFCheckpoint(path)
+
+
 def test_converter_refuses_a_nan_shard_naming_file_and_tensor(tmp_path, tensors):
     broken = dict(tensors)
     broken["gpt_neox.layers.0.attention.dense.bias"] = np.full_like(tensors["gpt_neox.layers.0.attention.dense.bias"],

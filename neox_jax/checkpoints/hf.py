@@ -56,8 +56,12 @@ class HFCheckpoint:
         if index_path.exists():
             try:
                 weight_map = json.loads(index_path.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index_path}: not a safetensors index ({e})") from None
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index_path}: not a safetensors index ({type(e).__name__}: {e})") from None
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(v, str) and v == Path(v).name and v not in ("", ".", "..") for v in weight_map.values()):
+                raise CheckpointError(f"{index_path}: 'weight_map' must map tensor names to file names in "
+                                      f"{self.path}")
             files = sorted({self.path / v for v in weight_map.values()})
         else:
             if not (self.path / "model.safetensors").exists():
