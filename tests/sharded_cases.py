@@ -9,13 +9,15 @@ import pytest
 
 import neox_jax
 from neox_jax.api import NeoXModel
+from neox_jax.checkpoints import expected_shapes
 from neox_jax.checkpoints.synthetic import random_tensors, write_deepspeed_checkpoint
 from jax.sharding import NamedSharding
 
-from neox_jax.sharding import CACHE_SPEC, ShardingError, make_mesh, param_spec, plan_memory
+from neox_jax.sharding import CACHE_SPEC, ShardingError, make_mesh, plan_memory
 from neox_jax.weights import build_params
 
 from conftest import tiny_config
+from test_split_layout import hf_name, jax_split_axis, layout, weight_bytes_per_device
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (XLA_FLAGS host device count)")
 
@@ -23,6 +25,19 @@ CONFIG = tiny_config(num_heads=8, vocab_size=128)
 TENSORS = random_tensors(CONFIG, seed=4)
 TOKENS = np.random.default_rng(0).integers(0, 128, (4, 11))
 PROMPTS = [TOKENS[0].tolist(), TOKENS[1, :3].tolist(), TOKENS[2, :7].tolist()]
+SHAPES = expected_shapes(CONFIG)
+
+
+def layout_axis(path, shape):
+    """The axis of a params leaf that GPT-NeoX's layout splits over the model axis (None: replicated)."""
+    name = hf_name(path)
+    return jax_split_axis(shape, SHAPES[name], layout(name))
+
+
+def model_rank(mesh, device) -> int:
+    """The device's coordinate on the mesh's model axis."""
+    (data, model), = zip(*np.nonzero(mesh.devices == device))
+    return int(model)
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +55,20 @@ def test_sharded_equals_single_device(single, model_size, data_size):
     np.testing.assert_allclose(model.logits(TOKENS), logits, atol=1e-5 * np.abs(logits).max(), rtol=0)
     assert model.generate(PROMPTS, 10, stop_token=None) == tokens
 
-    # Really sharded: every leaf has its planned spec and per-device shards of the split size.
+    # Really sharded, as GPT-NeoX's layout says (test_split_layout.py's table, not the code's specs): each
+    # device holds its own block of the split axis, of the split size, with the checkpoint's values there.
+    host = {name: np.asarray(value) for name, value in TENSORS.items()}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        spec = param_spec(tuple(k.key for k in path))
-        assert leaf.sharding.is_equivalent_to(NamedSharding(mesh, spec), leaf.ndim)
-        expected = tuple(n // (model_size if axis == "model" else 1) for n, axis in
-                         zip(leaf.shape, tuple(spec) + (None,) * leaf.ndim))
-        assert {s.data.shape for s in leaf.addressable_shards} == {expected}
+        path = tuple(k.key for k in path)
+        axis = layout_axis(path, leaf.shape)
+        expected = tuple(n // model_size if i == axis else n for i, n in enumerate(leaf.shape))
+        assert {s.data.shape for s in leaf.addressable_shards} == {expected}, path
+        full = host[hf_name(path)].reshape(leaf.shape)
+        for shard in leaf.addressable_shards:
+            rank = model_rank(mesh, shard.device)
+            block = tuple(slice(rank * expected[i], (rank + 1) * expected[i]) if i == axis else slice(None)
+                          for i in range(leaf.ndim))
+            np.testing.assert_array_equal(np.asarray(shard.data), full[block], err_msg=str((path, rank)))
     cache = model.decoder._new_cache(4, 16)
     assert {s.data.shape for x in cache.k + cache.v for s in x.addressable_shards} == {
         (4 // data_size, CONFIG.num_heads // model_size, 16, CONFIG.head_dim)}
@@ -78,17 +100,25 @@ def test_decode_state_stays_sharded():
 
 
 def test_memory_plan_matches_allocated_bytes():
+    """Per-device bytes: allocated, planned, and computed here from the config and GPT-NeoX's layout agree
+    exactly (weights replicated on every device would be 8x the split ones at model=8)."""
     for model_size, data_size in [(1, 1), (2, 1), (8, 1), (2, 4)]:
         mesh = make_mesh(model_size, data_size)
         params = build_params(CONFIG, TENSORS.items(), jnp.float32, mesh, progress=False)
-        allocated = max(sum(s.data.nbytes for leaf in jax.tree.leaves(params) for s in leaf.addressable_shards
-                            if s.device == device) for device in mesh.devices.flat)
+        allocated = {device: sum(s.data.nbytes for leaf in jax.tree.leaves(params) for s in leaf.addressable_shards
+                                 if s.device == device) for device in mesh.devices.flat}
         cache = NeoXModel(CONFIG, params, mesh=mesh).decoder._new_cache(8, 32)
-        cache_bytes = max(sum(s.data.nbytes for x in cache.k + cache.v for s in x.addressable_shards
-                              if s.device == device) for device in mesh.devices.flat)
+        cache_bytes = {device: sum(s.data.nbytes for x in cache.k + cache.v for s in x.addressable_shards
+                                   if s.device == device) for device in mesh.devices.flat}
+        expected_weights = weight_bytes_per_device(CONFIG, model_size, 4)
+        expected_cache = 2 * CONFIG.num_layers * (8 // data_size) * (CONFIG.num_heads // model_size) * 32 * \
+            CONFIG.head_dim * 4
+        assert set(allocated.values()) == {expected_weights}, (model_size, data_size)
+        assert set(cache_bytes.values()) == {expected_cache}, (model_size, data_size)
         plan = plan_memory(CONFIG, jnp.float32, mesh, batch=8, context=32)
-        assert abs(plan.weights_per_device - allocated) <= 0.03 * allocated
-        assert plan.cache_per_device == cache_bytes
+        assert (plan.weights_per_device, plan.cache_per_device) == (expected_weights, expected_cache)
+    whole = weight_bytes_per_device(CONFIG, 1, 4)
+    assert weight_bytes_per_device(CONFIG, 8, 4) < whole / 4  # most of the bytes really are split
 
 
 def test_heads_not_divisible_by_the_mesh():
@@ -100,3 +130,19 @@ def test_deepspeed_shards_stream_onto_a_mesh(tmp_path, single):
     path = write_deepspeed_checkpoint(tmp_path / "ds", CONFIG, TENSORS, ranks=2, dtype=np.float32)
     model = neox_jax.load(path, "float32", mesh=make_mesh(4, 2), progress=False)
     np.testing.assert_allclose(model.logits(TOKENS), single[0], atol=1e-4 * np.abs(single[0]).max(), rtol=0)
+
+
+def test_generate_cli_on_a_mesh(capsys):
+    """`--mesh` splits the demo model: the same text as on one device; a model axis that does not divide the
+    heads is one error line."""
+    from neox_jax.generate import main
+
+    assert main(["--demo", "--max-new-tokens", "6"]) == 0
+    single = capsys.readouterr().out
+    assert main(["--demo", "--max-new-tokens", "6", "--mesh", "model=4,data=2"]) == 0
+    assert capsys.readouterr().out == single and single.count("GPT-NeoX-20B is") == 1
+    assert main(["--demo", "--mesh", "model=8"]) == 2  # the demo's 4 heads do not split 8 ways
+    captured = capsys.readouterr()
+    assert captured.err.splitlines()[-1] == ("error: num_heads 4 is not divisible by the mesh's model axis (8): "
+                                             "choose a model size that divides it") and captured.out == ""
+

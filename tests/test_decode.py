@@ -5,11 +5,12 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 import torch
 
 import neox_jax
-from neox_jax.decode import Decoder, GenerationError
+from neox_jax.decode import PREFILL_CHUNK, Compiled, Decoder, GenerationError
 from neox_jax.model import KVCache, NeoX
 from neox_jax.sampling import Sampling
 from neox_jax.weights import abstract_params
@@ -128,6 +129,33 @@ def test_decode_loop_copies_no_weights_and_no_cache(reference, rows):
     assert large_arrays_moved(executable.as_text(), min(cache_layer, smallest_weight)) == []
 
 
+def test_copy_finder_sees_the_copies_of_copying_programs(reference):
+    """Positive controls for `large_arrays_moved`, so that a change in XLA's HLO text cannot make the test above
+    pass vacuously: the same decode program without donating its state must copy each layer's keys and
+    values into the loop (their input buffers cannot be reused), and a loop over a stacked weight must slice it."""
+    model, _ = reference
+    c = model.config
+    decoder = Decoder(model.module, model.params)
+    decoder._decode = Compiled(decoder._decode_fn)  # no donate_argnums
+    decoder.generate([[1, 2, 3]], 8, stop_token=None)
+    (executable,) = decoder._decode._executables.values()
+    text = executable.as_text()
+    found = large_arrays_moved(text, min(c.num_heads * 32 * c.head_dim, c.hidden_size ** 2))
+    cache_shape = f"f32[1,{c.num_heads},32,{c.head_dim}]"
+    assert len(found) == 2 * c.num_layers and all(cache_shape in line for line in found), found
+    # The analysis parses the program at all: most instructions match its pattern.
+    assert len(large_arrays_moved(text, 1)) > 50
+
+    def stacked(w, x):  # [2, D, D] weights, one slice per iteration, as a scan over stacked layers would
+        layer = lambda i, x: jnp.tanh(x @ jax.lax.dynamic_index_in_dim(w, i, keepdims=False))  # noqa: E731
+        return jax.lax.fori_loop(0, 2, layer, x)
+
+    d = c.hidden_size
+    compiled = jax.jit(stacked).lower(jax.ShapeDtypeStruct((2, d, d), jnp.float32),
+                                      jax.ShapeDtypeStruct((1, d), jnp.float32)).compile()
+    assert large_arrays_moved(compiled.as_text(), d * d)
+
+
 @pytest.mark.parametrize("prompts, max_new, message", [
     ([], 4, "no prompts"),
     ([[]], 4, "empty"),
@@ -148,23 +176,79 @@ def test_full_context_is_allowed(reference):
     assert len(out[0]) == 8
 
 
-def test_long_prompts_prefill_in_chunks_and_match_transformers(tmp_path, rng):
-    """Prompts longer than PREFILL_CHUNK go through the cache chunk by chunk; the result is unchanged."""
+@pytest.fixture(scope="module")
+def long_reference(tmp_path_factory):
     from conftest import hf_reference
-
-    from neox_jax.decode import PREFILL_CHUNK
 
     config = tiny_config(vocab_size=64, max_position_embeddings=1024)
     torch_model = hf_reference(config, seed=2)
-    torch_model.save_pretrained(tmp_path)
-    model = neox_jax.load(tmp_path, dtype="float32", progress=False)
-    long_prompt = rng.integers(0, 64, 2 * PREFILL_CHUNK + 90).tolist()
-    short_prompt = long_prompt[:40]
+    path = tmp_path_factory.mktemp("hf-long")
+    torch_model.save_pretrained(path)
+    return neox_jax.load(path, dtype="float32", progress=False), torch_model
+
+
+LONG_PROMPT = np.random.default_rng(0).integers(0, 64, 2 * PREFILL_CHUNK + 90).tolist()  # 602 tokens
+
+
+def test_long_prompts_prefill_in_chunks_and_match_transformers(long_reference):
+    """Prompts longer than PREFILL_CHUNK go through the cache chunk by chunk; the result is unchanged."""
+    model, torch_model = long_reference
+    short_prompt = LONG_PROMPT[:40]
     calls = CountingCalls(model.decoder._prefill)
     model.decoder._prefill = calls
-    out = model.generate([long_prompt, short_prompt], 8, stop_token=None)
+    try:
+        out = model.generate([LONG_PROMPT, short_prompt], 8, stop_token=None)
+    finally:
+        model.decoder._prefill = calls.compiled
     assert calls.calls == 3  # 602 tokens pad to 768: three chunks of 256
-    assert out == [torch_greedy(torch_model, long_prompt, 8), torch_greedy(torch_model, short_prompt, 8)]
+    assert out == [torch_greedy(torch_model, LONG_PROMPT, 8), torch_greedy(torch_model, short_prompt, 8)]
+
+
+def test_chunked_prefill_fills_each_cache_slot_as_one_full_pass_does(long_reference):
+    """After the three prefill chunks, every slot of the cache holds the position, keys and values that one
+    forward pass over the whole left-padded prompt writes there (and the new token is that pass's argmax):
+    a chunk written one slot off, or with its positions off by one, fails."""
+    model, _ = long_reference
+    c = model.config
+    prompts = [LONG_PROMPT, LONG_PROMPT[:40]]
+    states = []
+
+    class Spy(CountingCalls):
+        def __call__(self, *args):
+            states.append(super().__call__(*args))
+            return states[-1]
+
+    spy = Spy(model.decoder._prefill)
+    model.decoder._prefill = spy
+    try:
+        chunks = model.decoder.stream(prompts, 8, stop_token=None)
+        first = next(chunks)  # the prefill only; its state is read before any decode step donates it
+        cache, done = jax.tree.map(np.asarray, (states[-1].cache, states[-1].done))
+        chunks.close()
+    finally:
+        model.decoder._prefill = spy.compiled
+    assert spy.calls == 3
+
+    # Left padding to 768 slots: row 0's 602 tokens sit at slots 166..767, row 1's 40 at 728..767.
+    slots, length = cache.positions.shape[1], 768
+    expected_positions = np.full((2, slots), -1)
+    expected_positions[0, length - 602:length] = np.arange(602)
+    expected_positions[1, length - 40:length] = np.arange(40)
+    np.testing.assert_array_equal(cache.positions[:2], expected_positions)
+    assert int(cache.length) == length
+
+    tokens = np.zeros((2, length), np.int32)
+    tokens[0, length - 602:], tokens[1, length - 40:] = prompts[0], prompts[1]
+    one_pass = jax.jit(model.module.apply)({"params": model.params}, tokens, expected_positions[:, :length],
+                                           KVCache.init(c, 2, slots, jnp.float32))
+    logits, full = jax.tree.map(np.asarray, one_pass)
+    assert first[:, 0].tolist() == logits[:, -1].argmax(-1).tolist()
+    for layer in range(c.num_layers):
+        for got, want in ((cache.k[layer], full.k[layer]), (cache.v[layer], full.v[layer])):
+            filled = expected_positions >= 0  # [B, S]; padding slots hold whatever padding tokens computed
+            got, want = got[:2].transpose(0, 2, 1, 3)[filled], want.transpose(0, 2, 1, 3)[filled]
+            np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max(), rtol=0)
+    assert not done[:2].any()
 
 
 def test_prefill_attention_makes_each_score_sized_array_once():
@@ -178,7 +262,7 @@ def test_prefill_attention_makes_each_score_sized_array_once():
     cache = jax.eval_shape(lambda: KVCache.init(config, batch, slots, jnp.float32))
     rows = jax.ShapeDtypeStruct((batch, chunk), jnp.int32)
     compiled = decoder._prefill.lower(abstract_params(config, jnp.float32), rows, rows, cache,
-                                      Sampling.create(), jnp.int32(0),
-                                      jax.ShapeDtypeStruct((batch,), jnp.bool_)).compile()
+                                      Sampling.create(), jnp.int32(0), jax.ShapeDtypeStruct((batch,), jnp.bool_),
+                                      jax.ShapeDtypeStruct((batch,), jnp.uint32)).compile()
     scores = batch * config.num_heads * chunk * slots
     assert compiled.memory_analysis().temp_size_in_bytes / scores < 8

@@ -64,6 +64,36 @@ def test_streaming_equals_one_shot_generation(model):
         assert len(parts) > 40 // chunk - 1  # really streamed
 
 
+def test_sampled_streaming_equals_an_independent_sampler(model):
+    """Sampled streaming text against two paths that share neither the streaming code nor (the second) the
+    sampler or the decode loop: `generate` on token ids decoded by the tokenizer, and a sampler written here
+    from the documented contract, drawing each token with `jax.random.categorical` from the full forward
+    pass's logits / T under the key fold_in(fold_in(seed key, step), crc32 of the prompt's int64 ids)."""
+    import zlib
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    prompts, n, temperature, seed = ["The quick brown fox", "JAX"], 24, 0.9, 7
+    parts = list(model.stream(prompts, n, stop_token=None, chunk=5, sampling=Sampling.create(temperature, seed=seed)))
+    streamed = ["".join(p) for p in zip(*parts)]
+    ids = [model.tokenizer.encode(p) for p in prompts]
+    generated = model.generate(ids, n, temperature=temperature, seed=seed, stop_token=None)
+    assert streamed == [model.tokenizer.decode(tokens) for tokens in generated]
+
+    base = jax.random.wrap_key_data(jnp.array([seed >> 32, seed & 0xFFFFFFFF], jnp.uint32))
+    for prompt, tokens in zip(ids, generated):
+        salt = zlib.crc32(np.asarray(prompt, np.int64).tobytes())
+        sequence = list(prompt)
+        for step in range(n):
+            logits = jnp.asarray(model.logits([sequence])[0, -1], jnp.float32) / jnp.float32(temperature)
+            key = jax.random.fold_in(jax.random.fold_in(base, step), salt)
+            sequence.append(int(jax.random.categorical(key, logits)))
+        assert sequence[len(prompt):] == tokens
+    assert len(set(generated[0])) > 5  # sampled, not greedy-like
+
+
 def test_model_level_stop_string(model):
     full = model.generate(["GPT-NeoX-20B is"], 30, stop_token=None)[0]
     stop = full[10:13]
@@ -73,13 +103,15 @@ def test_model_level_stop_string(model):
         model.generate([[1, 2]], 4, stop=["x"])
 
 
-def test_interactive_loop_through_a_pipe():
+def test_interactive_loop_through_a_pipe(model):
     result = subprocess.run(
         [sys.executable, "-m", "neox_jax.generate", "--demo", "--interactive", "--max-new-tokens", "6"],
         input="The quick\n\nJAX compiles\n", cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    assert lines[0].startswith("The quick") and lines[1].startswith("JAX compiles")
+    # Each prompt, then its greedy completion (the demo never stops early), as the Python API gives it.
+    completions = [model.generate(p, 6, stop_token=None) for p in ("The quick", "JAX compiles")]
+    assert result.stdout == f"The quick{completions[0]}\nJAX compiles{completions[1]}\n"
+    assert all(len(model.tokenizer.encode(c)) >= 3 for c in completions)  # real text was generated
     assert result.stderr.count("ms/token") == 2  # one report per prompt, the blank line skipped
 
 
