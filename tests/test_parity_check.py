@@ -181,9 +181,13 @@ def test_greedy_difference_after_a_near_tie_passes():
     assert stopped["first_difference"] == 2 and not stopped["near_tie"]
 
 
-@pytest.mark.parametrize("case", ["no-checkpoint", "no-shards", "no-tokenizer", "empty-prompt", "no-prompts-file",
-                                  "prompts-not-a-list", "unknown-preset", "no-model", "bad-option"])
-def test_bad_input_exits_2(files, tmp_path, capsys, case):
+@pytest.mark.parametrize("case, message", [
+    ("no-checkpoint", "missing: no such checkpoint directory"), ("no-shards", "no layer_XX"),
+    ("no-tokenizer", "tokenizer.json: no such tokenizer file"), ("empty-prompt", "prompt 0 is empty"),
+    ("no-prompts-file", "prompts.txt: no such prompts file"), ("prompts-not-a-list", "expected a JSON list of strings"),
+    ("unknown-preset", "argument --preset: invalid choice: 'gpt-5'"), ("no-model", "missing: no such model directory"),
+    ("bad-option", "argument --dtype: invalid choice: 'float64'")])
+def test_bad_input_exits_2(files, tmp_path, capsys, case, message):
     argv = {"checkpoint": str(files / "ds1"), "tokenizer": str(files / "tokenizer.json")}
     extra = ["--prompt", "hello"]
     if case == "no-checkpoint":
@@ -208,15 +212,16 @@ def test_bad_input_exits_2(files, tmp_path, capsys, case):
     rc = main(["--checkpoint", argv["checkpoint"], "--tokenizer", argv["tokenizer"], *extra])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
-    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
 
 
 @pytest.mark.parametrize("source", ["hf-json", "yaml"])
-def test_config_given_for_a_checkpoint_without_yaml(files, tmp_path, source):
+def test_config_given_for_a_checkpoint_without_yaml(files, tmp_path, capsys, source):
     tensors = strong_tensors(CONFIG)
     write_deepspeed_checkpoint(tmp_path / "ds", CONFIG, tensors, ranks=2, write_config_yaml=False)
     config = files / "hf2" / "config.json" if source == "hf-json" else files / "ds2" / "configs" / "model.yml"
     assert run(files, checkpoint=tmp_path / "ds", dtype="float32") == 2  # nothing says what the model is
+    assert "no configs/*.yml; give the config (--config or --preset)" in capsys.readouterr().err
     assert run(files, "--config", str(config), checkpoint=tmp_path / "ds") == 0
 
 
