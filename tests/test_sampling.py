@@ -6,7 +6,7 @@ import pytest
 
 from neox_jax.api import NeoXModel
 from neox_jax.checkpoints.synthetic import random_tensors
-from neox_jax.sampling import Sampling, SamplingError, select_token
+from neox_jax.sampling import NONFINITE, Sampling, SamplingError, select_token
 from neox_jax.weights import build_params
 
 from conftest import tiny_config
@@ -88,3 +88,14 @@ def test_top_k_and_top_p_only_sample_allowed_tokens():
 def test_bad_settings(settings, message):
     with pytest.raises(SamplingError, match=message):
         Sampling.create(**settings)
+
+
+def test_only_rows_with_non_finite_logits_are_marked():
+    logits = jnp.array([[0.0, 1.0, 2.0, -1.0], [jnp.nan, 0.0, 1.0, 0.0], [0.0, jnp.inf, 1.0, 0.0],
+                        [3.0, 2.0, 1.0, -jnp.inf]], jnp.float32)
+    salt = jnp.arange(4, dtype=jnp.uint32)
+    greedy = np.asarray(select_token(logits, Sampling.create(), jnp.int32(0), salt))
+    assert greedy.tolist() == [2, NONFINITE, NONFINITE, NONFINITE]
+    sampled = np.asarray(select_token(logits[:1].repeat(4, 0).at[2, 1].set(jnp.nan), Sampling.create(1.0, seed=3),
+                                      jnp.int32(0), salt))
+    assert sampled[2] == NONFINITE and all(0 <= t < 4 for t in np.delete(sampled, 2))
