@@ -216,7 +216,7 @@ def interact(model, args, sampling, stop_token) -> None:
         try:
             ids = encode(model.tokenizer, [prompt], model.config, args.max_new_tokens)
             report(model, complete(model, args, sampling, stop_token, [prompt], ids), ids)
-        except GenerationError as e:
+        except (GenerationError, ValueError) as e:  # e.g. a line that is not UTF-8: the session goes on
             print(f"error: {e}", file=sys.stderr)
         except KeyboardInterrupt:
             print("\n[interrupted]", file=sys.stderr)

@@ -17,6 +17,13 @@ class Tokenizer:
         self.eos_id = tokenizer.token_to_id(END_OF_TEXT)  # 0 for the 20B tokenizer; None if absent
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"text to encode must be a string, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # lone surrogates: bytes that were not UTF-8, decoded with surrogateescape
+            raise ValueError(f"text {text[:40]!r} is not valid Unicode at character {e.start} (input that was not "
+                             f"UTF-8?)") from None
         return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:

@@ -1,6 +1,7 @@
 """Faults and hostile input: non-finite numbers never pass silently, user mistakes are one `error:` line,
 the Python API reads its input as meant, Ctrl-C ends a generation cleanly."""
 
+import io
 import os
 import random
 import signal
@@ -226,6 +227,16 @@ def test_prompt_file_that_is_not_utf8_names_the_file_and_byte(model_dir, tmp_pat
     prompts.write_bytes(b"fine line\ncaf\xe9 au lait\n")
     assert generate_main(["--model", str(model_dir), "--prompt-file", str(prompts)]) == 2
     one_line_error(capsys.readouterr().err, str(prompts), "not UTF-8", "byte 13")
+
+
+def test_a_prompt_that_was_not_utf8_is_one_error_and_the_interactive_session_goes_on(model_dir, capsys,
+                                                                                   monkeypatch):
+    assert generate_main(["--model", str(model_dir), "--prompt", "ab\udcffc"]) == 2  # argv bytes b"ab\xffc"
+    one_line_error(capsys.readouterr().err, "not valid Unicode at character 2")
+    monkeypatch.setattr("sys.stdin", io.StringIO("\udcff\udcfe\nThe quick\n"))
+    assert generate_main(["--model", str(model_dir), "--interactive", "--max-new-tokens", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "not valid Unicode at character 0" in captured.err and captured.out.startswith("The quick")
 
 
 def test_nan_weights_exit_2_not_an_empty_completion(tmp_path, tensors, capsys):
