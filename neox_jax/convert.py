@@ -466,7 +466,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, an interrupt cleans up what it started
     args = build_parser().parse_args(argv)
     config = PRESETS[args.preset] if args.preset else args.config
 
@@ -487,6 +486,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # libraries loaded: an interrupt now cleans up
     status = main()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # done: Ctrl-C now would only interrupt the interpreter's exit
     sys.exit(status)
