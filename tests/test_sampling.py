@@ -99,3 +99,45 @@ def test_only_rows_with_non_finite_logits_are_marked():
     sampled = np.asarray(select_token(logits[:1].repeat(4, 0).at[2, 1].set(jnp.nan), Sampling.create(1.0, seed=3),
                                       jnp.int32(0), salt))
     assert sampled[2] == NONFINITE and all(0 <= t < 4 for t in np.delete(sampled, 2))
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(temperature=float("nan")), "temperature must be a finite number, got nan"),
+    (dict(temperature=float("inf")), "temperature must be a finite number, got inf"),
+    (dict(top_p=float("nan")), "top_p must be a finite number, got nan"),
+    (dict(temperature=True), "temperature must be a finite number, got True"),
+    (dict(top_p="0.5"), "top_p must be a finite number, got '0.5'"),
+    (dict(top_k=2.5), "top_k must be an integer, got 2.5"),
+    (dict(top_k=False), "top_k must be an integer, got False"),
+    (dict(seed=1e23), r"seed must be an integer, got 1e\+23"),
+    (dict(seed=-1), r"seed must be in \[0, 2\*\*64\), got -1"),
+    (dict(seed=2**64), r"seed must be in \[0, 2\*\*64\), got 18446744073709551616"),
+])
+def test_settings_reject_nan_infinity_wrong_types_and_out_of_range_seeds(settings, message):
+    with pytest.raises(SamplingError, match=f"^{message}$"):
+        Sampling.create(**settings)
+
+
+def test_seeds_use_all_64_bits_and_top_k_beyond_int32_means_all():
+    keys = {tuple(np.asarray(Sampling.create(seed=s).key).tolist()) for s in (1, 2**32 + 1, 2**63 + 1, 2**64 - 1)}
+    assert len(keys) == 4
+    assert np.asarray(Sampling.create(seed=2**32 + 5).key).tolist() == [1, 5]
+    assert int(Sampling.create(top_k=99999999999).top_k) == 2**31 - 1
+
+
+def test_defaults_are_greedy_with_seed_0():
+    logits = jnp.asarray(np.random.default_rng(0).standard_normal((64, 50)), jnp.float32)
+    salt = jnp.arange(64, dtype=jnp.uint32)
+    assert np.array_equal(select_token(logits, Sampling.create(), jnp.int32(0), salt), np.argmax(logits, -1))
+    assert np.array_equal(Sampling.create(temperature=1.0).key, Sampling.create(temperature=1.0, seed=0).key)
+
+
+def test_top_p_keeps_the_smallest_prefix_that_reaches_it_in_every_row():
+    # Row 0: 0.5 alone reaches top_p = 0.5 exactly (binary-exact probabilities), so the next token is out.
+    # Row 1: another order and other masses: its own cutoff, not row 0's.
+    probs = np.array([[0.5, 0.25, 0.125, 0.125], [0.0625, 0.125, 0.3125, 0.5]], np.float32)
+    logits = jnp.log(jnp.asarray(np.repeat(probs, 512, axis=0)))
+    salt = jnp.arange(1024, dtype=jnp.uint32)
+    for top_p, allowed in [(0.5, [{0}, {3}]), (0.75, [{0, 1}, {2, 3}]), (0.8, [{0, 1, 2, 3}, {2, 3}])]:
+        drawn = np.asarray(select_token(logits, Sampling.create(1.0, top_p=top_p, seed=2), jnp.int32(0), salt))
+        assert [set(drawn[:512].tolist()), set(drawn[512:].tolist())] == allowed, top_p
