@@ -289,20 +289,31 @@ def test_previous_output_moved_aside_by_a_killed_replacement_is_restored(tmp_pat
     assert not list(tmp_path.glob(".hf.*"))
 
 
-def test_failed_replacement_puts_the_previous_output_back(tmp_path, capsys, monkeypatch):
-    root, _ = make_checkpoint(tmp_path / "ckpt")
+def previous_output(tmp_path: Path) -> Path:
     out = tmp_path / "hf"
     out.mkdir()
     (out / "old.txt").write_text("previous")
+    return out
+
+
+def failing_rename(monkeypatch, fails) -> list[tuple[str, str]]:
+    """Make convert's os.rename raise EIO on the calls for which `fails(call number)` is true; -> the calls."""
     real_rename, calls = os.rename, []
 
     def rename(src, dst):
         calls.append((Path(src).name, Path(dst).name))
-        if len(calls) == 2:  # the previous output is aside; moving the new one in fails
+        if fails(len(calls)):
             raise OSError(errno.EIO, "Input/output error")
         real_rename(src, dst)
 
     monkeypatch.setattr(convert.os, "rename", rename)
+    return calls
+
+
+def test_failed_replacement_puts_the_previous_output_back(tmp_path, capsys, monkeypatch):
+    root, _ = make_checkpoint(tmp_path / "ckpt")
+    out = previous_output(tmp_path)
+    calls = failing_rename(monkeypatch, lambda n: n == 2)  # the previous output is aside; the new one fails
     assert_error(run(capsys, root, out, "--force"),
                  r"could not move the new output to \S+/hf \(Input/output error\); the previous output is unchanged")
     assert [(src.split("-")[0], dst) for src, dst in calls] == [("hf", "previous"), (".hf.tmp", "hf"),
@@ -313,18 +324,8 @@ def test_failed_replacement_puts_the_previous_output_back(tmp_path, capsys, monk
 
 def test_previous_output_that_cannot_be_put_back_is_kept_and_named(tmp_path, capsys, monkeypatch):
     root, _ = make_checkpoint(tmp_path / "ckpt")
-    out = tmp_path / "hf"
-    out.mkdir()
-    (out / "old.txt").write_text("previous")
-    real_rename, calls = os.rename, []
-
-    def rename(src, dst):
-        calls.append(src)
-        if len(calls) > 1:  # neither the new output nor the previous one can move to OUT
-            raise OSError(errno.EIO, "Input/output error")
-        real_rename(src, dst)
-
-    monkeypatch.setattr(convert.os, "rename", rename)
+    out = previous_output(tmp_path)
+    failing_rename(monkeypatch, lambda n: n > 1)  # neither the new output nor the previous one can move to OUT
     code, stdout, err = run(capsys, root, out, "--force")
     [old] = tmp_path.glob(".hf.old-*")
     assert_error((code, stdout, err), rf"could not move the new output to \S+/hf, nor put the previous one back "

@@ -20,7 +20,6 @@ from neox_jax.checkpoints.synthetic import random_tensors, write_deepspeed_check
 from neox_jax.convert import convert
 from neox_jax.decode import GenerationError, NonFiniteLogitsError
 from neox_jax.generate import main as generate_main
-from neox_jax.sampling import Sampling, SamplingError
 from neox_jax.tokenizer import demo_tokenizer
 from neox_jax.weights import build_params
 

@@ -4,21 +4,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from neox_jax.api import NeoXModel
-from neox_jax.checkpoints.synthetic import random_tensors
 from neox_jax.sampling import NONFINITE, Sampling, SamplingError, select_token
-from neox_jax.weights import build_params
 
-from conftest import tiny_config
+from conftest import peaked_model
 
 
 @pytest.fixture(scope="module")
 def model():
-    config = tiny_config(vocab_size=32)
-    # Larger weights than usual so next-token distributions are peaked but not one-hot.
-    tensors = {k: v * (4.0 if "layernorm" not in k and "layer_norm" not in k else 1.0)
-               for k, v in random_tensors(config, seed=5).items()}
-    return NeoXModel(config, build_params(config, tensors.items(), jnp.float32, progress=False))
+    return peaked_model(vocab_size=32, seed=5)
 
 
 PROMPTS = [[1, 2, 3, 4], [9, 8]]

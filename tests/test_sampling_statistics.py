@@ -19,12 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from neox_jax.api import NeoXModel
-from neox_jax.checkpoints.synthetic import random_tensors
 from neox_jax.sampling import Sampling, select_token
-from neox_jax.weights import build_params
 
-from conftest import tiny_config
+from conftest import peaked_model
 
 ROWS = 20000
 LOGITS = np.array([1.5, 0.8, 0.0, -0.4, -1.0, 0.3, 2.0, -2.0, 1.1, -0.7])  # no ties, no boundary cases
@@ -153,10 +150,7 @@ def test_same_salt_step_and_seed_draw_the_same_token_and_others_do_not():
 
 @pytest.fixture(scope="module")
 def model():
-    config = tiny_config(vocab_size=96)
-    tensors = {k: v * (4.0 if "layernorm" not in k and "layer_norm" not in k else 1.0)
-               for k, v in random_tensors(config, seed=6).items()}
-    return NeoXModel(config, build_params(config, tensors.items(), jnp.float32, progress=False))
+    return peaked_model(vocab_size=96, seed=6)
 
 
 def test_same_seed_same_text_at_any_batch_size_and_position(model):
