@@ -12,6 +12,8 @@ import time
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 from neox_jax.api import NeoXModel
 from neox_jax.checkpoints import CheckpointError
@@ -66,6 +68,22 @@ def test_a_malformed_safetensors_index_is_one_error(tmp_path, tensors, index):
     (path / "model.safetensors.index.json").write_text(index)
     with pytest.raises(CheckpointError, match="model.safetensors.index.json: .*(not a safetensors index|weight_map)"):
         HFCheckpoint(path)
+
+
+@pytest.mark.parametrize("dtype, name", [(torch.float8_e4m3fn, "F8_E4M3"), (torch.int8, "I8"),
+                                         (torch.complex64, "C64")])
+def test_weights_that_are_not_floating_point_are_refused(tmp_path, tensors, dtype, name):
+    path = write_hf_checkpoint(tmp_path / "hf", CONFIG, tensors)
+    [file] = path.glob("*.safetensors")
+    stored = load_file(file)
+    save_file({**stored, "embed_out.weight": stored["embed_out.weight"].to(dtype)}, file)
+    with pytest.raises(CheckpointError, match=rf"tensor 'embed_out.weight' has dtype {name}; model weights are"):
+        HFCheckpoint(path)
+    src = write_deepspeed_checkpoint(tmp_path / "ds", CONFIG, tensors, ranks=1)
+    shard = tmp_path / "ds" / "layer_00-model_00-model_states.pt"
+    torch.save({"word_embeddings.weight": torch.load(shard)["word_embeddings.weight"].to(dtype)}, shard)
+    with pytest.raises(CheckpointError, match=r"tensor 'word_embeddings.weight' has dtype torch\.\w+; model weights"):
+        convert(src, tmp_path / "out")
 
 
 def test_converter_refuses_a_nan_shard_naming_file_and_tensor(tmp_path, tensors):

@@ -35,6 +35,7 @@ from .hf import torch_to_numpy
 from .neox_yaml import config_from_neox_args, read_neox_yaml
 
 INV_FREQ = "attention.rotary_emb.inv_freq"
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # numpy has no float8
 _LAYER_FILE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
 _MP_RANK_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 _STEP_DIR = re.compile(r"^global_step(\d+)$")
@@ -412,6 +413,9 @@ class DeepSpeedCheckpoint:
                                           f"(expected {', '.join(sorted(allowed))})")
             for p in layer.params:
                 shape = _tensor_shape(shard, p.key, where)
+                if shard[p.key].dtype not in _FLOAT_DTYPES:
+                    raise CheckpointError(f"{where}: tensor {p.key!r} has dtype {shard[p.key].dtype}; model weights "
+                                          f"are float16, bfloat16, float32 or float64")
                 first = shards[0][p.key]
                 if rank and (shape != tuple(first.shape) or shard[p.key].dtype != first.dtype):
                     raise CheckpointError(

@@ -21,6 +21,7 @@ _IGNORED = re.compile(r"^gpt_neox\.layers\.\d+\.attention\.(bias|masked_bias|rot
 _ALIASES = {"lm_head.weight": "embed_out.weight"}
 
 INDEX_NAME = "model.safetensors.index.json"
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names; numpy has no float8
 
 
 def torch_to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -96,9 +97,16 @@ class HFCheckpoint:
     def _header(file: Path) -> dict[str, tuple[int, ...]]:
         try:
             with safe_open(file, "pt") as f:
-                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+                slices = {k: f.get_slice(k) for k in f.keys()}
+                dtypes = {k: t.get_dtype() for k, t in slices.items()}
+                shapes = {k: tuple(t.get_shape()) for k, t in slices.items()}
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from None
+        for key, dtype in dtypes.items():
+            if dtype not in _FLOAT_DTYPES and not _IGNORED.match(key):
+                raise CheckpointError(f"{file}: tensor {key!r} has dtype {dtype}; model weights are floating "
+                                      f"point ({', '.join(_FLOAT_DTYPES)})")
+        return shapes
 
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         order = list(expected_shapes(self.config).items())
