@@ -73,7 +73,9 @@ def select_token(logits: jax.Array, sampling: Sampling, step: jax.Array, salt: j
 
 def _sample(logits, sampling: Sampling, step, salt):
     vocab = logits.shape[-1]
-    logits = logits / sampling.temperature
+    # Shifted so that the largest is 0 (sampling is shift-invariant): a tiny temperature then sends the others
+    # to -inf, never inf - inf = NaN.
+    logits = (logits - jnp.max(logits, axis=-1, keepdims=True)) / sampling.temperature
     descending = -jnp.sort(-logits, axis=-1)  # [B, V]
     k = jnp.where(sampling.top_k > 0, jnp.minimum(sampling.top_k, vocab), vocab)
     in_top_k = jnp.arange(vocab) < k

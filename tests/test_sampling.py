@@ -134,3 +134,11 @@ def test_top_p_keeps_the_smallest_prefix_that_reaches_it_in_every_row():
     for top_p, allowed in [(0.5, [{0}, {3}]), (0.75, [{0, 1}, {2, 3}]), (0.85, [{0, 1, 2, 3}, {1, 2, 3}])]:
         drawn = np.asarray(select_token(logits, Sampling.create(1.0, top_p=top_p, seed=2), jnp.int32(0), salt))
         assert [set(drawn[:512].tolist()), set(drawn[512:].tolist())] == allowed, top_p
+
+
+def test_a_tiny_temperature_is_greedy_not_nan():
+    logits = jnp.asarray(np.random.default_rng(1).standard_normal((64, 50)) * 1e10, jnp.float32)
+    salt = jnp.arange(64, dtype=jnp.uint32)
+    for temperature in (1e-30, 1e-40):  # logits / T alone would overflow to +-inf (1e-40: subnormal in fp32)
+        drawn = select_token(logits, Sampling.create(temperature, seed=1), jnp.int32(0), salt)
+        assert np.array_equal(drawn, np.argmax(logits, -1)), temperature
