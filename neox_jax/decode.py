@@ -103,11 +103,15 @@ class Generation:
                 getattr(self, f"{phase}_seconds") + time.perf_counter() - start - compile_seconds)
 
 
-def validate_request(config: NeoXConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                     stop_token: int | None = None) -> None:
+def check_stop_token(config: NeoXConfig, stop_token: int | None) -> None:
     if stop_token is not None and (isinstance(stop_token, bool) or not isinstance(stop_token, (int, np.integer))
                                    or not 0 <= stop_token < config.vocab_size):
         raise GenerationError(f"stop token {stop_token!r} is outside the vocabulary [0, {config.vocab_size})")
+
+
+def validate_request(config: NeoXConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                     stop_token: int | None = None) -> None:
+    check_stop_token(config, stop_token)
     if not prompts:
         raise GenerationError("no prompts given")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .checkpoints import CheckpointError
 from .config import PRESETS, ConfigError
-from .decode import Generation, GenerationError, NonFiniteLogitsError, validate_request
+from .decode import Generation, GenerationError, NonFiniteLogitsError, check_stop_token, validate_request
 from .sampling import Sampling, SamplingError
 from .sharding import ShardingError
 from .streaming import STREAM_CHUNK, TextStream, stream_text
@@ -127,8 +127,8 @@ def load_model(args, prompts: list[str]):
         raise FileNotFoundError(f"{tokenizer_path}: no tokenizer (give --tokenizer FILE)")
     tokenizer = load_tokenizer(tokenizer_path)
     prompt_ids = encode(tokenizer, prompts, checkpoint.config, args.max_new_tokens)
-    if args.stop_token not in (None, -1):
-        validate_request(checkpoint.config, [[0]], 1, args.stop_token)
+    if args.stop_token != -1:  # -1: never stop
+        check_stop_token(checkpoint.config, args.stop_token)
     mesh = plan_devices(args, checkpoint.config, prompt_ids)
     model = load_checkpoint(checkpoint, dtype=args.dtype, rotary_dtype=args.rotary_dtype, tokenizer=tokenizer,
                             mesh=mesh)
