@@ -116,31 +116,41 @@ def gelu(x, activation: str):
 
 
 class LayerNorm(nn.Module):
+    size: int
     eps: float
     dtype: Any
 
-    @nn.compact
+    def setup(self):
+        self.weight = self.param("weight", nn.initializers.ones, (self.size,), self.dtype)
+        self.bias = self.param("bias", nn.initializers.zeros, (self.size,), self.dtype)
+
     def __call__(self, x):  # [..., D] -> [..., D]
-        d = x.shape[-1]
-        weight = self.param("weight", nn.initializers.ones, (d,), self.dtype)
-        bias = self.param("bias", nn.initializers.zeros, (d,), self.dtype)
         x = x.astype(F32)
         mean = x.mean(-1, keepdims=True)
         var = jnp.square(x - mean).mean(-1, keepdims=True)
         y = (x - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * weight.astype(F32) + bias.astype(F32)).astype(self.dtype)
+        return (y * self.weight.astype(F32) + self.bias.astype(F32)).astype(self.dtype)
 
 
 def _init(std=0.02):
     return nn.initializers.normal(std)
 
 
+# The modules declare their parameters in `setup` and compute in plain `__call__` methods (no `nn.compact`),
+# so that the mutation-testing tool, which leaves decorated functions alone, mutates the model's arithmetic.
 class Attention(nn.Module):
     config: NeoXConfig
     dtype: Any
     rotary_dtype: Any
 
-    @nn.compact
+    def setup(self):
+        c = self.config
+        n, h, d = c.num_heads, c.head_dim, c.hidden_size
+        self.qkv_w = self.param("query_key_value.weight", _init(), (n, 3, h, d), self.dtype)
+        self.qkv_b = self.param("query_key_value.bias", nn.initializers.zeros, (n, 3, h), self.dtype)
+        self.out_w = self.param("dense.weight", _init(), (d, n, h), self.dtype)
+        self.out_b = self.param("dense.bias", nn.initializers.zeros, (d,), self.dtype)
+
     def __call__(self, x, positions, cache_kv, cache_positions, write_index):
         """x [B, T, D], positions [B, T] -> [B, T, D], cache_kv.
 
@@ -150,18 +160,14 @@ class Attention(nn.Module):
         """
         c = self.config
         n, h, d = c.num_heads, c.head_dim, c.hidden_size
-        qkv_w = self.param("query_key_value.weight", _init(), (n, 3, h, d), self.dtype)
-        qkv_b = self.param("query_key_value.bias", nn.initializers.zeros, (n, 3, h), self.dtype)
-        out_w = self.param("dense.weight", _init(), (d, n, h), self.dtype)
-        out_b = self.param("dense.bias", nn.initializers.zeros, (d,), self.dtype)
 
         # The projections run as plain 2-D matmuls over the weights as stored ([N, 3, H] and [N, H] are
         # contiguous, so the reshapes are free); head axes are named on the small activations instead.
         # Contracting over a 4-D weight made XLA transpose the weight every step (measured: 1.6 of 11 ms
         # per Pythia-70M decode step on CPU).
         b, t = x.shape[:2]
-        qkv = matmul("BTD,ED->BTE", x, qkv_w.reshape(3 * d, d), self.dtype).reshape(b, t, n, 3, h)
-        qkv = qkv.transpose(0, 2, 3, 1, 4) + qkv_b[:, :, None]  # [B, N, 3, T, H]
+        qkv = matmul("BTD,ED->BTE", x, self.qkv_w.reshape(3 * d, d), self.dtype).reshape(b, t, n, 3, h)
+        qkv = qkv.transpose(0, 2, 3, 1, 4) + self.qkv_b[:, :, None]  # [B, N, 3, T, H]
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, T, H] each
         cos, sin = rotary_cos_sin(positions, *rotary_tables(c.max_position_embeddings, c.rotary_dim,
                                                             c.rotary_base, self.rotary_dtype))
@@ -193,7 +199,7 @@ class Attention(nn.Module):
             cache_kv = tuple(jax.lax.dynamic_update_slice(slots, new + after_reads, (0, 0, write_index, 0))
                              for slots, new in zip(cache_kv, (k, v)))
         attended = attended.transpose(0, 2, 1, 3).reshape(b, t, d)  # [B, T, (N, H)]
-        out = matmul("BTE,DE->BTD", attended, out_w.reshape(d, d), self.dtype) + out_b
+        out = matmul("BTE,DE->BTD", attended, self.out_w.reshape(d, d), self.dtype) + self.out_b
         return out, cache_kv
 
     def scores(self, q, keys, positions, key_positions):
@@ -208,16 +214,17 @@ class MLP(nn.Module):
     config: NeoXConfig
     dtype: Any
 
-    @nn.compact
-    def __call__(self, x):  # [B, T, D] -> [B, T, D]
+    def setup(self):
         d, f = self.config.hidden_size, self.config.intermediate_size
-        up_w = self.param("dense_h_to_4h.weight", _init(), (f, d), self.dtype)
-        up_b = self.param("dense_h_to_4h.bias", nn.initializers.zeros, (f,), self.dtype)
-        down_w = self.param("dense_4h_to_h.weight", _init(), (d, f), self.dtype)
-        down_b = self.param("dense_4h_to_h.bias", nn.initializers.zeros, (d,), self.dtype)
-        up = jnp.einsum("BTD,FD->BTF", x, up_w, preferred_element_type=F32, precision=_precision(self.dtype))
-        hidden = gelu(up + up_b.astype(F32), self.config.activation).astype(self.dtype)  # [B, T, F]
-        return matmul("BTF,DF->BTD", hidden, down_w, self.dtype) + down_b
+        self.up_w = self.param("dense_h_to_4h.weight", _init(), (f, d), self.dtype)
+        self.up_b = self.param("dense_h_to_4h.bias", nn.initializers.zeros, (f,), self.dtype)
+        self.down_w = self.param("dense_4h_to_h.weight", _init(), (d, f), self.dtype)
+        self.down_b = self.param("dense_4h_to_h.bias", nn.initializers.zeros, (d,), self.dtype)
+
+    def __call__(self, x):  # [B, T, D] -> [B, T, D]
+        up = jnp.einsum("BTD,FD->BTF", x, self.up_w, preferred_element_type=F32, precision=_precision(self.dtype))
+        hidden = gelu(up + self.up_b.astype(F32), self.config.activation).astype(self.dtype)  # [B, T, F]
+        return matmul("BTF,DF->BTD", hidden, self.down_w, self.dtype) + self.down_b
 
 
 class Layer(nn.Module):
@@ -225,20 +232,21 @@ class Layer(nn.Module):
     dtype: Any
     rotary_dtype: Any
 
-    @nn.compact
-    def __call__(self, x, positions, cache_kv, cache_positions, write_index):  # [B, T, D] -> [B, T, D], cache_kv
+    def setup(self):
         c = self.config
-        ln1 = LayerNorm(c.layer_norm_eps, self.dtype, name="input_layernorm")
-        ln2 = LayerNorm(c.layer_norm_eps, self.dtype, name="post_attention_layernorm")
-        attention = Attention(c, self.dtype, self.rotary_dtype, name="attention")
-        mlp = MLP(c, self.dtype, name="mlp")
+        self.input_layernorm = LayerNorm(c.hidden_size, c.layer_norm_eps, self.dtype)
+        self.post_attention_layernorm = LayerNorm(c.hidden_size, c.layer_norm_eps, self.dtype)
+        self.attention = Attention(c, self.dtype, self.rotary_dtype)
+        self.mlp = MLP(c, self.dtype)
 
-        attn_out, cache_kv = attention(ln1(x), positions, cache_kv, cache_positions, write_index)
-        if c.parallel_residual:  # GPT-NeoX sums both branches before adding the residual
-            x = x + (attn_out + mlp(ln2(x)))
+    def __call__(self, x, positions, cache_kv, cache_positions, write_index):  # [B, T, D] -> [B, T, D], cache_kv
+        attn_out, cache_kv = self.attention(self.input_layernorm(x), positions, cache_kv, cache_positions,
+                                            write_index)
+        if self.config.parallel_residual:  # GPT-NeoX sums both branches before adding the residual
+            x = x + (attn_out + self.mlp(self.post_attention_layernorm(x)))
         else:
             x = x + attn_out
-            x = x + mlp(ln2(x))
+            x = x + self.mlp(self.post_attention_layernorm(x))
         return x, cache_kv
 
 
@@ -247,7 +255,14 @@ class NeoX(nn.Module):
     dtype: Any = jnp.float32
     rotary_dtype: Any = None  # None: the model dtype
 
-    @nn.compact
+    def setup(self):
+        c = self.config
+        self.embed_in = self.param("embed_in", _init(), (c.vocab_size, c.hidden_size), self.dtype)
+        self.layers = [Layer(c, self.dtype, self.rotary_dtype or self.dtype) for _ in range(c.num_layers)]
+        self.final_layer_norm = LayerNorm(c.hidden_size, c.layer_norm_eps, self.dtype)
+        if not c.tie_word_embeddings:
+            self.embed_out = self.param("embed_out", _init(), (c.vocab_size, c.hidden_size), self.dtype)
+
     def __call__(self, tokens, positions, cache: KVCache | None = None, *, last_token_only: bool = False,
                  return_hidden_states: bool = False):
         """tokens, positions [B, T] (position -1 marks padding) -> logits fp32 [B, T or 1, V], cache.
@@ -256,17 +271,13 @@ class NeoX(nn.Module):
         cached; without one, they attend causally among themselves. `return_hidden_states` adds the
         residual stream after the embedding and after each layer, [L + 1, B, T, D].
         """
-        c = self.config
-        rotary_dtype = self.rotary_dtype or self.dtype
-        embed = self.param("embed_in", _init(), (c.vocab_size, c.hidden_size), self.dtype)
-        x = embed[tokens]  # [B, T, D]
+        x = self.embed_in[tokens]  # [B, T, D]
 
         cache_positions, write_index = (None, None) if cache is None else (cache.positions, cache.length)
-        layer_caches = [None] * c.num_layers if cache is None else list(zip(cache.k, cache.v))
+        layer_caches = [None] * len(self.layers) if cache is None else list(zip(cache.k, cache.v))
         hidden = [x]
-        for i, layer_cache in enumerate(layer_caches):
-            x, layer_caches[i] = Layer(c, self.dtype, rotary_dtype, name=f"layers_{i}")(
-                x, positions, layer_cache, cache_positions, write_index)
+        for i, (layer, layer_cache) in enumerate(zip(self.layers, layer_caches)):
+            x, layer_caches[i] = layer(x, positions, layer_cache, cache_positions, write_index)
             hidden.append(x)
         if cache is not None:
             k, v = zip(*layer_caches)
@@ -275,9 +286,8 @@ class NeoX(nn.Module):
 
         if last_token_only:
             x = x[:, -1:]
-        x = LayerNorm(c.layer_norm_eps, self.dtype, name="final_layer_norm")(x)
-        head = embed if c.tie_word_embeddings else self.param("embed_out", _init(), (c.vocab_size, c.hidden_size),
-                                                              self.dtype)
+        x = self.final_layer_norm(x)
+        head = self.embed_in if self.config.tie_word_embeddings else self.embed_out
         logits = jnp.einsum("BTD,VD->BTV", x, head, preferred_element_type=F32,
                             precision=_precision(self.dtype))
         if return_hidden_states:
