@@ -85,7 +85,12 @@ def mutant_names(work: Path, module: str) -> list[str]:
         run_mutmut(work, "run", f"{module_name(module)}.no-such-mutant", capture=True, check=False)
     if not meta.exists():
         sys.exit(f"error: mutmut generated no mutants of {module} in {work}")
-    return sorted(json.loads(meta.read_text())["exit_code_by_key"])
+    return sorted(tested(work, module))
+
+
+def tested(work: Path, module: str) -> dict[str, int | None]:
+    """Each mutant's exit status from the last run, None where it has not been tested."""
+    return json.loads((work / "mutants" / f"{module}.meta").read_text())["exit_code_by_key"]
 
 
 def module_name(module: str) -> str:
@@ -127,8 +132,9 @@ def main() -> None:
     work = prepare(args.module)
     names = mutant_names(work, args.module)
     selected = chosen(names, args.sample)
-    if not args.results:
-        run_mutmut(work, "run", "--max-children", str(args.max_children), *selected)
+    untested = [name for name in selected if tested(work, args.module).get(name) is None]
+    if untested and not args.results:  # named mutants are always rerun: name only those without a result
+        run_mutmut(work, "run", "--max-children", str(args.max_children), *untested)
     report(work, args.module, selected, len(names))
 
 
