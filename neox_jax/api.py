@@ -18,7 +18,7 @@ from .model import NeoX
 from .sampling import Sampling
 from .sharding import default_mesh, plan_memory, require_fit, to_host
 from .streaming import STREAM_CHUNK, TextStream, stream_text
-from .tokenizer import Tokenizer, load_tokenizer
+from .tokenizer import Tokenizer, checkpoint_dirs, find_tokenizer, load_tokenizer
 from .weights import build_params
 
 DTYPES = {"float16": jnp.float16, "bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -156,7 +156,8 @@ def load(path: str | os.PathLike, dtype: str | None = None, rotary_dtype: str | 
          config: NeoXConfig | str | os.PathLike | None = None) -> NeoXModel:
     """Load a Hugging Face GPT-NeoX directory, or GPT-NeoX DeepSpeed shards (merged while streaming).
 
-    The tokenizer is `tokenizer` if given, else the checkpoint's `tokenizer.json` if there is one. The
+    The tokenizer is `tokenizer` if given, else the checkpoint's `tokenizer.json`, else its one
+    `*tokenizer*.json` (as `20B_tokenizer.json` beside the slim weights), if there is one. The
     params are split over `mesh` (`sharding.make_mesh(model=N, data=M)`); by default one device, or all
     local devices on the model axis when the weights do not fit on one. `config` (a NeoXConfig, e.g.
     `PRESETS["gpt-neox-20b"]`, or a NeoX YAML) describes DeepSpeed shards that carry no `configs/*.yml`.
@@ -170,10 +171,9 @@ def load_checkpoint(checkpoint: Checkpoint, dtype: str | None = None, rotary_dty
     dtype = dtype or default_dtype()
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if tokenizer is None and (checkpoint.path / "tokenizer.json").is_file():
-        tokenizer = checkpoint.path / "tokenizer.json"
-    if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
-        tokenizer = load_tokenizer(tokenizer)
+    if not isinstance(tokenizer, Tokenizer):
+        tokenizer = find_tokenizer(tokenizer, *checkpoint_dirs(checkpoint))
+        tokenizer = None if tokenizer is None else load_tokenizer(tokenizer)
     mesh = mesh or default_mesh(checkpoint.config, DTYPES[dtype])
     require_fit(plan_memory(checkpoint.config, DTYPES[dtype], mesh), checkpoint.config, mesh, 0, 0)
     params = build_params(checkpoint.config, checkpoint.tensors(), DTYPES[dtype], mesh, progress=progress)

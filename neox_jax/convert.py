@@ -37,6 +37,7 @@ from safetensors import SafetensorError, safe_open
 from .config import PRESETS, ConfigError, NeoXConfig
 from .checkpoints import CheckpointError, check_finite, expected_shapes, hf
 from .checkpoints.deepspeed import DeepSpeedCheckpoint, _find_yaml, looks_like_deepspeed
+from .tokenizer import TokenizerNotFoundError, checkpoint_dirs, find_tokenizer
 
 DTYPES = {"keep": None, "float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16),
           "float32": np.dtype(np.float32)}
@@ -376,24 +377,16 @@ def _move_into_place(tmp: Path, out_dir: Path, force: bool) -> None:
 def _find_tokenizer(ckpt: DeepSpeedCheckpoint, given: str | os.PathLike | None,
                     log: Callable[[str], None]) -> Path | None:
     """The given tokenizer JSON, or the one beside the checkpoint (e.g. 20B_tokenizer.json), validated."""
-    if given is not None:
-        path = Path(given)
-        if not path.is_file():
-            raise ConvertError(f"{path}: no such tokenizer file")
-    else:
-        path = None
-        for d in dict.fromkeys((ckpt.step_dir, ckpt.path, ckpt.step_dir.parent)):
-            found = sorted(d.glob("*tokenizer*.json"))
-            if len(found) > 1:
-                log(f"warning: several tokenizer files in {d} ({', '.join(f.name for f in found)}); "
-                    f"none copied, pass --tokenizer")
-                return None
-            if found:
-                path = found[0]
-                break
-        if path is None:
-            log("warning: no tokenizer JSON beside the checkpoint; the output has none (pass --tokenizer)")
-            return None
+    try:
+        path = find_tokenizer(given, *checkpoint_dirs(ckpt))
+    except TokenizerNotFoundError as e:  # several candidates: converting without one beats guessing
+        log(f"warning: {e}; none copied, pass --tokenizer")
+        return None
+    except FileNotFoundError as e:
+        raise ConvertError(str(e)) from None
+    if path is None:
+        log("warning: no tokenizer JSON beside the checkpoint; the output has none (pass --tokenizer)")
+        return None
     from tokenizers import Tokenizer
 
     try:

@@ -14,7 +14,6 @@ import signal
 import socket
 import sys
 import time
-from pathlib import Path
 
 from .checkpoints import CheckpointError
 from .config import PRESETS, ConfigError
@@ -43,7 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--model", help="checkpoint directory (Hugging Face layout or DeepSpeed shards)")
     src.add_argument("--demo", action="store_true",
                      help="no files needed: a tiny random model and an in-memory tokenizer run the whole path")
-    p.add_argument("--tokenizer", help="tokenizer.json (default: MODEL/tokenizer.json)")
+    p.add_argument("--tokenizer", help="tokenizer JSON (default: the model's tokenizer.json, else its one "
+                                       "*tokenizer*.json, e.g. 20B_tokenizer.json beside DeepSpeed shards)")
     config = p.add_mutually_exclusive_group()
     config.add_argument("--config", help="NeoX YAML for DeepSpeed shards without configs/*.yml beside them")
     config.add_argument("--preset", choices=sorted(PRESETS), help="a known config for DeepSpeed shards")
@@ -109,7 +109,7 @@ def load_model(args, prompts: list[str]):
     weights load."""
     from .api import load_checkpoint
     from .checkpoints import open_checkpoint
-    from .tokenizer import load_tokenizer
+    from .tokenizer import load_tokenizer, require_tokenizer
 
     if args.demo:
         from .demo import demo_model
@@ -122,10 +122,7 @@ def load_model(args, prompts: list[str]):
         model = demo_model(args.dtype or "float32", args.rotary_dtype, mesh)
         return model, encode(model.tokenizer, prompts, model.config, args.max_new_tokens)
     checkpoint = open_checkpoint(args.model, PRESETS[args.preset] if args.preset else args.config)
-    tokenizer_path = args.tokenizer or Path(args.model) / "tokenizer.json"
-    if not Path(tokenizer_path).exists():
-        raise FileNotFoundError(f"{tokenizer_path}: no tokenizer (give --tokenizer FILE)")
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(require_tokenizer(args.tokenizer, checkpoint))
     prompt_ids = encode(tokenizer, prompts, checkpoint.config, args.max_new_tokens)
     if args.stop_token != -1:  # -1: never stop
         check_stop_token(checkpoint.config, args.stop_token)

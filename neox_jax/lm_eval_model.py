@@ -9,7 +9,7 @@ or from the shell, `python -m neox_jax.eval` (lm-eval's own CLI with `--model ne
 model_args:
   pretrained   a Hugging Face GPT-NeoX directory or GPT-NeoX DeepSpeed shards (anything `neox_jax.load`
                reads); from Python also an already loaded `NeoXModel`.
-  tokenizer    a `tokenizer.json` (default: `pretrained/tokenizer.json`).
+  tokenizer    a tokenizer JSON (default: the model's `tokenizer.json`, else its one `*tokenizer*.json`).
   dtype        float16 | bfloat16 | float32 (default: float16 on accelerators, float32 on CPU).
   rotary_dtype rotary table dtype (default as `neox_jax.load`: the model dtype, fp32 for bf16).
   max_length   context used for scoring (default and maximum: max_position_embeddings).
@@ -144,30 +144,23 @@ class NeoXLM(TemplateLM):
         if isinstance(pretrained, NeoXModel):
             if dtype is not None and dtype != pretrained.dtype:
                 raise ValueError(f"dtype={dtype!r} given with a model already loaded as {pretrained.dtype}")
+            if tokenizer is None:
+                raise ValueError("tokenizer= is required when pretrained is a loaded NeoXModel")
             self.model = pretrained
-            path = None
+            self._tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
         else:
-            path = os.fspath(pretrained)
             extra = {}
             if model_parallel or data_parallel:
                 from .sharding import make_mesh
 
                 extra["mesh"] = make_mesh(model=int(model_parallel or 1), data=int(data_parallel or 1))
-            self.model = load(path, dtype=dtype, rotary_dtype=rotary_dtype, **extra)
+            self.model = load(pretrained, dtype=dtype, rotary_dtype=rotary_dtype, tokenizer=tokenizer, **extra)
+            if self.model.tokenizer is None:
+                raise FileNotFoundError(f"{pretrained}: no tokenizer found (looked for tokenizer.json and "
+                                        f"*tokenizer*.json beside the model): pass tokenizer=FILE in model_args")
+            self._tok = self.model.tokenizer
+        self._tokenizer_path = os.fspath(self._tok.path or "<object>")
         self.config = self.model.config
-
-        if isinstance(tokenizer, Tokenizer):
-            self._tok = tokenizer
-            self._tokenizer_path = "<object>"
-        else:
-            if tokenizer is None:
-                if path is None:
-                    raise ValueError("tokenizer= is required when pretrained is a loaded NeoXModel")
-                tokenizer = os.path.join(path, "tokenizer.json")
-                if not os.path.isfile(tokenizer):
-                    raise FileNotFoundError(f"{path} holds no tokenizer.json: pass tokenizer=FILE in model_args")
-            self._tokenizer_path = os.fspath(tokenizer)
-            self._tok = load_tokenizer(tokenizer)
         if self._tok.vocab_size > self.config.vocab_size:
             raise ValueError(f"tokenizer has {self._tok.vocab_size} tokens, the model only {self.config.vocab_size}")
         if self._tok.eos_id is None:

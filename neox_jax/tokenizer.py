@@ -12,8 +12,9 @@ END_OF_TEXT = "<|endoftext|>"
 
 
 class Tokenizer:
-    def __init__(self, tokenizer: HFTokenizer):
+    def __init__(self, tokenizer: HFTokenizer, path: Path | None = None):
         self._tokenizer = tokenizer
+        self.path = path  # the file it was read from; None when built in memory
         self.eos_id = tokenizer.token_to_id(END_OF_TEXT)  # 0 for the 20B tokenizer; None if absent
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -37,6 +38,47 @@ class Tokenizer:
         return self._tokenizer.get_vocab_size()
 
 
+class TokenizerNotFoundError(FileNotFoundError):
+    """No tokenizer given and none beside the model, or several and none named `tokenizer.json`."""
+
+
+def find_tokenizer(given: str | os.PathLike | None, *model_dirs: Path) -> Path | None:
+    """The one rule of every command: the tokenizer given, which must exist; else, in each of `model_dirs` in
+    turn, its `tokenizer.json`, else its only `*tokenizer*.json` (EleutherAI publishes `20B_tokenizer.json`
+    beside the slim weights). None when there is none; several candidates in one directory are an error."""
+    if given is not None:
+        if not Path(given).exists():
+            raise FileNotFoundError(f"{given}: the tokenizer file given does not exist")
+        return Path(given)
+    for directory in dict.fromkeys(model_dirs):
+        if (directory / "tokenizer.json").is_file():
+            return directory / "tokenizer.json"
+        found = sorted(p for p in directory.glob("*tokenizer*.json")
+                       if p.is_file() and not p.name.endswith("tokenizer_config.json"))
+        if len(found) > 1:
+            raise TokenizerNotFoundError(f"{directory}: several tokenizer files ({', '.join(p.name for p in found)}) "
+                                         f"and no tokenizer.json: give the one to use")
+        if found:
+            return found[0]
+    return None
+
+
+def checkpoint_dirs(checkpoint) -> tuple[Path, ...]:
+    """Where a checkpoint's tokenizer may lie: a Hugging Face directory itself; for DeepSpeed shards the step
+    folder, the folder given and the step folder's parent (where `latest` and the tokenizer usually are)."""
+    step = getattr(checkpoint, "step_dir", None)
+    return (checkpoint.path,) if step is None else (step, checkpoint.path, step.parent)
+
+
+def require_tokenizer(given: str | os.PathLike | None, checkpoint, option: str = "--tokenizer FILE") -> Path:
+    """`find_tokenizer` for commands that cannot run without one."""
+    path = find_tokenizer(given, *checkpoint_dirs(checkpoint))
+    if path is None:
+        raise TokenizerNotFoundError(f"{checkpoint.path}: no tokenizer found (looked for tokenizer.json and "
+                                     f"*tokenizer*.json beside the model): give {option}")
+    return path
+
+
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     path = Path(path)
     if path.is_dir():
@@ -44,7 +86,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such tokenizer file (expected a Hugging Face tokenizer.json)")
     try:
-        return Tokenizer(HFTokenizer.from_file(str(path)))
+        return Tokenizer(HFTokenizer.from_file(str(path)), path)
     except Exception as e:  # tokenizers raises a bare Exception for malformed JSON
         raise ValueError(f"{path}: not a Hugging Face tokenizer.json ({e})") from None
 

@@ -46,7 +46,8 @@ def test_json_output_one_object_per_prompt(model_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--model", "{missing}", "--prompt", "hi"], "no such directory"),
-    (["--model", "{model}", "--prompt", "hi", "--tokenizer", "{missing}"], "no tokenizer"),
+    (["--model", "{model}", "--prompt", "hi", "--tokenizer", "{missing}"], "the tokenizer file given does not exist"),
+    (["--model", "{untokenized}", "--prompt", "hi"], "no tokenizer found"),
     (["--model", "{model}", "--prompt", ""], "encodes to no tokens"),
     (["--model", "{model}", "--prompt", "hi", "--max-new-tokens", "0"], "max_new_tokens must be a positive"),
     (["--model", "{model}", "--prompt", "hi " * 200, "--max-new-tokens", "8"], "beyond the model's context"),
@@ -55,7 +56,9 @@ def test_json_output_one_object_per_prompt(model_dir, tmp_path, capsys):
 ])
 def test_user_mistakes_exit_2_with_a_clear_message(model_dir, tmp_path, capsys, args, message):
     (tmp_path / "empty").mkdir()
-    args = [a.format(model=model_dir, missing=tmp_path / "missing", empty=tmp_path / "empty") for a in args]
+    untokenized = write_hf_checkpoint(tmp_path / "untokenized", tiny_config(vocab_size=384))
+    args = [a.format(model=model_dir, missing=tmp_path / "missing", empty=tmp_path / "empty",
+                     untokenized=untokenized) for a in args]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
@@ -89,3 +92,23 @@ def test_deepspeed_shards_without_yaml_take_a_preset_or_config(tmp_path, capsys)
     assert main(["--model", str(hf_dir), "--tokenizer", str(tokenizer), "--prompt", "x",
                  "--preset", "gpt-neox-20b"]) == 2
     assert "DeepSpeed shards only" in capsys.readouterr().err
+
+
+def test_one_tokenizer_rule_generate_load_and_eval_find_20b_tokenizer_beside_the_shards(tmp_path, capsys):
+    """tokenizer.json, else the one *tokenizer*.json beside the model: EleutherAI's slim weights come with
+    20B_tokenizer.json, which convert always found and generate, load and eval did not."""
+    import neox_jax
+    from neox_jax.checkpoints.synthetic import write_deepspeed_checkpoint
+
+    ds = write_deepspeed_checkpoint(tmp_path / "slim", tiny_config(vocab_size=384), ranks=2, step=3)
+    demo_tokenizer()._tokenizer.save(str(ds / "20B_tokenizer.json"))
+    assert main(["--model", str(ds), "--prompt", "The quick", "--max-new-tokens", "3"]) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.startswith("The quick")
+    model = neox_jax.load(ds, progress=False)
+    assert model.tokenizer.path == ds / "20B_tokenizer.json"
+    lm_eval_model = pytest.importorskip("neox_jax.lm_eval_model")
+    assert lm_eval_model.NeoXLM(pretrained=str(ds)).tokenizer_name.endswith("20B_tokenizer.json")
+    (ds / "other_tokenizer.json").write_bytes((ds / "20B_tokenizer.json").read_bytes())
+    assert main(["--model", str(ds), "--prompt", "The quick"]) == 2
+    err = capsys.readouterr().err
+    assert "several tokenizer files (20B_tokenizer.json, other_tokenizer.json)" in err, err
