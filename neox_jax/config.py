@@ -342,8 +342,27 @@ PRESETS: dict[str, NeoXConfig] = {
         vocab_size=50432, hidden_size=6144, num_layers=44, num_heads=64, intermediate_size=24576,
         rotary_pct=0.25, rotary_base=10000.0, layer_norm_eps=1e-5, activation="gelu_tanh",
         parallel_residual=True, max_position_embeddings=2048, tie_word_embeddings=False),
-    "pythia-70m": NeoXConfig(
-        vocab_size=50304, hidden_size=512, num_layers=6, num_heads=8, intermediate_size=2048,
-        rotary_pct=0.25, rotary_base=10000.0, layer_norm_eps=1e-5, activation="gelu",
-        parallel_residual=True, max_position_embeddings=2048, tie_word_embeddings=False),
 }
+
+# The Pythia suite: (vocab_size, hidden_size, num_layers, num_heads) as in EleutherAI/pythia-* config.json on
+# the Hugging Face hub; the rest is shared (MLP 4x wide, rotary on a quarter of each head, exact GELU,
+# parallel residual, 2048 positions, untied head). The vocabulary is padded differently by size.
+_PYTHIA = {
+    "pythia-14m": (50304, 128, 6, 4), "pythia-31m": (50304, 256, 6, 8), "pythia-70m": (50304, 512, 6, 8),
+    "pythia-160m": (50304, 768, 12, 12), "pythia-410m": (50304, 1024, 24, 16), "pythia-1b": (50304, 2048, 16, 8),
+    "pythia-1.4b": (50304, 2048, 24, 16), "pythia-2.8b": (50304, 2560, 32, 32), "pythia-6.9b": (50432, 4096, 32, 32),
+    "pythia-12b": (50688, 5120, 36, 40),
+}
+_PYTHIA_WITHOUT_DEDUPED = ("pythia-14m", "pythia-31m")  # trained only on the standard Pile
+
+
+def _pythia(vocab_size: int, hidden_size: int, num_layers: int, num_heads: int) -> NeoXConfig:
+    return NeoXConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                      intermediate_size=4 * hidden_size, rotary_pct=0.25, rotary_base=10000.0, layer_norm_eps=1e-5,
+                      activation="gelu", parallel_residual=True, max_position_embeddings=2048,
+                      tie_word_embeddings=False)
+
+
+PRESETS.update({name: _pythia(*shape) for name, shape in _PYTHIA.items()})
+# "-deduped": the same model trained on the deduplicated Pile.
+PRESETS.update({f"{name}-deduped": PRESETS[name] for name in _PYTHIA if name not in _PYTHIA_WITHOUT_DEDUPED})

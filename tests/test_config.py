@@ -17,6 +17,51 @@ def test_20b_preset_matches_the_published_model():
     assert c.parallel_residual and not c.tie_word_embeddings
 
 
+# The published config.json of each model on the Hugging Face hub (https://huggingface.co/EleutherAI/NAME/blob/main/
+# config.json), the keys that differ between them: (vocab_size, hidden_size, intermediate_size, num_hidden_layers,
+# num_attention_heads, hidden_act). Every one also has rotary_pct 0.25, rotary_emb_base 10000, layer_norm_eps 1e-5,
+# max_position_embeddings 2048, use_parallel_residual true, tie_word_embeddings false. Checked 2026-12-01 against
+# the hub configs and lit-gpt's table (its padding_multiple 128 / 256 / 512 gives 50304 / 50432 / 50688).
+PUBLISHED = {
+    "gpt-neox-20b": (50432, 6144, 24576, 44, 64, "gelu_fast"),
+    "pythia-14m": (50304, 128, 512, 6, 4, "gelu"),
+    "pythia-31m": (50304, 256, 1024, 6, 8, "gelu"),
+    "pythia-70m": (50304, 512, 2048, 6, 8, "gelu"),
+    "pythia-160m": (50304, 768, 3072, 12, 12, "gelu"),
+    "pythia-410m": (50304, 1024, 4096, 24, 16, "gelu"),
+    "pythia-1b": (50304, 2048, 8192, 16, 8, "gelu"),
+    "pythia-1.4b": (50304, 2048, 8192, 24, 16, "gelu"),
+    "pythia-2.8b": (50304, 2560, 10240, 32, 32, "gelu"),
+    "pythia-6.9b": (50432, 4096, 16384, 32, 32, "gelu"),
+    "pythia-12b": (50688, 5120, 20480, 36, 40, "gelu"),
+}
+DEDUPED = [f"{name}-deduped" for name in PUBLISHED if name.startswith("pythia") and name not in ("pythia-14m", "pythia-31m")]
+
+
+def published_config_json(name: str) -> dict:
+    vocab, hidden, intermediate, layers, heads, act = PUBLISHED[name.removesuffix("-deduped")]
+    return {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "vocab_size": vocab,
+            "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "hidden_act": act, "rotary_pct": 0.25, "rotary_emb_base": 10000,
+            "layer_norm_eps": 1e-05, "max_position_embeddings": 2048, "use_parallel_residual": True,
+            "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 0, "torch_dtype": "float16"}
+
+
+@pytest.mark.parametrize("name", [*PUBLISHED, *DEDUPED])
+def test_presets_equal_the_published_configs(name):
+    assert PRESETS[name] == NeoXConfig.from_hf_dict(published_config_json(name))
+
+
+def test_preset_help_lists_every_preset(capsys):
+    from neox_jax.generate import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for name in [*PUBLISHED, *DEDUPED]:
+        assert name in out
+
+
 @pytest.mark.parametrize("changes", [{}, dict(parallel_residual=False, activation="gelu", rotary_pct=1.0),
                                      dict(tie_word_embeddings=True, rotary_base=500.0)])
 def test_hf_dict_round_trip(changes):
