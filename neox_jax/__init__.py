@@ -5,7 +5,7 @@ pay for JAX and Flax, and so that `python -m neox_jax.generate` can take over Ct
 is imported.
 """
 
-__all__ = ["NeoXConfig", "NeoXModel", "PRESETS", "load", "load_tokenizer"]
+__all__ = ["KVCache", "NeoX", "NeoXConfig", "NeoXModel", "PRESETS", "load", "load_tokenizer"]
 
 
 def __getattr__(name):
@@ -13,6 +13,10 @@ def __getattr__(name):
         from . import config
 
         return getattr(config, name)
+    if name in ("NeoX", "KVCache"):
+        from . import model
+
+        return getattr(model, name)
     if name in ("load", "NeoXModel"):
         from . import api
 

@@ -97,17 +97,20 @@ class NeoXModel:
         prompts, single = prompt_batch(prompts)
         stop = [stop] if isinstance(stop, str) else stop  # one stop string, not one per character
         if prompts and isinstance(prompts[0], str):
-            texts = ["".join(parts) for parts in zip(*self.stream(prompts, max_new_tokens, sampling=sampling,
-                                                                   stop_token=stop_token, stop=stop))]
+            texts = ["".join(parts) for parts in zip(*self.stream(
+                prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                stop_token=stop_token, stop=stop))]
             return texts[0] if single else texts
         if stop:
             raise ValueError("stop strings need text prompts (and a tokenizer): pass strings, not token ids")
         return self.decoder.generate(prompts, max_new_tokens, sampling, stop_token).tokens
 
-    def stream(self, prompts: Sequence[str], max_new_tokens: int, *, sampling: Sampling | None = None,
-               stop_token: int | None = 0, stop: Sequence[str] = (), chunk: int | None = STREAM_CHUNK,
-               timing: Generation | None = None) -> Iterator[list[str]]:
-        """Yield the newly generated text of every prompt, `chunk` decode steps at a time."""
+    def stream(self, prompts: Sequence[str], max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, seed: int = 0, stop_token: int | None = 0, stop: Sequence[str] = (),
+               chunk: int | None = STREAM_CHUNK, timing: Generation | None = None) -> Iterator[list[str]]:
+        """Yield the newly generated text of every prompt, `chunk` decode steps at a time; the sampling
+        keywords are generate()'s, and the chunks joined are exactly generate()'s text."""
+        sampling = Sampling.create(temperature, top_k, top_p, seed)
         if self.tokenizer is None:
             raise ValueError("text prompts need a tokenizer: load(..., tokenizer=PATH) or set model.tokenizer")
         prompts, _ = prompt_batch(prompts)

@@ -181,8 +181,9 @@ def complete(model, args, sampling, stop_token, prompts: list[str], prompt_ids: 
 
 def show(args, prompt: str, ids: list[int], stream: TextStream, batch: int) -> None:
     if args.json:
-        print(json.dumps({"prompt": prompt, "completion": stream.text, "prompt_tokens": ids,
-                          "completion_tokens": stream.tokens}), flush=True)  # ASCII: safe for line-based readers
+        print(json.dumps({"prompt": prompt, "completion": stream.text, "prompt_tokens": len(ids),
+                          "completion_tokens": len(stream.tokens), "prompt_token_ids": ids,
+                          "completion_token_ids": stream.tokens}), flush=True)  # ASCII: safe for line-based readers
     else:
         print(prompt + stream.text, flush=True)
         if batch > 1:

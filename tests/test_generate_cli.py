@@ -38,10 +38,11 @@ def test_json_output_one_object_per_prompt(model_dir, tmp_path, capsys):
     records = [json.loads(line) for line in lines]
     assert [r["prompt"] for r in records] == ["The quick brown fox", "JAX compiles"]
     tokenizer = demo_tokenizer()
-    for r in records:
-        assert len(r["completion_tokens"]) == 5
-        assert r["prompt_tokens"] == tokenizer.encode(r["prompt"])
-        assert r["completion"] == tokenizer.decode(r["completion_tokens"])
+    for r in records:  # counts under the names other tools use for counts; the ids beside them
+        assert r["completion_tokens"] == len(r["completion_token_ids"]) == 5
+        assert r["prompt_token_ids"] == tokenizer.encode(r["prompt"])
+        assert r["prompt_tokens"] == len(r["prompt_token_ids"])
+        assert r["completion"] == tokenizer.decode(r["completion_token_ids"])
 
 
 @pytest.mark.parametrize("args, message", [

@@ -112,3 +112,22 @@ def test_fp16_rotary_tables_reproduce_gpt_neox_training_code():
     # fp32 tables (what Hugging Face uses) differ by up to the fp16 angle rounding: 0.5 rad above 1024.
     cos32, _ = rotary_tables(length, rotary_dim, base, jnp.float32)
     assert np.abs(cos32 - cos.astype(np.float32)).max() > 0.1
+
+
+def test_the_docs_pure_model_example_runs_with_only_the_imports_it_shows(tmp_path):
+    """docs/generate.md's pure-model example, run as written (on a tiny model in place of ./pythia-70m):
+    its one import line must be enough, and its cached step must equal the full forward pass."""
+    import re
+
+    from neox_jax.checkpoints.synthetic import write_hf_checkpoint
+
+    from conftest import REPO
+
+    text = (REPO / "docs" / "generate.md").read_text()
+    example = next(block for block in re.findall(r"```python\n(.*?)```", text, re.S) if "KVCache.init" in block)
+    path = write_hf_checkpoint(tmp_path / "m", tiny_config(vocab_size=20000))
+    scope = {}
+    exec(example.replace('"./pythia-70m"', repr(str(path))), scope)  # a fresh namespace: nothing pre-imported
+    model, next_token = scope["model"], np.asarray(scope["next_token"])
+    full = model.logits(np.array([[12092, 1533, next_token[0, 0]]]))
+    np.testing.assert_allclose(np.asarray(scope["logits"])[0, -1], full[0, -1], rtol=1e-5, atol=1e-5)

@@ -91,6 +91,6 @@ def test_two_processes_share_one_mesh(tmp_path):
     assert all(w.returncode == 0 for w in workers), [o[1][-2000:] for o in outputs]
     single = subprocess.run(base + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr
-    completions = [json.loads(line)["completion_tokens"] for line in single.stdout.splitlines()]
-    assert [json.loads(line)["completion_tokens"] for line in outputs[0][0].splitlines()] == completions
+    completions = [json.loads(line)["completion_token_ids"] for line in single.stdout.splitlines()]
+    assert [json.loads(line)["completion_token_ids"] for line in outputs[0][0].splitlines()] == completions
     assert outputs[1][0] == ""  # only process 0 prints

@@ -7,7 +7,6 @@ import pytest
 
 import neox_jax.generate as generate_cli
 from neox_jax.demo import demo_model
-from neox_jax.sampling import Sampling
 from neox_jax.streaming import TextStream
 from neox_jax.tokenizer import demo_tokenizer, load_tokenizer
 
@@ -56,10 +55,10 @@ def model():
 
 def test_streaming_equals_one_shot_generation(model):
     prompts = ["The quick brown fox", "JAX"]
-    one_shot = model.generate(prompts, 40, stop_token=None, temperature=0.9, seed=7)
+    settings = dict(temperature=0.9, top_k=40, top_p=0.95, seed=7)  # stream() takes generate()'s keywords
+    one_shot = model.generate(prompts, 40, stop_token=None, **settings)
     for chunk in (1, 3):
-        parts = list(model.stream(prompts, 40, stop_token=None, chunk=chunk,
-                                  sampling=Sampling.create(0.9, seed=7)))
+        parts = list(model.stream(prompts, 40, stop_token=None, chunk=chunk, **settings))
         assert ["".join(p) for p in zip(*parts)] == one_shot
         assert len(parts) > 40 // chunk - 1  # really streamed
 
@@ -76,7 +75,7 @@ def test_sampled_streaming_equals_an_independent_sampler(model):
     import numpy as np
 
     prompts, n, temperature, seed = ["The quick brown fox", "JAX"], 24, 0.9, 7
-    parts = list(model.stream(prompts, n, stop_token=None, chunk=5, sampling=Sampling.create(temperature, seed=seed)))
+    parts = list(model.stream(prompts, n, stop_token=None, chunk=5, temperature=temperature, seed=seed))
     streamed = ["".join(p) for p in zip(*parts)]
     ids = [model.tokenizer.encode(p) for p in prompts]
     generated = model.generate(ids, n, temperature=temperature, seed=seed, stop_token=None)
