@@ -113,7 +113,8 @@ def shard_bytes(shape, dtype, spec: P, mesh: Mesh) -> int:
 class MemoryPlan:
     weights_per_device: int
     cache_per_device: int
-    available_per_device: int | None  # None where the backend does not say (CPU)
+    available_per_device: int | None  # None where neither the backend nor the host says
+    host: bool = False  # CPU devices: the host's available memory, shared between this process's devices
 
     @property
     def needed_per_device(self) -> int:
@@ -125,13 +126,31 @@ class MemoryPlan:
     def describe(self) -> str:
         gib = 2 ** 30
         available = "unknown" if self.available_per_device is None else f"{self.available_per_device / gib:.2f}"
+        where = " on the host" if self.host else ""
         return (f"per device: weights {self.weights_per_device / gib:.2f} GiB + KV cache "
-                f"{self.cache_per_device / gib:.2f} GiB = {self.needed_per_device / gib:.2f} GiB; available {available} GiB")
+                f"{self.cache_per_device / gib:.2f} GiB = {self.needed_per_device / gib:.2f} GiB; "
+                f"available {available} GiB{where}")
 
 
 def device_memory(device) -> int | None:
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     return stats.get("bytes_limit") if stats else None
+
+
+def host_memory() -> int | None:
+    """Bytes this process can still allocate without swapping: Linux's MemAvailable, lowered to what is left
+    under a cgroup (v2) limit, as in a container; None where neither is known."""
+    available = None
+    try:
+        with open("/proc/meminfo") as f:
+            available = next((int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")), None)
+        with open("/sys/fs/cgroup/memory.max") as f_max, open("/sys/fs/cgroup/memory.current") as f_current:
+            limit, current = f_max.read().strip(), int(f_current.read())
+        if limit != "max" and available is not None:
+            available = min(available, int(limit) - current)
+    except (OSError, ValueError):
+        pass
+    return available
 
 
 def plan_memory(config: NeoXConfig, dtype, mesh: Mesh, batch: int = 0, context: int = 0,
@@ -144,8 +163,12 @@ def plan_memory(config: NeoXConfig, dtype, mesh: Mesh, batch: int = 0, context: 
                   for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0])
     layer_cache = (batch, config.num_heads, context, config.head_dim)
     cache = 2 * config.num_layers * shard_bytes(layer_cache, dtype, CACHE_SPEC, mesh)
-    local = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
-    return MemoryPlan(weights, cache, device_memory(local))
+    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    available = device_memory(local[0])
+    if available is None and local[0].platform == "cpu":  # XLA:CPU reports no limit: the host's memory is it
+        host = host_memory()
+        return MemoryPlan(weights, cache, None if host is None else host // len(local), host=True)
+    return MemoryPlan(weights, cache, available)
 
 
 def require_fit(plan: MemoryPlan, config: NeoXConfig, mesh: Mesh, batch: int, context: int) -> None:
@@ -154,7 +177,10 @@ def require_fit(plan: MemoryPlan, config: NeoXConfig, mesh: Mesh, batch: int, co
         return
     free = plan.available_per_device - plan.weights_per_device
     per_sequence = plan.cache_per_device / max(batch, 1)
-    if free <= 0:
+    if free <= 0 and plan.host:  # more CPU devices share the same memory
+        hint = ("the weights alone need more than the host has available: use a GPU, a smaller dtype (float16 "
+                "halves float32) or a host with more memory")
+    elif free <= 0:
         model = mesh.shape[MODEL]
         needed = math.ceil(plan.weights_per_device * model / plan.available_per_device)
         hint = f"the weights alone need about {needed} devices on the model axis (have {model})"
@@ -163,7 +189,7 @@ def require_fit(plan: MemoryPlan, config: NeoXConfig, mesh: Mesh, batch: int, co
         tokens = int(free // (per_sequence / context)) if per_sequence and batch else context
         hint = (f"at most {sequences} sequences of {context} tokens would fit, or {batch} sequences of "
                 f"{min(tokens // max(batch, 1), context)} tokens, or use more devices")
-    raise ShardingError(f"does not fit in device memory ({plan.describe()}): {hint}")
+    raise ShardingError(f"does not fit in {'host' if plan.host else 'device'} memory ({plan.describe()}): {hint}")
 
 
 def default_mesh(config: NeoXConfig, dtype) -> Mesh:

@@ -94,3 +94,48 @@ def test_two_processes_share_one_mesh(tmp_path):
     completions = [json.loads(line)["completion_token_ids"] for line in single.stdout.splitlines()]
     assert [json.loads(line)["completion_token_ids"] for line in outputs[0][0].splitlines()] == completions
     assert outputs[1][0] == ""  # only process 0 prints
+
+
+def _unreadable_checkpoint(config, path):
+    """A checkpoint whose weights must not be read: its tensors() fails the test."""
+    class Unreadable:
+        def tensors(self):
+            raise AssertionError("weights were read before the memory check")
+
+    checkpoint = Unreadable()
+    checkpoint.config, checkpoint.path = config, path
+    return checkpoint
+
+
+def test_on_cpu_the_plan_uses_the_hosts_available_memory(tmp_path):
+    """XLA:CPU reports no memory limit: the plan takes the host's, so a model that cannot fit is one error
+    before any weights are read, not a RESOURCE_EXHAUSTED traceback after minutes of loading."""
+    from neox_jax.api import load_checkpoint
+    from neox_jax.sharding import host_memory
+
+    available = host_memory()
+    assert available is not None and available > 2**28  # Linux: MemAvailable
+    plan = plan_memory(PRESETS["pythia-70m"], jnp.float32, make_mesh(1, 1))
+    assert plan.host and abs(plan.available_per_device - available) < 2**30  # another process may allocate meanwhile
+    huge = PRESETS["gpt-neox-20b"].replace(num_layers=400)  # 185B parameters: 740 GB in fp32, 370 GB in fp16
+    with pytest.raises(ShardingError, match=r"does not fit in host memory \(.*available [0-9.]+ GiB on the host\): the "
+                                            r"weights alone need more than the host has available"):
+        load_checkpoint(_unreadable_checkpoint(huge, tmp_path), dtype="float16", progress=False)
+
+
+def test_generate_on_cpu_refuses_a_20b_checkpoint_that_cannot_fit_before_reading_it(tmp_path, capsys):
+    """GPT-NeoX-20B's DeepSpeed layout (empty files: reading any of them would fail differently) with the
+    20B preset, in fp32 (CPU's default dtype): 82 GB of weights."""
+    from neox_jax.checkpoints.deepspeed import pipeline_layout, shard_file
+    from neox_jax.sharding import host_memory
+    from neox_jax.tokenizer import demo_tokenizer
+
+    config = PRESETS["gpt-neox-20b"]
+    if host_memory() > 82e9:
+        pytest.skip("this host could hold 20B in fp32")
+    for layer in pipeline_layout(config):
+        (tmp_path / shard_file(layer.idx, 0)).touch()
+    demo_tokenizer()._tokenizer.save(str(tmp_path / "tokenizer.json"))
+    assert generate_main(["--model", str(tmp_path), "--preset", "gpt-neox-20b", "--prompt", "Hello"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: does not fit in host memory (per device: weights 76."), err
