@@ -156,8 +156,10 @@ def prompt_batch(prompts) -> tuple[list[str] | list[list[int]], bool]:
 
 def load(path: str | os.PathLike, dtype: str | None = None, rotary_dtype: str | None = None,
          tokenizer: str | os.PathLike | None = None, mesh: Mesh | None = None, progress: bool = True,
-         config: NeoXConfig | str | os.PathLike | None = None) -> NeoXModel:
-    """Load a Hugging Face GPT-NeoX directory, or GPT-NeoX DeepSpeed shards (merged while streaming).
+         config: NeoXConfig | str | os.PathLike | None = None, revision: str | None = None) -> NeoXModel:
+    """Load a Hugging Face GPT-NeoX directory, GPT-NeoX DeepSpeed shards (merged while streaming), or a
+    model id on the Hugging Face hub (`"EleutherAI/pythia-410m"`, at `revision`: a branch, tag or commit),
+    through huggingface_hub's cache (`HF_HOME`; `HF_HUB_OFFLINE=1`: the cache only).
 
     The tokenizer is `tokenizer` if given, else the checkpoint's `tokenizer.json`, else its one
     `*tokenizer*.json` (as `20B_tokenizer.json` beside the slim weights), if there is one. The
@@ -165,7 +167,7 @@ def load(path: str | os.PathLike, dtype: str | None = None, rotary_dtype: str | 
     local devices on the model axis when the weights do not fit on one. `config` (a NeoXConfig, e.g.
     `PRESETS["gpt-neox-20b"]`, or a NeoX YAML) describes DeepSpeed shards that carry no `configs/*.yml`.
     """
-    return load_checkpoint(open_checkpoint(path, config), dtype, rotary_dtype, tokenizer, mesh, progress)
+    return load_checkpoint(open_checkpoint(path, config, revision), dtype, rotary_dtype, tokenizer, mesh, progress)
 
 
 def load_checkpoint(checkpoint: Checkpoint, dtype: str | None = None, rotary_dtype: str | None = None,

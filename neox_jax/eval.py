@@ -29,6 +29,7 @@ SUBCOMMANDS = ("run", "ls", "validate")
 
 MODEL_ARGS_HELP = """neox-jax: lm-eval's CLI with --model neox-jax by default. neox-jax model_args:
   pretrained=DIR         Hugging Face GPT-NeoX directory or GPT-NeoX DeepSpeed checkpoint (required)
+                         or a hub id (EleutherAI/pythia-410m; revision=REV)
   tokenizer=FILE         tokenizer JSON (default DIR/tokenizer.json, else DIR's one *tokenizer*.json)
   dtype=float16|bfloat16|float32   (default float16 on GPU/TPU, float32 on CPU)
   max_length=N           scoring context (default max_position_embeddings)

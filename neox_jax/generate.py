@@ -25,11 +25,13 @@ from .streaming import STREAM_CHUNK, TextStream, stream_text
 EPILOG = """examples:
   python -m neox_jax.generate --demo
   python -m neox_jax.generate --model ./gpt-neox-20b --prompt "GPT-NeoX-20B is" --max-new-tokens 32
+  python -m neox_jax.generate --model EleutherAI/pythia-410m --prompt "The Pile is"
   python -m neox_jax.generate --model ./slim_weights --tokenizer 20B_tokenizer.json --prompt-file prompts.txt --json
   python -m neox_jax.generate --model ./gpt-neox-20b --interactive --temperature 0.8 --top-p 0.95 --stop $'\\n\\n'
 
 --model takes a Hugging Face GPT-NeoX directory (config.json + safetensors, as written by
-`python -m neox_jax.convert`) or GPT-NeoX DeepSpeed shards, merged while loading (converting once is faster).
+`python -m neox_jax.convert`), GPT-NeoX DeepSpeed shards, merged while loading (converting once is faster),
+or a Hugging Face hub id, downloaded to (or, with HF_HUB_OFFLINE=1, only read from) huggingface_hub's cache.
 Greedy unless --temperature is above 0. One prompt streams its text as it is generated; a batch prints
 each completion, in order, as soon as it is finished. Timings (load, compile, prefill, ms per generated
 token) go to stderr."""
@@ -39,9 +41,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(prog="python -m neox_jax.generate", description=__doc__, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="checkpoint directory (Hugging Face layout or DeepSpeed shards)")
+    src.add_argument("--model", help="checkpoint directory (Hugging Face layout or DeepSpeed shards), or a Hugging "
+                                     "Face hub id such as EleutherAI/pythia-410m (its cache: HF_HOME, HF_HUB_OFFLINE)")
     src.add_argument("--demo", action="store_true",
                      help="no files needed: a tiny random model and an in-memory tokenizer run the whole path")
+    p.add_argument("--revision", help="with a hub id: branch, tag or commit (e.g. Pythia's step143000; default main)")
     p.add_argument("--tokenizer", help="tokenizer JSON (default: the model's tokenizer.json, else its one "
                                        "*tokenizer*.json, e.g. 20B_tokenizer.json beside DeepSpeed shards)")
     config = p.add_mutually_exclusive_group()
@@ -121,7 +125,7 @@ def load_model(args, prompts: list[str]):
         mesh = make_mesh(**parse_mesh(args.mesh)) if args.mesh else None
         model = demo_model(args.dtype or "float32", args.rotary_dtype, mesh)
         return model, encode(model.tokenizer, prompts, model.config, args.max_new_tokens)
-    checkpoint = open_checkpoint(args.model, PRESETS[args.preset] if args.preset else args.config)
+    checkpoint = open_checkpoint(args.model, PRESETS[args.preset] if args.preset else args.config, args.revision)
     tokenizer = load_tokenizer(require_tokenizer(args.tokenizer, checkpoint))
     prompt_ids = encode(tokenizer, prompts, checkpoint.config, args.max_new_tokens)
     if args.stop_token != -1:  # -1: never stop

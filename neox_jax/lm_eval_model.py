@@ -7,8 +7,9 @@
 or from the shell, `python -m neox_jax.eval` (lm-eval's own CLI with `--model neox-jax` as the default).
 
 model_args:
-  pretrained   a Hugging Face GPT-NeoX directory or GPT-NeoX DeepSpeed shards (anything `neox_jax.load`
-               reads); from Python also an already loaded `NeoXModel`.
+  pretrained   a Hugging Face GPT-NeoX directory, GPT-NeoX DeepSpeed shards or a hub id (anything
+               `neox_jax.load` reads); from Python also an already loaded `NeoXModel`.
+  revision     with a hub id: branch, tag or commit (default main).
   tokenizer    a tokenizer JSON (default: the model's `tokenizer.json`, else its one `*tokenizer*.json`).
   dtype        float16 | bfloat16 | float32 (default: float16 on accelerators, float32 on CPU).
   rotary_dtype rotary table dtype (default as `neox_jax.load`: the model dtype, fp32 for bf16).
@@ -134,7 +135,7 @@ class NeoXLM(TemplateLM):
                  max_batch_size: int | None = None, max_length: int | None = None,
                  max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, prefix_token_id: int | None = None,
                  device: str | None = None, model_parallel: int | None = None, data_parallel: int | None = None,
-                 **kwargs: Any):
+                 revision: str | None = None, **kwargs: Any):
         super().__init__()
         if kwargs:
             logger.warning("neox-jax: ignoring unsupported model_args %s", sorted(kwargs))
@@ -154,7 +155,8 @@ class NeoXLM(TemplateLM):
                 from .sharding import make_mesh
 
                 extra["mesh"] = make_mesh(model=int(model_parallel or 1), data=int(data_parallel or 1))
-            self.model = load(pretrained, dtype=dtype, rotary_dtype=rotary_dtype, tokenizer=tokenizer, **extra)
+            self.model = load(pretrained, dtype=dtype, rotary_dtype=rotary_dtype, tokenizer=tokenizer,
+                              revision=revision, **extra)
             if self.model.tokenizer is None:
                 raise FileNotFoundError(f"{pretrained}: no tokenizer found (looked for tokenizer.json and "
                                         f"*tokenizer*.json beside the model): pass tokenizer=FILE in model_args")

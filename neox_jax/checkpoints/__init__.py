@@ -87,14 +87,21 @@ def check_finite(name: str, array: np.ndarray, where: str) -> None:
                               f"(NaN or infinity) of {flat.size}")
 
 
-def open_checkpoint(path: str | os.PathLike, config: NeoXConfig | str | os.PathLike | None = None) -> Checkpoint:
-    """Open a Hugging Face GPT-NeoX directory or a GPT-NeoX (DeepSpeed) checkpoint directory.
+def open_checkpoint(path: str | os.PathLike, config: NeoXConfig | str | os.PathLike | None = None,
+                    revision: str | None = None) -> Checkpoint:
+    """Open a Hugging Face GPT-NeoX directory or a GPT-NeoX (DeepSpeed) checkpoint directory, or a model id
+    on the Hugging Face hub (`EleutherAI/pythia-410m`, at `revision`) through its cache.
 
-    `config` (a NeoXConfig or a NeoX YAML path) describes DeepSpeed shards that have no `configs/*.yml`
-    beside them; a Hugging Face directory's own config.json always applies.
+    A directory that exists always wins over a hub id of the same spelling. `config` (a NeoXConfig or a
+    NeoX YAML path) describes DeepSpeed shards that have no `configs/*.yml` beside them; a Hugging Face
+    directory's own config.json always applies.
     """
-    from . import hf
+    from . import hf, hub
 
+    if not Path(path).exists() and hub.is_repo_id(os.fspath(path)):
+        path = hub.snapshot(os.fspath(path), revision)
+    elif revision is not None:
+        raise CheckpointError(f"{path}: a revision applies to Hugging Face hub ids, not to a local directory")
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such directory")
