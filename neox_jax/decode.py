@@ -169,11 +169,10 @@ class Decoder:
     def _constrain(self, state: DecodeState) -> DecodeState:
         """Keep the carried state split as planned: the cache by heads and batch, per-row values by batch."""
         kv, rows = self._sharded(CACHE_SPEC), self._sharded(BATCH_SPEC)
-        keep_kv = functools.partial(jax.tree.map, lambda x: jax.lax.with_sharding_constraint(x, kv))
-        cache = state.cache.replace(k=keep_kv(state.cache.k), v=keep_kv(state.cache.v),
-                                    positions=jax.lax.with_sharding_constraint(state.cache.positions, rows))
-        token, positions, done, salt = (jax.lax.with_sharding_constraint(x, rows)
-                                        for x in (state.token, state.positions, state.done, state.salt))
+        constrain = jax.lax.with_sharding_constraint  # of a pytree: of each of its arrays
+        cache = state.cache.replace(k=constrain(state.cache.k, kv), v=constrain(state.cache.v, kv),
+                                    positions=constrain(state.cache.positions, rows))
+        token, positions, done, salt = constrain((state.token, state.positions, state.done, state.salt), rows)
         return DecodeState(cache, token, positions, done, state.step, salt)
 
     def place_rows(self, array: np.ndarray) -> jax.Array:

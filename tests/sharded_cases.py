@@ -146,3 +146,18 @@ def test_generate_cli_on_a_mesh(capsys):
     assert captured.err.splitlines()[-1] == ("error: num_heads 4 is not divisible by the mesh's model axis (8): "
                                              "choose a model size that divides it") and captured.out == ""
 
+
+
+def test_compiled_programs_are_kept_per_input_sharding():
+    """The same shapes placed differently need other programs: each is compiled once and gets its own inputs."""
+    from jax.sharding import PartitionSpec
+
+    from neox_jax.decode import Compiled
+
+    double = Compiled(lambda x: 2 * x)
+    x = np.arange(16, dtype=np.float32).reshape(8, 2)
+    one = jax.device_put(x, jax.devices()[0])
+    split = jax.device_put(x, NamedSharding(make_mesh(8, 1), PartitionSpec("model")))
+    for array in (one, split, one, split):
+        np.testing.assert_array_equal(np.asarray(double(array)), 2 * x)
+    assert double.compiles == 2

@@ -1,0 +1,95 @@
+"""The on-device decode loop's carried state, checked directly: a tiny random model's greedy tokens barely depend
+on positions, so equal tokens alone would not notice a position or slot written wrong."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from neox_jax.decode import length_bucket
+from neox_jax.model import KVCache
+
+from conftest import peaked_model
+from test_decode import PROMPTS, CountingCalls
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A tiny model whose greedy continuations of PROMPTS vary (most random ones repeat one token)."""
+    return peaked_model(vocab_size=64, seed=2)
+
+
+def until_stop(tokens: list[int], stop: int) -> list[int]:
+    return tokens[:tokens.index(stop) + 1] if stop in tokens else tokens
+
+
+def test_length_buckets():
+    """Powers of two from 16 to 256, then multiples of 256."""
+    sizes = [1, 16, 17, 32, 33, 64, 65, 128, 129, 255, 256, 257, 512, 513, 2048]
+    assert [length_bucket(n) for n in sizes] == [16, 16, 32, 32, 64, 64, 128, 128, 256, 256, 256, 512, 512,
+                                                  768, 2048]
+
+
+def test_decoded_cache_equals_one_full_pass(model):
+    """After the prefill and 11 decode steps (chunks of 4), every filled slot holds the position, keys and values
+    that one forward pass over prompt + generated tokens computes there."""
+    c, prompts, new = model.config, PROMPTS[:2], 12
+    states = []
+
+    class Spy(CountingCalls):
+        def __call__(self, *args):
+            out, count, state = super().__call__(*args)
+            states.append(jax.tree.map(np.asarray, state))  # copied before the next chunk donates it
+            return out, count, state
+
+    spy = Spy(model.decoder._decode)
+    model.decoder._decode = spy
+    try:
+        generated = np.concatenate(list(model.decoder.stream(prompts, new, stop_token=None, chunk=4)), axis=1)
+    finally:
+        model.decoder._decode = spy.compiled
+    assert spy.calls == 3 and generated.shape == (2, new)  # 11 steps: 4 + 4 + 3
+    cache = states[-1].cache
+
+    # Prompts left-padded to 16 slots; the 11 tokens fed back since sit at slots 16..26; 32 slots in all.
+    prompt_slots, filled = 16, 16 + new - 1
+    tokens = np.zeros((2, filled), np.int32)
+    positions = np.full((2, cache.positions.shape[1]), -1)
+    for row, prompt in enumerate(prompts):
+        tokens[row, prompt_slots - len(prompt):prompt_slots] = prompt
+        tokens[row, prompt_slots:] = generated[row, :-1]
+        positions[row, prompt_slots - len(prompt):filled] = np.arange(len(prompt) + new - 1)
+    np.testing.assert_array_equal(cache.positions, positions)
+    assert int(cache.length) == filled
+    np.testing.assert_array_equal(states[-1].positions, positions[:, filled - 1] + 1)
+
+    logits, full = jax.jit(model.module.apply)({"params": model.params}, tokens, positions[:, :filled],
+                                               KVCache.init(c, 2, positions.shape[1], jnp.float32))
+    np.testing.assert_array_equal(np.asarray(logits[:, -1]).argmax(-1), generated[:, -1])
+    visible = positions >= 0
+    for layer in range(c.num_layers):
+        for got, want in ((cache.k[layer], full.k[layer]), (cache.v[layer], full.v[layer])):
+            got, want = got.transpose(0, 2, 1, 3)[visible], np.asarray(want).transpose(0, 2, 1, 3)[visible]
+            np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max(), rtol=0)
+
+
+def test_a_stop_token_chosen_in_the_loop_ends_the_loop(model):
+    """Once every row has chosen its stop token the loop ends: no steps are spent past it."""
+    free = model.generate([PROMPTS[0]], 12, stop_token=None)[0]
+    step = next(i for i in range(1, 12) if free[i] not in free[:i])  # its first occurrence: decode step `step`
+    stopped = model.decoder.generate([PROMPTS[0]], 12, stop_token=free[step])
+    assert stopped.tokens == [free[:step]]
+    assert stopped.decode_steps == step
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_a_stopped_row_outputs_nothing_after_its_stop_token(model, chunk):
+    """In a batch the loop goes on for the rows still running; a stopped row only pads its output."""
+    free = model.generate(PROMPTS, 12, stop_token=None)
+    stop = next(t for t in free[0][1:] if any(t not in row for row in free[1:]))  # chosen in the loop
+    out = np.concatenate(list(model.decoder.stream(PROMPTS, 12, stop_token=stop, chunk=chunk)), axis=1)
+    assert any(stop not in row for row in free)  # some row runs on
+    for row, tokens in zip(out.tolist(), free):
+        expected = until_stop(tokens, stop)
+        assert row[:len(expected)] == expected
+        assert all(t < 0 for t in row[len(expected):])  # the finished-row marker, never a token
