@@ -32,7 +32,7 @@ def hf_reference(config: NeoXConfig, seed: int = 0):
     return model.eval()
 
 
-def peaked_model(vocab_size: int, seed: int):
+def peaked_model(vocab_size: int, seed: int, dtype: str = "float32"):
     """A tiny NeoXModel whose next-token distributions are peaked but not one-hot (weights scaled up 4x)."""
     import jax.numpy as jnp
 
@@ -43,7 +43,7 @@ def peaked_model(vocab_size: int, seed: int):
     config = tiny_config(vocab_size=vocab_size)
     tensors = {k: v * (4.0 if "layernorm" not in k and "layer_norm" not in k else 1.0)
                for k, v in random_tensors(config, seed=seed).items()}
-    return NeoXModel(config, build_params(config, tensors.items(), jnp.float32, progress=False))
+    return NeoXModel(config, build_params(config, tensors.items(), jnp.dtype(dtype), progress=False), dtype)
 
 
 @pytest.fixture

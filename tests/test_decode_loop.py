@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from neox_jax.decode import length_bucket
+from neox_jax.decode import GenerationError, left_pad, length_bucket
 from neox_jax.model import KVCache
 
 from conftest import peaked_model
@@ -17,6 +17,19 @@ from test_decode import PROMPTS, CountingCalls
 def model():
     """A tiny model whose greedy continuations of PROMPTS vary (most random ones repeat one token)."""
     return peaked_model(vocab_size=64, seed=2)
+
+
+class Recorder(CountingCalls):
+    """A compiled program that keeps a host copy of each decode state it returns, before the next call donates it."""
+
+    def __init__(self, compiled):
+        super().__init__(compiled)
+        self.states = []
+
+    def __call__(self, *args):
+        result = super().__call__(*args)
+        self.states.append(jax.tree.map(np.asarray, result[-1] if isinstance(result, tuple) else result))
+        return result
 
 
 def until_stop(tokens: list[int], stop: int) -> list[int]:
@@ -34,22 +47,14 @@ def test_decoded_cache_equals_one_full_pass(model):
     """After the prefill and 11 decode steps (chunks of 4), every filled slot holds the position, keys and values
     that one forward pass over prompt + generated tokens computes there."""
     c, prompts, new = model.config, PROMPTS[:2], 12
-    states = []
-
-    class Spy(CountingCalls):
-        def __call__(self, *args):
-            out, count, state = super().__call__(*args)
-            states.append(jax.tree.map(np.asarray, state))  # copied before the next chunk donates it
-            return out, count, state
-
-    spy = Spy(model.decoder._decode)
+    spy = Recorder(model.decoder._decode)
     model.decoder._decode = spy
     try:
         generated = np.concatenate(list(model.decoder.stream(prompts, new, stop_token=None, chunk=4)), axis=1)
     finally:
         model.decoder._decode = spy.compiled
     assert spy.calls == 3 and generated.shape == (2, new)  # 11 steps: 4 + 4 + 3
-    cache = states[-1].cache
+    cache = spy.states[-1].cache
 
     # Prompts left-padded to 16 slots; the 11 tokens fed back since sit at slots 16..26; 32 slots in all.
     prompt_slots, filled = 16, 16 + new - 1
@@ -61,7 +66,7 @@ def test_decoded_cache_equals_one_full_pass(model):
         positions[row, prompt_slots - len(prompt):filled] = np.arange(len(prompt) + new - 1)
     np.testing.assert_array_equal(cache.positions, positions)
     assert int(cache.length) == filled
-    np.testing.assert_array_equal(states[-1].positions, positions[:, filled - 1] + 1)
+    np.testing.assert_array_equal(spy.states[-1].positions, positions[:, filled - 1] + 1)
 
     logits, full = jax.jit(model.module.apply)({"params": model.params}, tokens, positions[:, :filled],
                                                KVCache.init(c, 2, positions.shape[1], jnp.float32))
@@ -93,3 +98,26 @@ def test_a_stopped_row_outputs_nothing_after_its_stop_token(model, chunk):
         expected = until_stop(tokens, stop)
         assert row[:len(expected)] == expected
         assert all(t < 0 for t in row[len(expected):])  # the finished-row marker, never a token
+
+
+def test_left_pad():
+    """Prompts end at the last column; padding (and rows past the prompts) is token 0 at position -1."""
+    tokens, positions = left_pad([[5, 6, 7], [8]], batch=3, length=4)
+    np.testing.assert_array_equal(tokens, [[0, 5, 6, 7], [0, 0, 0, 8], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(positions, [[-1, 0, 1, 2], [-1, -1, -1, 0], [-1, -1, -1, -1]])
+    assert tokens.dtype == positions.dtype == np.int32
+
+
+def test_the_decoder_checks_its_stop_token(model):
+    with pytest.raises(GenerationError, match=r"stop token 64 is outside the vocabulary \[0, 64\)"):
+        model.decoder.generate([[1, 2]], 4, stop_token=64)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_the_cache_is_kept_in_the_model_dtype(dtype):
+    """Half the bytes of fp32 per cached token: the cache is made in the model dtype, not the default float."""
+    half = peaked_model(vocab_size=64, seed=2, dtype=dtype)
+    half.decoder._prefill = spy = Recorder(half.decoder._prefill)
+    half.decoder.generate([PROMPTS[0]], 4, stop_token=None)
+    cache = spy.states[-1].cache
+    assert {a.dtype for a in cache.k + cache.v} == {jnp.dtype(dtype)}
