@@ -31,8 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 FOCUSED_TESTS = {
     "neox_jax/model.py": ["tests/test_model.py", "tests/test_numerics.py", "tests/test_precision.py"],
     "neox_jax/sampling.py": ["tests/test_sampling.py", "tests/test_sampling_statistics.py"],
-    "neox_jax/decode.py": ["tests/test_decode.py", "tests/test_decode_loop.py", "tests/test_streaming.py", "tests/test_faults.py",
-                           "tests/test_sharding.py"],
+    "neox_jax/decode.py": ["tests/test_decode.py", "tests/test_decode_loop.py", "tests/test_streaming.py",
+                           "tests/test_faults.py", "tests/test_sharding.py"],
     "neox_jax/sharding.py": ["tests/test_sharding.py", "tests/test_split_layout.py"],
     "neox_jax/checkpoints/deepspeed.py": ["tests/test_deepspeed.py", "tests/test_split_layout.py"],
     "parity/model.py": ["tests/test_parity_model.py"],
