@@ -121,3 +121,9 @@ def test_the_cache_is_kept_in_the_model_dtype(dtype):
     half.decoder.generate([PROMPTS[0]], 4, stop_token=None)
     cache = spy.states[-1].cache
     assert {a.dtype for a in cache.k + cache.v} == {jnp.dtype(dtype)}
+
+
+def test_one_new_token_is_the_prefill_alone(model):
+    one = model.decoder.generate(PROMPTS, 1, stop_token=None)
+    assert one.tokens == [tokens[:1] for tokens in model.generate(PROMPTS, 4, stop_token=None)]
+    assert one.decode_steps == 0
