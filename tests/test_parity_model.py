@@ -183,3 +183,25 @@ def test_deepspeed_loader_names_the_missing_shard(tmp_path):
     (tmp_path / "layer_03-model_01-model_states.pt").unlink()
     with pytest.raises(LoadError, match="layer_03-model_01-model_states.pt: missing shard"):
         load_deepspeed(tmp_path, config)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("tied", [False, True])
+def test_parameters_and_every_module_output_are_in_the_model_dtype(dtype, tied):
+    """The reference computes as the training code did: weights and activations in the model dtype throughout
+    (fp32 only inside the kernels), so no module may hold fp32 weights or hand on fp32 activations."""
+    config = tiny(tie_word_embeddings=tied)
+    model = GPTNeoX(config, dtype)
+    randomize_(model, seed=0)
+    assert [name for name, p in model.named_parameters() if p.dtype != dtype] == []
+    assert len(list(model.parameters())) == 3 + 12 * config.num_layers + (0 if tied else 1)
+    outputs = []
+    for name, module in model.named_modules():
+        if name:
+            module.register_forward_hook(lambda m, args, out, name=name: outputs.append((name, out)))
+    logits = model(torch.tensor([[1, 2, 3, 4]]))
+    assert logits.dtype == dtype and logits.shape == (1, 4, config.vocab_size)
+    tensors = [(name, t) for name, out in outputs for t in (out if isinstance(out, tuple) else (out,))
+               if isinstance(t, torch.Tensor)]
+    assert len(tensors) >= 7 * config.num_layers  # norms, projections, MLP, attention and layer outputs
+    assert [name for name, t in tensors if t.dtype != dtype] == []
