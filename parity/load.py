@@ -222,8 +222,9 @@ def read_neox_yaml(files: list[Path], vocab_size: int) -> NeoXConfig:
             raise LoadError(f"{where}: {key} = {value!r} is not a{'n' if kind is int else ''} {kind.__name__}")
         return kind(value)
 
-    if conf.get("pos-emb", "rotary") != "rotary":
-        raise LoadError(f"pos-emb {conf['pos-emb']!r} is not supported (only rotary)")
+    # GPT-NeoX's default position embedding is "learned": a YAML that does not say "rotary" is not this model.
+    if conf.get("pos-emb", "learned") != "rotary":
+        raise LoadError(f"{where}: pos-emb {conf.get('pos-emb', 'learned')!r} is not supported (only rotary)")
     if conf.get("activation", "gelu") != "gelu":
         raise LoadError(f"activation {conf['activation']!r} is not supported (only gelu)")
     hidden = get("hidden-size", int)
@@ -235,13 +236,14 @@ def read_neox_yaml(files: list[Path], vocab_size: int) -> NeoXConfig:
             hidden_size=hidden,
             num_layers=get("num-layers", int),
             num_heads=get("num-attention-heads", int),
-            intermediate_size=4 * hidden,
+            intermediate_size=get("intermediate-size", int, 4 * hidden),
             rotary_pct=get("rotary-pct", float, 1.0),
             rotary_base=get("rotary-emb-base", float, 10000.0),
             layer_norm_eps=get("layernorm-epsilon", float, 1e-5),
             activation="gelu_tanh" if tanh else "gelu",
             parallel_residual=get("gpt-j-residual", bool, False),
-            max_position_embeddings=get("max-position-embeddings", int, 2048),
+            max_position_embeddings=get("max-position-embeddings" if "max-position-embeddings" in conf
+                                        else "seq-length", int),
             tie_word_embeddings=not get("no-weight-tying", bool, False),
         )
     except ConfigError as e:
