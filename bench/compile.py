@@ -3,6 +3,7 @@ inputs are abstract, so GPT-NeoX-20B's programs compile on a laptop.
 
     python -m bench.compile                              # GPT-NeoX-20B, fp16, batch 1, 2048 slots
     python -m bench.compile --preset pythia-70m --dtype float32 --batch 8 --slots 512
+    python -m bench.compile --markdown docs/figures/compile.md   # the page the docs quote
 
 It compiles for the machine it runs on (XLA:CPU here, XLA:GPU on a GPU), so run it where you will decode.
 The layers are unrolled (see neox_jax/model.py), so compile time grows with depth.
@@ -11,16 +12,21 @@ The layers are unrolled (see neox_jax/model.py), so compile time grows with dept
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
 from neox_jax.config import PRESETS
 from neox_jax.decode import PREFILL_CHUNK, Decoder
+from neox_jax.dtypes import DTYPES, NAMES
 from neox_jax.model import KVCache, NeoX
 from neox_jax.sampling import Sampling
 from neox_jax.weights import abstract_params
+
+from .common import markdown_page, markdown_table, utc_now, write_page
 
 
 def compile_seconds(program, *args) -> tuple[float, float]:
@@ -35,14 +41,19 @@ def compile_seconds(program, *args) -> tuple[float, float]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.compile", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="gpt-neox-20b")
-    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
+    parser.add_argument("--dtype", choices=NAMES, default="float16")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--slots", type=int, default=2048, help="KV-cache slots (the context)")
+    parser.add_argument("--markdown", metavar="FILE",
+                        help="also write the figures as a Markdown page with the date, machine and command")
     args = parser.parse_args(argv)
     if args.batch < 1 or args.slots < 1:
         parser.error("--batch and --slots must be positive")
+    if args.markdown and not Path(args.markdown).resolve().parent.is_dir():
+        parser.error(f"--markdown {args.markdown}: its folder does not exist")
 
-    config, dtype = PRESETS[args.preset], jnp.dtype(args.dtype)
+    started = utc_now()
+    config, dtype = PRESETS[args.preset], DTYPES[args.dtype].jax
     decoder = Decoder(NeoX(config, dtype), params=None)
     params = abstract_params(config, dtype)
     cache = jax.eval_shape(lambda: KVCache.init(config, args.batch, args.slots, dtype))
@@ -55,11 +66,21 @@ def main(argv=None) -> None:
                            salt)
     decode = compile_seconds(decoder._decode, params, state, sampling, stop, jnp.int32(1))
 
-    print(f"{args.preset} ({config.num_layers} layers), {args.dtype}, batch {args.batch}, {args.slots} slots, "
-          f"on {jax.devices()[0].platform}:")
-    for name, (lower, compile_) in (("prefill", prefill), ("decode loop", decode)):
+    title = (f"{args.preset} ({config.num_layers} layers), {args.dtype}, batch {args.batch}, {args.slots} slots, "
+             f"on {jax.devices()[0].platform}")
+    programs = (("prefill", prefill), ("decode loop", decode))
+    total = sum(prefill) + sum(decode)
+    print(f"{title}:")
+    for name, (lower, compile_) in programs:
         print(f"  {name:12s} trace+lower {lower:5.1f} s   compile {compile_:5.1f} s")
-    print(f"  total {sum(prefill) + sum(decode):.1f} s")
+    print(f"  total {total:.1f} s")
+    if args.markdown:
+        rows = [[name, f"{lower:.1f}", f"{compile_:.1f}"] for name, (lower, compile_) in programs]
+        body = (f"{title}, jax {jax.__version__}:\n\n"
+                + markdown_table(["program", "trace+lower s", "compile s"], rows + [["total", "", f"{total:.1f}"]]))
+        argv = sys.argv[1:] if argv is None else argv
+        write_page(args.markdown, markdown_page("Compile time", "bench.compile", argv, body, started))
+        print(f"wrote {args.markdown}")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
 """CPU benchmark: neox-jax greedy generation against the parity/ PyTorch model and transformers' generate.
 
     python -m bench.cpu [--shapes tiny,pythia-70m] [--batch 1,8] [--new-tokens 32] [--prompt-len 64]
-                        [--reps 3] [--json OUT]
+                        [--reps 3] [--json OUT] [--markdown docs/figures/cpu.md]
 
 One run compares three engines in fp32 on the same random weights (`random_tensors(config, seed)`), the
 same prompts (random token ids, every row the same length, so nobody pads) and the same number of new
-tokens (no stop token: each decodes exactly `--new-tokens`, greedy, with a KV cache). Each engine runs
-in a child process of its own (see `worker`), generates once to warm up (neox-jax compiles then), then
+tokens (no stop token: each decodes exactly `--new-tokens`, greedy, with a KV cache). The shapes are
+`PRESETS` entries. Each engine runs in a child process of its own (`common.run_worker`), generates once to warm up (neox-jax compiles then), then
 `--reps` times; the tables show medians.
 
 * prefill: the forward pass over the prompt that yields the first new token; tok/s counts prompt tokens.
@@ -30,16 +30,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
-import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
-from .common import (SHAPES, PeakRSS, decode_weight_bytes, load_average, median, param_count, parse_list,
-                     release_memory, rss_mb, table)
+from .common import (SHAPES, PeakRSS, decode_weight_bytes, load_average, machine, markdown_page, markdown_table,
+                     median, param_count, parse_list, release_memory, rss_mb, run_worker, table, utc_now,
+                     write_page)
 
 ENGINES = ("neox-jax", "parity", "transformers")
 
@@ -253,8 +252,7 @@ def host_bandwidth(copy_mib: int, matvec_bytes: int, reps: int = 5) -> dict:
 # ---- worker: one engine, one shape, every batch size ----
 
 def worker(args) -> int:
-    """One engine in a child process of its own: no engine shares thread pools (XLA's and OpenMP's, each sized
-    to all cores), allocator state or peak-RSS accounting with another, and each starts from a clean heap."""
+    """One engine, in the child process `common.run_worker` starts."""
     from neox_jax.checkpoints.synthetic import random_tensors
 
     config = SHAPES[args.shapes]
@@ -279,20 +277,14 @@ def worker(args) -> int:
     return 0
 
 
-def run_worker(engine: str, shape: str, args) -> list[dict]:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "result.json")
-        cmd = [sys.executable, "-m", "bench.cpu", "--worker", engine, "--worker-out", out, "--shapes", shape,
-               "--batch", args.batch, "--new-tokens", str(args.new_tokens), "--prompt-len", str(args.prompt_len),
-               "--reps", str(args.reps), "--seed", str(args.seed), "--bandwidth-mib", str(args.bandwidth_mib)]
-        env = dict(os.environ)
-        if args.omp_wait_policy:
-            env["OMP_WAIT_POLICY"] = args.omp_wait_policy
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{engine} on {shape} failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}")
-        with open(out) as f:
-            return json.load(f)
+def engine_results(engine: str, shape: str, args) -> list[dict]:
+    argv = ["--shapes", shape, "--batch", args.batch, "--new-tokens", str(args.new_tokens), "--prompt-len",
+            str(args.prompt_len), "--reps", str(args.reps), "--seed", str(args.seed), "--bandwidth-mib",
+            str(args.bandwidth_mib)]
+    env = dict(os.environ)
+    if args.omp_wait_policy:
+        env["OMP_WAIT_POLICY"] = args.omp_wait_policy
+    return run_worker("bench.cpu", engine, argv, env, capture=True)
 
 
 # ---- report ----
@@ -307,11 +299,14 @@ def bandwidth_summary(config, result) -> dict | None:
             "pct_of_copy": 100 * achieved / bw["copy_gbps"], "pct_of_matvec": 100 * achieved / bw["matvec_gbps"]}
 
 
-def print_case(case, config) -> None:
+def case_title(case, config) -> str:
+    return (f"{case['shape']}  batch {case['batch']}  prompt {case['prompt_len']}  new tokens {case['new_tokens']}  "
+            f"({param_count(config) / 1e6:.2f}M params, fp32, median of {case['reps']})")
+
+
+def case_table(case) -> tuple[list[str], list[list]]:
     results = case["engines"]
     ref = results.get("neox-jax")
-    print(f"\n== {case['shape']}  batch {case['batch']}  prompt {case['prompt_len']}  new tokens "
-          f"{case['new_tokens']}  ({param_count(config) / 1e6:.2f}M params, fp32, median of {case['reps']}) ==")
     headers = ["engine", "prefill tok/s", "decode tok/s", "ms/step", "compile s", "peak MB",
                "jax speedup prefill", "jax speedup decode", "same tokens"]
     rows = []
@@ -326,15 +321,32 @@ def print_case(case, config) -> None:
         rows.append([name, r["prefill_tokens_per_s"], r["decode_tokens_per_s"], f"{r['ms_per_step']:.2f}",
                      None if r["compile_seconds"] is None else f"{r['compile_seconds']:.2f}",
                      r["peak_mb"], speed_p, speed_d, same])
-    print(table(headers, rows))
+    return headers, rows
+
+
+def bandwidth_lines(case) -> list[str]:
     bw = case.get("bandwidth")
-    if bw:
-        print(f"neox-jax decode reads {bw['weight_bytes_per_step'] / 1e6:.1f} MB of weights per step in "
-              f"{ref['ms_per_step']:.2f} ms = {bw['achieved_gbps']:.1f} GB/s\n"
-              f"  = {bw['pct_of_copy']:.0f}% of host memory bandwidth measured next ({bw['copy_gbps']:.1f} GB/s: numpy "
-              f"{bw['copy_mib']} MiB copy, read+write bytes)\n"
-              f"  = {bw['pct_of_matvec']:.0f}% of XLA's fp32 matvec over {bw['matvec_mb']:.0f} MB of weights "
-              f"({bw['matvec_gbps']:.1f} GB/s read)")
+    if not bw:
+        return []
+    ref = case["engines"]["neox-jax"]
+    return [f"neox-jax decode reads {bw['weight_bytes_per_step'] / 1e6:.1f} MB of weights per step in "
+            f"{ref['ms_per_step']:.2f} ms = {bw['achieved_gbps']:.1f} GB/s",
+            f"  = {bw['pct_of_copy']:.0f}% of host memory bandwidth measured next ({bw['copy_gbps']:.1f} GB/s: numpy "
+            f"{bw['copy_mib']} MiB copy, read+write bytes)",
+            f"  = {bw['pct_of_matvec']:.0f}% of XLA's fp32 matvec over {bw['matvec_mb']:.0f} MB of weights "
+            f"({bw['matvec_gbps']:.1f} GB/s read)"]
+
+
+def print_case(case, config) -> None:
+    print(f"\n== {case_title(case, config)} ==")
+    print(table(*case_table(case)))
+    for line in bandwidth_lines(case):
+        print(line)
+
+
+def markdown_case(case, config) -> str:
+    lines = [f"## {case_title(case, config)}", "", markdown_table(*case_table(case)), ""]
+    return "\n".join(lines + [f"- {line.strip().removeprefix('= ')}" for line in bandwidth_lines(case)]) + "\n"
 
 
 def main(argv=None) -> int:
@@ -355,10 +367,15 @@ def main(argv=None) -> int:
                              "but slower when idle (1.3 -> 2.4 ms; Pythia-70M batch 1 10-12 -> 16-18 ms)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write all results (and per-run times) to this file")
+    parser.add_argument("--markdown", metavar="FILE",
+                        help="also write the tables as a Markdown page with the date, machine and command "
+                             "(the docs' figures are these pages: docs/figures/cpu.md)")
     parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
+    if args.markdown and not Path(args.markdown).resolve().parent.is_dir():
+        parser.error(f"--markdown {args.markdown}: its folder does not exist")
     shapes = parse_list(args.shapes)
     engines = parse_list(args.engines)
     unknown = [s for s in shapes if s not in SHAPES] + [e for e in engines if e not in ENGINES]
@@ -377,16 +394,16 @@ def main(argv=None) -> int:
 
     import neox_jax
 
-    print(f"neox-jax CPU benchmark ({os.path.dirname(neox_jax.__file__)}): torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
-          f"{transformers.__version__}; {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}); "
-          f"load average at start {load_average()}; OMP_WAIT_POLICY "
-          f"{args.omp_wait_policy or os.environ.get('OMP_WAIT_POLICY') or 'unset (the default)'}. Each engine runs "
-          f"in its own child process, on the same random weights and prompts.", flush=True)
-    started = time.perf_counter()
+    setup = (f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}; "
+             f"{machine()}; load average at start {load_average()}; OMP_WAIT_POLICY "
+             f"{args.omp_wait_policy or os.environ.get('OMP_WAIT_POLICY') or 'unset (the default)'}. Each engine "
+             f"runs in its own child process, on the same random weights and prompts.")
+    print(f"neox-jax CPU benchmark ({os.path.dirname(neox_jax.__file__)}): {setup}", flush=True)
+    started, started_at = time.perf_counter(), utc_now()
     cases = []
     for shape in shapes:
         config = SHAPES[shape]
-        per_engine = {engine: run_worker(engine, shape, args) for engine in engines}
+        per_engine = {engine: engine_results(engine, shape, args) for engine in engines}
         for i, batch in enumerate(parse_list(args.batch, int)):
             case = {"shape": shape, "batch": batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                     "reps": args.reps, "engines": {e: per_engine[e][i] for e in engines}}
@@ -397,6 +414,11 @@ def main(argv=None) -> int:
         sys.stdout.flush()
     print(f"\ntotal {time.perf_counter() - started:.0f} s; load average at end {load_average()} "
           f"(on a shared machine compare within a table, not across runs)")
+    if args.markdown:
+        argv = sys.argv[1:] if argv is None else argv
+        body = f"{setup}\n\n" + "\n".join(markdown_case(c, SHAPES[c["shape"]]) for c in cases)
+        write_page(args.markdown, markdown_page("CPU benchmark", "bench.cpu", argv, body, started_at))
+        print(f"wrote {args.markdown}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"argv": sys.argv[1:] if argv is None else argv, "cases": cases}, f, indent=1)

@@ -30,16 +30,16 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
-import tempfile
 import time
 import traceback
 
 import numpy as np
 
-from .common import (decode_weight_bytes, fmt, kv_bytes, median, param_count, parse_list, prefill_flops, sig,
-                     table)
+from neox_jax.dtypes import DTYPES, NAMES
+
+from .common import (WorkerError, decode_weight_bytes, fmt, kv_bytes, median, param_count, parse_list,
+                     prefill_flops, run_worker, sig, table)
 
 ENGINES = ("neox-jax", "parity")
 GIB = 2 ** 30
@@ -48,10 +48,7 @@ GIB = 2 ** 30
 def build_config(args):
     from neox_jax.config import PRESETS
 
-    config = PRESETS[args.preset]
-    if args.tiny:
-        config = config.replace(num_layers=2, hidden_size=64, num_heads=4, intermediate_size=256, vocab_size=1024,
-                                max_position_embeddings=256)
+    config = PRESETS["tiny" if args.tiny else args.preset]
     changes = {"num_layers": args.layers, "hidden_size": args.hidden, "num_heads": args.heads,
                "intermediate_size": args.intermediate, "vocab_size": args.vocab,
                "max_position_embeddings": args.context}
@@ -102,7 +99,7 @@ def jax_worker(args, config) -> dict:
     from neox_jax.decode import PREFILL_CHUNK, Generation
     from neox_jax.weights import abstract_params
 
-    dtype = jnp.dtype(args.dtype)
+    dtype = DTYPES[args.dtype].jax
     device = jax.local_devices()[0]
     log(f"neox-jax on {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     out = {"engine": "neox-jax", "device": f"{device.device_kind} ({jax.default_backend()})"}
@@ -219,7 +216,7 @@ def parity_worker(args, config) -> dict:
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = dev.type == "cuda"
-    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    dtype = DTYPES[args.dtype].torch
     name = torch.cuda.get_device_name(dev) if cuda else "cpu"
     log(f"parity on {name}, torch {torch.__version__}")
     out = {"engine": "parity", "device": name}
@@ -247,7 +244,7 @@ def parity_worker(args, config) -> dict:
     out["init_seconds"] = time.perf_counter() - start
     log(f"random params on device in {out['init_seconds']:.1f} s")
 
-    itemsize = torch.finfo(dtype).bits // 8
+    itemsize = DTYPES[args.dtype].bytes
     device_bytes = torch.cuda.get_device_properties(dev).total_memory if cuda else None
     context = config.max_position_embeddings
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
@@ -373,18 +370,14 @@ def child_env(engine: str) -> dict:
 
 
 def run_child(engine: str, argv: list[str]) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "out.json")
-        cmd = [sys.executable, "-m", "bench.gpu", *argv, "--worker", engine, "--worker-out", path]
-        proc = subprocess.run(cmd, env=child_env(engine))
-        if proc.returncode != 0 or not os.path.exists(path):
-            return {"engine": engine, "error": f"worker exited with {proc.returncode} (its log is above)"}
-        with open(path) as f:
-            return json.load(f)
+    try:
+        return run_worker("bench.gpu", engine, argv, child_env(engine))
+    except WorkerError as e:
+        return {"engine": engine, "error": str(e)}
 
 
 def report(config, args, results: dict) -> None:
-    itemsize = {"float16": 2, "bfloat16": 2, "float32": 4}[args.dtype]
+    itemsize = DTYPES[args.dtype].bytes
     scaled = any(getattr(args, k) is not None for k in ("layers", "hidden", "heads", "intermediate", "vocab", "context"))
     label = "tiny" if args.tiny else args.preset + (" (scaled)" if scaled else "")
     print(f"\n== {label}: {config.num_layers} layers, hidden {config.hidden_size}, "
@@ -435,14 +428,15 @@ def gib(x) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="gpt-neox-20b")
-    parser.add_argument("--tiny", action="store_true", help="2 layers, hidden 64, context 256: a CPU smoke run")
+    parser.add_argument("--tiny", action="store_true", help="the 'tiny' preset (2 layers, hidden 64, context 256): "
+                                                            "a CPU smoke run")
     parser.add_argument("--layers", type=int)
     parser.add_argument("--hidden", type=int)
     parser.add_argument("--heads", type=int)
     parser.add_argument("--intermediate", type=int, help="MLP width (default 4 x hidden when --hidden is given)")
     parser.add_argument("--vocab", type=int)
     parser.add_argument("--context", type=int, help="max positions = cache slots")
-    parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
+    parser.add_argument("--dtype", default="float16", choices=NAMES)
     parser.add_argument("--prefill-tokens", type=int, default=2048, help="prefill length incl. the generated token")
     parser.add_argument("--batch", default="1,8,32")
     parser.add_argument("--decode-steps", type=int, default=64)

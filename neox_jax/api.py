@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 from .checkpoints import Checkpoint, open_checkpoint
 from .config import NeoXConfig
 from .decode import Compiled, Decoder, Generation, length_bucket
+from .dtypes import default_dtype, lookup
 from .model import NeoX
 from .sampling import Sampling
 from .sharding import default_mesh, plan_memory, require_fit, to_host
@@ -21,18 +22,21 @@ from .streaming import STREAM_CHUNK, TextStream, stream_text
 from .tokenizer import Tokenizer, checkpoint_dirs, find_tokenizer, load_tokenizer
 from .weights import build_params
 
-DTYPES = {"float16": jnp.float16, "bfloat16": jnp.bfloat16, "float32": jnp.float32}
-
-
-def default_dtype() -> str:
-    """fp16 on accelerators, as the checkpoints were trained; fp32 on CPU, where fp16 is slow."""
-    return "float32" if jax.default_backend() == "cpu" else "float16"
-
-
 def default_rotary_dtype(dtype: str) -> str:
     """Rotary tables in the model dtype (fp16 reproduces training), except bf16: its angles would be 8x
     coarser than anything the model saw, so bf16 runs keep fp32 tables."""
     return "float32" if dtype == "bfloat16" else dtype
+
+
+class _TokenizerEndOfText:
+    """The default stop token: the model's tokenizer's <|endoftext|> id (without a tokenizer, never stop)."""
+
+    def __repr__(self) -> str:
+        return "TOKENIZER_EOS"
+
+
+TOKENIZER_EOS = _TokenizerEndOfText()
+StopToken = int | None | _TokenizerEndOfText  # None: never stop
 
 
 class NeoXModel:
@@ -40,14 +44,13 @@ class NeoXModel:
 
     def __init__(self, config: NeoXConfig, params: dict, dtype: str = "float32", rotary_dtype: str | None = None,
                  tokenizer: Tokenizer | None = None, mesh: Mesh | None = None):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        lookup(dtype)  # refuses an unknown name
         self.config = config
         self.params = params
         self.tokenizer = tokenizer
         self.dtype = dtype
         self.rotary_dtype = rotary_dtype or default_rotary_dtype(dtype)
-        self.module = NeoX(config, DTYPES[dtype], DTYPES[self.rotary_dtype])
+        self.module = NeoX(config, lookup(dtype).jax, lookup(self.rotary_dtype).jax)
         self.decoder = Decoder(self.module, params, mesh)
         self.mesh = self.decoder.mesh
         self._logits = Compiled(self._logits_fn)
@@ -87,8 +90,9 @@ class NeoXModel:
 
     def generate(self, prompts: Sequence[Sequence[int]] | Sequence[str], max_new_tokens: int, *,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                 stop_token: int | None = 0, stop: Sequence[str] = ()) -> list[list[int]] | list[str]:
-        """Continue each prompt: greedy unless a temperature is given, ending before `stop_token`.
+                 stop_token: StopToken = TOKENIZER_EOS, stop: Sequence[str] = ()) -> list[list[int]] | list[str]:
+        """Continue each prompt: greedy unless a temperature is given, ending before `stop_token` (by default
+        the tokenizer's <|endoftext|>; None: never).
 
         Token-id prompts return new token ids; text prompts (which need `self.tokenizer`) return the
         completion text, cut before the first of the `stop` strings.
@@ -103,10 +107,10 @@ class NeoXModel:
             return texts[0] if single else texts
         if stop:
             raise ValueError("stop strings need text prompts (and a tokenizer): pass strings, not token ids")
-        return self.decoder.generate(prompts, max_new_tokens, sampling, stop_token).tokens
+        return self.decoder.generate(prompts, max_new_tokens, sampling, stop_token=self.stop_id(stop_token)).tokens
 
     def stream(self, prompts: Sequence[str], max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
-               top_p: float = 1.0, seed: int = 0, stop_token: int | None = 0, stop: Sequence[str] = (),
+               top_p: float = 1.0, seed: int = 0, stop_token: StopToken = TOKENIZER_EOS, stop: Sequence[str] = (),
                chunk: int | None = STREAM_CHUNK, timing: Generation | None = None) -> Iterator[list[str]]:
         """Yield the newly generated text of every prompt, `chunk` decode steps at a time; the sampling
         keywords are generate()'s, and the chunks joined are exactly generate()'s text."""
@@ -119,12 +123,18 @@ class NeoXModel:
         ids = [self.tokenizer.encode(p) for p in prompts]
         stop = [stop] if isinstance(stop, str) else stop
         streams = [TextStream(self.tokenizer, stop) for _ in prompts]
-        return stream_text(self.decoder, streams, ids, max_new_tokens, sampling=sampling, stop_token=stop_token,
-                           chunk=chunk, timing=timing)
+        return stream_text(self.decoder, streams, ids, max_new_tokens, sampling=sampling,
+                           stop_token=self.stop_id(stop_token), chunk=chunk, timing=timing)
 
     def generate_timed(self, prompts, max_new_tokens: int, sampling: Sampling | None = None,
-                       stop_token: int | None = 0) -> Generation:
-        return self.decoder.generate(prompts, max_new_tokens, sampling, stop_token)
+                       stop_token: StopToken = TOKENIZER_EOS) -> Generation:
+        return self.decoder.generate(prompts, max_new_tokens, sampling, stop_token=self.stop_id(stop_token))
+
+    def stop_id(self, stop_token: StopToken) -> int | None:
+        """The token id that ends a row, or None for never: TOKENIZER_EOS is the tokenizer's <|endoftext|>."""
+        if stop_token is TOKENIZER_EOS:
+            return None if self.tokenizer is None else self.tokenizer.eos_id
+        return stop_token
 
 
 def prompt_batch(prompts) -> tuple[list[str] | list[list[int]], bool]:
@@ -174,12 +184,11 @@ def load_checkpoint(checkpoint: Checkpoint, dtype: str | None = None, rotary_dty
                     tokenizer: Tokenizer | str | os.PathLike | None = None, mesh: Mesh | None = None,
                     progress: bool = True) -> NeoXModel:
     dtype = dtype or default_dtype()
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    jax_dtype = lookup(dtype).jax
     if not isinstance(tokenizer, Tokenizer):
         tokenizer = find_tokenizer(tokenizer, *checkpoint_dirs(checkpoint))
         tokenizer = None if tokenizer is None else load_tokenizer(tokenizer)
-    mesh = mesh or default_mesh(checkpoint.config, DTYPES[dtype])
-    require_fit(plan_memory(checkpoint.config, DTYPES[dtype], mesh), checkpoint.config, mesh, 0, 0)
-    params = build_params(checkpoint.config, checkpoint.tensors(), DTYPES[dtype], mesh, progress=progress)
+    mesh = mesh or default_mesh(checkpoint.config, jax_dtype)
+    require_fit(plan_memory(checkpoint.config, jax_dtype, mesh), checkpoint.config, mesh, 0, 0)
+    params = build_params(checkpoint.config, checkpoint.tensors(), jax_dtype, mesh, progress=progress)
     return NeoXModel(checkpoint.config, params, dtype, rotary_dtype, tokenizer, mesh)

@@ -342,6 +342,11 @@ PRESETS: dict[str, NeoXConfig] = {
         vocab_size=50432, hidden_size=6144, num_layers=44, num_heads=64, intermediate_size=24576,
         rotary_pct=0.25, rotary_base=10000.0, layer_norm_eps=1e-5, activation="gelu_tanh",
         parallel_residual=True, max_position_embeddings=2048, tie_word_embeddings=False),
+    # A toy of the same code path, for tests, `--demo` and the benchmarks' smoke runs. Its 384-row vocabulary
+    # holds the demo tokenizer's 320 tokens, padded to a multiple of 128 as GPT-NeoX pads.
+    "tiny": NeoXConfig(
+        vocab_size=384, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256,
+        rotary_pct=0.25, max_position_embeddings=256),
 }
 
 # The Pythia suite: (vocab_size, hidden_size, num_layers, num_heads) as in EleutherAI/pythia-* config.json on

@@ -30,17 +30,16 @@ import zlib
 from pathlib import Path
 from typing import Callable, Sequence
 
-import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from .config import PRESETS, ConfigError, NeoXConfig
 from .checkpoints import CheckpointError, check_finite, expected_shapes, hf
 from .checkpoints.deepspeed import DeepSpeedCheckpoint, _find_yaml, looks_like_deepspeed
+from .dtypes import DTYPES
 from .tokenizer import TokenizerNotFoundError, checkpoint_dirs, find_tokenizer
 
-DTYPES = {"keep": None, "float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16),
-          "float32": np.dtype(np.float32)}
+TARGETS = {"keep": None, **{name: d.numpy for name, d in DTYPES.items()}}  # --dtype: the stored dtype
 PROVENANCE_NAME = "conversion.json"
 # Named in the folders a conversion keeps beside OUT (with its pid), so that a later run can tell whether
 # their owner is still running; only characters that keep those names unambiguous.
@@ -78,8 +77,8 @@ def convert(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *,
     is put back); what a killed conversion left beside `out_dir` is removed by the next one.
     """
     start = time.perf_counter()
-    if dtype not in DTYPES:
-        raise ConvertError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype not in TARGETS:
+        raise ConvertError(f"--dtype must be one of {', '.join(TARGETS)}, got {dtype!r}")
     out_dir = _absolute(out_dir)
     if (Path(checkpoint) / "config.json").is_file() and not looks_like_deepspeed(checkpoint):
         raise ConvertError(f"{checkpoint} is already a Hugging Face directory (config.json); nothing to convert")
@@ -89,7 +88,7 @@ def convert(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *,
     _clean_leftovers(out_dir, log)
     _check_output(out_dir, force)
     stored_bytes = ckpt.validate()
-    target = DTYPES[dtype]
+    target = TARGETS[dtype]
     n_params = sum(int(np.prod(s)) for s in expected_shapes(ckpt.config).values())
     out_bytes = stored_bytes if target is None else n_params * target.itemsize
     _check_space(out_dir.parent, out_bytes)
@@ -452,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=parse_size, default=parse_size("1GB"), metavar="SIZE",
                    help="largest safetensors shard; the writer holds one shard in memory "
                         "(default 1GB, as the published 20B; units kB/MB/GB or KiB/MiB/GiB)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="keep",
+    p.add_argument("--dtype", choices=list(TARGETS), default="keep",
                    help="dtype of the written weights (default: keep the checkpoint's)")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     return p

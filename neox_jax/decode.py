@@ -27,7 +27,7 @@ from .model import KVCache, NeoX
 from .sampling import NONFINITE, Sampling, row_salt, select_token
 from .sharding import BATCH_SPEC, CACHE_SPEC, DATA, make_mesh, put, to_host
 
-NO_STOP = -1
+FINISHED = -1  # what a finished (or padding) row holds after its stop token in the decoder's output
 # Long prompts are prefilled this many tokens at a time through the cache, so the fp32 attention scores
 # ([B, N, chunk, slots]) stay small: 4.3 GB per layer for 20B at batch 32 and 2048 slots, instead of 34 GB.
 # Prompt buckets above 256 are multiples of 256, so every long prompt shares one prefill program.
@@ -199,7 +199,7 @@ class Decoder:
         The state (with the cache) is donated and returned, so the loop updates the cache in place and
         the next chunk continues from it."""
         batch, slots = state.cache.positions.shape
-        out = jnp.full((batch, slots), NO_STOP, jnp.int32)
+        out = jnp.full((batch, slots), FINISHED, jnp.int32)
 
         def keep_going(carry):
             i, state, _ = carry
@@ -209,7 +209,7 @@ class Decoder:
             i, state, out = carry
             logits, cache = self.module.apply({"params": params}, state.token[:, None], state.positions[:, None],
                                               state.cache)
-            token = jnp.where(state.done, NO_STOP, select_token(logits[:, -1], sampling, state.step, state.salt))
+            token = jnp.where(state.done, FINISHED, select_token(logits[:, -1], sampling, state.step, state.salt))
             out = jax.lax.dynamic_update_slice(out, token[:, None], (0, i))
             state = DecodeState(cache, jnp.maximum(token, 0), state.positions + 1,
                                 state.done | (token == stop_token) | (token == NONFINITE), state.step + 1,
@@ -219,17 +219,18 @@ class Decoder:
         count, state, out = jax.lax.while_loop(keep_going, step_fn, (jnp.int32(0), state, out))
         return out, count, self._constrain(state)
 
-    def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling | None = None,
-               stop_token: int | None = 0, chunk: int | None = None, timing: "Generation | None" = None):
+    def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling | None = None, *,
+               stop_token: int | None, chunk: int | None = None, timing: "Generation | None" = None):
         """Yield new tokens as [rows, n] int arrays, `chunk` steps at a time (default: all at once).
 
-        Finished rows hold NO_STOP after their stop token. `timing`, if given, accumulates seconds.
+        A row ends after `stop_token` (None: never); finished rows then hold FINISHED. `timing`, if given,
+        accumulates seconds.
         Raises NonFiniteLogitsError, naming the row and step, if a row's logits are not finite.
         """
         config = self.module.config
         validate_request(config, prompts, max_new_tokens, stop_token)
         sampling = sampling or Sampling.create()
-        stop = jnp.int32(NO_STOP if stop_token is None else stop_token)
+        stop = jnp.int32(-1 if stop_token is None else stop_token)  # no chosen token is negative: never matches
         batch = self.batch_size(len(prompts))
         prompt_len = length_bucket(max(len(p) for p in prompts))
         slots = length_bucket(prompt_len + max_new_tokens - 1)
@@ -262,10 +263,10 @@ class Decoder:
             produced += count
             yield out
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling | None = None,
-                 stop_token: int | None = 0) -> Generation:
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling | None = None, *,
+                 stop_token: int | None) -> Generation:
         timing = Generation()
-        chunks = list(self.stream(prompts, max_new_tokens, sampling, stop_token, timing=timing))
+        chunks = list(self.stream(prompts, max_new_tokens, sampling, stop_token=stop_token, timing=timing))
         timing.tokens = [completion_tokens(row, stop_token) for row in np.concatenate(chunks, axis=1)]
         return timing
 
@@ -287,5 +288,5 @@ def _cache_initializer(config: NeoXConfig, batch: int, slots: int, dtype, mesh: 
 
 def completion_tokens(row: np.ndarray, stop_token: int | None) -> list[int]:
     """A row of decoder output -> its new tokens, ending before the stop token."""
-    tokens = row[row != NO_STOP].tolist()
+    tokens = row[row != FINISHED].tolist()
     return tokens[:tokens.index(stop_token)] if stop_token in tokens else tokens

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-from .api import DTYPES, NeoXModel
+from .api import NeoXModel
 from .checkpoints.synthetic import random_tensors
-from .config import NeoXConfig
+from .config import PRESETS
+from .dtypes import lookup
 from .tokenizer import demo_tokenizer
 from .weights import build_params
 
 
-def demo_config(vocab_size: int) -> NeoXConfig:
-    padded_vocab = -(-vocab_size // 128) * 128  # padded like GPT-NeoX's embedding
-    return NeoXConfig(vocab_size=padded_vocab, hidden_size=64, num_layers=2, num_heads=4,
-                      intermediate_size=256, rotary_pct=0.25, max_position_embeddings=256)
-
-
 def demo_model(dtype: str = "float32", rotary_dtype: str | None = None, mesh=None) -> NeoXModel:
     tokenizer = demo_tokenizer()
-    config = demo_config(tokenizer.vocab_size)
+    config = PRESETS["tiny"]
     tensors = random_tensors(config, seed=0)
-    params = build_params(config, tensors.items(), DTYPES[dtype], mesh, progress=False)
+    params = build_params(config, tensors.items(), lookup(dtype).jax, mesh, progress=False)
     return NeoXModel(config, params, dtype, rotary_dtype, tokenizer, mesh)

@@ -18,6 +18,7 @@ import time
 from .checkpoints import CheckpointError
 from .config import PRESETS, ConfigError
 from .decode import Generation, GenerationError, NonFiniteLogitsError, check_stop_token, validate_request
+from .dtypes import NAMES, default_dtype, lookup
 from .sampling import Sampling, SamplingError
 from .sharding import ShardingError
 from .streaming import STREAM_CHUNK, TextStream, stream_text
@@ -66,9 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="stop string, repeatable; the completion ends before it")
     p.add_argument("--stop-token", type=int,
                    help="token id that ends a completion (default: the tokenizer's <|endoftext|>; -1: never stop)")
-    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
+    p.add_argument("--dtype", choices=NAMES,
                    help="compute dtype (default: float16 on GPU, float32 on CPU)")
-    p.add_argument("--rotary-dtype", choices=["float16", "bfloat16", "float32"],
+    p.add_argument("--rotary-dtype", choices=NAMES,
                    help="precision of the rotary angle tables (default: the model dtype, fp32 for bf16)")
     p.add_argument("--mesh", help="split the model over devices: model=N[,data=M] (default: one device, or all "
                                   "local devices on 'model' when the weights do not fit on one)")
@@ -128,8 +129,7 @@ def load_model(args, prompts: list[str]):
     checkpoint = open_checkpoint(args.model, PRESETS[args.preset] if args.preset else args.config, args.revision)
     tokenizer = load_tokenizer(require_tokenizer(args.tokenizer, checkpoint))
     prompt_ids = encode(tokenizer, prompts, checkpoint.config, args.max_new_tokens)
-    if args.stop_token != -1:  # -1: never stop
-        check_stop_token(checkpoint.config, args.stop_token)
+    check_stop_token(checkpoint.config, stop_token(args, tokenizer))
     mesh = plan_devices(args, checkpoint.config, prompt_ids)
     model = load_checkpoint(checkpoint, dtype=args.dtype, rotary_dtype=args.rotary_dtype, tokenizer=tokenizer,
                             mesh=mesh)
@@ -138,10 +138,9 @@ def load_model(args, prompts: list[str]):
 
 def plan_devices(args, config, prompt_ids: list[list[int]]):
     """The mesh to load onto, after checking that weights and KV cache fit (before any weights load)."""
-    from .api import DTYPES, default_dtype
     from .sharding import check_divisible, default_mesh, make_mesh, parse_mesh, plan_memory, require_fit
 
-    dtype = DTYPES[args.dtype or default_dtype()]
+    dtype = lookup(args.dtype or default_dtype()).jax
     mesh = make_mesh(**parse_mesh(args.mesh)) if args.mesh else default_mesh(config, dtype)
     check_divisible(config, mesh)
     batch = max(len(prompt_ids), 1)
@@ -230,14 +229,21 @@ def run(args) -> None:
     start = time.perf_counter()
     model, prompt_ids = load_model(args, prompts)
     load_seconds = time.perf_counter() - start
-    stop = args.stop_token if args.stop_token is not None else (-1 if args.demo else model.tokenizer.eos_id)
-    stop_token = None if stop == -1 else stop
+    stop = stop_token(args, model.tokenizer)
     if args.interactive:
         print(f"loaded in {load_seconds:.2f}s", file=sys.stderr)
         signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C stops one generation, not the session
-        interact(model, args, sampling, stop_token)
+        interact(model, args, sampling, stop)
     else:
-        report(model, complete(model, args, sampling, stop_token, prompts, prompt_ids), prompt_ids, load_seconds)
+        report(model, complete(model, args, sampling, stop, prompts, prompt_ids), prompt_ids, load_seconds)
+
+
+def stop_token(args, tokenizer) -> int | None:
+    """--stop-token as the decoder takes it (None: never). -1 is the command line's spelling of never; the
+    default is the tokenizer's <|endoftext|>, except with --demo, whose random model would stop at random."""
+    if args.stop_token is None:
+        return None if args.demo else tokenizer.eos_id
+    return None if args.stop_token == -1 else args.stop_token
 
 
 def check_distributed_args(args) -> None:

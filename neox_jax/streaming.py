@@ -12,7 +12,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .decode import NO_STOP, Decoder
+from .decode import FINISHED, Decoder
 from .sampling import Sampling
 
 REPLACEMENT = "\ufffd"
@@ -62,17 +62,17 @@ class TextStream:
 
 
 def stream_text(decoder: Decoder, streams: Sequence[TextStream], prompts: Sequence[Sequence[int]],
-                max_new_tokens: int, *, sampling: Sampling | None = None, stop_token: int | None = 0,
+                max_new_tokens: int, *, stop_token: int | None, sampling: Sampling | None = None,
                 chunk: int | None = None, timing=None) -> Iterator[list[str]]:
     """Yield, per decoded chunk, the text released for each row (one `TextStream` per prompt, which keeps
     the row's tokens and text); stops decoding once every row is done."""
-    stop_id = NO_STOP if stop_token is None else stop_token
-    chunks = decoder.stream(prompts, max_new_tokens, sampling, stop_token, chunk, timing)
+    chunks = decoder.stream(prompts, max_new_tokens, sampling, stop_token=stop_token, chunk=chunk, timing=timing)
+    ends = [FINISHED] if stop_token is None else [FINISHED, stop_token]
     try:
         for out in chunks:
             deltas = []
             for stream, row in zip(streams, out):
-                ended = np.flatnonzero((row == NO_STOP) | (row == stop_id))
+                ended = np.flatnonzero(np.isin(row, ends))
                 tokens = row[:ended[0]] if len(ended) else row
                 deltas.append(stream.push(tokens.tolist(), final=len(ended) > 0))
             yield deltas

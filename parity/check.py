@@ -68,6 +68,8 @@ from tokenizers import Tokenizer
 import neox_jax
 from neox_jax.checkpoints import CheckpointError
 from neox_jax.config import PRESETS, ConfigError, NeoXConfig
+from neox_jax.dtypes import DTYPES, default_dtype
+from neox_jax.tokenizer import END_OF_TEXT
 
 from .load import LoadError, deepspeed_config, load
 
@@ -182,7 +184,9 @@ def reference_config(args, checkpoint: Path) -> NeoXConfig:
         raise BadInput(str(e)) from None
 
 
-def encode(tokenizer_path: Path, prompts: list[str], config: NeoXConfig) -> list[list[int]]:
+def encode(tokenizer_path: Path, prompts: list[str], config: NeoXConfig) -> tuple[list[list[int]], int | None]:
+    """-> the prompts' token ids, and the id of <|endoftext|>, where both sides' greedy continuations stop
+    (None: the tokenizer has none, so they never stop)."""
     try:
         tokenizer = Tokenizer.from_file(str(tokenizer_path))
     except Exception as e:  # tokenizers raises a bare Exception on malformed files
@@ -199,7 +203,7 @@ def encode(tokenizer_path: Path, prompts: list[str], config: NeoXConfig) -> list
             raise BadInput(f"prompt {i} has {len(ids)} tokens, more than the model's context of "
                            f"{config.max_position_embeddings}")
         out.append(ids)
-    return out
+    return out, tokenizer.token_to_id(END_OF_TEXT)
 
 
 # ---- the two sides ----
@@ -212,12 +216,12 @@ class SideOutput:
     margins: list[list[float]] | None  # reference only: top-1 minus top-2 logit per greedy step
 
 
-def run_reference(checkpoint: Path, config: NeoXConfig, dtype: str, prompts, new_tokens, per_layer: bool
-                  ) -> SideOutput:
+def run_reference(checkpoint: Path, config: NeoXConfig, dtype: str, prompts, new_tokens, stop_token: int | None,
+                  per_layer: bool) -> SideOutput:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     start = time.perf_counter()
     try:
-        model = load(checkpoint, config, getattr(torch, dtype), device)
+        model = load(checkpoint, config, DTYPES[dtype].torch, device)
     except LoadError as e:
         raise BadInput(str(e)) from None
     log(f"reference loaded on {device} in {time.perf_counter() - start:.1f}s")
@@ -229,7 +233,7 @@ def run_reference(checkpoint: Path, config: NeoXConfig, dtype: str, prompts, new
         else:
             logits = model(torch.tensor([ids], device=device))
         out.logits.append(logits[0].float().cpu().numpy())
-        tokens, margins = model.generate(ids, n, stop_token=0, return_margins=True) if n else ([], [])
+        tokens, margins = model.generate(ids, n, stop_token=stop_token, return_margins=True) if n else ([], [])
         out.continuations.append(tokens)
         out.margins.append(margins)
     del model
@@ -238,7 +242,8 @@ def run_reference(checkpoint: Path, config: NeoXConfig, dtype: str, prompts, new
     return out
 
 
-def run_jax(path: Path, dtype: str, prompts, new_tokens, per_layer: bool, ds_config=None, mesh: str | None = None):
+def run_jax(path: Path, dtype: str, prompts, new_tokens, stop_token: int | None, per_layer: bool, ds_config=None,
+            mesh: str | None = None):
     """`ds_config`: a NeoXConfig or NeoX YAML path given on the command line, for neox_jax to read DeepSpeed
     shards with (it finds configs/*.yml by itself otherwise); a converted directory brings its own.
     `mesh`: model=N[,data=M], as `generate --mesh`."""
@@ -256,7 +261,7 @@ def run_jax(path: Path, dtype: str, prompts, new_tokens, per_layer: bool, ds_con
         out.logits.append(np.asarray(model.logits([ids])[0], np.float32))
         if per_layer:
             out.hidden.append(np.asarray(model.hidden_states([ids])[:, 0], np.float32))
-        out.continuations.append(list(model.generate([ids], n)[0]) if n else [])
+        out.continuations.append(list(model.generate([ids], n, stop_token=stop_token)[0]) if n else [])
     return model.config, out
 
 
@@ -267,7 +272,43 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-def compare_logits(ref: np.ndarray, got: np.ndarray, tol: Tolerances, chunk: int = 256) -> dict:
+@dataclasses.dataclass(frozen=True)
+class LogitMetrics:
+    """One prompt's logits, neox_jax against the reference ([T, V] each)."""
+
+    positions: int
+    logit_scale: float  # RMS of the reference logits
+    max_abs: float
+    max_abs_rel: float  # max_abs / logit_scale
+    rel_l2: float
+    mean_kl: float
+    max_kl: float
+    top1: float
+    tie_margin: float  # a greedy step whose reference top-2 margin is below this is a near-tie
+    decisive_positions: int  # positions whose reference top-2 margin is above the near-tie margin
+    decisive_agree: int
+    sq_diff: float  # the sums behind rel_l2, for the relative L2 over all prompts
+    sq_ref: float
+
+    def report(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("sq_diff", "sq_ref")}
+
+    def failures(self, tol: Tolerances) -> list[str]:
+        """What is out of tolerance (NaN is out of every tolerance)."""
+        out = []
+        if not self.rel_l2 <= tol.rel_l2:
+            out.append(f"relative L2 of logits {self.rel_l2:.2e} > {tol.rel_l2:g}")
+        if tol.max_abs_rel is not None and not self.max_abs_rel <= tol.max_abs_rel:
+            out.append(f"max |Δlogit| {self.max_abs:.2e} is {self.max_abs_rel:.2e} of the logit scale "
+                       f"> {tol.max_abs_rel:g}")
+        if not self.mean_kl <= tol.mean_kl:
+            out.append(f"mean KL {self.mean_kl:.2e} > {tol.mean_kl:g}")
+        if not self.max_kl <= tol.max_kl:
+            out.append(f"max KL {self.max_kl:.2e} > {tol.max_kl:g}")
+        return out
+
+
+def compare_logits(ref: np.ndarray, got: np.ndarray, tol: Tolerances, chunk: int = 256) -> LogitMetrics:
     """[T, V] each. Works in float64, `chunk` positions at a time (a 2048 x 50k float64 block is 800 MB)."""
     sq_diff = sq_ref = 0.0
     max_abs = 0.0
@@ -286,21 +327,14 @@ def compare_logits(ref: np.ndarray, got: np.ndarray, tol: Tolerances, chunk: int
     kl, agree, margins = np.concatenate(kl), np.concatenate(agree), np.concatenate(margins)
     scale = math.sqrt(sq_ref / ref.size)
     decisive = margins > tol.tie * scale  # top-1 is judged on these; the measured |Δ| would excuse any flip
-    tie = max(tol.tie * scale, 2 * max_abs)  # for greedy steps, whose neox_jax logits are not seen
-    return {
-        "positions": int(ref.shape[0]),
-        "logit_scale": scale,
-        "max_abs": max_abs,
-        "max_abs_rel": max_abs / scale if scale else math.inf,
-        "rel_l2": math.sqrt(sq_diff / sq_ref) if sq_ref else math.inf,
-        "mean_kl": float(kl.mean()),
-        "max_kl": float(kl.max()),
-        "top1": float(agree.mean()),
-        "tie_margin": tie,
-        "decisive_positions": int(decisive.sum()),
-        "decisive_agree": int((agree & decisive).sum()),
-        "_sq": (sq_diff, sq_ref),
-    }
+    return LogitMetrics(
+        positions=int(ref.shape[0]), logit_scale=scale, max_abs=max_abs,
+        max_abs_rel=max_abs / scale if scale else math.inf,
+        rel_l2=math.sqrt(sq_diff / sq_ref) if sq_ref else math.inf,
+        mean_kl=float(kl.mean()), max_kl=float(kl.max()), top1=float(agree.mean()),
+        tie_margin=max(tol.tie * scale, 2 * max_abs),  # for greedy steps, whose neox_jax logits are not seen
+        decisive_positions=int(decisive.sum()), decisive_agree=int((agree & decisive).sum()),
+        sq_diff=sq_diff, sq_ref=sq_ref)
 
 
 def compare_greedy(ref: list[int], got: list[int], margins: list[float], tie: float) -> dict:
@@ -329,64 +363,85 @@ def hidden_name(i: int) -> str:
     return "embedding" if i == 0 else f"layer {i - 1}"
 
 
-def evaluate(ref: SideOutput, jax_out: SideOutput, tol: Tolerances) -> dict:
-    prompts, failures = [], []
-    sq_diff = sq_ref = 0.0
-    decisive = decisive_agree = positions = 0
-    for i, (r, g) in enumerate(zip(ref.logits, jax_out.logits)):
-        if r.shape != g.shape:
-            failures.append(f"prompt {i}: logits shape {g.shape} (neox_jax) vs {r.shape} (reference)")
-            prompts.append(None)
-            continue
-        for side, x in (("reference", r), ("neox_jax", g)):
-            if not np.isfinite(x).all():
-                failures.append(f"prompt {i}: {side} logits are not finite")
-        m = compare_logits(r, g, tol)
-        sd, sr = m.pop("_sq")
-        sq_diff, sq_ref = sq_diff + sd, sq_ref + sr
-        decisive, decisive_agree = decisive + m["decisive_positions"], decisive_agree + m["decisive_agree"]
-        positions += m["positions"]
-        m["greedy"] = compare_greedy(ref.continuations[i], jax_out.continuations[i], ref.margins[i],
-                                     m["tie_margin"])
-        prompts.append(m)
-        if not m["rel_l2"] <= tol.rel_l2:
-            failures.append(f"prompt {i}: relative L2 of logits {m['rel_l2']:.2e} > {tol.rel_l2:g}")
-        if tol.max_abs_rel is not None and not m["max_abs_rel"] <= tol.max_abs_rel:
-            failures.append(f"prompt {i}: max |Δlogit| {m['max_abs']:.2e} is {m['max_abs_rel']:.2e} of the logit "
-                            f"scale > {tol.max_abs_rel:g}")
-        if not m["mean_kl"] <= tol.mean_kl:
-            failures.append(f"prompt {i}: mean KL {m['mean_kl']:.2e} > {tol.mean_kl:g}")
-        if not m["max_kl"] <= tol.max_kl:
-            failures.append(f"prompt {i}: max KL {m['max_kl']:.2e} > {tol.max_kl:g}")
-        m["logits_ok"] = not any(f.startswith(f"prompt {i}:") for f in failures)
-        gr = m["greedy"]
-        if gr["first_difference"] is not None and not gr["near_tie"]:
-            failures.append(f"prompt {i}: greedy continuation differs at new token {gr['first_difference']} "
-                            f"(reference top-2 margin {gr['margin']:.3g} > near-tie {m['tie_margin']:.3g}): "
-                            f"KV-cache decoding diverges")
-    valid = [m for m in prompts if m]
-    overall = {
-        "positions": positions,
-        "max_abs": max((m["max_abs"] for m in valid), default=math.nan),
-        "rel_l2": math.sqrt(sq_diff / sq_ref) if sq_ref else math.nan,
-        "mean_kl": (sum(m["mean_kl"] * m["positions"] for m in valid) / positions) if positions else math.nan,
-        "max_kl": max((m["max_kl"] for m in valid), default=math.nan),
-        "top1": (sum(m["top1"] * m["positions"] for m in valid) / positions) if positions else math.nan,
-        "top1_off_ties": decisive_agree / decisive if decisive else 1.0,
-        "greedy_identical": sum(m["greedy"]["first_difference"] is None for m in valid),
-    }
+@dataclasses.dataclass(frozen=True)
+class PromptResult:
+    shapes: tuple[tuple, tuple]  # logits shape (reference, neox_jax)
+    not_finite: tuple[str, ...]  # the sides whose logits hold a NaN or an infinity
+    logits: LogitMetrics | None  # None when the shapes differ
+    greedy: dict | None
+
+
+def prompt_failures(p: PromptResult, tol: Tolerances) -> list[str]:
+    """What fails in one prompt's logits (not its greedy continuation)."""
+    if p.logits is None:
+        return [f"logits shape {p.shapes[1]} (neox_jax) vs {p.shapes[0]} (reference)"]
+    return [f"{side} logits are not finite" for side in p.not_finite] + p.logits.failures(tol)
+
+
+def failures(prompts: list[PromptResult], overall: dict, hidden_rel_l2: list[float] | None,
+             tol: Tolerances) -> list[str]:
+    """Every check that fails, as one line each: the verdict is "pass" exactly when this is empty."""
+    out = []
+    for i, p in enumerate(prompts):
+        out += [f"prompt {i}: {f}" for f in prompt_failures(p, tol)]
+        g = p.greedy
+        if g is not None and g["first_difference"] is not None and not g["near_tie"]:
+            out.append(f"prompt {i}: greedy continuation differs at new token {g['first_difference']} "
+                       f"(reference top-2 margin {g['margin']:.3g} > near-tie {p.logits.tie_margin:.3g}): "
+                       f"KV-cache decoding diverges")
     if not overall["top1_off_ties"] >= tol.top1:
-        failures.append(f"top-1 agreement off near-ties {overall['top1_off_ties']:.4f} < {tol.top1} "
-                        f"({decisive - decisive_agree} of {decisive} positions disagree)")
-    report = {"prompts": prompts, "overall": overall, "failures": failures}
-    if ref.hidden is not None:
-        rel = compare_hidden(ref.hidden, jax_out.hidden)
-        first = next((i for i, x in enumerate(rel) if not x <= tol.hidden_rel_l2), None)
-        report["per_layer"] = {"names": [hidden_name(i) for i in range(len(rel))], "rel_l2": rel,
+        decisive = sum(p.logits.decisive_positions for p in prompts if p.logits)
+        agree = sum(p.logits.decisive_agree for p in prompts if p.logits)
+        out.append(f"top-1 agreement off near-ties {overall['top1_off_ties']:.4f} < {tol.top1} "
+                   f"({decisive - agree} of {decisive} positions disagree)")
+    first = first_divergence(hidden_rel_l2, tol)
+    if first is not None:
+        out.append(f"hidden states diverge first after {hidden_name(first)} "
+                   f"(relative L2 {hidden_rel_l2[first]:.2e} > {tol.hidden_rel_l2:g})")
+    return out
+
+
+def first_divergence(hidden_rel_l2: list[float] | None, tol: Tolerances) -> int | None:
+    return next((i for i, x in enumerate(hidden_rel_l2 or []) if not x <= tol.hidden_rel_l2), None)
+
+
+def overall_metrics(prompts: list[PromptResult]) -> dict:
+    valid = [p.logits for p in prompts if p.logits]
+    positions = sum(m.positions for m in valid)
+    sq_diff, sq_ref = sum(m.sq_diff for m in valid), sum(m.sq_ref for m in valid)
+    decisive = sum(m.decisive_positions for m in valid)
+    return {
+        "positions": positions,
+        "max_abs": max((m.max_abs for m in valid), default=math.nan),
+        "rel_l2": math.sqrt(sq_diff / sq_ref) if sq_ref else math.nan,
+        "mean_kl": (sum(m.mean_kl * m.positions for m in valid) / positions) if positions else math.nan,
+        "max_kl": max((m.max_kl for m in valid), default=math.nan),
+        "top1": (sum(m.top1 * m.positions for m in valid) / positions) if positions else math.nan,
+        "top1_off_ties": sum(m.decisive_agree for m in valid) / decisive if decisive else 1.0,
+        "greedy_identical": sum(p.greedy["first_difference"] is None for p in prompts if p.logits),
+    }
+
+
+def evaluate(ref: SideOutput, jax_out: SideOutput, tol: Tolerances) -> dict:
+    prompts = []
+    for i, (r, g) in enumerate(zip(ref.logits, jax_out.logits)):
+        not_finite = tuple(side for side, x in (("reference", r), ("neox_jax", g)) if not np.isfinite(x).all())
+        if r.shape != g.shape:
+            prompts.append(PromptResult((r.shape, g.shape), not_finite, None, None))
+            continue
+        m = compare_logits(r, g, tol)
+        greedy = compare_greedy(ref.continuations[i], jax_out.continuations[i], ref.margins[i], m.tie_margin)
+        prompts.append(PromptResult((r.shape, g.shape), not_finite, m, greedy))
+    overall = overall_metrics(prompts)
+    hidden = compare_hidden(ref.hidden, jax_out.hidden) if ref.hidden is not None else None
+    report = {"prompts": [None if p.logits is None else {**p.logits.report(), "greedy": p.greedy,
+                                                          "logits_ok": not prompt_failures(p, tol)}
+                          for p in prompts],
+              "overall": overall, "failures": failures(prompts, overall, hidden, tol)}
+    if hidden is not None:
+        first = first_divergence(hidden, tol)
+        report["per_layer"] = {"names": [hidden_name(i) for i in range(len(hidden))], "rel_l2": hidden,
                                "first_divergence": None if first is None else hidden_name(first)}
-        if first is not None:
-            failures.append(f"hidden states diverge first after {hidden_name(first)} "
-                            f"(relative L2 {rel[first]:.2e} > {tol.hidden_rel_l2:g})")
     return report
 
 
@@ -469,19 +524,19 @@ def check(args) -> int:
     texts = read_prompts(args)
 
     config = reference_config(args, checkpoint)
-    tokens = encode(tokenizer, texts, config)
+    tokens, stop_token = encode(tokenizer, texts, config)
     new_tokens = [min(args.max_new_tokens, config.max_position_embeddings - len(t)) for t in tokens]
 
-    dtype = args.dtype or ("float16" if torch.cuda.is_available() else "float32")
+    dtype = args.dtype or default_dtype("cuda" if torch.cuda.is_available() else "cpu")
     tol = TOLERANCES[dtype]
-    ref = run_reference(checkpoint, config, dtype, tokens, new_tokens, args.per_layer)
+    ref = run_reference(checkpoint, config, dtype, tokens, new_tokens, stop_token, args.per_layer)
     jax_path = Path(args.model) if args.model else checkpoint
     given = None  # what neox_jax reads DeepSpeed shards with, when it reads them itself
     if args.config:
         given = config if Path(args.config).suffix == ".json" else Path(args.config)
     elif args.preset:
         given = config
-    jax_config, got = run_jax(jax_path, dtype, tokens, new_tokens, args.per_layer, given, args.mesh)
+    jax_config, got = run_jax(jax_path, dtype, tokens, new_tokens, stop_token, args.per_layer, given, args.mesh)
 
     differing = [f"{f.name} {getattr(jax_config, f.name)!r} (neox_jax) vs {getattr(config, f.name)!r} (reference)"
                  for f in dataclasses.fields(config) if getattr(jax_config, f.name) != getattr(config, f.name)]

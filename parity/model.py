@@ -184,9 +184,9 @@ class GPTNeoX(nn.Module):
         return (logits, torch.stack(hidden)) if return_hidden else logits
 
     @torch.inference_mode()
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_token: int | None = 0,
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, *, stop_token: int | None,
                  return_margins: bool = False):
-        """Greedy decoding with a KV cache. Returns the new tokens, ending before `stop_token`.
+        """Greedy decoding with a KV cache. Returns the new tokens, ending before `stop_token` (None: never).
 
         With `return_margins`, also returns, for each step (the one that produced the stop token included),
         the top-1 minus top-2 logit in fp32: how close that greedy choice was to a tie.

@@ -6,15 +6,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from neox_jax.config import NeoXConfig
+from neox_jax.config import PRESETS, NeoXConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(**changes) -> NeoXConfig:
-    base = dict(vocab_size=96, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256,
-                rotary_pct=0.25, max_position_embeddings=256)
-    return NeoXConfig(**{**base, **changes})
+    """The `tiny` preset (what --demo and the benchmarks' smoke runs use), with `changes`."""
+    return PRESETS["tiny"].replace(**changes)
 
 
 def hf_reference(config: NeoXConfig, seed: int = 0):

@@ -1,17 +1,15 @@
 """One set of Hugging Face-named weights, loaded both into `neox_jax` and into the independent PyTorch model
 in `parity/` (which computes fp16 rotary angles as GPT-NeoX's training code did), for numerical comparisons."""
 
-import jax.numpy as jnp
 import numpy as np
 import torch
 
 from neox_jax.api import NeoXModel
 from neox_jax.checkpoints import expected_shapes
+from neox_jax.dtypes import DTYPES
 from neox_jax.weights import build_params
 from parity.model import GPTNeoX, rotary_tables
 
-JAX_DTYPES = {"float16": jnp.float16, "bfloat16": jnp.bfloat16, "float32": jnp.float32}
-TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def peaked_tensors(config, seed: int = 0, qkv_scale: float = 1.0, scale: float = 1.0) -> dict[str, np.ndarray]:
@@ -38,19 +36,19 @@ def peaked_tensors(config, seed: int = 0, qkv_scale: float = 1.0, scale: float =
 
 def jax_model(config, tensors, dtype: str, rotary_dtype: str | None = None) -> NeoXModel:
     """The public entry point with its default rotary precision unless one is given."""
-    params = build_params(config, tensors.items(), JAX_DTYPES[dtype], progress=False)
+    params = build_params(config, tensors.items(), DTYPES[dtype].jax, progress=False)
     return NeoXModel(config, params, dtype, rotary_dtype)
 
 
 def parity_model(config, tensors, dtype: str = "float32", table_dtype: str | None = None) -> GPTNeoX:
     """parity's GPTNeoX in `dtype`; `table_dtype` replaces its rotary tables (model dtype by default) by
     tables whose angles were computed in that dtype, then cast to the model dtype."""
-    model = GPTNeoX(config, TORCH_DTYPES[dtype])
+    model = GPTNeoX(config, DTYPES[dtype].torch)
     model.load_state_dict({name.removeprefix("gpt_neox."): torch.from_numpy(value) for name, value in tensors.items()})
     if table_dtype is not None:
         cos, sin = rotary_tables(config.rotary_dim, config.rotary_base, config.max_position_embeddings,
-                                 TORCH_DTYPES[table_dtype], "cpu")
-        model._rotary = (cos.to(TORCH_DTYPES[dtype]), sin.to(TORCH_DTYPES[dtype]))
+                                 DTYPES[table_dtype].torch, "cpu")
+        model._rotary = (cos.to(DTYPES[dtype].torch), sin.to(DTYPES[dtype].torch))
     return model.eval()
 
 

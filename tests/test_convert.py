@@ -392,7 +392,7 @@ class RunsCode:
     (lambda root: None, ["--preset", "pythia-70m"],
      r"ckpt holds a 2-layer model \(layer files up to layer_06\), the config describes 6 layers"),
     (lambda root: None, ["--config", "absent.yml"], r"absent\.yml: no such file"),
-    (lambda root: write_tokenizer(root / "tokenizer.json", size=500), [], r"500 tokens, more than .* \(96\)"),
+    (lambda root: write_tokenizer(root / "tokenizer.json", size=500), [], r"500 tokens, more than .* \(384\)"),
     (lambda root: (root / "tokenizer.json").write_text("{}"), [], r"tokenizer\.json: not a Hugging Face tokenizers"),
     (lambda root: torch.save({"word_embeddings.weight": RunsCode(root / "pwned")},
                              root / "layer_00-model_00-model_states.pt"), [],

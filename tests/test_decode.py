@@ -63,6 +63,28 @@ def test_stop_token_ends_each_row_separately(reference):
     assert stopped[0] == free[0][:free[0].index(stop)]
 
 
+def test_the_default_stop_token_is_the_tokenizers_end_of_text(reference):
+    """No stop_token given: the tokenizer's <|endoftext|> id ends a row; without a tokenizer nothing does."""
+    model, _ = reference
+    free = model.generate(PROMPTS, 12, stop_token=None)
+    end_of_text = free[0][4]
+    try:
+        model.tokenizer = type("Tokenizer", (), {"eos_id": end_of_text})()
+        assert model.generate(PROMPTS, 12) == model.generate(PROMPTS, 12, stop_token=end_of_text) != free
+        assert model.generate_timed(PROMPTS, 12).tokens == model.generate(PROMPTS, 12)
+    finally:
+        model.tokenizer = None
+    assert model.generate(PROMPTS, 12) == free
+
+
+def test_decoder_has_no_default_stop_token(reference):
+    """The decoder takes the stop token from its caller (None: never); only the API picks a default."""
+    model, _ = reference
+    with pytest.raises(TypeError, match="stop_token"):
+        model.decoder.generate(PROMPTS, 4)
+    assert model.decoder.generate(PROMPTS, 4, stop_token=None).tokens == model.generate(PROMPTS, 4, stop_token=None)
+
+
 def test_prompt_lengths_and_token_counts_within_a_bucket_reuse_the_compilation(reference):
     model, _ = reference
     decoder = model.decoder

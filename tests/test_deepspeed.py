@@ -227,7 +227,7 @@ def test_no_config_found(tmp_path):
 
 
 def test_explicit_config_vocab_must_match(tmp_path):
-    config = tiny_config()
+    config = tiny_config(vocab_size=96)
     synthetic.write_deepspeed_checkpoint(tmp_path, config, ranks=2)
     with pytest.raises(CheckpointError, match=r"word_embeddings\.weight.*\(48, 64\).*\(64, 64\)"):
         DeepSpeedCheckpoint(tmp_path, config.replace(vocab_size=128)).validate()
@@ -241,7 +241,7 @@ def test_yaml_keys_with_dashes_and_underscores(tmp_path):
         '  "no-weight-tying": "true",\n}\n')
     (tmp_path / "b.yml").write_text('{"train-iters": 10, "hidden-size": 64}\n')
     config = config_from_neox_args(read_neox_yaml([tmp_path / "a.yml", tmp_path / "b.yml"]), 96)
-    assert config == tiny_config(num_layers=3, intermediate_size=256, rotary_pct=0.5, rotary_base=5e4,
+    assert config == tiny_config(vocab_size=96, num_layers=3, intermediate_size=256, rotary_pct=0.5, rotary_base=5e4,
                                  layer_norm_eps=1e-6, parallel_residual=True, activation="gelu_tanh",
                                  max_position_embeddings=128, tie_word_embeddings=False)
     # GPT-NeoX's own defaults: tied embeddings, sequential residual, exact GELU, full rotary.

@@ -23,7 +23,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.utils import get_rolling_token_windows  # noqa: E402
 
 from neox_jax.checkpoints.synthetic import random_tensors, write_hf_checkpoint  # noqa: E402
-from neox_jax.config import NeoXConfig  # noqa: E402
+from neox_jax.config import PRESETS, NeoXConfig  # noqa: E402
 from neox_jax.lm_eval_model import NeoXLM  # noqa: E402
 from neox_jax.tokenizer import END_OF_TEXT, demo_tokenizer  # noqa: E402
 
@@ -37,8 +37,7 @@ OFFLINE_ENV = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", 
 
 def _config() -> NeoXConfig:
     # vocab 384 > the tokenizer's 320: like 20B (50277 tokens, 50432 rows), scoring sees padded rows too.
-    return NeoXConfig(vocab_size=384, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256,
-                      rotary_pct=0.25, max_position_embeddings=CONTEXT)
+    return PRESETS["tiny"].replace(max_position_embeddings=CONTEXT)
 
 
 @pytest.fixture(scope="module")

@@ -45,6 +45,29 @@ def test_json_output_one_object_per_prompt(model_dir, tmp_path, capsys):
         assert r["completion"] == tokenizer.decode(r["completion_token_ids"])
 
 
+def test_stop_token_default_is_the_tokenizers_end_of_text_and_minus_one_is_never():
+    """--stop-token as the decoder gets it: the tokenizer's <|endoftext|> by default (none for --demo's random
+    model), -1 the command line's spelling of never (None), any other id as given."""
+    from neox_jax.generate import parse_args, stop_token
+
+    tokenizer = demo_tokenizer()
+    assert tokenizer.eos_id == tokenizer.encode("<|endoftext|>")[0]
+
+    def stop(*argv):
+        return stop_token(parse_args(["--model", "m", *argv]), tokenizer)
+
+    assert stop() == tokenizer.eos_id
+    assert stop("--stop-token", "-1") is None
+    assert stop("--stop-token", "7") == 7
+    assert stop_token(parse_args(["--demo"]), tokenizer) is None
+
+
+def test_stop_token_outside_the_vocabulary_is_refused_before_loading(model_dir, capsys):
+    assert main(["--model", str(model_dir), "--prompt", "hi", "--stop-token", "384"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: stop token 384 is outside the vocabulary [0, 384)") and "loading" not in err
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model", "{missing}", "--prompt", "hi"], "no such directory"),
     (["--model", "{model}", "--prompt", "hi", "--tokenizer", "{missing}"], "the tokenizer file given does not exist"),

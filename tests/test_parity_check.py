@@ -231,3 +231,34 @@ def test_command_line_bad_input(tmp_path):
                            "--tokenizer", str(tmp_path / "t.json")], cwd=repo, capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {tmp_path / 'missing'}: no such checkpoint directory"
+
+
+def test_evaluate_lists_each_failure_once_and_passes_only_without_any():
+    """`evaluate` on hand-made outputs: equal logits pass; a NaN, a wrong shape and a shifted row each fail
+    once, naming the prompt, and mark only that prompt's logits as not ok."""
+    from parity.check import TOLERANCES, SideOutput, evaluate
+
+    rng = np.random.default_rng(0)
+    logits = [rng.standard_normal((5, 32)).astype(np.float32) for _ in range(4)]
+
+    def side(rows, margins=None):
+        return SideOutput(rows, None, [[1, 2]] * len(rows), margins)
+
+    ref = side(logits, [[9.0, 9.0]] * 4)
+    tol = TOLERANCES["float32"]
+    same = evaluate(ref, side([x.copy() for x in logits]), tol)
+    assert same["failures"] == [] and all(p["logits_ok"] for p in same["prompts"])
+    assert same["overall"]["rel_l2"] == 0 and same["overall"]["greedy_identical"] == 4
+
+    got = [x.copy() for x in logits]
+    got[1][2, 3] = np.nan
+    got[2] = got[2][:4]
+    got[3] = got[3] + 0.1
+    report = evaluate(ref, side(got), tol)
+    assert [f.split(":")[0] for f in report["failures"] if f.startswith("prompt")].count("prompt 0") == 0
+    assert any(f.startswith("prompt 1: neox_jax logits are not finite") for f in report["failures"])
+    assert "prompt 2: logits shape (4, 32) (neox_jax) vs (5, 32) (reference)" in report["failures"]
+    assert any(f.startswith("prompt 3: relative L2 of logits") for f in report["failures"])
+    assert report["prompts"][2] is None
+    assert [p["logits_ok"] for i, p in enumerate(report["prompts"]) if i != 2] == [True, False, False]
+    assert "_sq" not in report["prompts"][0] and "sq_diff" not in report["prompts"][0]

@@ -9,11 +9,11 @@ from neox_jax.config import NeoXConfig
 from parity.load import load_deepspeed, load_hf
 from parity.model import GPTNeoX, KVCache
 
+from conftest import tiny_config
+
 
 def tiny(**changes) -> NeoXConfig:
-    base = NeoXConfig(vocab_size=96, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256,
-                      max_position_embeddings=128)
-    return base.replace(**changes)
+    return tiny_config(**{"max_position_embeddings": 128, **changes})
 
 
 def randomize_(model: torch.nn.Module, seed: int) -> None:

@@ -10,15 +10,14 @@ import argparse
 import os
 from pathlib import Path
 
-import ml_dtypes  # noqa: F401  (registers "bfloat16" with numpy)
 import numpy as np
 import torch
 
 from ..config import NeoXConfig
+from ..dtypes import DTYPES
 from . import expected_shapes, hf
 from .deepspeed import INV_FREQ, Split, check_divisible, pipeline_layout, rotary_inv_freq, sequential_key, shard_file
 
-_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def random_tensors(config: NeoXConfig, seed: int = 0, dtype=np.float32) -> dict[str, np.ndarray]:
@@ -76,7 +75,7 @@ def write_deepspeed_checkpoint(path: str | os.PathLike, config: NeoXConfig,
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     check_divisible(config, ranks)
     dtype = np.dtype(dtype)
-    torch_dtype = _TORCH_DTYPES[dtype.name]
+    torch_dtype = DTYPES[dtype.name].torch
     tensors = random_tensors(config, seed) if tensors is None else tensors
     rng = np.random.default_rng(seed + 1)
 
