@@ -1,6 +1,7 @@
 """Reading GPT-NeoX DeepSpeed checkpoints: merging ranks, safety, layouts, configs, and loud failures."""
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -303,3 +304,45 @@ def test_streams_one_index_at_a_time(tmp_path, monkeypatch):
     assert set(loaded) == {0}  # only the embedding shards were opened for the first tensor
     list(stream)
     assert seen == [f.name for f in ckpt.files]
+
+
+def test_the_config_source_and_its_errors_name_the_yaml(tmp_path):
+    synthetic.write_deepspeed_checkpoint(tmp_path / "ckpt", tiny_config(), ranks=2)
+    assert DeepSpeedCheckpoint(tmp_path / "ckpt").config_source == str(tmp_path / "ckpt" / "configs" / "model.yml")
+    (tmp_path / "four.yml").write_text(synthetic.neox_yaml(tiny_config(), ranks=4))
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(tmp_path / 'four.yml'))} says model-parallel-size "
+                                              rf"4, but {re.escape(str(tmp_path / 'ckpt'))}"):
+        DeepSpeedCheckpoint(tmp_path / "ckpt", tmp_path / "four.yml")
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_checkpoint_of_another_depth_is_named_as_such(tmp_path, tied):
+    """GPT-NeoX's pipeline layout: layer_00 the embedding, layer_02.. the transformer layers, then the final norm
+    (and the untied head) after an empty index; a 2-layer model read with a 6-layer config says so."""
+    synthetic.write_deepspeed_checkpoint(tmp_path, tiny_config(num_layers=2, tie_word_embeddings=tied), ranks=1)
+    names = sorted(f.name.split("-")[0] for f in tmp_path.glob("layer_*"))
+    assert names == ["layer_00", "layer_02", "layer_03", "layer_05"] + ([] if tied else ["layer_06"])
+    last = "layer_05" if tied else "layer_06"
+    with pytest.raises(CheckpointError, match=rf"holds a 2-layer model \(layer files up to {last}\), the config "
+                                              rf"describes 6 layers"):
+        DeepSpeedCheckpoint(tmp_path, tiny_config(num_layers=6, tie_word_embeddings=tied))
+
+
+def test_non_finite_values_name_the_rank_file_and_tensor(tmp_path):
+    synthetic.write_deepspeed_checkpoint(tmp_path, tiny_config(), ranks=2)
+    file = tmp_path / "layer_03-model_01-model_states.pt"
+    state = torch.load(file, weights_only=True)
+    state["mlp.dense_4h_to_h.bias"][:3] = float("nan")
+    torch.save(state, file)
+    with pytest.raises(CheckpointError, match=r"layer_03-model_01-model_states\.pt: tensor 'mlp\.dense_4h_to_h\.bias' "
+                                              r"holds 3 non-finite values \(NaN or infinity\) of 64"):
+        list(DeepSpeedCheckpoint(tmp_path).tensors())
+
+
+def test_a_missing_embedding_is_named(tmp_path):
+    synthetic.write_deepspeed_checkpoint(tmp_path, tiny_config(), ranks=1)
+    file = tmp_path / "layer_00-model_00-model_states.pt"
+    torch.save({}, file)
+    with pytest.raises(CheckpointError, match=r"layer_00-model_00-model_states\.pt: missing tensor "
+                                              r"'word_embeddings\.weight'$"):
+        DeepSpeedCheckpoint(tmp_path)

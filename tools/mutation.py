@@ -33,8 +33,9 @@ FOCUSED_TESTS = {
     "neox_jax/sampling.py": ["tests/test_sampling.py", "tests/test_sampling_statistics.py"],
     "neox_jax/decode.py": ["tests/test_decode.py", "tests/test_decode_loop.py", "tests/test_streaming.py",
                            "tests/test_faults.py", "tests/test_sharding.py"],
-    "neox_jax/sharding.py": ["tests/test_sharding.py", "tests/test_split_layout.py"],
-    "neox_jax/checkpoints/deepspeed.py": ["tests/test_deepspeed.py", "tests/test_split_layout.py"],
+    "neox_jax/sharding.py": ["tests/test_sharding.py", "tests/test_memory_plan.py", "tests/test_split_layout.py"],
+    "neox_jax/checkpoints/deepspeed.py": ["tests/test_deepspeed.py", "tests/test_split_layout.py",
+                                          "tests/test_unsafe_pickles.py"],
     "parity/model.py": ["tests/test_parity_model.py"],
 }
 
