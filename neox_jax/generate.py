@@ -138,11 +138,11 @@ def load_model(args, prompts: list[str]):
 
 def plan_devices(args, config, prompt_ids: list[list[int]]):
     """The mesh to load onto, after checking that weights and KV cache fit (before any weights load)."""
-    from .sharding import check_divisible, default_mesh, make_mesh, parse_mesh, plan_memory, require_fit
+    from .sharding import check_model_axis_divides, default_mesh, make_mesh, parse_mesh, plan_memory, require_fit
 
     dtype = lookup(args.dtype or default_dtype()).jax
     mesh = make_mesh(**parse_mesh(args.mesh)) if args.mesh else default_mesh(config, dtype)
-    check_divisible(config, mesh)
+    check_model_axis_divides(config, mesh)
     batch = max(len(prompt_ids), 1)
     context = min(max((len(p) for p in prompt_ids), default=0) + args.max_new_tokens, config.max_position_embeddings)
     require_fit(plan_memory(config, dtype, mesh, batch, context), config, mesh, batch, context)

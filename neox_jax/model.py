@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import NeoXConfig
+from .params import Kind, spec_at
 
 F32 = jnp.float32
 MASKED = float(np.finfo(np.float32).min)
@@ -115,25 +116,31 @@ def gelu(x, activation: str):
     return jax.nn.gelu(x, approximate=(activation == "gelu_tanh"))
 
 
+# Random initialisation (tests, benchmarks) by kind; real weights come from checkpoints.
+_INIT = {Kind.MATMUL: nn.initializers.normal(0.02), Kind.EMBEDDING: nn.initializers.normal(0.02),
+         Kind.BIAS: nn.initializers.zeros, Kind.NORM: nn.initializers.ones}
+
+
+def declared_param(module: nn.Module, name: str, config: NeoXConfig, dtype) -> jax.Array:
+    """`module.param(name)` with the shape its declaration in `neox_jax.params` gives, found by its path."""
+    spec = spec_at((*module.path, name))
+    return module.param(name, _INIT[spec.kind], spec.shape(config), dtype)
+
+
 class LayerNorm(nn.Module):
-    size: int
-    eps: float
+    config: NeoXConfig
     dtype: Any
 
     def setup(self):
-        self.weight = self.param("weight", nn.initializers.ones, (self.size,), self.dtype)
-        self.bias = self.param("bias", nn.initializers.zeros, (self.size,), self.dtype)
+        self.weight = declared_param(self, "weight", self.config, self.dtype)  # [D]
+        self.bias = declared_param(self, "bias", self.config, self.dtype)  # [D]
 
     def __call__(self, x):  # [..., D] -> [..., D]
         x = x.astype(F32)
         mean = x.mean(-1, keepdims=True)
         var = jnp.square(x - mean).mean(-1, keepdims=True)
-        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        y = (x - mean) * jax.lax.rsqrt(var + self.config.layer_norm_eps)
         return (y * self.weight.astype(F32) + self.bias.astype(F32)).astype(self.dtype)
-
-
-def _init(std=0.02):
-    return nn.initializers.normal(std)
 
 
 # The modules declare their parameters in `setup` and compute in plain `__call__` methods (no `nn.compact`),
@@ -144,12 +151,10 @@ class Attention(nn.Module):
     rotary_dtype: Any
 
     def setup(self):
-        c = self.config
-        n, h, d = c.num_heads, c.head_dim, c.hidden_size
-        self.qkv_w = self.param("query_key_value.weight", _init(), (n, 3, h, d), self.dtype)
-        self.qkv_b = self.param("query_key_value.bias", nn.initializers.zeros, (n, 3, h), self.dtype)
-        self.out_w = self.param("dense.weight", _init(), (d, n, h), self.dtype)
-        self.out_b = self.param("dense.bias", nn.initializers.zeros, (d,), self.dtype)
+        # [N, 3, H, D], [N, 3, H], [D, N, H], [D]
+        names = ("query_key_value.weight", "query_key_value.bias", "dense.weight", "dense.bias")
+        self.qkv_w, self.qkv_b, self.out_w, self.out_b = (declared_param(self, name, self.config, self.dtype)
+                                                          for name in names)
 
     def __call__(self, x, positions, cache_kv, cache_positions, write_index):
         """x [B, T, D], positions [B, T] -> [B, T, D], cache_kv.
@@ -215,11 +220,10 @@ class MLP(nn.Module):
     dtype: Any
 
     def setup(self):
-        d, f = self.config.hidden_size, self.config.intermediate_size
-        self.up_w = self.param("dense_h_to_4h.weight", _init(), (f, d), self.dtype)
-        self.up_b = self.param("dense_h_to_4h.bias", nn.initializers.zeros, (f,), self.dtype)
-        self.down_w = self.param("dense_4h_to_h.weight", _init(), (d, f), self.dtype)
-        self.down_b = self.param("dense_4h_to_h.bias", nn.initializers.zeros, (d,), self.dtype)
+        # [F, D], [F], [D, F], [D]
+        names = ("dense_h_to_4h.weight", "dense_h_to_4h.bias", "dense_4h_to_h.weight", "dense_4h_to_h.bias")
+        self.up_w, self.up_b, self.down_w, self.down_b = (declared_param(self, name, self.config, self.dtype)
+                                                          for name in names)
 
     def __call__(self, x):  # [B, T, D] -> [B, T, D]
         up = jnp.einsum("BTD,FD->BTF", x, self.up_w, preferred_element_type=F32, precision=_precision(self.dtype))
@@ -234,8 +238,8 @@ class Layer(nn.Module):
 
     def setup(self):
         c = self.config
-        self.input_layernorm = LayerNorm(c.hidden_size, c.layer_norm_eps, self.dtype)
-        self.post_attention_layernorm = LayerNorm(c.hidden_size, c.layer_norm_eps, self.dtype)
+        self.input_layernorm = LayerNorm(c, self.dtype)
+        self.post_attention_layernorm = LayerNorm(c, self.dtype)
         self.attention = Attention(c, self.dtype, self.rotary_dtype)
         self.mlp = MLP(c, self.dtype)
 
@@ -257,11 +261,11 @@ class NeoX(nn.Module):
 
     def setup(self):
         c = self.config
-        self.embed_in = self.param("embed_in", _init(), (c.vocab_size, c.hidden_size), self.dtype)
+        self.embed_in = declared_param(self, "embed_in", c, self.dtype)  # [V, D]
         self.layers = [Layer(c, self.dtype, self.rotary_dtype or self.dtype) for _ in range(c.num_layers)]
-        self.final_layer_norm = LayerNorm(c.hidden_size, c.layer_norm_eps, self.dtype)
+        self.final_layer_norm = LayerNorm(c, self.dtype)
         if not c.tie_word_embeddings:
-            self.embed_out = self.param("embed_out", _init(), (c.vocab_size, c.hidden_size), self.dtype)
+            self.embed_out = declared_param(self, "embed_out", c, self.dtype)  # [V, D]
 
     def __call__(self, tokens, positions, cache: KVCache | None = None, *, last_token_only: bool = False,
                  return_hidden_states: bool = False):

@@ -18,20 +18,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from .config import NeoXConfig
+from .params import MODEL, model_params, spec_at, split_sizes
 
-DATA, MODEL = "data", "model"
+DATA = "data"
 
-# Partition specs by params path, "layers" standing for every "layers_<i>".
-_PARAM_SPECS = {
-    ("embed_in",): P(MODEL, None),  # [V, D]
-    ("embed_out",): P(MODEL, None),  # [V, D]
-    ("layers", "attention", "query_key_value.weight"): P(MODEL, None, None, None),  # [N, 3, H, D]
-    ("layers", "attention", "query_key_value.bias"): P(MODEL, None, None),  # [N, 3, H]
-    ("layers", "attention", "dense.weight"): P(None, MODEL, None),  # [D, N, H]
-    ("layers", "mlp", "dense_h_to_4h.weight"): P(MODEL, None),  # [F, D]
-    ("layers", "mlp", "dense_h_to_4h.bias"): P(MODEL),  # [F]
-    ("layers", "mlp", "dense_4h_to_h.weight"): P(None, MODEL),  # [D, F]
-}
 CACHE_SPEC = P(DATA, MODEL, None, None)  # each layer's keys or values, [B, N, S, H]
 BATCH_SPEC = P(DATA)  # leading batch axis of tokens, positions, per-row state
 
@@ -82,19 +72,18 @@ def make_mesh(model: int = 1, data: int = 1, devices=None) -> Mesh:
     return Mesh(np.array(devices[:model * data]).reshape(data, model), (DATA, MODEL))
 
 
-def check_divisible(config: NeoXConfig, mesh: Mesh) -> None:
+def check_model_axis_divides(config: NeoXConfig, mesh: Mesh) -> None:
+    """Refuse a mesh whose model axis does not divide the sizes the partition specs split over it."""
     model = mesh.shape[MODEL]
-    for what, size in (("num_heads", config.num_heads), ("vocab_size", config.vocab_size),
-                       ("intermediate_size", config.intermediate_size)):
+    for what, size in split_sizes(config).items():
         if size % model:
             raise ShardingError(f"{what} {size} is not divisible by the mesh's model axis ({model}): "
                                 f"choose a model size that divides it")
 
 
 def param_spec(path: tuple[str, ...]) -> P:
-    if path[0].startswith("layers_"):
-        path = ("layers",) + path[1:]
-    return _PARAM_SPECS.get(path, P())
+    """The partition spec of the params leaf at `path`, from its logical axes (`params.LOGICAL_AXIS_RULES`)."""
+    return P(*spec_at(path).mesh_axes())
 
 
 def param_shardings(abstract_params: dict, mesh: Mesh) -> dict:
@@ -153,14 +142,9 @@ def host_memory() -> int | None:
     return available
 
 
-def plan_memory(config: NeoXConfig, dtype, mesh: Mesh, batch: int = 0, context: int = 0,
-                abstract_params: dict | None = None) -> MemoryPlan:
+def plan_memory(config: NeoXConfig, dtype, mesh: Mesh, batch: int = 0, context: int = 0) -> MemoryPlan:
     """Bytes each device needs for the weights and a KV cache of `batch` sequences of `context` tokens."""
-    from .weights import abstract_params as make_abstract
-
-    abstract = abstract_params or make_abstract(config, dtype)
-    weights = sum(shard_bytes(leaf.shape, leaf.dtype, param_spec(tuple(k.key for k in path)), mesh)
-                  for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0])
+    weights = sum(shard_bytes(spec.shape(config), dtype, P(*spec.mesh_axes()), mesh) for spec in model_params(config))
     layer_cache = (batch, config.num_heads, context, config.head_dim)
     cache = 2 * config.num_layers * shard_bytes(layer_cache, dtype, CACHE_SPEC, mesh)
     local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]

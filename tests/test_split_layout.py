@@ -6,7 +6,8 @@ the [out, in] weight); the attention output projection and the MLP down-projecti
 row-parallel, split on their input dimension (dim 1); the row-parallel biases and every LayerNorm are
 replicated. The word embeddings (VocabParallelEmbedding) and the output layer (final_linear) are split by
 vocabulary, dim 0. Both the DeepSpeed shard reader (`pipeline_layout`) and the JAX partition specs
-(`sharding.param_spec`) are checked against this table; the device-side shards, per-device bytes and
+(`sharding.param_spec`), each derived from the parameter table in `neox_jax/params.py`, are checked
+against this table; the device-side shards, per-device bytes and
 memory plan are checked on 8 virtual devices in `sharded_cases.py`, with expectations computed from it too.
 """
 

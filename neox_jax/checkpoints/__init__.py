@@ -15,8 +15,7 @@ from typing import Iterator, Protocol
 import numpy as np
 
 from ..config import NeoXConfig
-
-LAYER_PREFIX = "gpt_neox.layers"
+from ..params import LAYER_PREFIX, expected_shapes  # noqa: F401  (the shapes every reader checks)
 
 
 class CheckpointError(Exception):
@@ -29,38 +28,6 @@ class Checkpoint(Protocol):
 
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         """All parameters as `(hf_name, array)`: embedding, then each layer in order, then norm and head."""
-
-
-def layer_shapes(config: NeoXConfig) -> dict[str, tuple[int, ...]]:
-    """Shapes of one transformer layer's tensors, by name relative to `gpt_neox.layers.N.`."""
-    d, f = config.hidden_size, config.intermediate_size
-    return {
-        "input_layernorm.weight": (d,),
-        "input_layernorm.bias": (d,),
-        "post_attention_layernorm.weight": (d,),
-        "post_attention_layernorm.bias": (d,),
-        "attention.query_key_value.weight": (3 * d, d),
-        "attention.query_key_value.bias": (3 * d,),
-        "attention.dense.weight": (d, d),
-        "attention.dense.bias": (d,),
-        "mlp.dense_h_to_4h.weight": (f, d),
-        "mlp.dense_h_to_4h.bias": (f,),
-        "mlp.dense_4h_to_h.weight": (d, f),
-        "mlp.dense_4h_to_h.bias": (d,),
-    }
-
-
-def expected_shapes(config: NeoXConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor of the canonical stream, in stream order, with its shape."""
-    shapes = {"gpt_neox.embed_in.weight": (config.vocab_size, config.hidden_size)}
-    for i in range(config.num_layers):
-        for name, shape in layer_shapes(config).items():
-            shapes[f"{LAYER_PREFIX}.{i}.{name}"] = shape
-    shapes["gpt_neox.final_layer_norm.weight"] = (config.hidden_size,)
-    shapes["gpt_neox.final_layer_norm.bias"] = (config.hidden_size,)
-    if not config.tie_word_embeddings:
-        shapes["embed_out.weight"] = (config.vocab_size, config.hidden_size)
-    return shapes
 
 
 def check_shape(name: str, array: np.ndarray, expected: tuple[int, ...], where: str) -> None:

@@ -17,7 +17,6 @@ Tensors are memory-mapped and merged one pipeline index at a time.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import os
 import pickle
 import pickletools
@@ -30,7 +29,8 @@ import numpy as np
 import torch
 
 from ..config import NeoXConfig
-from . import CheckpointError, LAYER_PREFIX, check_finite, layer_shapes
+from ..params import EMBED_IN, EMBED_OUT, ParamSpec, Split, model_params, split_sizes
+from . import CheckpointError, check_finite
 from .hf import torch_to_numpy
 from .neox_yaml import config_from_neox_args, read_neox_yaml
 
@@ -41,26 +41,31 @@ _MP_RANK_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 _STEP_DIR = re.compile(r"^global_step(\d+)$")
 
 
-class Split(enum.Enum):
-    COLUMN = "column"  # split on dim 0: concatenate
-    ROW = "row"  # split on dim 1: concatenate
-    ROW_BIAS = "row_bias"  # row-parallel bias: per-rank parts (parallel residual) or copies
-    REPLICATED = "replicated"  # LayerNorm: per-rank copies, averaged
-
-
 @dataclasses.dataclass(frozen=True)
 class Param:
-    key: str  # name inside the NeoX state dict
-    hf_name: str
-    split: Split
-    shape: tuple[int, ...]  # merged
+    """A parameter as DeepSpeed shards hold it: its declaration in `neox_jax.params` bound to a config."""
+
+    spec: ParamSpec
+    config: NeoXConfig
+
+    @property
+    def key(self) -> str:  # name inside the NeoX state dict
+        return self.spec.neox_key
+
+    @property
+    def hf_name(self) -> str:
+        return self.spec.hf_name
+
+    @property
+    def split(self) -> Split:
+        return self.spec.split
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # merged
+        return self.spec.stored_shape(self.config)
 
     def shard_shape(self, ranks: int) -> tuple[int, ...]:
-        if self.split is Split.COLUMN:
-            return (self.shape[0] // ranks, *self.shape[1:])
-        if self.split is Split.ROW:
-            return (self.shape[0], self.shape[1] // ranks)
-        return self.shape
+        return self.spec.shard_shape(self.config, ranks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,32 +75,20 @@ class PipeLayer:
     transformer: bool  # also stores attention.rotary_emb.inv_freq
 
 
-_LAYER_SPLITS = {
-    "input_layernorm.weight": Split.REPLICATED, "input_layernorm.bias": Split.REPLICATED,
-    "post_attention_layernorm.weight": Split.REPLICATED, "post_attention_layernorm.bias": Split.REPLICATED,
-    "attention.query_key_value.weight": Split.COLUMN, "attention.query_key_value.bias": Split.COLUMN,
-    "attention.dense.weight": Split.ROW, "attention.dense.bias": Split.ROW_BIAS,
-    "mlp.dense_h_to_4h.weight": Split.COLUMN, "mlp.dense_h_to_4h.bias": Split.COLUMN,
-    "mlp.dense_4h_to_h.weight": Split.ROW, "mlp.dense_4h_to_h.bias": Split.ROW_BIAS,
-}
+def pipeline_index(spec: ParamSpec, config: NeoXConfig) -> int:
+    """0 the embedding, 2..L+1 the transformer layers, L+3 the final norm, L+4 the output layer."""
+    if spec.layer is not None:
+        return spec.layer + 2
+    return {EMBED_IN.path: 0, EMBED_OUT.path: config.num_layers + 4}.get(spec.path, config.num_layers + 3)
 
 
 def pipeline_layout(config: NeoXConfig) -> list[PipeLayer]:
     """The pipeline indices holding parameters, in canonical stream order."""
-    d, v, n = config.hidden_size, config.vocab_size, config.num_layers
-    layers = [PipeLayer(0, (Param("word_embeddings.weight", "gpt_neox.embed_in.weight", Split.COLUMN, (v, d)),),
-                        False)]
-    for i in range(n):
-        layers.append(PipeLayer(i + 2, tuple(
-            Param(key, f"{LAYER_PREFIX}.{i}.{key}", _LAYER_SPLITS[key], shape)
-            for key, shape in layer_shapes(config).items()), True))
-    layers.append(PipeLayer(n + 3, (
-        Param("norm.weight", "gpt_neox.final_layer_norm.weight", Split.REPLICATED, (d,)),
-        Param("norm.bias", "gpt_neox.final_layer_norm.bias", Split.REPLICATED, (d,))), False))
-    if not config.tie_word_embeddings:
-        layers.append(PipeLayer(n + 4, (Param("final_linear.weight", "embed_out.weight", Split.COLUMN, (v, d)),),
-                                False))
-    return layers
+    groups: dict[int, list[ParamSpec]] = {}
+    for spec in model_params(config):
+        groups.setdefault(pipeline_index(spec, config), []).append(spec)
+    return [PipeLayer(idx, tuple(Param(spec, config) for spec in specs), specs[0].layer is not None)
+            for idx, specs in groups.items()]
 
 
 def shard_file(idx: int, rank: int) -> str:
@@ -112,9 +105,9 @@ def rotary_inv_freq(config: NeoXConfig) -> torch.Tensor:
     return 1.0 / (config.rotary_base ** (torch.arange(0, dim, 2).float() / dim))
 
 
-def check_divisible(config: NeoXConfig, ranks: int) -> None:
-    for what, size in (("num_heads", config.num_heads), ("vocab_size", config.vocab_size),
-                       ("intermediate_size", config.intermediate_size), ("hidden_size", config.hidden_size)):
+def check_ranks_divide(config: NeoXConfig, ranks: int) -> None:
+    """Refuse a rank count that does not divide the sizes split over the ranks (a broken checkpoint or request)."""
+    for what, size in split_sizes(config).items():
         if size % ranks:
             raise CheckpointError(f"{what} {size} is not divisible by the {ranks} tensor-parallel ranks")
 
@@ -266,7 +259,7 @@ class DeepSpeedCheckpoint:
         self.step_dir, self.step = _find_step_dir(self.path)
         self.layout, self.ranks, self.files = _scan(self.step_dir)
         self.config, self.config_source = self._resolve_config(config)
-        check_divisible(self.config, self.ranks)
+        check_ranks_divide(self.config, self.ranks)
         self.layers = pipeline_layout(self.config)
         if self.layout == "pipeline":
             self._check_layer_files()

@@ -16,7 +16,7 @@ import torch
 from ..config import NeoXConfig
 from ..dtypes import DTYPES
 from . import expected_shapes, hf
-from .deepspeed import INV_FREQ, Split, check_divisible, pipeline_layout, rotary_inv_freq, sequential_key, shard_file
+from .deepspeed import INV_FREQ, Split, check_ranks_divide, pipeline_layout, rotary_inv_freq, sequential_key, shard_file
 
 
 
@@ -73,7 +73,7 @@ def write_deepspeed_checkpoint(path: str | os.PathLike, config: NeoXConfig,
     root = Path(path)
     ckpt_dir = root if step is None else root / f"global_step{step}"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    check_divisible(config, ranks)
+    check_ranks_divide(config, ranks)
     dtype = np.dtype(dtype)
     torch_dtype = DTYPES[dtype.name].torch
     tensors = random_tensors(config, seed) if tensors is None else tensors
