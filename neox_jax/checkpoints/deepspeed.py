@@ -10,18 +10,16 @@ biases are summed under the parallel (GPT-J) residual, where each rank adds its 
 all-reduce, and are one replicated copy otherwise. LayerNorm copies drift slightly apart between ranks
 in training: they are averaged and the largest difference is reported.
 
-Every `.pt` file is a pickle: it is read with torch's weights-only unpickler, so nothing in it can run.
-Tensors are memory-mapped and merged one pipeline index at a time.
+Every `.pt` file is a pickle: it is read with torch's weights-only unpickler (`safe_unpickle`), so nothing
+in it can run. Tensors are memory-mapped and merged one pipeline index at a time. The NeoX YAML is read by
+`neox_yaml`, and which tensors exist, their shapes and their split come from `neox_jax.params`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import pickle
-import pickletools
 import re
-import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -30,9 +28,10 @@ import torch
 
 from ..config import NeoXConfig
 from ..params import EMBED_IN, EMBED_OUT, ParamSpec, Split, model_params, split_sizes
-from . import CheckpointError, check_finite
+from .stream import CheckpointError, check_finite
 from .hf import torch_to_numpy
 from .neox_yaml import config_from_neox_args, read_neox_yaml
+from .safe_unpickle import load_weights_only
 
 INV_FREQ = "attention.rotary_emb.inv_freq"
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # numpy has no float8
@@ -111,111 +110,6 @@ def check_ranks_divide(config: NeoXConfig, ranks: int) -> None:
         if size % ranks:
             raise CheckpointError(f"{what} {size} is not divisible by the {ranks} tensor-parallel ranks")
 
-
-# ---- Safe loading ----
-
-class _Inert:
-    """Stands in for any non-tensor object in a sequential-layout file (args, optimizer state): it accepts
-    whatever the pickle hands it and does nothing, so the real class is never imported or called."""
-
-    def __new__(cls, *args, **kwargs):
-        return object.__new__(cls)
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        pass
-
-
-def _load(file: Path, *, inert_globals: bool = False) -> Any:
-    """torch.load restricted to tensors and plain containers; `inert_globals` maps other classes to `_Inert`.
-
-    A file torch refuses is reported as one that would run code when its pickle imports anything beyond
-    torch's tensor types (torch itself says "unsupported operand" for pickle protocols above 2, whatever
-    they hold), else as damaged.
-    """
-    try:
-        is_zip = zipfile.is_zipfile(file)
-        stubs = []
-        if inert_globals and is_zip:
-            stubs = [(_Inert, name) for name in torch.serialization.get_unsafe_globals_in_checkpoint(file)]
-        with torch.serialization.safe_globals(stubs):
-            return torch.load(file, map_location="cpu", weights_only=True, mmap=is_zip)
-    except Exception as e:  # torch.load fails in many ways (UnpicklingError, RuntimeError, EOFError...) on bad bytes
-        code = _unsafe_globals(file)
-        if code:
-            raise CheckpointError(f"{file}: refused to unpickle: loading it would run code (it calls "
-                                  f"{', '.join(code)}); a checkpoint of weights holds only tensors") from None
-        # torch's message is long advice around one line naming the offending global or opcode. The advice
-        # to load with weights_only=False (or to allowlist the global) is dropped: for a checkpoint of
-        # weights, running its code is never the fix.
-        lines = [line.strip() for line in str(e).splitlines() if line.strip() and "weights_only" not in line]
-        refused = next((line for line in lines if re.search(r"GLOBAL|global|reduce|Can only|blocked", line)
-                        and "Weights only load failed" not in line), None)
-        if isinstance(e, pickle.UnpicklingError) and refused:
-            refused = refused.removeprefix("WeightsUnpickler error: ").split(" Please use")[0]
-            raise CheckpointError(f"{file}: refused to unpickle: the file holds objects other than tensors, "
-                                  f"which could run code when loaded ({refused})") from None
-        detail = next((line for line in lines if "WeightsUnpickler error" not in line and "Weights only" not in line
-                       and "file an issue" not in line), _first_line(e))
-        raise CheckpointError(f"{file}: truncated or corrupt checkpoint file ({detail})") from None
-
-
-_STRING_OPCODES = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "SHORT_BINUNICODE", "BINUNICODE",
-                   "BINUNICODE8"}
-
-
-def _unsafe_globals(file: Path) -> list[str]:
-    """The globals (`module.name`) beyond torch's tensor types that `file`'s pickle imports, found by decoding
-    its opcodes with pickletools: nothing is imported or run.
-
-    Reads torch's zip format (`data.pkl`), the legacy one (whose object is its fourth pickle, after the magic
-    number, protocol version and system info) and a plain pickle, up to the first byte it cannot decode.
-    """
-    found: set[str] = set()
-    try:
-        if zipfile.is_zipfile(file):
-            with zipfile.ZipFile(file) as archive:
-                data = next(name for name in archive.namelist() if name.endswith("data.pkl"))
-                with archive.open(data) as f:
-                    found.update(_imported_globals(f))
-        else:
-            with open(file, "rb") as f:
-                for _ in range(4):
-                    found.update(_imported_globals(f))
-    except Exception:  # undecodable bytes end the scan: what was found so far is the answer
-        pass
-    allowed = {*torch._weights_only_unpickler._get_allowed_globals(),
-               *torch._weights_only_unpickler._get_user_allowed_globals()}
-    return sorted(found - allowed)
-
-
-def _imported_globals(f) -> Iterator[str]:
-    """`module.name` of each global one pickle in `f` imports (GLOBAL, INST, STACK_GLOBAL), as it is decoded."""
-    pushed, memo = [], {}  # strings the opcodes pushed (None: anything else), to name STACK_GLOBAL's operands
-    for op, arg, _ in pickletools.genops(f):
-        if op.name in ("GLOBAL", "INST"):
-            yield arg.replace(" ", ".")
-        elif op.name == "STACK_GLOBAL":
-            module, name = ([None, None] + pushed)[-2:]
-            yield f"{module or '?'}.{name or '?'}"
-        if op.name == "MEMOIZE":
-            memo[len(memo)] = pushed[-1] if pushed else None
-        elif op.name.endswith("PUT"):
-            memo[arg] = pushed[-1] if pushed else None
-        elif op.name.endswith("GET"):
-            pushed.append(memo.get(arg))
-        elif op.name not in ("PROTO", "FRAME", "STOP"):
-            pushed.append(arg if op.name in _STRING_OPCODES else None)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-# ---- The reader ----
 
 @dataclasses.dataclass
 class MergeReport:
@@ -345,7 +239,7 @@ class DeepSpeedCheckpoint:
         """One rank's tensors of one pipeline index, keys as in the pipeline layout."""
         file = self._file(idx, rank)
         if self.layout == "pipeline":
-            state = _load(file)
+            state = load_weights_only(file)
             if not isinstance(state, Mapping):
                 raise CheckpointError(f"{file}: not a state dict (got {type(state).__name__})")
             return state
@@ -355,7 +249,7 @@ class DeepSpeedCheckpoint:
 
     @staticmethod
     def _module(file: Path) -> Mapping[str, Any]:
-        state = _load(file, inert_globals=True)
+        state = load_weights_only(file, inert_globals=True)
         module = state.get("module") if isinstance(state, Mapping) else None
         if not isinstance(module, Mapping):
             raise CheckpointError(f"{file}: holds no weights under 'module' (a pipeline-layout checkpoint "

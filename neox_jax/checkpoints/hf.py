@@ -14,7 +14,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..config import ConfigError, NeoXConfig
-from . import CheckpointError, check_finite, check_shape, expected_shapes
+from ..params import expected_shapes
+from .stream import CheckpointError, check_finite, check_shape
 
 # Buffers older transformers versions saved next to the weights; they hold no parameters.
 _IGNORED = re.compile(r"^gpt_neox\.layers\.\d+\.attention\.(bias|masked_bias|rotary_emb\.inv_freq)$")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from . import CheckpointError
+from .stream import CheckpointError
 
 # ORG/NAME as the hub spells repository ids; anything else (./dir, /abs/path, a/b/c) is only ever a path.
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")

@@ -15,7 +15,8 @@ import torch
 
 from ..config import NeoXConfig
 from ..dtypes import DTYPES
-from . import expected_shapes, hf
+from ..params import expected_shapes
+from . import hf
 from .deepspeed import INV_FREQ, Split, check_ranks_divide, pipeline_layout, rotary_inv_freq, sequential_key, shard_file
 
 
