@@ -22,11 +22,6 @@ from .streaming import STREAM_CHUNK, TextStream, stream_text
 from .tokenizer import Tokenizer, checkpoint_dirs, find_tokenizer, load_tokenizer
 from .weights import build_params
 
-def default_rotary_dtype(dtype: str) -> str:
-    """Rotary tables in the model dtype (fp16 reproduces training), except bf16: its angles would be 8x
-    coarser than anything the model saw, so bf16 runs keep fp32 tables."""
-    return "float32" if dtype == "bfloat16" else dtype
-
 
 class _TokenizerEndOfText:
     """The default stop token: the model's tokenizer's <|endoftext|> id (without a tokenizer, never stop)."""
@@ -49,18 +44,19 @@ class NeoXModel:
         self.params = params
         self.tokenizer = tokenizer
         self.dtype = dtype
-        self.rotary_dtype = rotary_dtype or default_rotary_dtype(dtype)
-        self.module = NeoX(config, lookup(dtype).jax, lookup(self.rotary_dtype).jax)
+        self.module = NeoX(config, lookup(dtype).jax, lookup(rotary_dtype).jax if rotary_dtype else None)
+        self.rotary_dtype = self.module.rotary_table_dtype.name
         self.decoder = Decoder(self.module, params, mesh)
         self.mesh = self.decoder.mesh
         self._logits = Compiled(self._logits_fn)
         self._hidden_states = Compiled(self._hidden_states_fn)
 
     def _logits_fn(self, params, tokens, positions):
-        return self.module.apply({"params": params}, tokens, positions)[0]
+        return self.module.apply({"params": params}, tokens, positions).logits
 
     def _hidden_states_fn(self, params, tokens, positions):
-        return self.module.apply({"params": params}, tokens, positions, return_hidden_states=True)[2].astype(jnp.float32)
+        return self.module.apply({"params": params}, tokens, positions,
+                                 return_hidden_states=True).hidden_states.astype(jnp.float32)
 
     def _run(self, compiled: Compiled, tokens) -> jax.Array:
         """Run on [B, T] tokens right-padded to buckets (nearby shapes share one compilation)."""

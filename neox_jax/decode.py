@@ -188,10 +188,10 @@ class Decoder:
         return _cache_initializer(self.module.config, batch, slots, jnp.dtype(self.module.dtype), self.mesh)()
 
     def _prefill_fn(self, params, tokens, positions, cache, sampling, stop_token, active, salt):
-        logits, cache = self.module.apply({"params": params}, tokens, positions, cache, last_token_only=True)
-        first = select_token(logits[:, -1], sampling, jnp.int32(0), salt)
+        out = self.module.apply({"params": params}, tokens, positions, cache, last_token_only=True)
+        first = select_token(out.logits[:, -1], sampling, jnp.int32(0), salt)
         done = ~active | (first == stop_token) | (first == NONFINITE)
-        return self._constrain(DecodeState(cache, first, positions[:, -1] + 1, done, jnp.int32(1), salt))
+        return self._constrain(DecodeState(out.cache, first, positions[:, -1] + 1, done, jnp.int32(1), salt))
 
     def _decode_fn(self, params, state: DecodeState, sampling, stop_token, steps):
         """Up to `steps` more tokens, fewer once every row is done -> tokens [B, slots], count, state.
@@ -207,11 +207,11 @@ class Decoder:
 
         def step_fn(carry):
             i, state, out = carry
-            logits, cache = self.module.apply({"params": params}, state.token[:, None], state.positions[:, None],
-                                              state.cache)
-            token = jnp.where(state.done, FINISHED, select_token(logits[:, -1], sampling, state.step, state.salt))
+            forward = self.module.apply({"params": params}, state.token[:, None], state.positions[:, None], state.cache)
+            chosen = select_token(forward.logits[:, -1], sampling, state.step, state.salt)
+            token = jnp.where(state.done, FINISHED, chosen)
             out = jax.lax.dynamic_update_slice(out, token[:, None], (0, i))
-            state = DecodeState(cache, jnp.maximum(token, 0), state.positions + 1,
+            state = DecodeState(forward.cache, jnp.maximum(token, 0), state.positions + 1,
                                 state.done | (token == stop_token) | (token == NONFINITE), state.step + 1,
                                 state.salt)
             return i + 1, state, out

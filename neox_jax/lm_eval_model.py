@@ -87,7 +87,7 @@ class Scorer:
         return self._fn.compile_seconds
 
     def _score(self, params, tokens, positions, targets, last):
-        logits, _ = self.module.apply({"params": params}, tokens, positions)  # fp32 [B, T, V]
+        logits = self.module.apply({"params": params}, tokens, positions).logits  # fp32 [B, T, V]
         logits = logits.astype(jnp.float32)
         lse = jax.nn.logsumexp(logits, axis=-1)  # [B, T]: log_softmax = logits - lse, never materialised
         target_lp = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - lse

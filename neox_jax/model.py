@@ -1,4 +1,4 @@
-"""The GPT-NeoX model as pure Flax modules: `(params, tokens, positions, cache) -> (logits, cache)`.
+"""The GPT-NeoX model as pure Flax modules: `(params, tokens, positions, cache) -> NeoXOutput(logits, cache)`.
 
 Params are a plain nested dict mirroring the Hugging Face names, one entry per transformer layer
 (`layers_0`, `layers_1`, ...). Linear weights keep the checkpoint's `[out, in]` orientation, reshaped only
@@ -23,10 +23,12 @@ Numerics (the one place they are decided):
 - Masking uses the most negative fp32, applied to fp32 scores, so it cannot overflow.
 - The softmax's max, exponentials, sum and normalisation are fp32; the unnormalised weights (in (0, 1])
   meet the values in `dtype`, and the fp32 product is divided by the sum (flash attention's order).
-- Rotary angle tables are rounded to `rotary_dtype`. With fp16 this reproduces GPT-NeoX's training code,
-  whose `inv_freq` buffer, positions and angle products were fp16 (an angle between 512 and 1024 radians
-  is rounded to a multiple of 0.5, above 1024 to a whole radian). The model learned with those angles;
-  Hugging Face computes them in fp32 (`rotary_dtype=float32`).
+- Rotary angle tables are rounded to `rotary_dtype`, by default the model dtype except for bf16
+  (`default_rotary_dtype`). With fp16 this reproduces GPT-NeoX's training code, whose `inv_freq` buffer,
+  positions and angle products were fp16 (an angle between 512 and 1024 radians is rounded to a multiple
+  of 0.5, above 1024 to a whole radian). The model learned with those angles; Hugging Face computes them
+  in fp32 (`rotary_dtype=float32`). bf16 angles would be 8x coarser than anything the model saw, so bf16
+  runs keep fp32 tables.
 """
 
 from __future__ import annotations
@@ -79,6 +81,11 @@ def _precision(dtype):
 def matmul(spec: str, x, w, dtype):
     """einsum with fp32 accumulation, rounded once to `dtype`."""
     return jnp.einsum(spec, x, w, preferred_element_type=F32, precision=_precision(dtype)).astype(dtype)
+
+
+def default_rotary_dtype(dtype):
+    """The rotary tables' dtype for a model in `dtype`: the same, except fp32 for bf16 (see the numerics above)."""
+    return jnp.dtype(jnp.float32 if jnp.dtype(dtype) == jnp.bfloat16 else dtype)
 
 
 def rotary_tables(max_positions: int, rotary_dim: int, base: float, table_dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -148,7 +155,6 @@ class LayerNorm(nn.Module):
 class Attention(nn.Module):
     config: NeoXConfig
     dtype: Any
-    rotary_dtype: Any
 
     def setup(self):
         # [N, 3, H, D], [N, 3, H], [D, N, H], [D]
@@ -156,8 +162,8 @@ class Attention(nn.Module):
         self.qkv_w, self.qkv_b, self.out_w, self.out_b = (declared_param(self, name, self.config, self.dtype)
                                                           for name in names)
 
-    def __call__(self, x, positions, cache_kv, cache_positions, write_index):
-        """x [B, T, D], positions [B, T] -> [B, T, D], cache_kv.
+    def __call__(self, x, positions, rotary, cache_kv, cache_positions, write_index):
+        """x [B, T, D], positions [B, T], rotary (cos, sin) [B, T, rotary_dim // 2] -> [B, T, D], cache_kv.
 
         The tokens attend causally to each other and, with `cache_kv` (this layer's keys and values,
         [B, N, S, H] each, holding `cache_positions` [B, S]), to the cached slots; their keys and values
@@ -174,10 +180,8 @@ class Attention(nn.Module):
         qkv = matmul("BTD,ED->BTE", x, self.qkv_w.reshape(3 * d, d), self.dtype).reshape(b, t, n, 3, h)
         qkv = qkv.transpose(0, 2, 3, 1, 4) + self.qkv_b[:, :, None]  # [B, N, 3, T, H]
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, T, H] each
-        cos, sin = rotary_cos_sin(positions, *rotary_tables(c.max_position_embeddings, c.rotary_dim,
-                                                            c.rotary_base, self.rotary_dtype))
-        q = apply_rotary(q, cos, sin, c.rotary_dim)
-        k = apply_rotary(k, cos, sin, c.rotary_dim)
+        q = apply_rotary(q, *rotary, c.rotary_dim)
+        k = apply_rotary(k, *rotary, c.rotary_dim)
 
         parts = [(k, v, positions)]  # [B, N, T or S, H] keys and values, [B, T or S] their positions
         if cache_kv is not None:
@@ -234,17 +238,16 @@ class MLP(nn.Module):
 class Layer(nn.Module):
     config: NeoXConfig
     dtype: Any
-    rotary_dtype: Any
 
     def setup(self):
         c = self.config
         self.input_layernorm = LayerNorm(c, self.dtype)
         self.post_attention_layernorm = LayerNorm(c, self.dtype)
-        self.attention = Attention(c, self.dtype, self.rotary_dtype)
+        self.attention = Attention(c, self.dtype)
         self.mlp = MLP(c, self.dtype)
 
-    def __call__(self, x, positions, cache_kv, cache_positions, write_index):  # [B, T, D] -> [B, T, D], cache_kv
-        attn_out, cache_kv = self.attention(self.input_layernorm(x), positions, cache_kv, cache_positions,
+    def __call__(self, x, positions, rotary, cache_kv, cache_positions, write_index):  # [B, T, D] -> same, cache_kv
+        attn_out, cache_kv = self.attention(self.input_layernorm(x), positions, rotary, cache_kv, cache_positions,
                                             write_index)
         if self.config.parallel_residual:  # GPT-NeoX sums both branches before adding the residual
             x = x + (attn_out + self.mlp(self.post_attention_layernorm(x)))
@@ -254,34 +257,49 @@ class Layer(nn.Module):
         return x, cache_kv
 
 
+@flax.struct.dataclass
+class NeoXOutput:
+    logits: jax.Array  # fp32 [B, T or 1, V]
+    cache: KVCache | None  # the cache with the tokens written, when one was given
+    hidden_states: jax.Array | None = None  # [L + 1, B, T, D] with `return_hidden_states`
+
+
 class NeoX(nn.Module):
     config: NeoXConfig
     dtype: Any = jnp.float32
-    rotary_dtype: Any = None  # None: the model dtype
+    rotary_dtype: Any = None  # None: default_rotary_dtype(dtype)
+
+    @property
+    def rotary_table_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.rotary_dtype or default_rotary_dtype(self.dtype))
 
     def setup(self):
         c = self.config
         self.embed_in = declared_param(self, "embed_in", c, self.dtype)  # [V, D]
-        self.layers = [Layer(c, self.dtype, self.rotary_dtype or self.dtype) for _ in range(c.num_layers)]
+        self.layers = [Layer(c, self.dtype) for _ in range(c.num_layers)]
         self.final_layer_norm = LayerNorm(c, self.dtype)
         if not c.tie_word_embeddings:
             self.embed_out = declared_param(self, "embed_out", c, self.dtype)  # [V, D]
 
     def __call__(self, tokens, positions, cache: KVCache | None = None, *, last_token_only: bool = False,
-                 return_hidden_states: bool = False):
-        """tokens, positions [B, T] (position -1 marks padding) -> logits fp32 [B, T or 1, V], cache.
+                 return_hidden_states: bool = False) -> NeoXOutput:
+        """tokens, positions [B, T] (position -1 marks padding) -> logits fp32 [B, T or 1, V] and the cache.
 
         With a cache, the tokens are written at slots `cache.length ...` and attend to everything
         cached; without one, they attend causally among themselves. `return_hidden_states` adds the
         residual stream after the embedding and after each layer, [L + 1, B, T, D].
         """
+        c = self.config
+        # Looked up once for every layer: [B, T, rotary_dim // 2] each.
+        rotary = rotary_cos_sin(positions, *rotary_tables(c.max_position_embeddings, c.rotary_dim, c.rotary_base,
+                                                          self.rotary_table_dtype))
         x = self.embed_in[tokens]  # [B, T, D]
 
         cache_positions, write_index = (None, None) if cache is None else (cache.positions, cache.length)
         layer_caches = [None] * len(self.layers) if cache is None else list(zip(cache.k, cache.v))
         hidden = [x]
         for i, (layer, layer_cache) in enumerate(zip(self.layers, layer_caches)):
-            x, layer_caches[i] = layer(x, positions, layer_cache, cache_positions, write_index)
+            x, layer_caches[i] = layer(x, positions, rotary, layer_cache, cache_positions, write_index)
             hidden.append(x)
         if cache is not None:
             k, v = zip(*layer_caches)
@@ -291,9 +309,7 @@ class NeoX(nn.Module):
         if last_token_only:
             x = x[:, -1:]
         x = self.final_layer_norm(x)
-        head = self.embed_in if self.config.tie_word_embeddings else self.embed_out
+        head = self.embed_in if c.tie_word_embeddings else self.embed_out
         logits = jnp.einsum("BTD,VD->BTV", x, head, preferred_element_type=F32,
                             precision=_precision(self.dtype))
-        if return_hidden_states:
-            return logits, cache, jnp.stack(hidden)
-        return logits, cache
+        return NeoXOutput(logits, cache, jnp.stack(hidden) if return_hidden_states else None)

@@ -9,8 +9,11 @@ sizes come from the config, mesh axes from `LOGICAL_AXIS_RULES`.
 
 Derived here: the checkpoint shapes (`stored_shape`, `expected_shapes`), the params-tree shapes
 (`ParamSpec.shape`), the mesh axes of the partition specs (`mesh_axes`), the per-rank DeepSpeed shard
-shapes (`shard_shape`) and the sizes a tensor-parallel split must divide (`split_sizes`). The module
-imports no JAX, so that the checkpoint converter does not pay for it.
+shapes (`shard_shape`) and the sizes a tensor-parallel split must divide (`split_sizes`). Derived from
+those elsewhere: the model's `self.param` calls (`model.declared_param`), the partition specs and memory
+plan (`sharding`), the abstract params and the stored-to-params reshape (`weights`), the DeepSpeed
+pipeline layout and merge rules (`checkpoints.deepspeed`). The module imports no JAX, so that the
+checkpoint converter does not pay for it.
 """
 
 from __future__ import annotations

@@ -263,7 +263,7 @@ def test_chunked_prefill_fills_each_cache_slot_as_one_full_pass_does(long_refere
     tokens[0, length - 602:], tokens[1, length - 40:] = prompts[0], prompts[1]
     one_pass = jax.jit(model.module.apply)({"params": model.params}, tokens, expected_positions[:, :length],
                                            KVCache.init(c, 2, slots, jnp.float32))
-    logits, full = jax.tree.map(np.asarray, one_pass)
+    logits, full = jax.tree.map(np.asarray, (one_pass.logits, one_pass.cache))
     assert first[:, 0].tolist() == logits[:, -1].argmax(-1).tolist()
     for layer in range(c.num_layers):
         for got, want in ((cache.k[layer], full.k[layer]), (cache.v[layer], full.v[layer])):

@@ -68,8 +68,9 @@ def test_decoded_cache_equals_one_full_pass(model):
     assert int(cache.length) == filled
     np.testing.assert_array_equal(spy.states[-1].positions, positions[:, filled - 1] + 1)
 
-    logits, full = jax.jit(model.module.apply)({"params": model.params}, tokens, positions[:, :filled],
-                                               KVCache.init(c, 2, positions.shape[1], jnp.float32))
+    one_pass = jax.jit(model.module.apply)({"params": model.params}, tokens, positions[:, :filled],
+                                           KVCache.init(c, 2, positions.shape[1], jnp.float32))
+    logits, full = one_pass.logits, one_pass.cache
     np.testing.assert_array_equal(np.asarray(logits[:, -1]).argmax(-1), generated[:, -1])
     visible = positions >= 0
     for layer in range(c.num_layers):

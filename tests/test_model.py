@@ -1,5 +1,7 @@
 """The Flax model against Hugging Face transformers' GPTNeoXForCausalLM, and its own invariants."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,8 @@ import pytest
 import torch
 
 import neox_jax
-from neox_jax.model import KVCache, NeoX, rotary_tables
+from neox_jax import model as model_module
+from neox_jax.model import KVCache, NeoX, NeoXOutput, rotary_tables
 
 from conftest import tiny_config
 
@@ -52,13 +55,14 @@ def test_cached_decoding_equals_full_forward(parallel):
     params = random_params(config)
     tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 12), 0, config.vocab_size)
     positions = jnp.broadcast_to(jnp.arange(12), (2, 12))
-    full, _ = module.apply({"params": params}, tokens, positions)
+    full = module.apply({"params": params}, tokens, positions).logits
 
     cache = KVCache.init(config, 2, 16, jnp.float32)
     pieces = []
     for start, stop in [(0, 5), (5, 6), (6, 7), (7, 12)]:  # a prefill, single steps, a chunk
-        logits, cache = module.apply({"params": params}, tokens[:, start:stop], positions[:, start:stop], cache)
-        pieces.append(logits)
+        out = module.apply({"params": params}, tokens[:, start:stop], positions[:, start:stop], cache)
+        pieces.append(out.logits)
+        cache = out.cache
     assert int(cache.length) == 12
     np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, atol=2e-5, rtol=0)
 
@@ -69,9 +73,9 @@ def test_padding_is_invisible():
     module = NeoX(config)
     params = random_params(config)
     tokens = jnp.array([[5, 6, 7, 8]])
-    alone, _ = module.apply({"params": params}, tokens, jnp.arange(4)[None])
-    padded, _ = module.apply({"params": params}, jnp.array([[0, 0, 5, 6, 7, 8]]),
-                             jnp.array([[-1, -1, 0, 1, 2, 3]]))
+    alone = module.apply({"params": params}, tokens, jnp.arange(4)[None]).logits
+    padded = module.apply({"params": params}, jnp.array([[0, 0, 5, 6, 7, 8]]),
+                          jnp.array([[-1, -1, 0, 1, 2, 3]])).logits
     np.testing.assert_allclose(padded[:, 2:], alone, atol=2e-5, rtol=0)
 
 
@@ -131,3 +135,56 @@ def test_the_docs_pure_model_example_runs_with_only_the_imports_it_shows(tmp_pat
     model, next_token = scope["model"], np.asarray(scope["next_token"])
     full = model.logits(np.array([[12092, 1533, next_token[0, 0]]]))
     np.testing.assert_allclose(np.asarray(scope["logits"])[0, -1], full[0, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_the_forward_returns_named_outputs():
+    config = tiny_config(num_layers=3)
+    module, params = NeoX(config), random_params(config)
+    tokens = jnp.array([[3, 1, 4, 1, 5]])
+    positions = jnp.arange(5)[None]
+    out = module.apply({"params": params}, tokens, positions, return_hidden_states=True)
+    assert isinstance(out, NeoXOutput) and out.cache is None
+    assert out.logits.shape == (1, 5, config.vocab_size) and out.logits.dtype == jnp.float32
+    assert out.hidden_states.shape == (config.num_layers + 1, 1, 5, config.hidden_size)
+    assert module.apply({"params": params}, tokens, positions).hidden_states is None
+    cached = module.apply({"params": params}, tokens, positions, KVCache.init(config, 1, 8, jnp.float32),
+                          last_token_only=True)
+    assert cached.logits.shape == (1, 1, config.vocab_size) and int(cached.cache.length) == 5
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        out.logits = out.logits
+
+
+def test_rotary_tables_are_built_once_per_forward_not_per_layer(monkeypatch):
+    calls = []
+
+    def counted(*args):
+        calls.append(args)
+        return rotary_tables(*args)
+
+    monkeypatch.setattr(model_module, "rotary_tables", counted)
+    config = tiny_config(num_layers=4)
+    NeoX(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 3), jnp.int32), jnp.zeros((1, 3), jnp.int32))
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("dtype, tables", [("bfloat16", "float32"), ("float16", "float16"), ("float32", "float32")])
+def test_the_model_used_directly_builds_the_rotary_tables_load_does(dtype, tables):
+    """`NeoX(config, bfloat16)` on its own and `load(dtype="bfloat16")` run the same forward: the rule that
+    bf16 keeps fp32 rotary tables belongs to the model. bf16 tables would move the logits visibly."""
+    from neox_jax.dtypes import lookup
+    from reference_models import jax_model, peaked_tensors
+
+    config = tiny_config(max_position_embeddings=256, rotary_pct=1.0)
+    model = jax_model(config, peaked_tensors(config, seed=5, qkv_scale=1.5), dtype)  # as load builds it
+    direct = NeoX(config, lookup(dtype).jax)
+    assert model.rotary_dtype == tables and direct.rotary_table_dtype == jnp.dtype(tables)
+    # One bucket of rows and tokens, so that both run the same program on the same shapes.
+    rows, length = model.decoder.batch_size(1), 256
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, (rows, length))
+    positions = jnp.broadcast_to(jnp.arange(length), (rows, length))
+    via_load = model.logits(tokens)
+    alone = np.asarray(jax.jit(direct.apply)({"params": model.params}, tokens, positions).logits)
+    np.testing.assert_allclose(alone, via_load, atol=1e-5 * np.abs(via_load).max(), rtol=0)
+    if dtype == "bfloat16":
+        bf16_tables = NeoX(config, jnp.bfloat16, jnp.bfloat16).apply({"params": model.params}, tokens, positions)
+        assert np.abs(np.asarray(bf16_tables.logits) - via_load).max() > 0.05 * np.abs(via_load).max()

@@ -70,8 +70,9 @@ def test_fp16_cached_decoding_equals_the_fp16_full_forward(parity_fp16_logits):
     positions = np.arange(1103)[None]
     pieces = []
     for start, stop in [(0, 1100), (1100, 1101), (1101, 1102), (1102, 1103)]:
-        logits, cache = apply({"params": model.params}, LONG_TOKENS[:, start:stop], positions[:, start:stop], cache)
-        pieces.append(np.asarray(logits))
+        out = apply({"params": model.params}, LONG_TOKENS[:, start:stop], positions[:, start:stop], cache)
+        pieces.append(np.asarray(out.logits))
+        cache = out.cache
     cached = np.concatenate(pieces, axis=1)
     assert cache.k[0].dtype == jnp.float16 and int(cache.length) == 1103
     np.testing.assert_array_equal(np.asarray(cache.positions)[0, :1103], np.arange(1103))
@@ -99,11 +100,12 @@ def test_cache_at_the_end_of_the_context(dtype, bound):
     reference = parity_logits(parity_model(SHORT, SHORT_TENSORS, dtype), tokens)
     apply = jax.jit(model.module.apply)
     cache = KVCache.init(SHORT, 2, 64, model.module.dtype)
-    _, cache = apply({"params": model.params}, tokens[:, :62], positions[:, :62], cache)
+    cache = apply({"params": model.params}, tokens[:, :62], positions[:, :62], cache).cache
     steps = []
     for p in (62, 63):
-        logits, cache = apply({"params": model.params}, tokens[:, p:p + 1], positions[:, p:p + 1], cache)
-        steps.append(np.asarray(logits)[:, 0])
+        out = apply({"params": model.params}, tokens[:, p:p + 1], positions[:, p:p + 1], cache)
+        steps.append(np.asarray(out.logits)[:, 0])
+        cache = out.cache
     steps = np.stack(steps, axis=1)
     assert int(cache.length) == 64
     np.testing.assert_array_equal(np.asarray(cache.positions), positions)

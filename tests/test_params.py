@@ -82,8 +82,8 @@ def test_kinds():
     assert float(jnp.std(layer["mlp"]["dense_h_to_4h.weight"])) == pytest.approx(0.02, rel=0.2)
 
 
-@pytest.mark.parametrize("path", [("layers_0", "embed_in"), ("embed_in", "weight"), ("layers_x", "mlp", "dense_h_to_4h.bias"),
-                                  ("layers_0", "mlp", "dense.weight"), ()])
+@pytest.mark.parametrize("path", [("layers_0", "embed_in"), ("embed_in", "weight"),
+                                  ("layers_x", "mlp", "dense_h_to_4h.bias"), ("layers_0", "mlp", "dense.weight"), ()])
 def test_an_undeclared_path_is_refused_by_name(path):
     with pytest.raises(KeyError, match="no parameter at"):
         spec_at(path)

@@ -64,5 +64,5 @@ def test_every_parameter_is_created_in_the_model_dtype(dtype, tied):
     leaves = jax.tree_util.tree_leaves_with_path(params)
     assert len(leaves) == 3 + 12 * config.num_layers + (0 if tied else 1)  # embedding, final norm (2), head
     assert [jax.tree_util.keystr(path) for path, leaf in leaves if leaf.dtype != dtype] == []
-    logits, _ = jax.eval_shape(lambda p: module.apply({"params": p}, tokens, positions), params)
+    logits = jax.eval_shape(lambda p: module.apply({"params": p}, tokens, positions), params).logits
     assert logits.dtype == jnp.float32 and logits.shape == (1, 3, config.vocab_size)
