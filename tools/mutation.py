@@ -36,6 +36,8 @@ FOCUSED_TESTS = {
     "neox_jax/sharding.py": ["tests/test_sharding.py", "tests/test_memory_plan.py", "tests/test_split_layout.py"],
     "neox_jax/checkpoints/deepspeed.py": ["tests/test_deepspeed.py", "tests/test_split_layout.py",
                                           "tests/test_unsafe_pickles.py"],
+    "neox_jax/checkpoints/safe_unpickle.py": ["tests/test_unsafe_pickles.py", "tests/test_deepspeed.py"],
+    "neox_jax/params.py": ["tests/test_params.py", "tests/test_split_layout.py"],
     "parity/model.py": ["tests/test_parity_model.py"],
 }
 
