@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from neox_jax.decode import GenerationError, left_pad, length_bucket
+from neox_jax.decode import Generation, GenerationError, left_pad, length_bucket
 from neox_jax.model import KVCache
+from neox_jax.sampling import Sampling, row_salt, select_token
 
 from conftest import peaked_model
 from test_decode import PROMPTS, CountingCalls
@@ -128,3 +129,30 @@ def test_one_new_token_is_the_prefill_alone(model):
     one = model.decoder.generate(PROMPTS, 1, stop_token=None)
     assert one.tokens == [tokens[:1] for tokens in model.generate(PROMPTS, 4, stop_token=None)]
     assert one.decode_steps == 0
+
+
+def test_every_step_is_counted_across_chunks(model):
+    timing = Generation()
+    chunks = list(model.decoder.stream(PROMPTS, 12, stop_token=None, chunk=4, timing=timing))
+    assert [c.shape[1] for c in chunks] == [1, 4, 4, 3]
+    assert timing.decode_steps == 11
+
+
+def test_padding_rows_and_rows_stopped_by_the_prefill_need_no_steps(model):
+    """Three prompts pad the batch to four rows; when every prompt's first token is its stop token, nothing
+    is left to decode."""
+    prompts = [PROMPTS[0]] * 3
+    first = model.generate(prompts[:1], 1, stop_token=None)[0][0]
+    stopped = model.decoder.generate(prompts, 8, stop_token=first)
+    assert stopped.tokens == [[], [], []] and stopped.decode_steps == 0
+
+
+def test_each_sampled_token_is_drawn_with_its_own_step_and_the_prompts_salt(model):
+    """Token k is what `select_token` draws from the full forward's logits at step k with the row's salt: the
+    documented key schedule, and no step's key reused or skipped."""
+    prompt, sampling = PROMPTS[0], Sampling.create(temperature=1.0, seed=3)
+    tokens = model.decoder.generate([prompt], 8, sampling, stop_token=None).tokens[0]
+    salt = jnp.array([row_salt(prompt)], jnp.uint32)
+    for k in range(8):
+        logits = jnp.asarray(model.logits([prompt + tokens[:k]])[:, -1])
+        assert int(select_token(logits, sampling, jnp.int32(k), salt)[0]) == tokens[k], k
