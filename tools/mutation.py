@@ -52,10 +52,10 @@ def prepare(module: str) -> Path:
     # A mutant's time limit is 15x its tests' own time plus this constant, which must cover the fork, test
     # collection and compilation that the tests' recorded durations leave out, on a loaded 2-core machine.
     settings.update(only_mutate=[module], pytest_add_cli_args_test_selection=FOCUSED_TESTS[module],
-                    timeout_constant=120)
+                    timeout_constant=120, also_copy=["docs/"])  # a test runs the docs' examples
     work = work_dir(module)
     work.mkdir(parents=True, exist_ok=True)
-    for name in ("neox_jax", "parity", "tests"):
+    for name in ("neox_jax", "parity", "tests", "docs"):
         link = work / name
         if not link.is_symlink():
             link.symlink_to(REPO / name)
