@@ -161,3 +161,10 @@ def test_compiled_programs_are_kept_per_input_sharding():
     for array in (one, split, one, split):
         np.testing.assert_array_equal(np.asarray(double(array)), 2 * x)
     assert double.compiles == 2
+
+
+def test_a_mesh_is_made_of_the_devices_given():
+    devices = jax.devices()[4:8]
+    mesh = make_mesh(2, 2, devices)
+    assert mesh.devices.tolist() == [[devices[0], devices[1]], [devices[2], devices[3]]]
+    assert mesh.shape == {"data": 2, "model": 2}

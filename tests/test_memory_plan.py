@@ -97,3 +97,9 @@ def test_a_cache_too_large_names_the_sequences_and_tokens_that_would_fit():
     message = refusal(MemoryPlan(100, 80, 150))
     assert message.endswith("at most 5 sequences of 10 tokens would fit, or 8 sequences of 6 tokens, "
                             "or use more devices")
+
+
+def test_the_plan_describes_itself_in_gib():
+    assert MemoryPlan(3 * GIB, GIB, 8 * GIB, host=True).describe() == (
+        "per device: weights 3.00 GiB + KV cache 1.00 GiB = 4.00 GiB; available 8.00 GiB on the host")
+    assert MemoryPlan(GIB // 2, 0, None).describe().endswith("= 0.50 GiB; available unknown GiB")
