@@ -346,3 +346,33 @@ def test_a_missing_embedding_is_named(tmp_path):
     with pytest.raises(CheckpointError, match=r"layer_00-model_00-model_states\.pt: missing tensor "
                                               r"'word_embeddings\.weight'$"):
         DeepSpeedCheckpoint(tmp_path)
+
+
+@pytest.mark.parametrize("ranks, parallel, rule, reason", [
+    (2, True, "sum", "the model uses the parallel (GPT-J) residual: each rank adds its own row-parallel bias "
+                     "before the all-reduce"),
+    (2, False, "copy", "sequential residual: the bias is added once after the all-reduce"),
+    (1, True, "single", "one tensor-parallel rank: nothing to merge"),
+])
+def test_the_merge_report_says_which_bias_rule_and_why(tmp_path, ranks, parallel, rule, reason):
+    synthetic.write_deepspeed_checkpoint(tmp_path, tiny_config(parallel_residual=parallel), ranks=ranks)
+    report = DeepSpeedCheckpoint(tmp_path).report
+    assert (report.ranks, report.row_bias_rule, report.row_bias_reason) == (ranks, rule, reason)
+
+
+def test_an_integer_inv_freq_is_a_mismatch_not_a_crash(tmp_path):
+    synthetic.write_deepspeed_checkpoint(tmp_path, tiny_config(), ranks=1)
+    file = tmp_path / "layer_02-model_00-model_states.pt"
+    state = torch.load(file, weights_only=True)
+    state["attention.rotary_emb.inv_freq"] = torch.ones_like(state["attention.rotary_emb.inv_freq"], dtype=torch.int64)
+    torch.save(state, file)
+    with pytest.raises(CheckpointError, match=r"layer_02-model_00.*inv_freq does not match"):
+        merged(DeepSpeedCheckpoint(tmp_path))
+
+
+def test_a_value_that_is_not_a_tensor_is_named_with_its_type(tmp_path):
+    synthetic.write_deepspeed_checkpoint(tmp_path, tiny_config(), ranks=1)
+    torch.save({"word_embeddings.weight": "weights"}, tmp_path / "layer_00-model_00-model_states.pt")
+    with pytest.raises(CheckpointError, match=r"layer_00-model_00-model_states\.pt: 'word_embeddings\.weight' is a "
+                                              r"str, not a tensor$"):
+        DeepSpeedCheckpoint(tmp_path)
