@@ -376,3 +376,12 @@ def test_a_value_that_is_not_a_tensor_is_named_with_its_type(tmp_path):
     with pytest.raises(CheckpointError, match=r"layer_00-model_00-model_states\.pt: 'word_embeddings\.weight' is a "
                                               r"str, not a tensor$"):
         DeepSpeedCheckpoint(tmp_path)
+
+
+def test_the_expected_inv_freq_is_gpt_neoxs():
+    """Written out by hand (the synthetic writer stores what the reader expects, so it cannot be the check):
+    rotary_dim 8 of a 32-wide head at rotary_pct 0.25, base 10000: 10000 ** -(0, 2, 4, 6) / 8."""
+    from neox_jax.checkpoints.deepspeed import rotary_inv_freq
+
+    got = rotary_inv_freq(tiny_config(num_heads=2, rotary_pct=0.25)).numpy()
+    np.testing.assert_allclose(got, [1.0, 0.1, 0.01, 0.001], rtol=1e-6)
