@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The project's GPU checks, prepared for a session that is lent a GPU machine (see README, "GPU status").
+# The project's GPU checks, prepared for a session that is lent a GPU machine (see docs/gpu.md).
 # The device image already has jax (CUDA), torch (CUDA), flax, transformers, tokenizers and pytest, so this
 # runs from the working tree without installing. Two stages, each one `run` call well inside 10 minutes:
 #   bash bench/gpu_session.sh checks   # test suite on CUDA, 20B compile time, fp16 parity (~4-5 min)

@@ -7,7 +7,7 @@ to name heads, so loading never transposes.
 Layers are separate arrays run by a Python loop rather than stacked and scanned: decoding reads every
 weight once per token, and under a scan XLA copies each layer's slice of the stacked weights (and of the
 cache) before using it, which doubled the bytes moved per step (Pythia-70M batch-1 decode on CPU: 10.5 ms
-scanned, 7.3 ms unrolled; see the README). Compile time grows with depth instead: 10 s for GPT-NeoX-20B's
+scanned, 7.3 ms unrolled; see docs/design.md). Compile time grows with depth instead: 10 s for GPT-NeoX-20B's
 prefill and decode programs on CPU (`python -m bench.compile`).
 
 Axis names in shape comments and einsums: B batch, T query tokens, S key slots, D hidden,
@@ -134,6 +134,8 @@ def declared_param(module: nn.Module, name: str, config: NeoXConfig, dtype) -> j
     return module.param(name, _INIT[spec.kind], spec.shape(config), dtype)
 
 
+# The modules declare their parameters in `setup` and compute in plain `__call__` methods (no `nn.compact`),
+# so that the mutation-testing tool, which leaves decorated functions alone, mutates the model's arithmetic.
 class LayerNorm(nn.Module):
     config: NeoXConfig
     dtype: Any
@@ -150,8 +152,6 @@ class LayerNorm(nn.Module):
         return (y * self.weight.astype(F32) + self.bias.astype(F32)).astype(self.dtype)
 
 
-# The modules declare their parameters in `setup` and compute in plain `__call__` methods (no `nn.compact`),
-# so that the mutation-testing tool, which leaves decorated functions alone, mutates the model's arithmetic.
 class Attention(nn.Module):
     config: NeoXConfig
     dtype: Any
