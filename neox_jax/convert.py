@@ -151,7 +151,7 @@ def _write(ckpt: DeepSpeedCheckpoint, tmp: Path, target: np.dtype | None, shard_
         bar.update(1)
 
     def stream():
-        for name, array in ckpt.tensors(on_file=on_file):
+        for name, array in ckpt.tensors(on_file=on_file, dtype=target):
             if target is not None and array.dtype != target:
                 with np.errstate(over="ignore"):  # reported below, by name
                     array = array.astype(target)

@@ -29,6 +29,19 @@ Numerics (the one place they are decided):
   of 0.5, above 1024 to a whole radian). The model learned with those angles; Hugging Face computes them
   in fp32 (`rotary_dtype=float32`). bf16 angles would be 8x coarser than anything the model saw, so bf16
   runs keep fp32 tables.
+- Exact tensor-parallel mode (`tp_ranks`; see below): each rank's row-parallel output is rounded to `dtype`
+  as that rank's matmul output was and its own bias is added in `dtype`; the all-reduce sums the ranks'
+  partials in fp32 and rounds once. For two ranks (GPT-NeoX-20B) that is fp16 addition exactly; NCCL's
+  ring sum over more ranks rounds after each addition, which can differ in the last bit.
+
+Exact tensor-parallel mode (`tp_ranks=R`): the model computes as GPT-NeoX's R-way tensor-parallel training
+code did, from params that keep each rank's LayerNorm copies and row-parallel biases on a leading rank
+axis (`params.ParamSpec.per_rank`). The residual stream is held per rank, [R, B, T, D] (einsum letter R);
+each rank normalises it with its own LayerNorm copies and computes its own block of heads, MLP columns and
+vocabulary from that; each rank's row-parallel partial output plus its own bias is summed over the ranks
+(`all_reduce`) where Megatron all-reduced: after both branches under the parallel residual, inside each
+row-parallel layer (bias after the sum) under the sequential one. Merged mode is the same code with no
+rank axis. On a mesh the rank axis lies on the `model` axis, so each device holds and runs its own ranks.
 """
 
 from __future__ import annotations
@@ -83,6 +96,34 @@ def matmul(spec: str, x, w, dtype):
     return jnp.einsum(spec, x, w, preferred_element_type=F32, precision=_precision(dtype)).astype(dtype)
 
 
+def rank_axis(tp_ranks: int | None) -> tuple[str, tuple[int, ...]]:
+    """The exact mode's rank axis as an einsum letter and reshape dims: ("R", (R,)); merged ("", ())."""
+    return ("R", (tp_ranks,)) if tp_ranks else ("", ())
+
+
+def per_rank(p, ndim: int):
+    """A parameter meeting activations of `ndim` dims: [X] as it is; the exact mode's [R, X] as [R, 1.., X],
+    so that each rank's copy meets its own rank's activations [R, B, T, X]."""
+    return p if p.ndim == 1 else p.reshape(p.shape[0], *(1,) * (ndim - 2), p.shape[-1])
+
+
+def all_reduce(partials, tp_ranks: int | None):
+    """The ranks' partial outputs [R, B, T, D] -> their sum on every rank (fp32, rounded once); merged: as is."""
+    if not tp_ranks:
+        return partials
+    return jnp.broadcast_to(partials.astype(F32).sum(0).astype(partials.dtype), partials.shape)
+
+
+def row_parallel_output(partial, bias, config: NeoXConfig, tp_ranks: int | None):
+    """A row-parallel matmul's output plus its bias. Exact mode: each rank's partial [R, B, T, D] and own bias
+    [R, D]; under the parallel residual left unreduced (the layer all-reduces both branches at once, as
+    GPT-NeoX did), under the sequential one all-reduced before the bias is added (Megatron's
+    RowParallelLinear with skip_bias_add, the bias added after)."""
+    if tp_ranks and not config.parallel_residual:
+        partial = all_reduce(partial, tp_ranks)
+    return partial + per_rank(bias, partial.ndim)
+
+
 def default_rotary_dtype(dtype):
     """The rotary tables' dtype for a model in `dtype`: the same, except fp32 for bf16 (see the numerics above)."""
     return jnp.dtype(jnp.float32 if jnp.dtype(dtype) == jnp.bfloat16 else dtype)
@@ -131,7 +172,7 @@ _INIT = {Kind.MATMUL: nn.initializers.normal(0.02), Kind.EMBEDDING: nn.initializ
 def declared_param(module: nn.Module, name: str, config: NeoXConfig, dtype) -> jax.Array:
     """`module.param(name)` with the shape its declaration in `neox_jax.params` gives, found by its path."""
     spec = spec_at((*module.path, name))
-    return module.param(name, _INIT[spec.kind], spec.shape(config), dtype)
+    return module.param(name, _INIT[spec.kind], spec.shape(config, module.tp_ranks), dtype)
 
 
 # The modules declare their parameters in `setup` and compute in plain `__call__` methods (no `nn.compact`),
@@ -139,22 +180,25 @@ def declared_param(module: nn.Module, name: str, config: NeoXConfig, dtype) -> j
 class LayerNorm(nn.Module):
     config: NeoXConfig
     dtype: Any
+    tp_ranks: int | None = None  # the exact tensor-parallel mode's rank count (None: merged)
 
     def setup(self):
-        self.weight = declared_param(self, "weight", self.config, self.dtype)  # [D]
-        self.bias = declared_param(self, "bias", self.config, self.dtype)  # [D]
+        self.weight = declared_param(self, "weight", self.config, self.dtype)  # [D] (exact mode [R, D])
+        self.bias = declared_param(self, "bias", self.config, self.dtype)  # [D] (exact mode [R, D])
 
-    def __call__(self, x):  # [..., D] -> [..., D]
+    def __call__(self, x):  # [..., D] -> [..., D]; exact mode [R, B, T, D], each rank with its own copy
         x = x.astype(F32)
         mean = x.mean(-1, keepdims=True)
         var = jnp.square(x - mean).mean(-1, keepdims=True)
         y = (x - mean) * jax.lax.rsqrt(var + self.config.layer_norm_eps)
-        return (y * self.weight.astype(F32) + self.bias.astype(F32)).astype(self.dtype)
+        weight, bias = (per_rank(p, y.ndim).astype(F32) for p in (self.weight, self.bias))
+        return (y * weight + bias).astype(self.dtype)
 
 
 class Attention(nn.Module):
     config: NeoXConfig
     dtype: Any
+    tp_ranks: int | None = None
 
     def setup(self):
         # [N, 3, H, D], [N, 3, H], [D, N, H], [D]
@@ -164,6 +208,7 @@ class Attention(nn.Module):
 
     def __call__(self, x, positions, rotary, cache_kv, cache_positions, write_index):
         """x [B, T, D], positions [B, T], rotary (cos, sin) [B, T, rotary_dim // 2] -> [B, T, D], cache_kv.
+        Exact mode: x [R, B, T, D] -> each rank's output [R, B, T, D] (see `row_parallel_output`).
 
         The tokens attend causally to each other and, with `cache_kv` (this layer's keys and values,
         [B, N, S, H] each, holding `cache_positions` [B, S]), to the cached slots; their keys and values
@@ -176,8 +221,10 @@ class Attention(nn.Module):
         # contiguous, so the reshapes are free); head axes are named on the small activations instead.
         # Contracting over a 4-D weight made XLA transpose the weight every step (measured: 1.6 of 11 ms
         # per Pythia-70M decode step on CPU).
-        b, t = x.shape[:2]
-        qkv = matmul("BTD,ED->BTE", x, self.qkv_w.reshape(3 * d, d), self.dtype).reshape(b, t, n, 3, h)
+        # Exact mode: rank r's block of heads from its own LayerNorm output; ranks hold consecutive heads,
+        # so [.., R, E/R] is [.., N, 3, H].
+        (r, ranks), (b, t) = rank_axis(self.tp_ranks), x.shape[-3:-1]
+        qkv = matmul(f"{r}BTD,{r}ED->BT{r}E", x, self.qkv_w.reshape(*ranks, -1, d), self.dtype).reshape(b, t, n, 3, h)
         qkv = qkv.transpose(0, 2, 3, 1, 4) + self.qkv_b[:, :, None]  # [B, N, 3, T, H]
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, T, H] each
         q = apply_rotary(q, *rotary, c.rotary_dim)
@@ -207,9 +254,9 @@ class Attention(nn.Module):
             after_reads = 0 * attended[:, :, :1, :1]
             cache_kv = tuple(jax.lax.dynamic_update_slice(slots, new + after_reads, (0, 0, write_index, 0))
                              for slots, new in zip(cache_kv, (k, v)))
-        attended = attended.transpose(0, 2, 1, 3).reshape(b, t, d)  # [B, T, (N, H)]
-        out = matmul("BTE,DE->BTD", attended, self.out_w.reshape(d, d), self.dtype) + self.out_b
-        return out, cache_kv
+        attended = attended.transpose(0, 2, 1, 3).reshape(b, t, *ranks, -1)  # [B, T, (N, H)]; exact [B, T, R, E/R]
+        out = matmul(f"BT{r}E,D{r}E->{r}BTD", attended, self.out_w.reshape(d, *ranks, -1), self.dtype)
+        return row_parallel_output(out, self.out_b, c, self.tp_ranks), cache_kv
 
     def scores(self, q, keys, positions, key_positions):
         """fp32 q.k / sqrt(H), [B, N, T, S]; a key is visible from its own position on, padding (-1) never."""
@@ -222,6 +269,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     config: NeoXConfig
     dtype: Any
+    tp_ranks: int | None = None
 
     def setup(self):
         # [F, D], [F], [D, F], [D]
@@ -229,28 +277,33 @@ class MLP(nn.Module):
         self.up_w, self.up_b, self.down_w, self.down_b = (declared_param(self, name, self.config, self.dtype)
                                                           for name in names)
 
-    def __call__(self, x):  # [B, T, D] -> [B, T, D]
-        up = jnp.einsum("BTD,FD->BTF", x, self.up_w, preferred_element_type=F32, precision=_precision(self.dtype))
-        hidden = gelu(up + self.up_b.astype(F32), self.config.activation).astype(self.dtype)  # [B, T, F]
-        return matmul("BTF,DF->BTD", hidden, self.down_w, self.dtype) + self.down_b
+    def __call__(self, x):  # [B, T, D] -> [B, T, D]; exact mode [R, B, T, D], each rank its F/R columns
+        (r, ranks), d = rank_axis(self.tp_ranks), self.config.hidden_size
+        up = jnp.einsum(f"{r}BTD,{r}FD->{r}BTF", x, self.up_w.reshape(*ranks, -1, d), preferred_element_type=F32,
+                        precision=_precision(self.dtype))
+        up_b = per_rank(self.up_b.reshape(*ranks, -1), up.ndim).astype(F32)
+        hidden = gelu(up + up_b, self.config.activation).astype(self.dtype)  # [B, T, F]
+        out = matmul(f"{r}BTF,D{r}F->{r}BTD", hidden, self.down_w.reshape(d, *ranks, -1), self.dtype)
+        return row_parallel_output(out, self.down_b, self.config, self.tp_ranks)
 
 
 class Layer(nn.Module):
     config: NeoXConfig
     dtype: Any
+    tp_ranks: int | None = None
 
     def setup(self):
-        c = self.config
-        self.input_layernorm = LayerNorm(c, self.dtype)
-        self.post_attention_layernorm = LayerNorm(c, self.dtype)
-        self.attention = Attention(c, self.dtype)
-        self.mlp = MLP(c, self.dtype)
+        c, ranks = self.config, self.tp_ranks
+        self.input_layernorm = LayerNorm(c, self.dtype, ranks)
+        self.post_attention_layernorm = LayerNorm(c, self.dtype, ranks)
+        self.attention = Attention(c, self.dtype, ranks)
+        self.mlp = MLP(c, self.dtype, ranks)
 
     def __call__(self, x, positions, rotary, cache_kv, cache_positions, write_index):  # [B, T, D] -> same, cache_kv
         attn_out, cache_kv = self.attention(self.input_layernorm(x), positions, rotary, cache_kv, cache_positions,
                                             write_index)
-        if self.config.parallel_residual:  # GPT-NeoX sums both branches before adding the residual
-            x = x + (attn_out + self.mlp(self.post_attention_layernorm(x)))
+        if self.config.parallel_residual:  # GPT-NeoX sums both branches (and all-reduces them) before the residual
+            x = x + all_reduce(attn_out + self.mlp(self.post_attention_layernorm(x)), self.tp_ranks)
         else:
             x = x + attn_out
             x = x + self.mlp(self.post_attention_layernorm(x))
@@ -268,6 +321,7 @@ class NeoX(nn.Module):
     config: NeoXConfig
     dtype: Any = jnp.float32
     rotary_dtype: Any = None  # None: default_rotary_dtype(dtype)
+    tp_ranks: int | None = None  # the exact tensor-parallel mode over this many ranks (None: merged)
 
     @property
     def rotary_table_dtype(self) -> jnp.dtype:
@@ -276,8 +330,8 @@ class NeoX(nn.Module):
     def setup(self):
         c = self.config
         self.embed_in = declared_param(self, "embed_in", c, self.dtype)  # [V, D]
-        self.layers = [Layer(c, self.dtype) for _ in range(c.num_layers)]
-        self.final_layer_norm = LayerNorm(c, self.dtype)
+        self.layers = [Layer(c, self.dtype, self.tp_ranks) for _ in range(c.num_layers)]
+        self.final_layer_norm = LayerNorm(c, self.dtype, self.tp_ranks)
         if not c.tie_word_embeddings:
             self.embed_out = declared_param(self, "embed_out", c, self.dtype)  # [V, D]
 
@@ -293,23 +347,28 @@ class NeoX(nn.Module):
         # Looked up once for every layer: [B, T, rotary_dim // 2] each.
         rotary = rotary_cos_sin(positions, *rotary_tables(c.max_position_embeddings, c.rotary_dim, c.rotary_base,
                                                           self.rotary_table_dtype))
+        (r, ranks), first_rank = rank_axis(self.tp_ranks), (lambda x: x[0]) if self.tp_ranks else (lambda x: x)
+        # The vocab-parallel lookup's all-reduce adds zeros to the one rank holding each row: exact.
         x = self.embed_in[tokens]  # [B, T, D]
+        x = jnp.broadcast_to(x, (*ranks, *x.shape))  # exact mode: each rank's stream, [R, B, T, D]
 
         cache_positions, write_index = (None, None) if cache is None else (cache.positions, cache.length)
         layer_caches = [None] * len(self.layers) if cache is None else list(zip(cache.k, cache.v))
-        hidden = [x]
+        hidden = [first_rank(x)]  # exact mode: rank 0's stream (the same on every rank under the parallel residual)
         for i, (layer, layer_cache) in enumerate(zip(self.layers, layer_caches)):
             x, layer_caches[i] = layer(x, positions, rotary, layer_cache, cache_positions, write_index)
-            hidden.append(x)
+            hidden.append(first_rank(x))
         if cache is not None:
             k, v = zip(*layer_caches)
             filled = jax.lax.dynamic_update_slice(cache.positions, positions, (0, write_index))
             cache = KVCache(k=k, v=v, positions=filled, length=write_index + tokens.shape[1])
 
         if last_token_only:
-            x = x[:, -1:]
+            x = x[..., -1:, :]
         x = self.final_layer_norm(x)
-        head = self.embed_in if c.tie_word_embeddings else self.embed_out
-        logits = jnp.einsum("BTD,VD->BTV", x, head, preferred_element_type=F32,
+        # Exact mode: each rank's final LayerNorm copy feeds its own block of the vocabulary (vocab-parallel).
+        head = (self.embed_in if c.tie_word_embeddings else self.embed_out).reshape(*ranks, -1, c.hidden_size)
+        logits = jnp.einsum(f"{r}BTD,{r}VD->BT{r}V", x, head, preferred_element_type=F32,
                             precision=_precision(self.dtype))
+        logits = logits.reshape(*logits.shape[:2], -1)  # [B, T, V]
         return NeoXOutput(logits, cache, jnp.stack(hidden) if return_hidden_states else None)

@@ -27,9 +27,12 @@ from .config import NeoXConfig
 LAYER_PREFIX = "gpt_neox.layers"
 MODEL = "model"  # the mesh axis tensor parallelism splits over (sharding.py builds the mesh)
 
+RANK = "rank"  # the leading axis of per-rank copies in the exact tensor-parallel mode (`ParamSpec.per_rank`)
+
 # Logical axis -> mesh axis (maxtext's "logical axis rules"); an axis not listed is replicated.
-# Heads, MLP columns and vocabulary rows split over the model axis: Megatron's tensor parallelism.
-LOGICAL_AXIS_RULES = {"heads": MODEL, "mlp": MODEL, "vocab": MODEL}
+# Heads, MLP columns and vocabulary rows split over the model axis: Megatron's tensor parallelism. The rank
+# axis goes there too, so that a device holds the copies of the ranks whose heads and columns it holds.
+LOGICAL_AXIS_RULES = {"heads": MODEL, "mlp": MODEL, "vocab": MODEL, RANK: MODEL}
 
 
 # The config field giving each logical axis its size; "qkv" is the (q, k, v) triple of the fused projection.
@@ -37,7 +40,9 @@ AXIS_FIELDS = {"heads": "num_heads", "vocab": "vocab_size", "mlp": "intermediate
                "head_dim": "head_dim"}
 
 
-def axis_size(config: NeoXConfig, axis: str) -> int:
+def axis_size(config: NeoXConfig, axis: str, tp_ranks: int | None = None) -> int:
+    if axis == RANK:
+        return tp_ranks
     return 3 if axis == "qkv" else getattr(config, AXIS_FIELDS[axis])
 
 
@@ -80,13 +85,26 @@ class ParamSpec:
         return self.path if self.layer is None else (f"layers_{self.layer}", *self.path)
 
     @property
-    def axes(self) -> tuple[str, ...]:
-        """Logical axes of the params-tree array."""
-        return tuple(axis for group in self.dims for axis in group)
+    def per_rank(self) -> bool:
+        """Whether each rank stores a whole tensor of its own: a LayerNorm copy, or its row-parallel bias. The
+        merged params hold one (averaged, summed or checked); the exact tensor-parallel mode keeps all of
+        them, stacked on a leading `RANK` axis. Column- and row-parallel tensors are blocks of one whole and
+        are held concatenated in both modes (a rank's block is a slice of the heads, columns or rows)."""
+        return self.split in (Split.REPLICATED, Split.ROW_BIAS)
 
-    def shape(self, config: NeoXConfig) -> tuple[int, ...]:
-        """Shape in the params tree."""
-        return tuple(axis_size(config, axis) for axis in self.axes)
+    def tree_axes(self, tp_ranks: int | None = None) -> tuple[str, ...]:
+        """Logical axes of the params-tree array; `tp_ranks`: the exact mode over that many ranks (None: merged)."""
+        axes = tuple(axis for group in self.dims for axis in group)
+        return (RANK, *axes) if tp_ranks and self.per_rank else axes
+
+    @property
+    def axes(self) -> tuple[str, ...]:
+        """Logical axes of the merged params-tree array."""
+        return self.tree_axes()
+
+    def shape(self, config: NeoXConfig, tp_ranks: int | None = None) -> tuple[int, ...]:
+        """Shape in the params tree (merged, or the exact mode over `tp_ranks` ranks)."""
+        return tuple(axis_size(config, axis, tp_ranks) for axis in self.tree_axes(tp_ranks))
 
     def stored_shape(self, config: NeoXConfig) -> tuple[int, ...]:
         """Shape in checkpoints (HF and merged DeepSpeed), `[out, in]` for a weight."""
@@ -97,9 +115,9 @@ class ParamSpec:
         dim = SPLIT_DIM.get(self.split)
         return tuple(n // ranks if i == dim else n for i, n in enumerate(self.stored_shape(config)))
 
-    def mesh_axes(self) -> tuple[str | None, ...]:
+    def mesh_axes(self, tp_ranks: int | None = None) -> tuple[str | None, ...]:
         """The mesh axis each params-tree axis is split over (None: replicated), a PartitionSpec's entries."""
-        return tuple(LOGICAL_AXIS_RULES.get(axis) for axis in self.axes)
+        return tuple(LOGICAL_AXIS_RULES.get(axis) for axis in self.tree_axes(tp_ranks))
 
 
 def _layer(name: str, dims, split: Split, kind: Kind) -> ParamSpec:

@@ -72,24 +72,29 @@ def make_mesh(model: int = 1, data: int = 1, devices=None) -> Mesh:
     return Mesh(np.array(devices[:model * data]).reshape(data, model), (DATA, MODEL))
 
 
-def check_model_axis_divides(config: NeoXConfig, mesh: Mesh) -> None:
-    """Refuse a mesh whose model axis does not divide the sizes the partition specs split over it."""
+def check_model_axis_divides(config: NeoXConfig, mesh: Mesh, tp_ranks: int | None = None) -> None:
+    """Refuse a mesh whose model axis does not divide the sizes the partition specs split over it (in the
+    exact tensor-parallel mode also the rank count: each device holds whole ranks)."""
     model = mesh.shape[MODEL]
+    if tp_ranks and tp_ranks % model:
+        raise ShardingError(f"the exact tensor-parallel mode keeps the checkpoint's {tp_ranks} ranks, which do not "
+                            f"split over the mesh's model axis ({model}): choose a model size that divides "
+                            f"{tp_ranks}")
     for what, size in split_sizes(config).items():
         if size % model:
             raise ShardingError(f"{what} {size} is not divisible by the mesh's model axis ({model}): "
                                 f"choose a model size that divides it")
 
 
-def param_spec(path: tuple[str, ...]) -> P:
+def param_spec(path: tuple[str, ...], tp_ranks: int | None = None) -> P:
     """The partition spec of the params leaf at `path`, from its logical axes (`params.LOGICAL_AXIS_RULES`)."""
-    return P(*spec_at(path).mesh_axes())
+    return P(*spec_at(path).mesh_axes(tp_ranks))
 
 
-def param_shardings(abstract_params: dict, mesh: Mesh) -> dict:
-    """A NamedSharding for every leaf of the params pytree."""
+def param_shardings(abstract_params: dict, mesh: Mesh, tp_ranks: int | None = None) -> dict:
+    """A NamedSharding for every leaf of the params pytree (`tp_ranks`: of the exact mode's tree)."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: NamedSharding(mesh, param_spec(tuple(k.key for k in path))), abstract_params)
+        lambda path, _: NamedSharding(mesh, param_spec(tuple(k.key for k in path), tp_ranks)), abstract_params)
 
 
 def shard_bytes(shape, dtype, spec: P, mesh: Mesh) -> int:
@@ -142,9 +147,12 @@ def host_memory() -> int | None:
     return available
 
 
-def plan_memory(config: NeoXConfig, dtype, mesh: Mesh, batch: int = 0, context: int = 0) -> MemoryPlan:
-    """Bytes each device needs for the weights and a KV cache of `batch` sequences of `context` tokens."""
-    weights = sum(shard_bytes(spec.shape(config), dtype, P(*spec.mesh_axes()), mesh) for spec in model_params(config))
+def plan_memory(config: NeoXConfig, dtype, mesh: Mesh, batch: int = 0, context: int = 0,
+                tp_ranks: int | None = None) -> MemoryPlan:
+    """Bytes each device needs for the weights and a KV cache of `batch` sequences of `context` tokens
+    (`tp_ranks`: the weights of the exact tensor-parallel mode)."""
+    weights = sum(shard_bytes(spec.shape(config, tp_ranks), dtype, P(*spec.mesh_axes(tp_ranks)), mesh)
+                  for spec in model_params(config))
     layer_cache = (batch, config.num_heads, context, config.head_dim)
     cache = 2 * config.num_layers * shard_bytes(layer_cache, dtype, CACHE_SPEC, mesh)
     local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]

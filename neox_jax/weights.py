@@ -20,24 +20,33 @@ from .params import model_params
 from .sharding import check_model_axis_divides, make_mesh, param_shardings, put
 
 
-def abstract_params(config: NeoXConfig, dtype) -> dict:
-    """Shapes and dtypes of the params pytree (jax.ShapeDtypeStruct leaves), without allocating it."""
+def abstract_params(config: NeoXConfig, dtype, tp_ranks: int | None = None) -> dict:
+    """Shapes and dtypes of the params pytree (jax.ShapeDtypeStruct leaves), without allocating it;
+    `tp_ranks`: the exact tensor-parallel mode's tree over that many ranks (None: merged)."""
     tree: dict = {}
     for spec in model_params(config):
         node = tree
         for key in spec.tree_path[:-1]:
             node = node.setdefault(key, {})
-        node[spec.tree_path[-1]] = jax.ShapeDtypeStruct(spec.shape(config), jnp.dtype(dtype))
+        node[spec.tree_path[-1]] = jax.ShapeDtypeStruct(spec.shape(config, tp_ranks), jnp.dtype(dtype))
     return tree
 
 
+def tp_ranks_of(params: dict) -> int | None:
+    """The rank count of an exact tensor-parallel params tree (its LayerNorms have a leading rank axis);
+    None for merged params. The tree is the model: reading it here keeps module and params in step."""
+    norm = params["final_layer_norm"]["weight"]
+    return norm.shape[0] if norm.ndim == 2 else None
+
+
 def build_params(config: NeoXConfig, tensors: Iterable[tuple[str, np.ndarray]], dtype, mesh: Mesh | None = None,
-                 *, progress: bool = True, description: str = "loading") -> dict:
+                 *, progress: bool = True, description: str = "loading", tp_ranks: int | None = None) -> dict:
     """Consume a canonical stream into a params pytree of `dtype`, each tensor placed in its shards on `mesh`
-    (default: one device)."""
+    (default: one device). `tp_ranks`: the stream is `DeepSpeedCheckpoint.per_rank_tensors` of that many
+    ranks, for the exact tensor-parallel mode (per-rank tensors `[ranks, ...]`)."""
     mesh = mesh or make_mesh(1, 1)
-    check_model_axis_divides(config, mesh)
-    shardings = param_shardings(abstract_params(config, dtype), mesh)
+    check_model_axis_divides(config, mesh, tp_ranks)
+    shardings = param_shardings(abstract_params(config, dtype, tp_ranks), mesh, tp_ranks)
     specs = {spec.hf_name: spec for spec in model_params(config)}
     params: dict = {}
     remaining = set(specs)
@@ -53,7 +62,7 @@ def build_params(config: NeoXConfig, tensors: Iterable[tuple[str, np.ndarray]], 
             remaining.discard(name)
             with np.errstate(over="ignore"):  # an overflow is reported below, by name
                 # The params layout names the head axes of the stored tensor: a reshape, never a transpose.
-                value = np.asarray(array).reshape(spec.shape(config)).astype(np_dtype, copy=False)
+                value = np.asarray(array).reshape(spec.shape(config, tp_ranks)).astype(np_dtype, copy=False)
             if value.dtype.itemsize < array.dtype.itemsize:  # the stored values were checked; a cast can overflow
                 check_finite(name, value, f"{np_dtype.name} cannot hold its values")
             node, sharding = params, shardings

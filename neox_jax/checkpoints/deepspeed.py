@@ -8,7 +8,12 @@ indices as `sequential.{idx}.{key}` under `module` in `mp_rank_{rank:02d}_model_
 Merging: column-parallel tensors concatenate on dim 0, row-parallel weights on dim 1. Row-parallel
 biases are summed under the parallel (GPT-J) residual, where each rank adds its own bias before the
 all-reduce, and are one replicated copy otherwise. LayerNorm copies drift slightly apart between ranks
-in training: they are averaged and the largest difference is reported.
+in training: they are averaged and the largest difference is reported. Sums and averages are computed in
+fp32 and rounded once, to the dtype the consumer asks for (`tensors(dtype=...)`).
+
+Exact tensor-parallel mode (`per_rank_tensors`): nothing is merged; every rank's LayerNorm copies and
+row-parallel biases stream as stored, stacked on a leading rank axis, for a model that computes as the
+ranks did (see `neox_jax.model`). The Hugging Face format has one tensor per name and cannot hold them.
 
 Every `.pt` file is a pickle: it is read with torch's weights-only unpickler (`safe_unpickle`), so nothing
 in it can run. Tensors are memory-mapped and merged one pipeline index at a time. The NeoX YAML is read by
@@ -270,20 +275,42 @@ class DeepSpeedCheckpoint:
             total += sum(int(np.prod(p.shape)) * shards[0][p.key].element_size() for p in layer.params)
         return total
 
-    def tensors(self, on_file: Callable[[Path], None] | None = None) -> Iterator[tuple[str, np.ndarray]]:
-        """The merged canonical stream; `on_file(path)` is called once each input file has been read."""
+    def tensors(self, on_file: Callable[[Path], None] | None = None, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
+        """The merged canonical stream; `on_file(path)` is called once each input file has been read.
+
+        Sums and averages are computed in float32 (float64 shards: float64) and rounded once, to `dtype`
+        (the dtype the consumer will hold; default: the shards' own). Rounding them to fp16 shards' dtype
+        and then casting to float32 would give a float32 model that is not the fp32 merge.
+        """
+        target = None if dtype is None else np.dtype(dtype)
+        return self._stream(on_file, lambda layer, p, arrays: self._merge(layer, p, arrays, target))
+
+    def per_rank_tensors(self, on_file: Callable[[Path], None] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+        """The stream of the exact tensor-parallel mode: every rank's tensors as stored, no arithmetic.
+
+        A per-rank tensor (`ParamSpec.per_rank`: LayerNorm copies, row-parallel biases) comes as the ranks'
+        copies stacked, `[ranks, *stored shape]`; a column- or row-parallel one as its blocks concatenated
+        (the merged tensor, bit for bit). One tensor at a time, as `tensors`.
+        """
+        def keep(layer: PipeLayer, p: Param, arrays: list[np.ndarray]) -> np.ndarray:
+            return np.stack(arrays) if p.spec.per_rank else self._merge(layer, p, arrays, None)
+
+        return self._stream(on_file, keep)
+
+    def _stream(self, on_file: Callable[[Path], None] | None,
+                combine: Callable[[PipeLayer, Param, list[np.ndarray]], np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
         last_use = {self._file(layer.idx, r): layer.idx for layer in self.layers for r in range(self.ranks)}
         for layer in self.layers:
             shards = [self._shard(layer.idx, r) for r in range(self.ranks)]
             self._check_shards(layer, shards)
             if layer.transformer:
                 self._check_inv_freq(layer, shards)
-            # One merged tensor at a time, so that the consumer can write it out before the next is built.
+            # One combined tensor at a time, so that the consumer can write it out before the next is built.
             for p in layer.params:
                 arrays = [torch_to_numpy(s[p.key]) for s in shards]
                 for rank, array in enumerate(arrays):
                     check_finite(p.key, array, self._where(layer.idx, rank))
-                yield p.hf_name, self._merge(layer, p, arrays)
+                yield p.hf_name, combine(layer, p, arrays)
             del shards  # unmaps this index's files (unless a yielded single-rank array still views them)
             for r in range(self.ranks):
                 file = self._file(layer.idx, r)
@@ -331,16 +358,18 @@ class DeepSpeedCheckpoint:
             checked = True
         self.report.inv_freq_checked += checked
 
-    def _merge(self, layer: PipeLayer, p: Param, shards: list[np.ndarray]) -> np.ndarray:
+    def _merge(self, layer: PipeLayer, p: Param, shards: list[np.ndarray], dtype: np.dtype | None) -> np.ndarray:
+        """Concatenations and the checked copy pass as stored; sums and means are rounded once, to `dtype`."""
         if len(shards) == 1:
             return shards[0]
         if p.split is Split.COLUMN:
             return np.concatenate(shards, axis=0)
         if p.split is Split.ROW:
             return np.concatenate(shards, axis=1)
-        stack = np.stack([s.astype(np.float32) for s in shards])
+        stack = np.stack([s.astype(np.promote_types(s.dtype, np.float32)) for s in shards])
+        rounded = dtype or shards[0].dtype
         if p.split is Split.ROW_BIAS and self.report.row_bias_rule == "sum":
-            return stack.sum(axis=0).astype(shards[0].dtype)
+            return stack.sum(axis=0).astype(rounded)
         diff = float(np.max(np.abs(stack - stack[0])))
         if p.split is Split.ROW_BIAS:
             # Replicated copies receive identical updates; a real difference means the residual is misconfigured.
@@ -353,7 +382,7 @@ class DeepSpeedCheckpoint:
             return shards[0]
         if diff > self.report.max_layernorm_diff:
             self.report.max_layernorm_diff, self.report.max_layernorm_diff_at = diff, p.hf_name
-        return stack.mean(axis=0).astype(shards[0].dtype)
+        return stack.mean(axis=0).astype(rounded)
 
 
 def _indices(num_layers: int, tied: bool) -> list[int]:

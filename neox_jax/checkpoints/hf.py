@@ -109,7 +109,8 @@ class HFCheckpoint:
                                       f"point ({', '.join(_FLOAT_DTYPES)})")
         return shapes
 
-    def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+    def tensors(self, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
+        """The stored tensors as stored (`dtype` is unused: nothing here is computed)."""
         order = list(expected_shapes(self.config).items())
         last_use = {self._location[name][0]: i for i, (name, _) in enumerate(order)}
         handles = {}

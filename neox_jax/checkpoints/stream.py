@@ -18,8 +18,11 @@ class Checkpoint(Protocol):
     config: NeoXConfig
     path: Path
 
-    def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
-        """All parameters as `(hf_name, array)`: embedding, then each layer in order, then norm and head."""
+    def tensors(self, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
+        """All parameters as `(hf_name, array)`: embedding, then each layer in order, then norm and head.
+
+        `dtype`: what the consumer will hold. A tensor the reader computes (a merge of tensor-parallel
+        ranks) is rounded once, to it; a stored tensor comes as stored, for the consumer to cast."""
 
 
 def check_shape(name: str, array: np.ndarray, expected: tuple[int, ...], where: str) -> None:
