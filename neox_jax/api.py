@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from .checkpoints import Checkpoint, open_checkpoint
+from .checkpoints import Checkpoint, CheckpointError, open_checkpoint
 from .config import NeoXConfig
 from .decode import Compiled, Decoder, Generation, length_bucket
 from .dtypes import default_dtype, lookup
@@ -20,7 +20,7 @@ from .sampling import Sampling
 from .sharding import default_mesh, plan_memory, require_fit, to_host
 from .streaming import STREAM_CHUNK, TextStream, stream_text
 from .tokenizer import Tokenizer, checkpoint_dirs, find_tokenizer, load_tokenizer
-from .weights import build_params
+from .weights import build_params, tp_ranks_of
 
 
 class _TokenizerEndOfText:
@@ -44,7 +44,9 @@ class NeoXModel:
         self.params = params
         self.tokenizer = tokenizer
         self.dtype = dtype
-        self.module = NeoX(config, lookup(dtype).jax, lookup(rotary_dtype).jax if rotary_dtype else None)
+        self.tp_ranks = tp_ranks_of(params)  # exact tensor-parallel params: the ranks they keep (None: merged)
+        self.module = NeoX(config, lookup(dtype).jax, lookup(rotary_dtype).jax if rotary_dtype else None,
+                           self.tp_ranks)
         self.rotary_dtype = self.module.rotary_table_dtype.name
         self.decoder = Decoder(self.module, params, mesh)
         self.mesh = self.decoder.mesh
@@ -162,7 +164,8 @@ def prompt_batch(prompts) -> tuple[list[str] | list[list[int]], bool]:
 
 def load(path: str | os.PathLike, dtype: str | None = None, rotary_dtype: str | None = None,
          tokenizer: str | os.PathLike | None = None, mesh: Mesh | None = None, progress: bool = True,
-         config: NeoXConfig | str | os.PathLike | None = None, revision: str | None = None) -> NeoXModel:
+         config: NeoXConfig | str | os.PathLike | None = None, revision: str | None = None,
+         tp_exact: bool = False) -> NeoXModel:
     """Load a Hugging Face GPT-NeoX directory, GPT-NeoX DeepSpeed shards (merged while streaming), or a
     model id on the Hugging Face hub (`"EleutherAI/pythia-410m"`, at `revision`: a branch, tag or commit),
     through huggingface_hub's cache (`HF_HOME`; `HF_HUB_OFFLINE=1`: the cache only).
@@ -172,19 +175,42 @@ def load(path: str | os.PathLike, dtype: str | None = None, rotary_dtype: str | 
     params are split over `mesh` (`sharding.make_mesh(model=N, data=M)`); by default one device, or all
     local devices on the model axis when the weights do not fit on one. `config` (a NeoXConfig, e.g.
     `PRESETS["gpt-neox-20b"]`, or a NeoX YAML) describes DeepSpeed shards that carry no `configs/*.yml`.
+
+    `tp_exact`: DeepSpeed shards only. Keep every tensor-parallel rank's LayerNorm copies and row-parallel
+    biases and compute as the ranks did in training (see `neox_jax.model`), instead of merging them into
+    one model; the mesh's model axis must divide the rank count. A 1-rank checkpoint has nothing to merge:
+    its model is the same either way. Raises CheckpointError for a Hugging Face directory or hub id.
     """
-    return load_checkpoint(open_checkpoint(path, config, revision), dtype, rotary_dtype, tokenizer, mesh, progress)
+    checkpoint = open_checkpoint(path, config, revision)
+    return load_checkpoint(checkpoint, dtype, rotary_dtype, tokenizer, mesh, progress, exact_ranks(checkpoint, tp_exact))
+
+
+def exact_ranks(checkpoint: Checkpoint, tp_exact: bool) -> int | None:
+    """The rank count the exact tensor-parallel mode keeps for `checkpoint` (None: merged).
+
+    A 1-rank checkpoint loads merged: with one copy of everything the two modes are one model, and the
+    merged params run the programs every other path uses. Only DeepSpeed shards hold per-rank copies."""
+    if not tp_exact:
+        return None
+    ranks = getattr(checkpoint, "ranks", None)
+    if ranks is None:
+        raise CheckpointError(f"{checkpoint.path}: the exact tensor-parallel mode (--tp-exact) needs GPT-NeoX "
+                              f"DeepSpeed shards; a Hugging Face directory holds one merged copy of each LayerNorm "
+                              f"and row-parallel bias, not each rank's")
+    return ranks if ranks > 1 else None
 
 
 def load_checkpoint(checkpoint: Checkpoint, dtype: str | None = None, rotary_dtype: str | None = None,
                     tokenizer: Tokenizer | str | os.PathLike | None = None, mesh: Mesh | None = None,
-                    progress: bool = True) -> NeoXModel:
+                    progress: bool = True, tp_ranks: int | None = None) -> NeoXModel:
+    """`tp_ranks`: `exact_ranks(checkpoint, True)`, for the exact tensor-parallel mode (None: merged)."""
     dtype = dtype or default_dtype()
     jax_dtype = lookup(dtype).jax
     if not isinstance(tokenizer, Tokenizer):
         tokenizer = find_tokenizer(tokenizer, *checkpoint_dirs(checkpoint))
         tokenizer = None if tokenizer is None else load_tokenizer(tokenizer)
     mesh = mesh or default_mesh(checkpoint.config, jax_dtype)
-    require_fit(plan_memory(checkpoint.config, jax_dtype, mesh), checkpoint.config, mesh, 0, 0)
-    params = build_params(checkpoint.config, checkpoint.tensors(), jax_dtype, mesh, progress=progress)
+    require_fit(plan_memory(checkpoint.config, jax_dtype, mesh, tp_ranks=tp_ranks), checkpoint.config, mesh, 0, 0)
+    tensors = checkpoint.per_rank_tensors() if tp_ranks else checkpoint.tensors(dtype=jax_dtype)
+    params = build_params(checkpoint.config, tensors, jax_dtype, mesh, progress=progress, tp_ranks=tp_ranks)
     return NeoXModel(checkpoint.config, params, dtype, rotary_dtype, tokenizer, mesh)

@@ -55,14 +55,17 @@ def write_hf_checkpoint(path: str | os.PathLike, config: NeoXConfig, tensors: di
 
 def write_deepspeed_checkpoint(path: str | os.PathLike, config: NeoXConfig,
                                tensors: dict[str, np.ndarray] | None = None, *, ranks: int = 2, seed: int = 0,
-                               dtype=np.float16, layernorm_jitter: float = 2e-3, step: int | None = None,
+                               dtype=np.float16, layernorm_jitter: float = 2e-3, row_bias_jitter: float = 0.0,
+                               step: int | None = None,
                                write_config_yaml: bool = True, layout: str = "pipeline") -> Path:
     """GPT-NeoX DeepSpeed shards of `tensors` (default: `random_tensors`) over `ranks` tensor-parallel ranks.
 
     Column-parallel tensors split on dim 0 and row-parallel weights on dim 1; row-parallel biases become
-    random parts that sum to the merged bias under the parallel residual (identical copies otherwise);
-    LayerNorm copies differ per rank by up to `layernorm_jitter` with their average equal to the merged
-    value, as in real multi-rank checkpoints. Each layer also stores `attention.rotary_emb.inv_freq`.
+    random parts that sum to the merged bias under the parallel residual (copies otherwise, differing per
+    rank by `row_bias_jitter` times a standard normal, by default not at all); LayerNorm copies differ per
+    rank by `layernorm_jitter` times a standard normal with their average equal to the merged value, as in
+    real multi-rank checkpoints (a large jitter makes the exact tensor-parallel mode and the merged model
+    tell apart). Each layer also stores `attention.rotary_emb.inv_freq`.
 
     `layout`: "pipeline" (`layer_XX-model_YY-model_states.pt` plus weightless `mp_rank_YY` files) or
     "sequential" (weights under `module` in `mp_rank_YY_model_states.pt`). With `step`, the shards go to
@@ -89,7 +92,7 @@ def write_deepspeed_checkpoint(path: str | os.PathLike, config: NeoXConfig,
         states: list[dict[str, torch.Tensor]] = [{} for _ in range(ranks)]
         for p in layer.params:
             parts = _split(p.split, np.asarray(tensors[p.hf_name], dtype=np.float32), ranks, config, rng,
-                           layernorm_jitter, dtype)
+                           layernorm_jitter, row_bias_jitter, dtype)
             for state, part in zip(states, parts):
                 state[p.key] = to_torch(part)
         if layer.transformer:
@@ -147,17 +150,20 @@ def neox_yaml(config: NeoXConfig, ranks: int = 1, layout: str = "pipeline") -> s
 
 
 def _split(split: Split, merged: np.ndarray, ranks: int, config: NeoXConfig, rng: np.random.Generator,
-           jitter: float, dtype: np.dtype) -> list[np.ndarray]:
+           jitter: float, row_bias_jitter: float, dtype: np.dtype) -> list[np.ndarray]:
     if split is Split.COLUMN:
         return np.split(merged, ranks, axis=0)
     if split is Split.ROW:
         return np.split(merged, ranks, axis=1)
     if ranks == 1:
         return [merged]
-    if split is Split.ROW_BIAS and not config.parallel_residual:
+    copies = split is Split.ROW_BIAS and not config.parallel_residual
+    if copies and not row_bias_jitter:
         return [merged] * ranks
     noise = rng.standard_normal((ranks, *merged.shape)).astype(np.float32)
     noise -= noise.mean(axis=0)
+    if copies:
+        return list(merged + row_bias_jitter * noise)
     if split is Split.REPLICATED:
         return list(merged + jitter * noise)
     # Parallel residual: each rank adds its own bias before the all-reduce. Round the parts to the stored
