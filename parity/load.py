@@ -157,11 +157,14 @@ def _get(states: list[dict], key: str, step_dir: Path, idx: int) -> list[torch.T
     return [sd[key] for sd in states]
 
 
-def _merge(rule: str, parts: list[torch.Tensor], parallel_residual: bool) -> torch.Tensor:
-    """Merge in fp32, then round once to the shards' dtype: the merged checkpoint is defined in its storage
-    precision (as a converted fp16 directory holds it), so an fp32 comparison measures the implementations
-    rather than whether a sum of fp16 biases was kept in fp32."""
-    return _merge_fp32(rule, [p.float() for p in parts], parallel_residual).to(parts[0].dtype)
+def _merge(rule: str, parts: list[torch.Tensor], parallel_residual: bool,
+           stored_as: torch.dtype | None = None) -> torch.Tensor:
+    """Merge in fp32; the copy into the model rounds once to its dtype, so an fp32 reference holds the exact
+    merge (as neox_jax does reading the shards). `stored_as`: round to this dtype first, as a converted
+    directory stores the merge (an fp16 directory holds fp16-rounded sums and means), so that comparing
+    against one measures the implementations, not where the merge was rounded."""
+    merged = _merge_fp32(rule, [p.float() for p in parts], parallel_residual)
+    return merged if stored_as is None else merged.to(stored_as)
 
 
 def _merge_fp32(rule: str, parts: list[torch.Tensor], parallel_residual: bool) -> torch.Tensor:
@@ -273,8 +276,10 @@ def _copy(param: torch.Tensor, value: torch.Tensor, where: str) -> None:
 
 
 def load_deepspeed(path: str | Path, config: NeoXConfig, dtype: torch.dtype = torch.float32,
-                   device="cpu") -> GPTNeoX:
-    """Build the reference from DeepSpeed shards, one pipeline stage in host memory at a time."""
+                   device="cpu", stored_as: torch.dtype | None = None) -> GPTNeoX:
+    """Build the reference from DeepSpeed shards, one pipeline stage in host memory at a time (`stored_as`:
+    see `_merge`)."""
+
     step_dir = find_step_dir(path)
     ranks = num_ranks(step_dir)
     L = config.num_layers
@@ -285,7 +290,8 @@ def load_deepspeed(path: str | Path, config: NeoXConfig, dtype: torch.dtype = to
 
     with torch.no_grad():
         embed = _load_stage(step_dir, 0, ranks)
-        _copy(model.embed_in.weight, _merge("cat0", _get(embed, "word_embeddings.weight", step_dir, 0), False),
+        _copy(model.embed_in.weight, _merge("cat0", _get(embed, "word_embeddings.weight", step_dir, 0), False,
+                                                 stored_as),
               where(0, "word_embeddings.weight"))
         for i in range(L):
             idx = i + 2
@@ -296,19 +302,20 @@ def load_deepspeed(path: str | Path, config: NeoXConfig, dtype: torch.dtype = to
             layer = model.layers[i]
             params = dict(layer.named_parameters())
             for key, rule in LAYER_MERGE.items():
-                merged = _merge(rule, _get(states, key, step_dir, idx), config.parallel_residual)
+                merged = _merge(rule, _get(states, key, step_dir, idx), config.parallel_residual, stored_as)
                 _copy(params[key], merged, where(idx, key))
         norm = _load_stage(step_dir, L + 3, ranks)
         for key in ("weight", "bias"):
             _copy(getattr(model.final_layer_norm, key), _merge("mean", _get(norm, f"norm.{key}", step_dir, L + 3),
-                                                                False), where(L + 3, f"norm.{key}"))
+                                                                False, stored_as), where(L + 3, f"norm.{key}"))
         head = _load_stage(step_dir, L + 4, ranks, required=not config.tie_word_embeddings)
         if config.tie_word_embeddings:
             if head is not None:
                 raise LoadError(f"{where(L + 4, 'final_linear.weight')}: present, but the config ties the "
                                 f"embeddings (no-weight-tying is false)")
         else:
-            _copy(model.embed_out.weight, _merge("cat0", _get(head, "final_linear.weight", step_dir, L + 4), False),
+            _copy(model.embed_out.weight, _merge("cat0", _get(head, "final_linear.weight", step_dir, L + 4), False,
+                                                  stored_as),
                   where(L + 4, "final_linear.weight"))
         if (step_dir / f"layer_{L + 5:02d}-model_00-model_states.pt").exists():
             raise LoadError(f"{step_dir}: shards beyond layer_{L + 4:02d}: the checkpoint has more than {L} layers")
@@ -374,11 +381,11 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu",
 
 
 def load(path: str | Path, config: NeoXConfig | None = None, dtype: torch.dtype = torch.float32,
-         device="cpu") -> GPTNeoX:
+         device="cpu", stored_as: torch.dtype | None = None) -> GPTNeoX:
     """A Hugging Face directory (has config.json and safetensors) or DeepSpeed shards (config needed, or
     found as configs/*.yml)."""
     path = Path(path)
     if (path / "config.json").is_file() and ((path / "model.safetensors").is_file()
                                               or (path / "model.safetensors.index.json").is_file()):
         return load_hf(path, dtype, device, config)
-    return load_deepspeed(path, config or deepspeed_config(path), dtype, device)
+    return load_deepspeed(path, config or deepspeed_config(path), dtype, device, stored_as)
