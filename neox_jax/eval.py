@@ -1,7 +1,7 @@
 """`python -m neox_jax.eval`: lm-evaluation-harness's own CLI with the `neox-jax` model registered.
 
-Every argument is lm-eval's (`lm-eval run --help`); the only change is that `--model` defaults to
-`neox-jax`. lm-eval 0.4 has no plugin discovery for models (its registry is filled from a fixed table
+Every argument is lm-eval's (`lm-eval run --help`); the changes are that `--model` defaults to
+`neox-jax` and that `--tp-exact` is short for the model_arg `tp_exact=true`. lm-eval 0.4 has no plugin discovery for models (its registry is filled from a fixed table
 and by importing modules), so its `lm_eval` console script cannot see `neox-jax`: use this module, or
 `import neox_jax.lm_eval_model` before calling `lm_eval.simple_evaluate(model="neox-jax", ...)`.
 
@@ -36,6 +36,8 @@ MODEL_ARGS_HELP = """neox-jax: lm-eval's CLI with --model neox-jax by default. n
   max_gen_toks=N         generation budget of generate_until tasks (default 256)
   prefix_token_id=ID     token conditioning empty contexts (default <|endoftext|>)
   model_parallel=N,data_parallel=M   device mesh (default: one device, or all on the model axis if needed)
+  tp_exact=true          DeepSpeed shards only: compute as the tensor-parallel ranks did in training, each
+                         rank's LayerNorm copies and row-parallel biases kept (also: --tp-exact)
 """
 
 
@@ -44,13 +46,26 @@ def _has_option(argv: list[str], *names: str) -> bool:
 
 
 def build_argv(argv: list[str]) -> list[str]:
-    """lm-eval argv (without the program name) for our argv: `run` when no subcommand is named, and
-    `--model neox-jax` unless --model or a --config file (which must name the model) is given."""
+    """lm-eval argv (without the program name) for our argv: `run` when no subcommand is named,
+    `--model neox-jax` unless --model or a --config file (which must name the model) is given, and
+    `--tp-exact` as `tp_exact=True` added to --model_args."""
+    if "--tp-exact" in argv:
+        argv = [a for a in argv if a != "--tp-exact"]
+        argv = _add_model_arg(argv, "tp_exact=True")
     if not argv or argv[0] not in SUBCOMMANDS:
         argv = ["run", *argv]
     if argv[0] == "run" and not _has_option(argv, "--model", "-M", "--config", "-C"):
         argv = ["run", "--model", "neox-jax", *argv[1:]]
     return argv
+
+
+def _add_model_arg(argv: list[str], arg: str) -> list[str]:
+    for i, a in enumerate(argv):
+        if a in ("--model_args", "--model-args", "-a") and i + 1 < len(argv):
+            return [*argv[:i + 1], f"{argv[i + 1]},{arg}", *argv[i + 2:]]
+        if a.startswith(("--model_args=", "--model-args=")):
+            return [*argv[:i], f"{a},{arg}", *argv[i + 1:]]
+    return [*argv, "--model_args", arg]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -73,6 +73,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="precision of the rotary angle tables (default: the model dtype, fp32 for bf16)")
     p.add_argument("--mesh", help="split the model over devices: model=N[,data=M] (default: one device, or all "
                                   "local devices on 'model' when the weights do not fit on one)")
+    p.add_argument("--tp-exact", action="store_true",
+                   help="DeepSpeed shards only: keep every tensor-parallel rank's LayerNorm copies and row-parallel "
+                        "biases and compute as the ranks did in training, instead of merging them (the mesh's "
+                        "model size must divide the rank count; see docs/conversion.md)")
     p.add_argument("--distributed", action="store_true",
                    help="multi-host: run this same command once per host (process 0 prints); the coordinator, "
                         "process count and id come from the flags below or the cluster (SLURM, Open MPI, ...)")
@@ -112,11 +116,14 @@ def read_prompts(args) -> list[str]:
 def load_model(args, prompts: list[str]):
     """-> model (with its tokenizer), prompt ids; the request is checked against the config before any
     weights load."""
-    from .api import load_checkpoint
+    from .api import exact_ranks, load_checkpoint
     from .checkpoints import open_checkpoint
     from .tokenizer import load_tokenizer, require_tokenizer
 
     if args.demo:
+        if args.tp_exact:
+            raise GenerationError("--tp-exact needs GPT-NeoX DeepSpeed shards (--model DIR); --demo's model is "
+                                  "one merged model built in memory")
         from .demo import demo_model
 
         print("demo: a tiny random model (2 layers, hidden 64) and tokenizer; the text is gibberish by design",
@@ -130,22 +137,24 @@ def load_model(args, prompts: list[str]):
     tokenizer = load_tokenizer(require_tokenizer(args.tokenizer, checkpoint))
     prompt_ids = encode(tokenizer, prompts, checkpoint.config, args.max_new_tokens)
     check_stop_token(checkpoint.config, stop_token(args, tokenizer))
-    mesh = plan_devices(args, checkpoint.config, prompt_ids)
+    tp_ranks = exact_ranks(checkpoint, args.tp_exact)
+    mesh = plan_devices(args, checkpoint.config, prompt_ids, tp_ranks)
     model = load_checkpoint(checkpoint, dtype=args.dtype, rotary_dtype=args.rotary_dtype, tokenizer=tokenizer,
-                            mesh=mesh)
+                            mesh=mesh, tp_ranks=tp_ranks)
     return model, prompt_ids
 
 
-def plan_devices(args, config, prompt_ids: list[list[int]]):
-    """The mesh to load onto, after checking that weights and KV cache fit (before any weights load)."""
+def plan_devices(args, config, prompt_ids: list[list[int]], tp_ranks: int | None = None):
+    """The mesh to load onto, after checking that weights and KV cache fit (before any weights load);
+    `tp_ranks`: the ranks the exact tensor-parallel mode keeps (None: merged)."""
     from .sharding import check_model_axis_divides, default_mesh, make_mesh, parse_mesh, plan_memory, require_fit
 
     dtype = lookup(args.dtype or default_dtype()).jax
     mesh = make_mesh(**parse_mesh(args.mesh)) if args.mesh else default_mesh(config, dtype)
-    check_model_axis_divides(config, mesh)
+    check_model_axis_divides(config, mesh, tp_ranks)
     batch = max(len(prompt_ids), 1)
     context = min(max((len(p) for p in prompt_ids), default=0) + args.max_new_tokens, config.max_position_embeddings)
-    require_fit(plan_memory(config, dtype, mesh, batch, context), config, mesh, batch, context)
+    require_fit(plan_memory(config, dtype, mesh, batch, context, tp_ranks), config, mesh, batch, context)
     return mesh
 
 

@@ -20,6 +20,8 @@ model_args:
                a multiple of the data-parallel size.
   model_parallel, data_parallel   device mesh (default: `neox_jax.load`'s choice: one device, or all
                local devices on the model axis when the weights do not fit on one).
+  tp_exact     true: DeepSpeed shards computed as their tensor-parallel ranks did in training, each rank's
+               LayerNorm copies and row-parallel biases kept (`neox_jax.load(..., tp_exact=True)`).
 
 Scoring follows lm-eval's own `hf` model (HFLM) request for request: the same context/continuation
 tokenisation (TemplateLM), the empty context replaced by the prefix token, the input left-truncated to the
@@ -135,7 +137,7 @@ class NeoXLM(TemplateLM):
                  max_batch_size: int | None = None, max_length: int | None = None,
                  max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, prefix_token_id: int | None = None,
                  device: str | None = None, model_parallel: int | None = None, data_parallel: int | None = None,
-                 revision: str | None = None, **kwargs: Any):
+                 revision: str | None = None, tp_exact: bool = False, **kwargs: Any):
         super().__init__()
         if kwargs:
             logger.warning("neox-jax: ignoring unsupported model_args %s", sorted(kwargs))
@@ -155,8 +157,10 @@ class NeoXLM(TemplateLM):
                 from .sharding import make_mesh
 
                 extra["mesh"] = make_mesh(model=int(model_parallel or 1), data=int(data_parallel or 1))
+            if not isinstance(tp_exact, bool):  # lm-eval passes model_args values it cannot parse as strings
+                raise ValueError(f"tp_exact must be true or false, got {tp_exact!r}")
             self.model = load(pretrained, dtype=dtype, rotary_dtype=rotary_dtype, tokenizer=tokenizer,
-                              revision=revision, **extra)
+                              revision=revision, tp_exact=tp_exact, **extra)
             if self.model.tokenizer is None:
                 raise FileNotFoundError(f"{pretrained}: no tokenizer found (looked for tokenizer.json and "
                                         f"*tokenizer*.json beside the model): pass tokenizer=FILE in model_args")

@@ -2,7 +2,7 @@
 
     python -m parity.check --checkpoint DIR [--model CONVERTED_DIR] --tokenizer FILE
         [--prompt TEXT ... | --prompts FILE] [--dtype float16|float32] [--max-new-tokens N]
-        [--json OUT] [--per-layer] [--config YAML_OR_JSON | --preset NAME]
+        [--json OUT] [--per-layer] [--config YAML_OR_JSON | --preset NAME] [--tp-exact]
 
 The reference (`parity.model`, loaded by `parity.load` from --checkpoint: DeepSpeed shards or a Hugging Face
 directory) runs first and is freed; then neox_jax loads --model (a converted directory) or, without it,
@@ -41,6 +41,13 @@ disagreement can be trusted to resolve: tau times the logit scale, or twice the 
 on that prompt, whichever is larger. Greedy continuations that part after a near-tie are reported but
 pass (a difference after a clear margin means the KV-cache decoder computes something else). Top-1
 agreement is counted on positions whose reference margin exceeds tau alone.
+
+--tp-exact: the reference is GPT-NeoX's tensor-parallel computation (`parity.tensor_parallel`: one
+torch.distributed process per rank, each reading only its own shards, all-reducing as Megatron did), and
+neox_jax loads the shards in its exact tensor-parallel mode; the criteria are the same. The merged model
+(neox_jax's default) is then also run and its distance from the exact reference reported per prompt (KL,
+top-1 agreement, relative L2): how much merging the ranks changes the model. That figure is information,
+not a criterion.
 
 Exit status: 0 pass, 1 mismatch, 2 bad input (a one-line `error: ...` on stderr).
 """
@@ -124,6 +131,9 @@ def parse_args(argv):
     p.add_argument("--json", help="write the full report as JSON here")
     p.add_argument("--per-layer", action="store_true", help="also compare the hidden state after each layer")
     p.add_argument("--mesh", help="split neox_jax over devices: model=N[,data=M] (as generate --mesh)")
+    p.add_argument("--tp-exact", action="store_true",
+                   help="compare the exact tensor-parallel mode against GPT-NeoX's tensor-parallel computation "
+                        "(one torch.distributed process per rank), and report how far the merged model is from it")
     config = p.add_mutually_exclusive_group()
     config.add_argument("--config", help="config for a DeepSpeed checkpoint: NeoX YAML or HF config.json")
     config.add_argument("--preset", choices=list(PRESETS), help="a built-in config instead")
@@ -184,6 +194,15 @@ def reference_config(args, checkpoint: Path) -> NeoXConfig:
         raise BadInput(str(e)) from None
 
 
+def stored_dtype(model_dir: Path) -> str | None:
+    """The dtype a converted directory stores its weights in (config.json's torch_dtype), where known."""
+    try:
+        name = json.loads((model_dir / "config.json").read_text()).get("torch_dtype")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    return name if name in DTYPES else None
+
+
 def encode(tokenizer_path: Path, prompts: list[str], config: NeoXConfig) -> tuple[list[list[int]], int | None]:
     """-> the prompts' token ids, and the id of <|endoftext|>, where both sides' greedy continuations stop
     (None: the tokenizer has none, so they never stop)."""
@@ -217,11 +236,12 @@ class SideOutput:
 
 
 def run_reference(checkpoint: Path, config: NeoXConfig, dtype: str, prompts, new_tokens, stop_token: int | None,
-                  per_layer: bool) -> SideOutput:
+                  per_layer: bool, stored_as: str | None = None) -> SideOutput:
+    """`stored_as`: the dtype a converted directory under test holds its merged weights in (`load._merge`)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     start = time.perf_counter()
     try:
-        model = load(checkpoint, config, DTYPES[dtype].torch, device)
+        model = load(checkpoint, config, DTYPES[dtype].torch, device, stored_as and DTYPES[stored_as].torch)
     except LoadError as e:
         raise BadInput(str(e)) from None
     log(f"reference loaded on {device} in {time.perf_counter() - start:.1f}s")
@@ -242,27 +262,56 @@ def run_reference(checkpoint: Path, config: NeoXConfig, dtype: str, prompts, new
     return out
 
 
+def run_tensor_parallel_reference(checkpoint: Path, config: NeoXConfig, dtype: str, prompts, new_tokens,
+                                  stop_token: int | None, per_layer: bool) -> SideOutput:
+    from . import tensor_parallel
+
+    start = time.perf_counter()
+    try:
+        out = tensor_parallel.run(checkpoint, config, DTYPES[dtype].torch, prompts, new_tokens, stop_token, per_layer)
+    except LoadError as e:
+        raise BadInput(str(e)) from None
+    log(f"tensor-parallel reference ran in {time.perf_counter() - start:.1f}s")
+    hidden = None if out["hidden"] is None else [h.float().numpy() for h in out["hidden"]]
+    return SideOutput([x.numpy() for x in out["logits"]], hidden, out["continuations"], out["margins"])
+
+
 def run_jax(path: Path, dtype: str, prompts, new_tokens, stop_token: int | None, per_layer: bool, ds_config=None,
-            mesh: str | None = None):
+            mesh: str | None = None, tp_exact: bool = False, logits_only: bool = False):
     """`ds_config`: a NeoXConfig or NeoX YAML path given on the command line, for neox_jax to read DeepSpeed
     shards with (it finds configs/*.yml by itself otherwise); a converted directory brings its own.
-    `mesh`: model=N[,data=M], as `generate --mesh`."""
+    `mesh`: model=N[,data=M], as `generate --mesh`. `tp_exact`: the exact tensor-parallel mode.
+    `logits_only`: no greedy continuations (none are compared)."""
     from neox_jax.sharding import make_mesh, parse_mesh
 
     start = time.perf_counter()
     try:
         config = None if (path / "config.json").is_file() else ds_config
-        model = neox_jax.load(path, dtype=dtype, config=config, mesh=make_mesh(**parse_mesh(mesh)) if mesh else None)
+        model = neox_jax.load(path, dtype=dtype, config=config, mesh=make_mesh(**parse_mesh(mesh)) if mesh else None,
+                              tp_exact=tp_exact)
     except (CheckpointError, ValueError, OSError) as e:  # covers neox_jax's ConfigError and ShardingError
         raise BadInput(f"neox_jax cannot load {path}: {e}") from None
-    log(f"neox_jax loaded in {time.perf_counter() - start:.1f}s")
+    log(f"neox_jax{' (exact tensor-parallel mode)' if tp_exact else ''} loaded in {time.perf_counter() - start:.1f}s")
     out = SideOutput([], [] if per_layer else None, [], None)
     for ids, n in zip(prompts, new_tokens):
         out.logits.append(np.asarray(model.logits([ids])[0], np.float32))
         if per_layer:
             out.hidden.append(np.asarray(model.hidden_states([ids])[:, 0], np.float32))
-        out.continuations.append(list(model.generate([ids], n, stop_token=stop_token)[0]) if n else [])
+        out.continuations.append(list(model.generate([ids], n, stop_token=stop_token)[0]) if n and not logits_only
+                                 else [])
     return model.config, out
+
+
+def merged_vs_exact(ref: SideOutput, merged: SideOutput, tol: Tolerances) -> dict:
+    """How far the merged model is from the exact tensor-parallel reference: per prompt and overall."""
+    metrics = [compare_logits(r, g, tol) for r, g in zip(ref.logits, merged.logits)]
+    keys = ("rel_l2", "mean_kl", "max_kl", "top1")
+    positions = sum(m.positions for m in metrics)
+    return {"prompts": [{k: getattr(m, k) for k in keys} for m in metrics],
+            "overall": {"rel_l2": math.sqrt(sum(m.sq_diff for m in metrics) / sum(m.sq_ref for m in metrics)),
+                        "mean_kl": sum(m.mean_kl * m.positions for m in metrics) / positions,
+                        "max_kl": max(m.max_kl for m in metrics),
+                        "top1": sum(m.top1 * m.positions for m in metrics) / positions}}
 
 
 # ---- comparison ----
@@ -482,6 +531,14 @@ def format_table(report: dict, prompts: list[str], tokens: list[list[int]], new_
             mark = "  <- first divergence" if name == pl["first_divergence"] else ""
             lines.append(f"  {name:<18} {x:.2e}{mark}")
     t = report["tolerances"]
+    if "merged_vs_exact" in report:
+        m = report["merged_vs_exact"]
+        lines += ["", "the merged model against the exact tensor-parallel reference (information, not a criterion)",
+                  f"{'prompt':<28} {'rel L2':>9} {'mean KL':>9} {'max KL':>9} {'top-1':>7}"]
+        for i, x in enumerate([*m["prompts"], m["overall"]]):
+            label = "all" if i == len(m["prompts"]) else f"{i}: " + prompts[i].replace("\n", "⏎")
+            label = label if len(label) <= 28 else label[:27] + "…"
+            lines.append(f"{label:<28} {x['rel_l2']:>9.2e} {x['mean_kl']:>9.2e} {x['max_kl']:>9.2e} {x['top1']:>7.2%}")
     lines += ["", f"tolerances ({report['dtype']}): rel L2 <= {t['rel_l2']:g}"
               + (f", max|Δ|/scale <= {t['max_abs_rel']:g}" if t["max_abs_rel"] is not None else "")
               + f", mean KL <= {t['mean_kl']:g}, max KL <= {t['max_kl']:g}, top-1 off near-ties >= {t['top1']}"
@@ -521,6 +578,12 @@ def check(args) -> int:
         tokenizer = tokenizer / "tokenizer.json"
     if not tokenizer.is_file():
         raise BadInput(f"{tokenizer}: no such tokenizer file")
+    if args.tp_exact and args.model:
+        raise BadInput("--tp-exact runs neox_jax on --checkpoint's shards in its exact tensor-parallel mode; --model "
+                       "(a converted directory) holds only the merged weights: leave it out")
+    if args.tp_exact and (checkpoint / "config.json").is_file():
+        raise BadInput(f"{checkpoint}: --tp-exact needs GPT-NeoX DeepSpeed shards; a Hugging Face directory holds "
+                       f"one merged copy of each LayerNorm and row-parallel bias, not each rank's")
     texts = read_prompts(args)
 
     config = reference_config(args, checkpoint)
@@ -529,21 +592,31 @@ def check(args) -> int:
 
     dtype = args.dtype or default_dtype("cuda" if torch.cuda.is_available() else "cpu")
     tol = TOLERANCES[dtype]
-    ref = run_reference(checkpoint, config, dtype, tokens, new_tokens, stop_token, args.per_layer)
+    if args.tp_exact:
+        ref = run_tensor_parallel_reference(checkpoint, config, dtype, tokens, new_tokens, stop_token, args.per_layer)
+    else:
+        ref = run_reference(checkpoint, config, dtype, tokens, new_tokens, stop_token, args.per_layer,
+                            stored_dtype(Path(args.model)) if args.model else None)
     jax_path = Path(args.model) if args.model else checkpoint
     given = None  # what neox_jax reads DeepSpeed shards with, when it reads them itself
     if args.config:
         given = config if Path(args.config).suffix == ".json" else Path(args.config)
     elif args.preset:
         given = config
-    jax_config, got = run_jax(jax_path, dtype, tokens, new_tokens, stop_token, args.per_layer, given, args.mesh)
+    jax_config, got = run_jax(jax_path, dtype, tokens, new_tokens, stop_token, args.per_layer, given, args.mesh,
+                              args.tp_exact)
+    merged = None
+    if args.tp_exact:
+        merged = run_jax(jax_path, dtype, tokens, new_tokens, stop_token, False, given, args.mesh, logits_only=True)[1]
 
     differing = [f"{f.name} {getattr(jax_config, f.name)!r} (neox_jax) vs {getattr(config, f.name)!r} (reference)"
                  for f in dataclasses.fields(config) if getattr(jax_config, f.name) != getattr(config, f.name)]
     report = evaluate(ref, got, tol) if not differing else {"prompts": [], "overall": {}, "failures": []}
+    if merged is not None and not differing:
+        report["merged_vs_exact"] = merged_vs_exact(ref, merged, tol)
     report["failures"] = [f"config differs: {d}" for d in differing] + report["failures"]
     report.update({"dtype": dtype, "tolerances": dataclasses.asdict(tol), "checkpoint": str(checkpoint),
-                   "model": str(jax_path), "prompts_text": texts, "prompt_tokens": [len(t) for t in tokens],
+                   "model": str(jax_path), "tp_exact": args.tp_exact, "prompts_text": texts, "prompt_tokens": [len(t) for t in tokens],
                    "verdict": "mismatch" if report["failures"] else "pass"})
     if differing:
         print("MISMATCH:\n" + "\n".join(f"  - {f}" for f in report["failures"]))

@@ -1,0 +1,153 @@
+"""The exact tensor-parallel mode against GPT-NeoX's tensor-parallel computation run as R torch.distributed
+processes (`parity.tensor_parallel`), on synthetic checkpoints whose ranks' LayerNorm copies differ."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+import neox_jax
+from neox_jax.checkpoints import CheckpointError
+from neox_jax.checkpoints.synthetic import write_deepspeed_checkpoint, write_hf_checkpoint
+from neox_jax.tokenizer import demo_tokenizer
+from parity import tensor_parallel
+
+from conftest import tiny_config
+
+# LayerNorm copies 0.05 apart (a trained model's drift is smaller): the merged model is then measurably
+# another model, so matching the reference within 1e-5 means the ranks' copies were kept and used as theirs.
+JITTER = 0.05
+PROMPTS = [[5, 17, 300, 2, 99, 41, 7, 250, 13], [120, 3, 3, 64], [77]]
+NEW_TOKENS = [6, 6, 6]
+CASES = {"2 ranks": (2, True), "4 ranks": (4, True), "2 ranks, sequential residual": (2, False)}
+
+
+def rel_l2(got, ref) -> float:
+    return float(np.linalg.norm(np.asarray(got) - ref) / np.linalg.norm(ref))
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request, tmp_path_factory):
+    """(checkpoint, config, the reference's results): one reference run, R processes, per case."""
+    ranks, parallel = CASES[request.param]
+    config = tiny_config(parallel_residual=parallel)
+    path = write_deepspeed_checkpoint(tmp_path_factory.mktemp("tp"), config, ranks=ranks, dtype=np.float32,
+                                      layernorm_jitter=JITTER, row_bias_jitter=0 if parallel else 1e-3)
+    ref = tensor_parallel.run(path, config, torch.float32, PROMPTS, NEW_TOKENS, stop_token=None, per_layer=True)
+    return path, config, ref
+
+
+@pytest.fixture(scope="module")
+def exact(case):
+    return neox_jax.load(case[0], "float32", progress=False, tp_exact=True)
+
+
+def test_exact_mode_equals_the_tensor_parallel_reference(case, exact):
+    path, config, ref = case
+    assert exact.tp_ranks == tensor_parallel.num_ranks(path)
+    for i, ids in enumerate(PROMPTS):
+        assert rel_l2(exact.logits([ids])[0], ref["logits"][i].numpy()) <= 1e-5, i
+        assert rel_l2(exact.hidden_states([ids])[:, 0], ref["hidden"][i].numpy()) <= 1e-5, i
+    assert exact.generate(PROMPTS, 6, stop_token=None) == ref["continuations"]
+
+
+def test_the_merged_model_is_another_model(case):
+    """What the exact mode is for: merging moves these logits far beyond the 1e-5 the exact mode meets."""
+    path, _, ref = case
+    merged = neox_jax.load(path, "float32", progress=False)
+    assert merged.tp_ranks is None
+    assert all(rel_l2(merged.logits([ids])[0], ref["logits"][i].numpy()) > 1e-3 for i, ids in enumerate(PROMPTS))
+
+
+def test_each_rank_uses_its_own_copies(case, exact):
+    """Fault: the ranks' copies given to the wrong ranks (the rank axis reversed) is caught."""
+    _, _, ref = case
+    swapped = jax.tree.map(lambda x: x[::-1] if x.shape[0] == exact.tp_ranks and x.ndim == 2 else x, exact.params)
+    model = neox_jax.NeoXModel(exact.config, swapped, "float32")
+    assert rel_l2(model.logits([PROMPTS[0]])[0], ref["logits"][0].numpy()) > 1e-3
+
+
+def test_params_keep_every_rank_as_stored(case, exact):
+    path, config, _ = case
+    ranks = exact.tp_ranks
+    layer = exact.params["layers_1"]
+    for r in range(ranks):
+        state = torch.load(path / f"layer_03-model_{r:02d}-model_states.pt", weights_only=True)
+        np.testing.assert_array_equal(np.asarray(layer["input_layernorm"]["weight"][r]),
+                                      state["input_layernorm.weight"].numpy())
+        np.testing.assert_array_equal(np.asarray(layer["mlp"]["dense_4h_to_h.bias"][r]),
+                                      state["mlp.dense_4h_to_h.bias"].numpy())
+    # Column- and row-parallel tensors are the merged model's, as stored: the merged tree's shapes.
+    assert layer["mlp"]["dense_h_to_4h.weight"].shape == (config.intermediate_size, config.hidden_size)
+    assert exact.params["final_layer_norm"]["bias"].shape == (ranks, config.hidden_size)
+
+
+def test_one_rank_exact_mode_is_the_merged_model(tmp_path):
+    """A 1-rank checkpoint has one copy of everything: --tp-exact loads the merged params (same programs)."""
+    config = tiny_config()
+    path = write_deepspeed_checkpoint(tmp_path, config, ranks=1, dtype=np.float32)
+    exact = neox_jax.load(path, "float32", progress=False, tp_exact=True)
+    merged = neox_jax.load(path, "float32", progress=False)
+    assert exact.tp_ranks is None
+    np.testing.assert_array_equal(exact.logits(PROMPTS[:1]), merged.logits(PROMPTS[:1]))
+
+
+def test_a_hugging_face_directory_cannot_hold_the_ranks(tmp_path, capsys):
+    from neox_jax.generate import main
+
+    path = write_hf_checkpoint(tmp_path / "hf", tiny_config())
+    demo_tokenizer()._tokenizer.save(str(path / "tokenizer.json"))
+    with pytest.raises(CheckpointError, match="needs GPT-NeoX DeepSpeed shards; a Hugging Face directory holds one "
+                                              "merged copy of each LayerNorm and row-parallel bias"):
+        neox_jax.load(path, "float32", progress=False, tp_exact=True)
+    assert main(["--model", str(path), "--tp-exact", "--prompt", "hi", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "not each rank's" in err[0]
+    assert main(["--demo", "--tp-exact"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: --tp-exact needs GPT-NeoX DeepSpeed")
+
+
+def test_eval_flag_becomes_a_model_arg():
+    from neox_jax.eval import build_argv
+
+    assert build_argv(["--model_args", "pretrained=DIR", "--tp-exact", "--tasks", "piqa"]) == [
+        "run", "--model", "neox-jax", "--model_args", "pretrained=DIR,tp_exact=True", "--tasks", "piqa"]
+    assert build_argv(["--tp-exact", "--model_args=pretrained=DIR"])[-1] == "--model_args=pretrained=DIR,tp_exact=True"
+
+
+def test_reference_refuses_a_missing_rank_file(tmp_path):
+    config = tiny_config()
+    path = write_deepspeed_checkpoint(tmp_path, config, ranks=2, dtype=np.float32)
+    state = torch.load(path / "layer_02-model_01-model_states.pt", weights_only=True)
+    state["mlp.dense_4h_to_h.weight"] = state["mlp.dense_4h_to_h.weight"][:, :-1].clone()
+    torch.save(state, path / "layer_02-model_01-model_states.pt")
+    with pytest.raises(tensor_parallel.LoadError, match=r"layer_02-model_01-model_states.pt \[mlp.dense_4h_to_h"
+                                                        r".weight\]: shape \(64, 127\), rank 1 of 2 expects \(64, 128\)"):
+        tensor_parallel.run(path, config, torch.float32, PROMPTS[:1], [0], None)
+
+
+def test_parity_check_tp_exact(case, tmp_path, capsys):
+    """`parity.check --tp-exact` passes on the exact mode and reports the merged model's distance per prompt."""
+    from parity.check import main
+
+    path, config, _ = case
+    if tensor_parallel.num_ranks(path) != 2 or not config.parallel_residual:
+        pytest.skip("one case is enough for the command")
+    tokenizer = tmp_path / "tokenizer.json"
+    demo_tokenizer()._tokenizer.save(str(tokenizer))
+    report = tmp_path / "report.json"
+    argv = ["--checkpoint", str(path), "--tokenizer", str(tokenizer), "--dtype", "float32", "--max-new-tokens", "4",
+            "--prompt", "GPT-NeoX-20B is", "--prompt", "The quick brown fox", "--tp-exact", "--json", str(report)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "the merged model against the exact tensor-parallel reference" in out and out.rstrip().endswith("PASS")
+    data = json.loads(report.read_text())
+    assert data["tp_exact"] and data["overall"]["rel_l2"] <= 1e-5
+    merged = data["merged_vs_exact"]
+    assert len(merged["prompts"]) == 2 and merged["overall"]["rel_l2"] > 1e-3
+    assert all(p["mean_kl"] > 0 and 0 <= p["top1"] <= 1 for p in merged["prompts"])
+
+    assert main([*argv, "--model", str(path)]) == 2  # a converted directory holds merged weights only
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: --tp-exact runs neox_jax on")
