@@ -19,8 +19,8 @@ from conftest import tiny_config
 # LayerNorm copies 0.05 apart (a trained model's drift is smaller): the merged model is then measurably
 # another model, so matching the reference within 1e-5 means the ranks' copies were kept and used as theirs.
 JITTER = 0.05
-PROMPTS = [[5, 17, 300, 2, 99, 41, 7, 250, 13], [120, 3, 3, 64], [77]]
-NEW_TOKENS = [6, 6, 6]
+PROMPTS = [[5, 17, 300, 2, 99, 41, 7, 250], [120, 3, 3, 64, 64, 9, 0, 383], [77, 1, 2, 3, 5, 8, 13, 21]]
+NEW_TOKENS = [6, 6, 6]  # one batch and one length: each of neox_jax's programs compiles once
 CASES = {"2 ranks": (2, True), "4 ranks": (4, True), "2 ranks, sequential residual": (2, False)}
 
 
@@ -47,9 +47,10 @@ def exact(case):
 def test_exact_mode_equals_the_tensor_parallel_reference(case, exact):
     path, config, ref = case
     assert exact.tp_ranks == tensor_parallel.num_ranks(path)
-    for i, ids in enumerate(PROMPTS):
-        assert rel_l2(exact.logits([ids])[0], ref["logits"][i].numpy()) <= 1e-5, i
-        assert rel_l2(exact.hidden_states([ids])[:, 0], ref["hidden"][i].numpy()) <= 1e-5, i
+    logits, hidden = exact.logits(PROMPTS), exact.hidden_states(PROMPTS)
+    for i in range(len(PROMPTS)):
+        assert rel_l2(logits[i], ref["logits"][i].numpy()) <= 1e-5, i
+        assert rel_l2(hidden[:, i], ref["hidden"][i].numpy()) <= 1e-5, i
     assert exact.generate(PROMPTS, 6, stop_token=None) == ref["continuations"]
 
 
@@ -58,7 +59,8 @@ def test_the_merged_model_is_another_model(case):
     path, _, ref = case
     merged = neox_jax.load(path, "float32", progress=False)
     assert merged.tp_ranks is None
-    assert all(rel_l2(merged.logits([ids])[0], ref["logits"][i].numpy()) > 1e-3 for i, ids in enumerate(PROMPTS))
+    logits = merged.logits(PROMPTS)
+    assert all(rel_l2(logits[i], ref["logits"][i].numpy()) > 1e-3 for i in range(len(PROMPTS)))
 
 
 def test_each_rank_uses_its_own_copies(case, exact):
@@ -66,7 +68,7 @@ def test_each_rank_uses_its_own_copies(case, exact):
     _, _, ref = case
     swapped = jax.tree.map(lambda x: x[::-1] if x.shape[0] == exact.tp_ranks and x.ndim == 2 else x, exact.params)
     model = neox_jax.NeoXModel(exact.config, swapped, "float32")
-    assert rel_l2(model.logits([PROMPTS[0]])[0], ref["logits"][0].numpy()) > 1e-3
+    assert rel_l2(model.logits(PROMPTS)[0], ref["logits"][0].numpy()) > 1e-3
 
 
 def test_params_keep_every_rank_as_stored(case, exact):
@@ -117,14 +119,19 @@ def test_eval_flag_becomes_a_model_arg():
     assert build_argv(["--tp-exact", "--model_args=pretrained=DIR"])[-1] == "--model_args=pretrained=DIR,tp_exact=True"
 
 
-def test_reference_refuses_a_missing_rank_file(tmp_path):
+def test_reference_checks_each_rank_file(tmp_path):
+    """A rank reads its own files and names the one that does not fit (in-process: no collective is reached)."""
     config = tiny_config()
     path = write_deepspeed_checkpoint(tmp_path, config, ranks=2, dtype=np.float32)
     state = torch.load(path / "layer_02-model_01-model_states.pt", weights_only=True)
     state["mlp.dense_4h_to_h.weight"] = state["mlp.dense_4h_to_h.weight"][:, :-1].clone()
     torch.save(state, path / "layer_02-model_01-model_states.pt")
-    with pytest.raises(tensor_parallel.LoadError, match=r"layer_02-model_01-model_states.pt \[mlp.dense_4h_to_h"
-                                                        r".weight\]: shape \(64, 127\), rank 1 of 2 expects \(64, 128\)"):
+    tensor_parallel.Rank(path, config, 0, 2, torch.float32)  # rank 0's files are intact
+    message = r"layer_02-model_01-model_states.pt \[mlp.dense_4h_to_h.weight\]: shape \(64, 127\), rank 1 of 2 expects"
+    with pytest.raises(tensor_parallel.LoadError, match=message):
+        tensor_parallel.Rank(path, config, 1, 2, torch.float32)
+    # As R processes: rank 0 loads, rank 1 cannot; both stop (none waits in a collective) and the error is rank 1's.
+    with pytest.raises(tensor_parallel.LoadError, match=message):
         tensor_parallel.run(path, config, torch.float32, PROMPTS[:1], [0], None)
 
 
