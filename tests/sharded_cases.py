@@ -168,3 +168,51 @@ def test_a_mesh_is_made_of_the_devices_given():
     mesh = make_mesh(2, 2, devices)
     assert mesh.devices.tolist() == [[devices[0], devices[1]], [devices[2], devices[3]]]
     assert mesh.shape == {"data": 2, "model": 2}
+
+
+EXACT_CONFIG = tiny_config(num_heads=8)  # the demo tokenizer's vocabulary (384), for the command below
+
+
+@pytest.fixture(scope="module")
+def exact_models(tmp_path_factory):
+    """rank count -> (checkpoint, the exact mode on one device: logits, greedy tokens)."""
+    out = {}
+    for ranks in (2, 4):
+        path = write_deepspeed_checkpoint(tmp_path_factory.mktemp(f"tp{ranks}"), EXACT_CONFIG, ranks=ranks,
+                                          dtype=np.float32, layernorm_jitter=0.05)
+        one = neox_jax.load(path, "float32", mesh=make_mesh(1, 1), progress=False, tp_exact=True)
+        out[ranks] = path, one.logits(TOKENS), one.generate(PROMPTS, 10, stop_token=None)
+    return out
+
+
+@pytest.mark.parametrize("ranks, model_size", [(2, 2), (4, 2)])
+def test_exact_mode_on_a_mesh_equals_one_device(exact_models, ranks, model_size):
+    """On model=M each device holds the copies of its R/M ranks (those whose heads it holds) and runs them."""
+    path, logits, tokens = exact_models[ranks]
+    mesh = make_mesh(model_size, 1)
+    model = neox_jax.load(path, "float32", mesh=mesh, progress=False, tp_exact=True)
+    np.testing.assert_allclose(model.logits(TOKENS), logits, atol=1e-5 * np.abs(logits).max(), rtol=0)
+    assert model.generate(PROMPTS, 10, stop_token=None) == tokens
+    per_device = ranks // model_size
+    for leaf in (model.params["layers_1"]["post_attention_layernorm"]["bias"],
+                 model.params["layers_0"]["attention"]["dense.bias"]):
+        full = np.asarray(leaf)
+        for shard in leaf.addressable_shards:
+            m = model_rank(mesh, shard.device)
+            np.testing.assert_array_equal(np.asarray(shard.data), full[m * per_device:(m + 1) * per_device])
+
+
+def test_exact_mode_refuses_a_model_axis_that_does_not_divide_the_ranks(exact_models, capsys):
+    from neox_jax.generate import main
+    from neox_jax.tokenizer import demo_tokenizer
+
+    path = exact_models[2][0]
+    with pytest.raises(ShardingError, match=r"keeps the checkpoint's 2 ranks, which do not split over the mesh's "
+                                            r"model axis \(4\): choose a model size that divides 2"):
+        neox_jax.load(path, "float32", mesh=make_mesh(4, 1), progress=False, tp_exact=True)
+    demo_tokenizer()._tokenizer.save(str(path / "tokenizer.json"))
+    assert main(["--model", str(path), "--tp-exact", "--mesh", "model=4", "--prompt", "hi"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines() == [
+        "error: the exact tensor-parallel mode keeps the checkpoint's 2 ranks, which do not split over the mesh's "
+        "model axis (4): choose a model size that divides 2"] and captured.out == ""

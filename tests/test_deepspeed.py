@@ -385,3 +385,66 @@ def test_the_expected_inv_freq_is_gpt_neoxs():
 
     got = rotary_inv_freq(tiny_config(num_heads=2, rotary_pct=0.25)).numpy()
     np.testing.assert_allclose(got, [1.0, 0.1, 0.01, 0.001], rtol=1e-6)
+
+
+def fp32_merge(path, config, ranks) -> dict[str, np.ndarray]:
+    """The ranks' shards merged in fp32, written out from the files (GPT-NeoX's rules, not the reader's code)."""
+    from neox_jax.checkpoints.deepspeed import pipeline_layout, shard_file
+
+    out = {}
+    for layer in pipeline_layout(config):
+        states = [torch.load(path / shard_file(layer.idx, r), weights_only=True) for r in range(ranks)]
+        for p in layer.params:
+            parts = np.stack([s[p.key].float().numpy() for s in states])
+            if p.key.endswith(("layernorm.weight", "layernorm.bias", "norm.weight", "norm.bias")):
+                out[p.hf_name] = parts.mean(0)
+            elif p.key.endswith(("attention.dense.bias", "dense_4h_to_h.bias")):
+                out[p.hf_name] = parts.sum(0)
+            else:
+                out[p.hf_name] = np.concatenate(list(parts), axis=1 if p.key.endswith(
+                    ("attention.dense.weight", "dense_4h_to_h.weight")) else 0)
+    return out
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_merged_float32_is_the_fp32_merge_of_fp16_shards(tmp_path, ranks):
+    """Sums and means are rounded once, to the dtype asked for: float32 holds the exact merge, float16 that
+    merge rounded once (not the fp16 sum of fp16 parts, nor a float32 copy of an fp16 merge)."""
+    import jax.numpy as jnp
+
+    import neox_jax
+
+    config = tiny_config()
+    synthetic.write_deepspeed_checkpoint(tmp_path, config, ranks=ranks, dtype=np.float16)
+    exact = fp32_merge(tmp_path, config, ranks)
+    as_float32 = dict(DeepSpeedCheckpoint(tmp_path).tensors(dtype=np.float32))
+    rounded_in_fp16 = merged(DeepSpeedCheckpoint(tmp_path))
+    for name, value in exact.items():
+        np.testing.assert_allclose(as_float32[name].astype(np.float32), value, rtol=1e-6, atol=0, err_msg=name)
+        np.testing.assert_array_equal(rounded_in_fp16[name], value.astype(np.float16), err_msg=name)
+    norm = "gpt_neox.final_layer_norm.weight"
+    assert np.abs(rounded_in_fp16[norm].astype(np.float32) - exact[norm]).max() > 1e-5  # the test can tell
+    params = neox_jax.load(tmp_path, "float32", progress=False).params
+    np.testing.assert_allclose(np.asarray(params["final_layer_norm"]["weight"]), exact[norm], rtol=1e-6, atol=0)
+    bias = np.asarray(params["layers_1"]["mlp"]["dense_4h_to_h.bias"])
+    assert bias.dtype == jnp.float32
+    np.testing.assert_allclose(bias, exact["gpt_neox.layers.1.mlp.dense_4h_to_h.bias"], rtol=1e-6, atol=0)
+
+
+def test_the_per_rank_stream_keeps_every_rank_as_stored(tmp_path):
+    config = tiny_config(num_layers=3)
+    synthetic.write_deepspeed_checkpoint(tmp_path, config, ranks=2, layernorm_jitter=0.05)
+    ckpt = DeepSpeedCheckpoint(tmp_path)
+    merged_stream = merged(DeepSpeedCheckpoint(tmp_path))
+    rank1 = torch.load(tmp_path / "layer_04-model_01-model_states.pt", weights_only=True)
+    seen = []
+    for name, array in ckpt.per_rank_tensors(on_file=lambda f: seen.append(Path(f).name)):
+        per_rank = name.endswith(("layernorm.weight", "layernorm.bias", "layer_norm.weight", "layer_norm.bias",
+                                  "attention.dense.bias", "dense_4h_to_h.bias"))
+        assert array.shape == ((2,) if per_rank else ()) + merged_stream[name].shape, name
+        if not per_rank:
+            np.testing.assert_array_equal(array, merged_stream[name])
+        elif name.startswith("gpt_neox.layers.2."):
+            key = name.removeprefix("gpt_neox.layers.2.")
+            np.testing.assert_array_equal(array[1], rank1[key].numpy())
+    assert seen == [f.name for f in ckpt.files]
