@@ -3,7 +3,8 @@
 A `jax.sharding.Mesh` with axes ("data", "model"): attention is split by heads (each device holds whole
 heads of the fused QKV and the matching rows of the output projection), the MLP up-projection by columns
 and the down-projection by rows, the embedding and output head by vocabulary, the KV cache by heads and
-batch; LayerNorms and the row-parallel biases are replicated. The model code is unchanged: GSPMD
+batch; LayerNorms and the row-parallel biases are replicated, except in the exact tensor-parallel mode, where
+each rank's copies lie on the model axis with that rank's heads. The model code is unchanged: GSPMD
 partitions the jit-compiled programs from the shardings of their inputs and inserts the collectives.
 """
 
