@@ -182,7 +182,8 @@ def load(path: str | os.PathLike, dtype: str | None = None, rotary_dtype: str | 
     its model is the same either way. Raises CheckpointError for a Hugging Face directory or hub id.
     """
     checkpoint = open_checkpoint(path, config, revision)
-    return load_checkpoint(checkpoint, dtype, rotary_dtype, tokenizer, mesh, progress, exact_ranks(checkpoint, tp_exact))
+    return load_checkpoint(checkpoint, dtype, rotary_dtype, tokenizer, mesh, progress,
+                           exact_ranks(checkpoint, tp_exact))
 
 
 def exact_ranks(checkpoint: Checkpoint, tp_exact: bool) -> int | None:

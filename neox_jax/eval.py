@@ -1,9 +1,10 @@
 """`python -m neox_jax.eval`: lm-evaluation-harness's own CLI with the `neox-jax` model registered.
 
-Every argument is lm-eval's (`lm-eval run --help`); the changes are that `--model` defaults to
-`neox-jax` and that `--tp-exact` is short for the model_arg `tp_exact=true`. lm-eval 0.4 has no plugin discovery for models (its registry is filled from a fixed table
-and by importing modules), so its `lm_eval` console script cannot see `neox-jax`: use this module, or
-`import neox_jax.lm_eval_model` before calling `lm_eval.simple_evaluate(model="neox-jax", ...)`.
+Every argument is lm-eval's (`lm-eval run --help`); the changes are that `--model` defaults to `neox-jax` and
+that `--tp-exact` is short for the model_arg `tp_exact=true`. lm-eval 0.4 has no plugin discovery for models
+(its registry is filled from a fixed table and by importing modules), so its `lm_eval` console script cannot
+see `neox-jax`: use this module, or `import neox_jax.lm_eval_model` before calling
+`lm_eval.simple_evaluate(model="neox-jax", ...)`.
 
     python -m neox_jax.eval --model_args pretrained=DIR,tokenizer=FILE,dtype=float16 \\
         --tasks lambada_openai,piqa --batch_size 16 --output_path results/

@@ -224,7 +224,8 @@ class Attention(nn.Module):
         # Exact mode: rank r's block of heads from its own LayerNorm output; ranks hold consecutive heads,
         # so [.., R, E/R] is [.., N, 3, H].
         (r, ranks), (b, t) = rank_axis(self.tp_ranks), x.shape[-3:-1]
-        qkv = matmul(f"{r}BTD,{r}ED->BT{r}E", x, self.qkv_w.reshape(*ranks, -1, d), self.dtype).reshape(b, t, n, 3, h)
+        qkv = matmul(f"{r}BTD,{r}ED->BT{r}E", x, self.qkv_w.reshape(*ranks, -1, d), self.dtype)
+        qkv = qkv.reshape(b, t, n, 3, h)
         qkv = qkv.transpose(0, 2, 3, 1, 4) + self.qkv_b[:, :, None]  # [B, N, 3, T, H]
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, T, H] each
         q = apply_rotary(q, *rotary, c.rotary_dim)
@@ -347,17 +348,18 @@ class NeoX(nn.Module):
         # Looked up once for every layer: [B, T, rotary_dim // 2] each.
         rotary = rotary_cos_sin(positions, *rotary_tables(c.max_position_embeddings, c.rotary_dim, c.rotary_base,
                                                           self.rotary_table_dtype))
-        (r, ranks), first_rank = rank_axis(self.tp_ranks), (lambda x: x[0]) if self.tp_ranks else (lambda x: x)
-        # The vocab-parallel lookup's all-reduce adds zeros to the one rank holding each row: exact.
+        r, ranks = rank_axis(self.tp_ranks)
+        # Exact mode: each rank's stream, [R, B, T, D]. The vocab-parallel lookup's all-reduce adds zeros to
+        # the one rank holding each row, so every rank starts from this lookup exactly.
         x = self.embed_in[tokens]  # [B, T, D]
-        x = jnp.broadcast_to(x, (*ranks, *x.shape))  # exact mode: each rank's stream, [R, B, T, D]
+        x = jnp.broadcast_to(x, (*ranks, *x.shape))
 
         cache_positions, write_index = (None, None) if cache is None else (cache.positions, cache.length)
         layer_caches = [None] * len(self.layers) if cache is None else list(zip(cache.k, cache.v))
-        hidden = [first_rank(x)]  # exact mode: rank 0's stream (the same on every rank under the parallel residual)
+        hidden = [x]
         for i, (layer, layer_cache) in enumerate(zip(self.layers, layer_caches)):
             x, layer_caches[i] = layer(x, positions, rotary, layer_cache, cache_positions, write_index)
-            hidden.append(first_rank(x))
+            hidden.append(x)
         if cache is not None:
             k, v = zip(*layer_caches)
             filled = jax.lax.dynamic_update_slice(cache.positions, positions, (0, write_index))
@@ -371,4 +373,8 @@ class NeoX(nn.Module):
         logits = jnp.einsum(f"{r}BTD,{r}VD->BT{r}V", x, head, preferred_element_type=F32,
                             precision=_precision(self.dtype))
         logits = logits.reshape(*logits.shape[:2], -1)  # [B, T, V]
-        return NeoXOutput(logits, cache, jnp.stack(hidden) if return_hidden_states else None)
+        if not return_hidden_states:
+            return NeoXOutput(logits, cache)
+        # Exact mode: rank 0's stream (every rank's is the same under the parallel residual).
+        hidden = jnp.stack(hidden)[:, 0] if self.tp_ranks else jnp.stack(hidden)
+        return NeoXOutput(logits, cache, hidden)

@@ -616,7 +616,8 @@ def check(args) -> int:
         report["merged_vs_exact"] = merged_vs_exact(ref, merged, tol)
     report["failures"] = [f"config differs: {d}" for d in differing] + report["failures"]
     report.update({"dtype": dtype, "tolerances": dataclasses.asdict(tol), "checkpoint": str(checkpoint),
-                   "model": str(jax_path), "tp_exact": args.tp_exact, "prompts_text": texts, "prompt_tokens": [len(t) for t in tokens],
+                   "model": str(jax_path), "tp_exact": args.tp_exact, "prompts_text": texts,
+                   "prompt_tokens": [len(t) for t in tokens],
                    "verdict": "mismatch" if report["failures"] else "pass"})
     if differing:
         print("MISMATCH:\n" + "\n".join(f"  - {f}" for f in report["failures"]))

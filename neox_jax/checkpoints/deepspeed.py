@@ -79,6 +79,9 @@ class PipeLayer:
     transformer: bool  # also stores attention.rotary_emb.inv_freq
 
 
+Combine = Callable[[PipeLayer, Param, list[np.ndarray]], np.ndarray]  # one parameter's rank shards -> its tensor
+
+
 def pipeline_index(spec: ParamSpec, config: NeoXConfig) -> int:
     """0 the embedding, 2..L+1 the transformer layers, L+3 the final norm, L+4 the output layer."""
     if spec.layer is not None:
@@ -297,8 +300,7 @@ class DeepSpeedCheckpoint:
 
         return self._stream(on_file, keep)
 
-    def _stream(self, on_file: Callable[[Path], None] | None,
-                combine: Callable[[PipeLayer, Param, list[np.ndarray]], np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
+    def _stream(self, on_file: Callable[[Path], None] | None, combine: Combine) -> Iterator[tuple[str, np.ndarray]]:
         last_use = {self._file(layer.idx, r): layer.idx for layer in self.layers for r in range(self.ranks)}
         for layer in self.layers:
             shards = [self._shard(layer.idx, r) for r in range(self.ranks)]
