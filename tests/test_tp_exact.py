@@ -158,3 +158,18 @@ def test_parity_check_tp_exact(case, tmp_path, capsys):
 
     assert main([*argv, "--model", str(path)]) == 2  # a converted directory holds merged weights only
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: --tp-exact runs neox_jax on")
+
+
+def test_lm_eval_model_arg(case, tmp_path):
+    """`tp_exact=true` in model_args loads the exact mode; a value lm-eval could not parse is named."""
+    pytest.importorskip("lm_eval")
+    from neox_jax.lm_eval_model import NeoXLM
+
+    path, _, _ = case
+    if tensor_parallel.num_ranks(path) != 4:
+        pytest.skip("one case is enough")
+    tokenizer = tmp_path / "tokenizer.json"
+    demo_tokenizer()._tokenizer.save(str(tokenizer))
+    assert NeoXLM(str(path), tokenizer=str(tokenizer), dtype="float32", tp_exact=True).model.tp_ranks == 4
+    with pytest.raises(ValueError, match="tp_exact must be true or false, got 'yes'"):
+        NeoXLM(str(path), tokenizer=str(tokenizer), dtype="float32", tp_exact="yes")
