@@ -136,7 +136,8 @@ def test_reference_checks_each_rank_file(tmp_path):
 
 
 def test_parity_check_tp_exact(case, tmp_path, capsys):
-    """`parity.check --tp-exact` passes on the exact mode and reports the merged model's distance per prompt."""
+    """`parity.check --tp-exact` passes on the exact mode and reports the merged model's distance per prompt;
+    in fp16, so that the reference's fp16 path (gloo all-reduces fp16) runs too (fp32 is checked above)."""
     from parity.check import main
 
     path, config, _ = case
@@ -145,15 +146,15 @@ def test_parity_check_tp_exact(case, tmp_path, capsys):
     tokenizer = tmp_path / "tokenizer.json"
     demo_tokenizer()._tokenizer.save(str(tokenizer))
     report = tmp_path / "report.json"
-    argv = ["--checkpoint", str(path), "--tokenizer", str(tokenizer), "--dtype", "float32", "--max-new-tokens", "4",
+    argv = ["--checkpoint", str(path), "--tokenizer", str(tokenizer), "--dtype", "float16", "--max-new-tokens", "4",
             "--prompt", "GPT-NeoX-20B is", "--prompt", "The quick brown fox", "--tp-exact", "--json", str(report)]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "the merged model against the exact tensor-parallel reference" in out and out.rstrip().endswith("PASS")
     data = json.loads(report.read_text())
-    assert data["tp_exact"] and data["overall"]["rel_l2"] <= 1e-5
+    assert data["tp_exact"] and data["overall"]["rel_l2"] <= 1e-2
     merged = data["merged_vs_exact"]
-    assert len(merged["prompts"]) == 2 and merged["overall"]["rel_l2"] > 1e-3
+    assert len(merged["prompts"]) == 2 and merged["overall"]["rel_l2"] > 2e-2
     assert all(p["mean_kl"] > 0 and 0 <= p["top1"] <= 1 for p in merged["prompts"])
 
     assert main([*argv, "--model", str(path)]) == 2  # a converted directory holds merged weights only
