@@ -2,6 +2,8 @@
 must be set before JAX starts: XLA_FLAGS=--xla_force_host_platform_device_count=8 pytest tests/sharded_cases.py
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -193,6 +195,13 @@ def test_exact_mode_on_a_mesh_equals_one_device(exact_models, ranks, model_size)
     model = neox_jax.load(path, "float32", mesh=mesh, progress=False, tp_exact=True)
     np.testing.assert_allclose(model.logits(TOKENS), logits, atol=1e-5 * np.abs(logits).max(), rtol=0)
     assert model.generate(PROMPTS, 10, stop_token=None) == tokens
+    # Each device runs its own ranks: the program moves partial sums (all-reduce), never weights or copies.
+    tokens = model.decoder.place_rows(np.asarray(TOKENS, np.int32))
+    positions = model.decoder.place_rows(np.broadcast_to(np.arange(TOKENS.shape[1], dtype=np.int32), TOKENS.shape))
+    program = jax.jit(model._logits_fn).lower(model.params, tokens, positions).compile().as_text()
+    collectives = re.findall(r"\b(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(",
+                             program)
+    assert collectives and set(collectives) == {"all-reduce"}, sorted(set(collectives))
     per_device = ranks // model_size
     for leaf in (model.params["layers_1"]["post_attention_layernorm"]["bias"],
                  model.params["layers_0"]["attention"]["dense.bias"]):
