@@ -65,7 +65,9 @@ def test_the_merged_model_is_another_model(case):
 
 def test_each_rank_uses_its_own_copies(case, exact):
     """Fault: the ranks' copies given to the wrong ranks (the rank axis reversed) is caught."""
-    _, _, ref = case
+    path, _, ref = case
+    if tensor_parallel.num_ranks(path) != 4:
+        pytest.skip("one case is enough")
     swapped = jax.tree.map(lambda x: x[::-1] if x.shape[0] == exact.tp_ranks and x.ndim == 2 else x, exact.params)
     model = neox_jax.NeoXModel(exact.config, swapped, "float32")
     assert rel_l2(model.logits(PROMPTS)[0], ref["logits"][0].numpy()) > 1e-3
@@ -146,7 +148,7 @@ def test_parity_check_tp_exact(case, tmp_path, capsys):
     tokenizer = tmp_path / "tokenizer.json"
     demo_tokenizer()._tokenizer.save(str(tokenizer))
     report = tmp_path / "report.json"
-    argv = ["--checkpoint", str(path), "--tokenizer", str(tokenizer), "--dtype", "float16", "--max-new-tokens", "4",
+    argv = ["--checkpoint", str(path), "--tokenizer", str(tokenizer), "--dtype", "float16", "--max-new-tokens", "2",
             "--prompt", "GPT-NeoX-20B is", "--prompt", "The quick brown fox", "--tp-exact", "--json", str(report)]
     assert main(argv) == 0
     out = capsys.readouterr().out
