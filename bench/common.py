@@ -7,6 +7,7 @@ import ctypes
 import datetime
 import gc
 import json
+import math
 import os
 import platform
 import shlex
@@ -73,13 +74,23 @@ def param_count(config: NeoXConfig) -> int:
         + 2 * config.hidden_size
 
 
-def decode_weight_bytes(config: NeoXConfig, batch: int, itemsize: int) -> int:
+def decode_weight_bytes(config: NeoXConfig, batch: int, itemsize: int, quantize: str | None = None) -> int:
     """Bytes of parameters one decode step must read: every layer, the final norm and the full output head,
-    but only `batch` rows of the input embedding (a gather). KV-cache reads are not included."""
+    but only `batch` rows of the input embedding (a gather). KV-cache reads are not included. With
+    `quantize`, the matmul weights count as stored: values plus their per-channel scales."""
     d = config.hidden_size
     head = config.vocab_size * d
     embed_rows = 0 if config.tie_word_embeddings else min(batch, config.vocab_size) * d
-    return itemsize * (config.num_layers * layer_params(config) + 2 * d + head + embed_rows)
+    total = itemsize * (config.num_layers * layer_params(config) + 2 * d + head + embed_rows)
+    if quantize:
+        from neox_jax.params import model_params
+        from neox_jax.quantize import abstract_leaves, lookup, quantizes
+
+        for spec in filter(quantizes, model_params(config)):
+            stored = abstract_leaves(spec, config, np.float32, lookup(quantize))
+            total += sum(math.prod(leaf.shape) * leaf.dtype.itemsize for _, leaf in stored)
+            total -= itemsize * math.prod(spec.shape(config))
+    return total
 
 
 def kv_bytes(config: NeoXConfig, batch: int, slots: int, itemsize: int) -> int:

@@ -18,6 +18,9 @@ tokens (no stop token: each decodes exactly `--new-tokens`, greedy, with a KV ca
   activations and allocator pools (not the host copy of the random weights every engine is built from).
 * jax speedup: neox-jax's tok/s divided by that engine's; same tokens: rows whose tokens equal neox-jax's.
 
+`neox-jax-int8` is neox-jax with `quantize="int8"` (docs/quantization.md): each case then also reports its
+decode against neox-jax fp32 and transformers fp32 from the same run, and the bytes it reads per step.
+
 After the neox-jax timings of each case, the weight-read bandwidth of its decode (bytes of parameters
 one step must read: every layer and the output head, the input embedding only for the gathered rows,
 KV cache not counted; over the time of one step) is set against references measured right then: host
@@ -40,13 +43,14 @@ from .common import (SHAPES, PeakRSS, decode_weight_bytes, load_average, machine
                      median, param_count, parse_list, release_memory, rss_mb, run_worker, table, utc_now,
                      write_page)
 
-ENGINES = ("neox-jax", "parity", "transformers")
+ENGINES = ("neox-jax", "neox-jax-int8", "parity", "transformers")
 
 
 # ---- engines: each returns per-run (prefill_s, decode_s, decode_steps, tokens) ----
 
 class NeoXJaxEngine:
     name = "neox-jax"
+    quantize = None
 
     @staticmethod
     def prepare():
@@ -63,13 +67,21 @@ class NeoXJaxEngine:
         from neox_jax.api import NeoXModel
         from neox_jax.weights import build_params
 
-        self.model = NeoXModel(config, build_params(config, tensors.items(), jnp.float32, progress=False), "float32")
+        params = build_params(config, tensors.items(), jnp.float32, progress=False, quantize=self.quantize)
+        self.model = NeoXModel(config, params, "float32", quantize=self.quantize)
         self.compile_seconds = 0.0
 
     def run(self, prompts: np.ndarray, new_tokens: int):
         g = self.model.generate_timed(prompts.tolist(), new_tokens, stop_token=None)
         self.compile_seconds += g.compile_seconds
         return g.prefill_seconds, g.decode_seconds, g.decode_steps, g.tokens
+
+
+class NeoXJaxInt8Engine(NeoXJaxEngine):
+    """neox-jax with its matmul weights in int8, a scale per output channel (activations fp32)."""
+
+    name = "neox-jax-int8"
+    quantize = "int8"
 
 
 class ParityEngine:
@@ -176,7 +188,8 @@ class TransformersEngine:
         return times[0] - start, times[-1] - times[0], new_tokens - 1, new.tolist()
 
 
-ENGINE_CLASSES = {"neox-jax": NeoXJaxEngine, "parity": ParityEngine, "transformers": TransformersEngine}
+ENGINE_CLASSES = {"neox-jax": NeoXJaxEngine, "neox-jax-int8": NeoXJaxInt8Engine, "parity": ParityEngine,
+                  "transformers": TransformersEngine}
 
 
 def make_prompts(config, batch: int, prompt_len: int, seed: int) -> np.ndarray:
@@ -324,6 +337,22 @@ def case_table(case) -> tuple[list[str], list[list]]:
     return headers, rows
 
 
+def quantized_lines(case, config) -> list[str]:
+    """The int8 engine against neox-jax fp32 and transformers fp32 of the same case, and its bytes per step."""
+    engines = case["engines"]
+    int8 = engines.get("neox-jax-int8")
+    if int8 is None:
+        return []
+    fp32 = decode_weight_bytes(config, case["batch"], 4)
+    int8_bytes = decode_weight_bytes(config, case["batch"], 4, "int8")
+    ratios = [f"{int8['decode_tokens_per_s'] / engines[name]['decode_tokens_per_s']:.2f}x {name} fp32"
+              for name in ("neox-jax", "transformers") if name in engines]
+    return [f"neox-jax-int8 decode reads {int8_bytes / 1e6:.1f} MB of weights per step ({int8_bytes / fp32:.2f} of "
+            f"fp32's {fp32 / 1e6:.1f} MB) in {int8['ms_per_step']:.2f} ms = "
+            f"{int8_bytes / (int8['ms_per_step'] / 1e3) / 1e9:.1f} GB/s",
+            f"  decode tok/s: {', '.join(ratios) or 'no fp32 engine in this run'} (issue 14's targets: 1.8x and 2.5x)"]
+
+
 def bandwidth_lines(case) -> list[str]:
     bw = case.get("bandwidth")
     if not bw:
@@ -340,13 +369,14 @@ def bandwidth_lines(case) -> list[str]:
 def print_case(case, config) -> None:
     print(f"\n== {case_title(case, config)} ==")
     print(table(*case_table(case)))
-    for line in bandwidth_lines(case):
+    for line in bandwidth_lines(case) + quantized_lines(case, config):
         print(line)
 
 
 def markdown_case(case, config) -> str:
     lines = [f"## {case_title(case, config)}", "", markdown_table(*case_table(case)), ""]
-    return "\n".join(lines + [f"- {line.strip().removeprefix('= ')}" for line in bandwidth_lines(case)]) + "\n"
+    extra = bandwidth_lines(case) + quantized_lines(case, config)
+    return "\n".join(lines + [f"- {line.strip().removeprefix('= ')}" for line in extra]) + "\n"
 
 
 def main(argv=None) -> int:

@@ -21,7 +21,9 @@ two never share GPU memory; JAX gets XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 there u
 Weights: normal(0, 0.02) (output projections 0.02 / sqrt(2 L)), LayerNorm weights 1, biases 0, drawn
 straight into device memory (jax.random per params leaf of `weights.abstract_params`; torch normal_ on the
 CUDA parameters): nothing goes through the host, and no files. The two engines get different random weights;
-the work per token is the same.
+the work per token is the same. `neox-jax-int8` / `neox-jax-fp8` (`--engines`) hold their matmul weights
+quantized: random stored values (int8: normal with std 42, clipped to +-127; fp8: normal(0, 1) rounded to
+e4m3) and per-channel scales that give the weights the same std; their bytes per step count values and scales.
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ from neox_jax.dtypes import DTYPES, NAMES
 from .common import (WorkerError, decode_weight_bytes, fmt, kv_bytes, median, param_count, parse_list,
                      prefill_flops, run_worker, sig, table)
 
-ENGINES = ("neox-jax", "parity")
+ENGINES = ("neox-jax", "neox-jax-int8", "neox-jax-fp8", "parity")
+DEFAULT_ENGINES = ("neox-jax", "parity")  # the quantized rows: --engines neox-jax-int8,neox-jax-fp8
+QUANTIZE = {"neox-jax": None, "neox-jax-int8": "int8", "neox-jax-fp8": "fp8"}  # weight-only (docs/quantization.md)
 GIB = 2 ** 30
 
 
@@ -100,9 +104,10 @@ def jax_worker(args, config) -> dict:
     from neox_jax.weights import abstract_params
 
     dtype = DTYPES[args.dtype].jax
+    quantize = QUANTIZE[args.worker]
     device = jax.local_devices()[0]
-    log(f"neox-jax on {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
-    out = {"engine": "neox-jax", "device": f"{device.device_kind} ({jax.default_backend()})"}
+    log(f"{args.worker} on {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
+    out = {"engine": args.worker, "device": f"{device.device_kind} ({jax.default_backend()})"}
 
     def memory():
         stats = device.memory_stats() if hasattr(device, "memory_stats") else None
@@ -112,14 +117,18 @@ def jax_worker(args, config) -> dict:
     log(f"device copy {out['copy_gbps']:.0f} GB/s")
 
     start = time.perf_counter()
-    spec = abstract_params(config, dtype)
+    spec = abstract_params(config, dtype, quantize)
     key = jax.random.PRNGKey(args.seed)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(spec)
     values = []
     for i, (path, leaf) in enumerate(leaves):
-        name = "/".join(str(getattr(k, "key", k)) for k in path)
-        std = init_std(name, config)
-        if std is None:
+        name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+        std = init_std(name.removesuffix("/values").removesuffix("/scale"), config)
+        if name.endswith("/values"):
+            values.append(_quantized_values(jax.random.fold_in(key, i), leaf.shape, leaf.dtype))
+        elif name.endswith("/scale"):
+            values.append(jnp.full(leaf.shape, std / (QUANTIZED_STD if quantize == "int8" else 1.0), leaf.dtype))
+        elif std is None:
             values.append(jnp.zeros(leaf.shape, leaf.dtype))
         elif std == 1.0:
             values.append(jnp.ones(leaf.shape, leaf.dtype))
@@ -129,7 +138,7 @@ def jax_worker(args, config) -> dict:
     jax.block_until_ready(params)
     out["init_seconds"] = time.perf_counter() - start
     log(f"random params on device in {out['init_seconds']:.1f} s")
-    model = NeoXModel(config, params, args.dtype)
+    model = NeoXModel(config, params, args.dtype, quantize=quantize)
     rng = np.random.default_rng(args.seed)
     context = config.max_position_embeddings
     itemsize = dtype.itemsize
@@ -186,6 +195,23 @@ def _normal(key, shape, dtype, std):
     @jax.jit
     def draw(key):
         return (jax.random.normal(key, shape, dtype) * std).astype(dtype)
+
+    return draw(key)
+
+
+QUANTIZED_STD = 42.0  # random int8 values: clipped at 3 standard deviations
+
+
+def _quantized_values(key, shape, dtype):
+    import jax
+    import jax.numpy as jnp
+
+    @jax.jit
+    def draw(key):
+        x = jax.random.normal(key, shape, jnp.float32)
+        if dtype == jnp.int8:
+            return jnp.clip(jnp.round(x * QUANTIZED_STD), -127, 127).astype(dtype)
+        return x.astype(dtype)
 
     return draw(key)
 
@@ -362,7 +388,7 @@ def short_error(e: Exception) -> str:
 
 def child_env(engine: str) -> dict:
     env = dict(os.environ)
-    if engine == "neox-jax":
+    if engine.startswith("neox-jax"):
         env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")  # room for the batch-32 cache next to 41 GB
     else:
         env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # the cache grows by torch.cat
@@ -406,7 +432,7 @@ def report(config, args, results: dict) -> None:
                 rows.append([name, c["batch"], c["prompt"], c["slots"], c["error"][:60]] + [""] * 6)
                 continue
             step = c["seconds"] / c["steps"]
-            weights = decode_weight_bytes(config, c["batch"], itemsize)
+            weights = decode_weight_bytes(config, c["batch"], itemsize, QUANTIZE.get(name))
             filled = c["prompt"] + c["steps"] / 2  # mean filled length over the timed steps
             kv = kv_bytes(config, c["batch"], 1, itemsize) * filled
             rows.append([name, c["batch"], c["prompt"], c["slots"], f"{1e3 * step:.2f}",
@@ -442,7 +468,7 @@ def main(argv=None) -> int:
     parser.add_argument("--decode-steps", type=int, default=64)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--copy-gib", type=float, default=4.0, help="size of the device copy bandwidth probe")
-    parser.add_argument("--engines", default=",".join(ENGINES))
+    parser.add_argument("--engines", default=",".join(DEFAULT_ENGINES), help=f"comma list of {', '.join(ENGINES)}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
@@ -462,7 +488,7 @@ def main(argv=None) -> int:
 
     if args.worker:
         try:
-            result = (jax_worker if args.worker == "neox-jax" else parity_worker)(args, config)
+            result = (jax_worker if args.worker in QUANTIZE else parity_worker)(args, config)
         except Exception as e:
             traceback.print_exc()
             result = {"engine": args.worker, "error": short_error(e)}

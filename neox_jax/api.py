@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 from .checkpoints import Checkpoint, CheckpointError, open_checkpoint
 from .config import NeoXConfig
 from .decode import Compiled, Decoder, Generation, length_bucket
+from . import quantize as quantization
 from .dtypes import default_dtype, lookup
 from .model import NeoX
 from .sampling import Sampling
@@ -38,12 +39,14 @@ class NeoXModel:
     """Config plus params on device, with compiled entry points for logits and generation."""
 
     def __init__(self, config: NeoXConfig, params: dict, dtype: str = "float32", rotary_dtype: str | None = None,
-                 tokenizer: Tokenizer | None = None, mesh: Mesh | None = None):
+                 tokenizer: Tokenizer | None = None, mesh: Mesh | None = None, quantize: str | None = None):
         lookup(dtype)  # refuses an unknown name
+        quantization.lookup(quantize)
         self.config = config
         self.params = params
         self.tokenizer = tokenizer
         self.dtype = dtype
+        self.quantize = quantize  # how `params` holds the matmul weights (None: in `dtype`)
         self.tp_ranks = tp_ranks_of(params)  # exact tensor-parallel params: the ranks they keep (None: merged)
         self.module = NeoX(config, lookup(dtype).jax, lookup(rotary_dtype).jax if rotary_dtype else None,
                            self.tp_ranks)
@@ -165,7 +168,7 @@ def prompt_batch(prompts) -> tuple[list[str] | list[list[int]], bool]:
 def load(path: str | os.PathLike, dtype: str | None = None, rotary_dtype: str | None = None,
          tokenizer: str | os.PathLike | None = None, mesh: Mesh | None = None, progress: bool = True,
          config: NeoXConfig | str | os.PathLike | None = None, revision: str | None = None,
-         tp_exact: bool = False) -> NeoXModel:
+         tp_exact: bool = False, quantize: str | None = None) -> NeoXModel:
     """Load a Hugging Face GPT-NeoX directory, GPT-NeoX DeepSpeed shards (merged while streaming), or a
     model id on the Hugging Face hub (`"EleutherAI/pythia-410m"`, at `revision`: a branch, tag or commit),
     through huggingface_hub's cache (`HF_HOME`; `HF_HUB_OFFLINE=1`: the cache only).
@@ -180,10 +183,14 @@ def load(path: str | os.PathLike, dtype: str | None = None, rotary_dtype: str | 
     biases and compute as the ranks did in training (see `neox_jax.model`), instead of merging them into
     one model; the mesh's model axis must divide the rank count. A 1-rank checkpoint has nothing to merge:
     its model is the same either way. Raises CheckpointError for a Hugging Face directory or hub id.
+
+    `quantize` ("int8" or "fp8") stores every matmul weight in that format with a scale per output channel,
+    quantized tensor by tensor while loading (docs/quantization.md); merged mode only.
     """
+    quantization.lookup(quantize)  # an unknown mode fails before the checkpoint is opened
     checkpoint = open_checkpoint(path, config, revision)
     return load_checkpoint(checkpoint, dtype, rotary_dtype, tokenizer, mesh, progress,
-                           exact_ranks(checkpoint, tp_exact))
+                           exact_ranks(checkpoint, tp_exact), quantize)
 
 
 def exact_ranks(checkpoint: Checkpoint, tp_exact: bool) -> int | None:
@@ -203,15 +210,18 @@ def exact_ranks(checkpoint: Checkpoint, tp_exact: bool) -> int | None:
 
 def load_checkpoint(checkpoint: Checkpoint, dtype: str | None = None, rotary_dtype: str | None = None,
                     tokenizer: Tokenizer | str | os.PathLike | None = None, mesh: Mesh | None = None,
-                    progress: bool = True, tp_ranks: int | None = None) -> NeoXModel:
+                    progress: bool = True, tp_ranks: int | None = None, quantize: str | None = None) -> NeoXModel:
     """`tp_ranks`: `exact_ranks(checkpoint, True)`, for the exact tensor-parallel mode (None: merged)."""
     dtype = dtype or default_dtype()
     jax_dtype = lookup(dtype).jax
+    quantization.lookup(quantize)
     if not isinstance(tokenizer, Tokenizer):
         tokenizer = find_tokenizer(tokenizer, *checkpoint_dirs(checkpoint))
         tokenizer = None if tokenizer is None else load_tokenizer(tokenizer)
-    mesh = mesh or default_mesh(checkpoint.config, jax_dtype)
-    require_fit(plan_memory(checkpoint.config, jax_dtype, mesh, tp_ranks=tp_ranks), checkpoint.config, mesh, 0, 0)
+    mesh = mesh or default_mesh(checkpoint.config, jax_dtype, quantize)
+    require_fit(plan_memory(checkpoint.config, jax_dtype, mesh, tp_ranks=tp_ranks, quantize=quantize),
+                checkpoint.config, mesh, 0, 0)
     tensors = checkpoint.per_rank_tensors() if tp_ranks else checkpoint.tensors(dtype=jax_dtype)
-    params = build_params(checkpoint.config, tensors, jax_dtype, mesh, progress=progress, tp_ranks=tp_ranks)
-    return NeoXModel(checkpoint.config, params, dtype, rotary_dtype, tokenizer, mesh)
+    params = build_params(checkpoint.config, tensors, jax_dtype, mesh, progress=progress, tp_ranks=tp_ranks,
+                          quantize=quantize)
+    return NeoXModel(checkpoint.config, params, dtype, rotary_dtype, tokenizer, mesh, quantize)

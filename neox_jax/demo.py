@@ -10,9 +10,10 @@ from .tokenizer import demo_tokenizer
 from .weights import build_params
 
 
-def demo_model(dtype: str = "float32", rotary_dtype: str | None = None, mesh=None) -> NeoXModel:
+def demo_model(dtype: str = "float32", rotary_dtype: str | None = None, mesh=None,
+               quantize: str | None = None) -> NeoXModel:
     tokenizer = demo_tokenizer()
     config = PRESETS["tiny"]
     tensors = random_tensors(config, seed=0)
-    params = build_params(config, tensors.items(), lookup(dtype).jax, mesh, progress=False)
-    return NeoXModel(config, params, dtype, rotary_dtype, tokenizer, mesh)
+    params = build_params(config, tensors.items(), lookup(dtype).jax, mesh, progress=False, quantize=quantize)
+    return NeoXModel(config, params, dtype, rotary_dtype, tokenizer, mesh, quantize)

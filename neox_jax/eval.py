@@ -1,10 +1,10 @@
 """`python -m neox_jax.eval`: lm-evaluation-harness's own CLI with the `neox-jax` model registered.
 
-Every argument is lm-eval's (`lm-eval run --help`); the changes are that `--model` defaults to `neox-jax` and
-that `--tp-exact` is short for the model_arg `tp_exact=true`. lm-eval 0.4 has no plugin discovery for models
-(its registry is filled from a fixed table and by importing modules), so its `lm_eval` console script cannot
-see `neox-jax`: use this module, or `import neox_jax.lm_eval_model` before calling
-`lm_eval.simple_evaluate(model="neox-jax", ...)`.
+Every argument is lm-eval's (`lm-eval run --help`); the changes are that `--model` defaults to `neox-jax`,
+that `--tp-exact` is short for the model_arg `tp_exact=true` and `--quantize int8` (or fp8) for
+`quantize=int8`. lm-eval 0.4 has no plugin discovery for models (its registry is filled from a fixed table
+and by importing modules), so its `lm_eval` console script cannot see `neox-jax`: use this module, or
+`import neox_jax.lm_eval_model` before calling `lm_eval.simple_evaluate(model="neox-jax", ...)`.
 
     python -m neox_jax.eval --model_args pretrained=DIR,tokenizer=FILE,dtype=float16 \\
         --tasks lambada_openai,piqa --batch_size 16 --output_path results/
@@ -39,6 +39,7 @@ MODEL_ARGS_HELP = """neox-jax: lm-eval's CLI with --model neox-jax by default. n
   model_parallel=N,data_parallel=M   device mesh (default: one device, or all on the model axis if needed)
   tp_exact=true          DeepSpeed shards only: compute as the tensor-parallel ranks did in training, each
                          rank's LayerNorm copies and row-parallel biases kept (also: --tp-exact)
+  quantize=int8|fp8      weight-only quantization of the matmul weights (also: --quantize int8)
 """
 
 
@@ -46,13 +47,33 @@ def _has_option(argv: list[str], *names: str) -> bool:
     return any(a in names or any(a.startswith(n + "=") for n in names) for a in argv)
 
 
+def take_quantize(argv: list[str]) -> tuple[list[str], str | None]:
+    """argv without `--quantize MODE` / `--quantize=MODE`, and MODE (None if not given). Raises ValueError."""
+    from .quantize import lookup
+
+    rest, mode = [], None
+    args = iter(argv)
+    for a in args:
+        if a == "--quantize" or a.startswith("--quantize="):
+            mode = a.partition("=")[2] if "=" in a else next(args, None)
+            if mode is None:
+                raise ValueError("--quantize needs a mode: int8 or fp8")
+            lookup(mode)
+        else:
+            rest.append(a)
+    return rest, mode
+
+
 def build_argv(argv: list[str]) -> list[str]:
     """lm-eval argv (without the program name) for our argv: `run` when no subcommand is named,
     `--model neox-jax` unless --model or a --config file (which must name the model) is given, and
-    `--tp-exact` as `tp_exact=True` added to --model_args."""
+    `--tp-exact` as `tp_exact=True` and `--quantize MODE` as `quantize=MODE` added to --model_args."""
     if "--tp-exact" in argv:
         argv = [a for a in argv if a != "--tp-exact"]
         argv = _add_model_arg(argv, "tp_exact=True")
+    argv, quantize = take_quantize(argv)
+    if quantize:
+        argv = _add_model_arg(argv, f"quantize={quantize}")
     if not argv or argv[0] not in SUBCOMMANDS:
         argv = ["run", *argv]
     if argv[0] == "run" and not _has_option(argv, "--model", "-M", "--config", "-C"):
@@ -89,8 +110,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from .checkpoints import CheckpointError
 
-    sys.argv = ["lm-eval", *build_argv(argv)]
     try:
+        sys.argv = ["lm-eval", *build_argv(argv)]
         cli_evaluate()
     # A missing or broken model, a bad model_arg, an unknown task (lm-eval raises ValueError for it), NaN scores.
     except (CheckpointError, ValueError, OSError, FloatingPointError) as e:

@@ -19,6 +19,7 @@ from .checkpoints import CheckpointError
 from .config import PRESETS, ConfigError
 from .decode import Generation, GenerationError, NonFiniteLogitsError, check_stop_token, validate_request
 from .dtypes import NAMES, default_dtype, lookup
+from .quantize import NAMES as QUANTIZE_NAMES
 from .sampling import Sampling, SamplingError
 from .sharding import ShardingError
 from .streaming import STREAM_CHUNK, TextStream, stream_text
@@ -69,6 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="token id that ends a completion (default: the tokenizer's <|endoftext|>; -1: never stop)")
     p.add_argument("--dtype", choices=NAMES,
                    help="compute dtype (default: float16 on GPU, float32 on CPU)")
+    p.add_argument("--quantize", choices=QUANTIZE_NAMES,
+                   help="store every matmul weight as int8 (or fp8 e4m3) with a scale per output channel, "
+                        "quantized while loading: a quarter of fp32's bytes, half of fp16's (docs/quantization.md)")
     p.add_argument("--rotary-dtype", choices=NAMES,
                    help="precision of the rotary angle tables (default: the model dtype, fp32 for bf16)")
     p.add_argument("--mesh", help="split the model over devices: model=N[,data=M] (default: one device, or all "
@@ -131,7 +135,7 @@ def load_model(args, prompts: list[str]):
         from .sharding import make_mesh, parse_mesh
 
         mesh = make_mesh(**parse_mesh(args.mesh)) if args.mesh else None
-        model = demo_model(args.dtype or "float32", args.rotary_dtype, mesh)
+        model = demo_model(args.dtype or "float32", args.rotary_dtype, mesh, args.quantize)
         return model, encode(model.tokenizer, prompts, model.config, args.max_new_tokens)
     checkpoint = open_checkpoint(args.model, PRESETS[args.preset] if args.preset else args.config, args.revision)
     tokenizer = load_tokenizer(require_tokenizer(args.tokenizer, checkpoint))
@@ -140,7 +144,7 @@ def load_model(args, prompts: list[str]):
     tp_ranks = exact_ranks(checkpoint, args.tp_exact)
     mesh = plan_devices(args, checkpoint.config, prompt_ids, tp_ranks)
     model = load_checkpoint(checkpoint, dtype=args.dtype, rotary_dtype=args.rotary_dtype, tokenizer=tokenizer,
-                            mesh=mesh, tp_ranks=tp_ranks)
+                            mesh=mesh, tp_ranks=tp_ranks, quantize=args.quantize)
     return model, prompt_ids
 
 
@@ -150,11 +154,12 @@ def plan_devices(args, config, prompt_ids: list[list[int]], tp_ranks: int | None
     from .sharding import check_model_axis_divides, default_mesh, make_mesh, parse_mesh, plan_memory, require_fit
 
     dtype = lookup(args.dtype or default_dtype()).jax
-    mesh = make_mesh(**parse_mesh(args.mesh)) if args.mesh else default_mesh(config, dtype)
+    mesh = make_mesh(**parse_mesh(args.mesh)) if args.mesh else default_mesh(config, dtype, args.quantize)
     check_model_axis_divides(config, mesh, tp_ranks)
     batch = max(len(prompt_ids), 1)
     context = min(max((len(p) for p in prompt_ids), default=0) + args.max_new_tokens, config.max_position_embeddings)
-    require_fit(plan_memory(config, dtype, mesh, batch, context, tp_ranks), config, mesh, batch, context)
+    require_fit(plan_memory(config, dtype, mesh, batch, context, tp_ranks, args.quantize), config, mesh, batch,
+                context)
     return mesh
 
 
@@ -205,7 +210,8 @@ def show(args, prompt: str, ids: list[int], stream: TextStream, batch: int) -> N
 def report(model, timing: Generation, prompt_ids, load_seconds: float | None = None) -> None:
     per_token = 1e3 * timing.decode_seconds / max(timing.decode_steps, 1)
     load = f"load {load_seconds:.2f}s | " if load_seconds is not None else ""
-    print(f"[{model.dtype}] {load}compile {timing.compile_seconds:.2f}s | "
+    quantized = f", {model.quantize}" if model.quantize else ""
+    print(f"[{model.dtype}{quantized}] {load}compile {timing.compile_seconds:.2f}s | "
           f"prefill {sum(len(ids) for ids in prompt_ids)} tokens {1e3 * timing.prefill_seconds:.1f}ms | "
           f"decode {timing.decode_steps} steps x batch {len(prompt_ids)}: {per_token:.2f} ms/token",
           file=sys.stderr)

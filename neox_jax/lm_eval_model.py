@@ -13,6 +13,7 @@ model_args:
   tokenizer    a tokenizer JSON (default: the model's `tokenizer.json`, else its one `*tokenizer*.json`).
   dtype        float16 | bfloat16 | float32 (default: float16 on accelerators, float32 on CPU).
   rotary_dtype rotary table dtype (default as `neox_jax.load`: the model dtype, fp32 for bf16).
+  quantize     int8 | fp8: weight-only quantization of the matmul weights (docs/quantization.md).
   max_length   context used for scoring (default and maximum: max_position_embeddings).
   max_gen_toks default generation budget of generate_until (256, as lm-eval's `hf` model).
   prefix_token_id  token conditioning an empty context and the first rolling window (default <|endoftext|>).
@@ -56,6 +57,7 @@ from tqdm import tqdm
 
 from .api import NeoXModel, load
 from .decode import Compiled, length_bucket
+from .quantize import QuantizedWeight
 from .sharding import DATA, to_host
 from .tokenizer import END_OF_TEXT, Tokenizer, load_tokenizer
 
@@ -137,7 +139,8 @@ class NeoXLM(TemplateLM):
                  max_batch_size: int | None = None, max_length: int | None = None,
                  max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, prefix_token_id: int | None = None,
                  device: str | None = None, model_parallel: int | None = None, data_parallel: int | None = None,
-                 revision: str | None = None, tp_exact: bool = False, **kwargs: Any):
+                 revision: str | None = None, tp_exact: bool = False, quantize: str | None = None,
+                 **kwargs: Any):
         super().__init__()
         if kwargs:
             logger.warning("neox-jax: ignoring unsupported model_args %s", sorted(kwargs))
@@ -147,6 +150,8 @@ class NeoXLM(TemplateLM):
         if isinstance(pretrained, NeoXModel):
             if dtype is not None and dtype != pretrained.dtype:
                 raise ValueError(f"dtype={dtype!r} given with a model already loaded as {pretrained.dtype}")
+            if quantize is not None and quantize != pretrained.quantize:
+                raise ValueError(f"quantize={quantize!r} given with a model already loaded as {pretrained.quantize}")
             if tokenizer is None:
                 raise ValueError("tokenizer= is required when pretrained is a loaded NeoXModel")
             self.model = pretrained
@@ -160,7 +165,7 @@ class NeoXLM(TemplateLM):
             if not isinstance(tp_exact, bool):  # lm-eval passes model_args values it cannot parse as strings
                 raise ValueError(f"tp_exact must be true or false, got {tp_exact!r}")
             self.model = load(pretrained, dtype=dtype, rotary_dtype=rotary_dtype, tokenizer=tokenizer,
-                              revision=revision, tp_exact=tp_exact, **extra)
+                              revision=revision, tp_exact=tp_exact, quantize=quantize, **extra)
             if self.model.tokenizer is None:
                 raise FileNotFoundError(f"{pretrained}: no tokenizer found (looked for tokenizer.json and "
                                         f"*tokenizer*.json beside the model): pass tokenizer=FILE in model_args")
@@ -214,8 +219,10 @@ class NeoXLM(TemplateLM):
         return self._tokenizer_path.replace("/", "__")
 
     def get_model_info(self) -> dict:
-        n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.model.params))
-        return {"model_num_parameters": n, "model_dtype": self.model.dtype, "model_revision": "", "model_sha": ""}
+        weights = jax.tree.leaves(self.model.params, is_leaf=lambda x: isinstance(x, QuantizedWeight))
+        n = sum(int(np.prod(x.shape)) for x in weights)  # a quantized weight's values, not its scales
+        return {"model_num_parameters": n, "model_dtype": self.model.dtype, "model_quantize": self.model.quantize,
+                "model_revision": "", "model_sha": ""}
 
     # ---- tokenisation ----
 

@@ -23,6 +23,13 @@ Numerics (the one place they are decided):
 - Masking uses the most negative fp32, applied to fp32 scores, so it cannot overflow.
 - The softmax's max, exponentials, sum and normalisation are fp32; the unnormalised weights (in (0, 1])
   meet the values in `dtype`, and the fp32 product is divided by the sum (flash attention's order).
+- Quantized weights (`neox_jax.quantize`, `load(..., quantize="int8")`): the matmul weights are stored as
+  int8 or fp8 e4m3 values with an fp32 scale per output channel. `matmul` and `contract` take them where
+  they take arrays: the values meet the activations in `dtype` (exact: both formats fit in fp16, bf16 and
+  fp32), the product accumulates in fp32 and the scale multiplies that fp32 result, per output channel
+  (it factors out of the contraction), before the single rounding to `dtype`. Activations, the input
+  embedding (a gather), LayerNorms, biases and softmax stay as above. Merged mode only: the exact
+  tensor-parallel mode below keeps the checkpoint's own per-rank numbers, which quantizing would not.
 - Rotary angle tables are rounded to `rotary_dtype`, by default the model dtype except for bf16
   (`default_rotary_dtype`). With fp16 this reproduces GPT-NeoX's training code, whose `inv_freq` buffer,
   positions and angle products were fp16 (an angle between 512 and 1024 radians is rounded to a multiple
@@ -57,6 +64,7 @@ import numpy as np
 
 from .config import NeoXConfig
 from .params import Kind, spec_at
+from .quantize import QuantizedWeight, quantized_contract
 
 F32 = jnp.float32
 MASKED = float(np.finfo(np.float32).min)
@@ -91,9 +99,16 @@ def _precision(dtype):
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
 
 
+def contract(spec: str, x, w, dtype):
+    """einsum `x` with a weight (an array or a QuantizedWeight) accumulated in fp32, not rounded."""
+    if isinstance(w, QuantizedWeight):
+        return quantized_contract(spec, x, w, _precision(dtype))
+    return jnp.einsum(spec, x, w, preferred_element_type=F32, precision=_precision(dtype))
+
+
 def matmul(spec: str, x, w, dtype):
     """einsum with fp32 accumulation, rounded once to `dtype`."""
-    return jnp.einsum(spec, x, w, preferred_element_type=F32, precision=_precision(dtype)).astype(dtype)
+    return contract(spec, x, w, dtype).astype(dtype)
 
 
 def rank_axis(tp_ranks: int | None) -> tuple[str, tuple[int, ...]]:
@@ -280,8 +295,7 @@ class MLP(nn.Module):
 
     def __call__(self, x):  # [B, T, D] -> [B, T, D]; exact mode [R, B, T, D], each rank its F/R columns
         (r, ranks), d = rank_axis(self.tp_ranks), self.config.hidden_size
-        up = jnp.einsum(f"{r}BTD,{r}FD->{r}BTF", x, self.up_w.reshape(*ranks, -1, d), preferred_element_type=F32,
-                        precision=_precision(self.dtype))
+        up = contract(f"{r}BTD,{r}FD->{r}BTF", x, self.up_w.reshape(*ranks, -1, d), self.dtype)
         up_b = per_rank(self.up_b.reshape(*ranks, -1), up.ndim).astype(F32)
         hidden = gelu(up + up_b, self.config.activation).astype(self.dtype)  # [B, T, F]
         out = matmul(f"{r}BTF,D{r}F->{r}BTD", hidden, self.down_w.reshape(d, *ranks, -1), self.dtype)
@@ -370,8 +384,7 @@ class NeoX(nn.Module):
         x = self.final_layer_norm(x)
         # Exact mode: each rank's final LayerNorm copy feeds its own block of the vocabulary (vocab-parallel).
         head = (self.embed_in if c.tie_word_embeddings else self.embed_out).reshape(*ranks, -1, c.hidden_size)
-        logits = jnp.einsum(f"{r}BTD,{r}VD->BT{r}V", x, head, preferred_element_type=F32,
-                            precision=_precision(self.dtype))
+        logits = contract(f"{r}BTD,{r}VD->BT{r}V", x, head, self.dtype)
         logits = logits.reshape(*logits.shape[:2], -1)  # [B, T, V]
         if not return_hidden_states:
             return NeoXOutput(logits, cache)

@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from .config import NeoXConfig
 from .params import MODEL, model_params, spec_at, split_sizes
+from .quantize import QUANTIZED_FIELDS, abstract_leaves, check_merged, leaf_mesh_axes, lookup
 
 DATA = "data"
 
@@ -88,19 +89,24 @@ def check_model_axis_divides(config: NeoXConfig, mesh: Mesh, tp_ranks: int | Non
 
 
 def param_spec(path: tuple[str, ...], tp_ranks: int | None = None) -> P:
-    """The partition spec of the params leaf at `path`, from its logical axes (`params.LOGICAL_AXIS_RULES`)."""
+    """The partition spec of the params leaf at `path`, from its logical axes (`params.LOGICAL_AXIS_RULES`);
+    a quantized weight's leaves are at `(*path, "values")` and `(*path, "scale")` (merged mode only)."""
+    if path and path[-1] in QUANTIZED_FIELDS:
+        return P(*leaf_mesh_axes(spec_at(path[:-1]), path[-1]))
     return P(*spec_at(path).mesh_axes(tp_ranks))
 
 
 def param_shardings(abstract_params: dict, mesh: Mesh, tp_ranks: int | None = None) -> dict:
     """A NamedSharding for every leaf of the params pytree (`tp_ranks`: of the exact mode's tree)."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: NamedSharding(mesh, param_spec(tuple(k.key for k in path), tp_ranks)), abstract_params)
+        lambda path, _: NamedSharding(mesh, param_spec(tuple(getattr(k, "key", getattr(k, "name", None))
+                                                             for k in path), tp_ranks)), abstract_params)
 
 
-def shard_bytes(shape, dtype, spec: P, mesh: Mesh) -> int:
-    """Bytes of one device's shard of an array."""
-    parts = math.prod(mesh.shape[axis] for axis in spec if axis is not None)
+def shard_bytes(shape, dtype, spec: P, mesh: Mesh | dict[str, int]) -> int:
+    """Bytes of one device's shard of an array, on a mesh or on mesh axis sizes ({"model": 4, "data": 1})."""
+    sizes = mesh.shape if isinstance(mesh, Mesh) else mesh
+    parts = math.prod(sizes[axis] for axis in spec if axis is not None)
     return math.prod(shape) * jnp.dtype(dtype).itemsize // parts
 
 
@@ -110,6 +116,7 @@ class MemoryPlan:
     cache_per_device: int
     available_per_device: int | None  # None where neither the backend nor the host says
     host: bool = False  # CPU devices: the host's available memory, shared between this process's devices
+    quantize: str | None = None  # how the weights are counted (None: in the model dtype)
 
     @property
     def needed_per_device(self) -> int:
@@ -148,20 +155,35 @@ def host_memory() -> int | None:
     return available
 
 
-def plan_memory(config: NeoXConfig, dtype, mesh: Mesh, batch: int = 0, context: int = 0,
-                tp_ranks: int | None = None) -> MemoryPlan:
-    """Bytes each device needs for the weights and a KV cache of `batch` sequences of `context` tokens
-    (`tp_ranks`: the weights of the exact tensor-parallel mode)."""
-    weights = sum(shard_bytes(spec.shape(config, tp_ranks), dtype, P(*spec.mesh_axes(tp_ranks)), mesh)
-                  for spec in model_params(config))
+def planned_bytes(config: NeoXConfig, dtype, mesh: Mesh | dict[str, int], batch: int = 0, context: int = 0,
+                  tp_ranks: int | None = None, quantize: str | None = None) -> tuple[int, int]:
+    """(weights, KV cache) bytes per device, from the declared params (quantized ones as values plus scales,
+    each with its own sharding; `tp_ranks`: the exact tensor-parallel mode's) and the cache's shape; `mesh`
+    may be axis sizes, for a mesh not on this machine."""
+    mode = lookup(quantize)
+    check_merged(tp_ranks, mode)
+    if mode is None:
+        weights = sum(shard_bytes(spec.shape(config, tp_ranks), dtype, P(*spec.mesh_axes(tp_ranks)), mesh)
+                      for spec in model_params(config))
+    else:
+        weights = sum(shard_bytes(leaf.shape, leaf.dtype, P(*leaf_mesh_axes(spec, field)), mesh)
+                      for spec in model_params(config) for field, leaf in abstract_leaves(spec, config, dtype, mode))
     layer_cache = (batch, config.num_heads, context, config.head_dim)
-    cache = 2 * config.num_layers * shard_bytes(layer_cache, dtype, CACHE_SPEC, mesh)
+    return weights, 2 * config.num_layers * shard_bytes(layer_cache, dtype, CACHE_SPEC, mesh)
+
+
+def plan_memory(config: NeoXConfig, dtype, mesh: Mesh, batch: int = 0, context: int = 0,
+                tp_ranks: int | None = None, quantize: str | None = None) -> MemoryPlan:
+    """Bytes each device needs for the weights (`tp_ranks`: those of the exact tensor-parallel mode;
+    `quantize`: as stored quantized) and a KV cache of `batch` sequences of `context` tokens, against what
+    the devices offer."""
+    weights, cache = planned_bytes(config, dtype, mesh, batch, context, tp_ranks, quantize)
     local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
     available = device_memory(local[0])
     if available is None and local[0].platform == "cpu":  # XLA:CPU reports no limit: the host's memory is it
         host = host_memory()
-        return MemoryPlan(weights, cache, None if host is None else host // len(local), host=True)
-    return MemoryPlan(weights, cache, available)
+        return MemoryPlan(weights, cache, None if host is None else host // len(local), host=True, quantize=quantize)
+    return MemoryPlan(weights, cache, available, quantize=quantize)
 
 
 def require_fit(plan: MemoryPlan, config: NeoXConfig, mesh: Mesh, batch: int, context: int) -> None:
@@ -170,6 +192,7 @@ def require_fit(plan: MemoryPlan, config: NeoXConfig, mesh: Mesh, batch: int, co
         return
     free = plan.available_per_device - plan.weights_per_device
     per_sequence = plan.cache_per_device / max(batch, 1)
+    int8 = "" if plan.quantize else "; or int8 weights (--quantize int8: a quarter of fp32's bytes, half of fp16's)"
     if free <= 0 and plan.host:  # more CPU devices share the same memory
         hint = ("the weights alone need more than the host has available: use a GPU, a smaller dtype (float16 "
                 "halves float32) or a host with more memory")
@@ -182,13 +205,14 @@ def require_fit(plan: MemoryPlan, config: NeoXConfig, mesh: Mesh, batch: int, co
         tokens = int(free // (per_sequence / context)) if per_sequence and batch else context
         hint = (f"at most {sequences} sequences of {context} tokens would fit, or {batch} sequences of "
                 f"{min(tokens // max(batch, 1), context)} tokens, or use more devices")
+    hint += int8 if free <= 0 else ""
     raise ShardingError(f"does not fit in {'host' if plan.host else 'device'} memory ({plan.describe()}): {hint}")
 
 
-def default_mesh(config: NeoXConfig, dtype) -> Mesh:
+def default_mesh(config: NeoXConfig, dtype, quantize: str | None = None) -> Mesh:
     """One device when the weights fit on it with room to spare, else every local device on `model`."""
     one = make_mesh(1, 1)
-    plan = plan_memory(config, dtype, one)
+    plan = plan_memory(config, dtype, one, quantize=quantize)
     if plan.available_per_device is None or plan.weights_per_device < 0.9 * plan.available_per_device:
         return one
     return make_mesh(len(jax.local_devices()), 1, jax.local_devices())

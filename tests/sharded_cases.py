@@ -225,3 +225,33 @@ def test_exact_mode_refuses_a_model_axis_that_does_not_divide_the_ranks(exact_mo
     assert captured.err.strip().splitlines() == [
         "error: the exact tensor-parallel mode keeps the checkpoint's 2 ranks, which do not split over the mesh's "
         "model axis (4): choose a model size that divides 2"] and captured.out == ""
+
+
+@pytest.mark.parametrize("model_size, data_size", [(4, 1), (2, 4)])
+def test_quantized_sharded_equals_quantized_single_device(model_size, data_size):
+    """int8 on a mesh: the same logits and tokens as on one device; each scale split as its output channels are
+    (the QKV's by heads, the head's by vocabulary, the row-parallel weights' replicated); the plan counts the
+    bytes allocated per device."""
+    from neox_jax.quantize import QuantizedWeight
+
+    one = NeoXModel(CONFIG, build_params(CONFIG, TENSORS.items(), jnp.float32, progress=False, quantize="int8"),
+                    quantize="int8")
+    mesh = make_mesh(model_size, data_size)
+    params = build_params(CONFIG, TENSORS.items(), jnp.float32, mesh, progress=False, quantize="int8")
+    model = NeoXModel(CONFIG, params, mesh=mesh, quantize="int8")
+    want = one.logits(TOKENS)
+    np.testing.assert_allclose(model.logits(TOKENS), want, atol=1e-5 * np.abs(want).max(), rtol=0)
+    assert model.generate(PROMPTS, 10, stop_token=None) == one.generate(PROMPTS, 10, stop_token=None)
+
+    layer = params["layers_0"]
+    qkv, dense = layer["attention"]["query_key_value.weight"], layer["attention"]["dense.weight"]
+    assert isinstance(qkv, QuantizedWeight) and qkv.values.dtype == jnp.int8
+    shard = lambda x: x.addressable_shards[0].data.shape  # noqa: E731
+    assert shard(qkv.scale) == (CONFIG.num_heads // model_size, 3, CONFIG.head_dim)
+    assert shard(qkv.values) == (CONFIG.num_heads // model_size, 3, CONFIG.head_dim, CONFIG.hidden_size)
+    assert shard(dense.scale) == (CONFIG.hidden_size,)
+    assert shard(params["embed_out"].scale) == (CONFIG.vocab_size // model_size,)
+    allocated = {device: sum(s.data.nbytes for leaf in jax.tree.leaves(params) for s in leaf.addressable_shards
+                             if s.device == device) for device in mesh.devices.flat}
+    plan = plan_memory(CONFIG, jnp.float32, mesh, quantize="int8")
+    assert set(allocated.values()) == {plan.weights_per_device}

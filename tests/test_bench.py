@@ -40,11 +40,12 @@ def test_cpu_bench_prints_a_table_for_each_case(tmp_path):
     out = run("bench.cpu", "--shapes", "tiny", "--batch", "1,2", "--new-tokens", "4", "--prompt-len", "8",
               "--reps", "1", "--bandwidth-mib", "16", "--markdown", str(page))
     assert out.count("== tiny  batch") == 2
-    for engine in ("neox-jax", "parity", "transformers"):
+    for engine in ("neox-jax", "neox-jax-int8", "parity", "transformers"):
         assert len(rows(out, engine)) == 2, out
     assert "prefill tok/s" in out and "ms/step" in out and "peak MB" in out
-    assert "1/1 rows" in out and "2/2 rows" in out  # the same greedy tokens from all three
+    assert "1/1 rows" in out and "2/2 rows" in out  # the same greedy tokens from the fp32 engines
     assert "of host memory bandwidth" in out and "GB/s" in out
+    assert out.count("neox-jax-int8 decode reads") == 2 and "x neox-jax fp32, " in out and "x transformers fp32" in out
     text = page.read_text()
     assert_page(text, "CPU benchmark", f"python -m bench.cpu --shapes tiny --batch 1,2 --new-tokens 4 --prompt-len 8 "
                                        f"--reps 1 --bandwidth-mib 16 --markdown {page}")
@@ -60,9 +61,9 @@ def test_bench_refuses_a_markdown_page_in_a_missing_folder(tmp_path):
 
 
 def test_gpu_bench_runs_scaled_down_on_cpu():
-    out = run("bench.gpu", "--tiny", "--batch", "1,2", "--reps", "1")
+    out = run("bench.gpu", "--tiny", "--batch", "1,2", "--reps", "1", "--engines", "neox-jax,neox-jax-int8,parity")
     assert "device and prefill" in out and "TFLOP/s" in out
-    for engine in ("neox-jax", "parity"):
+    for engine in ("neox-jax", "neox-jax-int8", "parity"):
         assert len(rows(out, engine)) == 3, out  # one prefill row, two decode rows
     assert "failed" not in out and "error" not in out.lower()
     assert "== tiny: 2 layers, hidden 64, 4 heads, vocab 384, context 256;" in out  # the `tiny` preset

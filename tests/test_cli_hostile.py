@@ -69,7 +69,8 @@ def assert_clean(status: int, err: str, argv) -> None:
 
 
 GENERATE_OPTIONS = ["--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--stop", "--stop-token",
-                    "--dtype", "--rotary-dtype", "--mesh", "--prompt", "--tokenizer", "--preset", "--config"]
+                    "--dtype", "--rotary-dtype", "--mesh", "--prompt", "--tokenizer", "--preset", "--config",
+                    "--quantize"]
 
 
 @HYPOTHESIS
@@ -95,7 +96,7 @@ def test_convert_options(deepspeed_dir, tmp_path_factory, option, value):
 
 
 PARITY_OPTIONS = ["--max-new-tokens", "--dtype", "--mesh", "--prompt", "--json", "--preset", "--config",
-                  "--tokenizer", "--model"]
+                  "--tokenizer", "--model", "--quantize"]
 
 
 @settings(HYPOTHESIS, max_examples=12)
@@ -107,5 +108,21 @@ def test_parity_check_options(model_dir, option, value):
             "--max-new-tokens", "2", option, value]
     status, err = run(main, argv)
     assert status in (0, 1, 2), (status, argv, err)  # 1: a mismatch, e.g. a --model of other weights
+    if status == 2:
+        assert_clean(status, err, argv)
+
+
+# Not --model: a made-up "owner/name" would be looked up on the hub (tests/test_plan.py covers directories).
+PLAN_OPTIONS = ["--preset", "--dtype", "--quantize", "--batch", "--context", "--mesh", "--device-memory"]
+
+
+@HYPOTHESIS
+@given(option=st.sampled_from(PLAN_OPTIONS), value=values)
+def test_plan_options(option, value):
+    from neox_jax.plan import main
+
+    argv = (["--preset", "pythia-70m"] if option != "--preset" else []) + [option, value]
+    status, err = run(main, argv)
+    assert status in (0, 1, 2), (status, argv, err)  # 1: does not fit
     if status == 2:
         assert_clean(status, err, argv)

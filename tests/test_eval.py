@@ -113,6 +113,18 @@ def test_loglikelihood_matches_hf(neox, hf):
     assert max(lengths) > 2 * CONTEXT and any(r.args[0] == "" for r in requests)
 
 
+def test_quantize_model_arg_scores_with_int8_weights(neox, checkpoint):
+    """`quantize=int8`: the model holds int8 weights, says so in its info, and its loglikelihoods stay within
+    a quantization's reach of the fp32 model's (int8 moves each weight by at most 1/254 of its channel's largest)."""
+    quantized = NeoXLM(pretrained=str(checkpoint), dtype="float32", batch_size=8, quantize="int8")
+    assert quantized.model.quantize == "int8" and quantized.get_model_info()["model_quantize"] == "int8"
+    assert quantized.get_model_info()["model_num_parameters"] == neox.get_model_info()["model_num_parameters"]
+    requests = _ll_requests()[:12]
+    ours, fp32 = quantized.loglikelihood(requests), neox.loglikelihood(requests)
+    for (got, _), (want, _) in zip(ours, fp32):
+        assert got != want and abs(got - want) <= 0.05 * abs(want) + 0.05, (got, want)
+
+
 def test_is_greedy_true_on_greedy_continuations(neox, hf):
     """Continuations the model itself decodes greedily are flagged greedy by both; one changed token is not."""
     tok = neox.tok_encode

@@ -80,7 +80,10 @@ def test_a_plan_that_fits_exactly_passes():
 def test_weights_beyond_a_device_name_the_devices_they_need():
     message = refusal(MemoryPlan(300, 80, 100))
     assert message.startswith("does not fit in device memory (per device: weights 0.00 GiB")
-    assert message.endswith("the weights alone need about 3 devices on the model axis (have 1)")
+    assert message.endswith("the weights alone need about 3 devices on the model axis (have 1); or int8 weights "
+                            "(--quantize int8: a quarter of fp32's bytes, half of fp16's)")
+    quantized = refusal(MemoryPlan(300, 80, 100, quantize="int8"))  # already quantized: not offered again
+    assert quantized.endswith("the weights alone need about 3 devices on the model axis (have 1)")
 
 
 @pytest.mark.parametrize("available", [100, 99])  # no byte left for the cache, or not even the weights
@@ -89,7 +92,8 @@ def test_weights_beyond_the_host_say_what_would_help(available):
     assert message.startswith("does not fit in host memory (per device:")
     assert "GiB on the host)" in message
     assert message.endswith("the weights alone need more than the host has available: use a GPU, a smaller "
-                            "dtype (float16 halves float32) or a host with more memory")
+                            "dtype (float16 halves float32) or a host with more memory; or int8 weights "
+                            "(--quantize int8: a quarter of fp32's bytes, half of fp16's)")
 
 
 def test_a_cache_too_large_names_the_sequences_and_tokens_that_would_fit():

@@ -41,6 +41,20 @@ def random_tensors(config: NeoXConfig, seed: int = 0, dtype=np.float32) -> dict[
     return tensors
 
 
+def decisive_tensors(config: NeoXConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    """`random_tensors` with attention scores and logits as decisive as a trained model's (a std of ~3, not
+    near-uniform): the QKV weights scaled to 1.7 / sqrt(D) and the output head to 3 / sqrt(D). Comparisons
+    whose verdict depends on which token wins (fp16 parity on GPU, quantized top-1 agreement) use these."""
+    tensors = random_tensors(config, seed)
+    d = config.hidden_size
+    for name in tensors:
+        if name.endswith("query_key_value.weight"):
+            tensors[name] *= 1.7 / np.sqrt(d) / 0.02
+        elif name == "embed_out.weight":
+            tensors[name] *= 3 / np.sqrt(d) / 0.02
+    return tensors
+
+
 def write_hf_checkpoint(path: str | os.PathLike, config: NeoXConfig, tensors: dict[str, np.ndarray] | None = None,
                         *, seed: int = 0, dtype=np.float32) -> Path:
     """A Hugging Face GPT-NeoX directory holding `tensors` (default: `random_tensors`) stored as `dtype`."""
