@@ -117,7 +117,7 @@ def jax_worker(args, config) -> dict:
     log(f"device copy {out['copy_gbps']:.0f} GB/s")
 
     start = time.perf_counter()
-    spec = abstract_params(config, dtype, quantize)
+    spec = abstract_params(config, dtype, quantize=quantize)
     key = jax.random.PRNGKey(args.seed)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(spec)
     values = []

@@ -38,7 +38,7 @@ def int8_model():
 def test_every_matmul_weight_and_nothing_else_is_quantized_with_scales_on_its_output_channels():
     """From the declarations: a scale per output channel (the first dim group of `[out, in]`), sharded as those
     channels are; the embedding, biases and norms stay in the model dtype."""
-    tree = abstract_params(CONFIG, jnp.float16, "int8")
+    tree = abstract_params(CONFIG, jnp.float16, quantize="int8")
     c = CONFIG
     expected_scales = {"query_key_value.weight": (c.num_heads, 3, c.head_dim), "dense.weight": (c.hidden_size,),
                        "dense_h_to_4h.weight": (c.intermediate_size,), "dense_4h_to_h.weight": (c.hidden_size,),
@@ -223,3 +223,16 @@ def test_eval_moves_quantize_into_the_model_args():
 def test_fp8_values_are_e4m3():
     assert MODES["fp8"].storage == np.dtype(ml_dtypes.float8_e4m3fn) and MODES["fp8"].max_value == 448.0
     assert float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max) == 448.0
+
+
+def test_quantized_weights_and_the_exact_tensor_parallel_mode_are_refused_together(capsys):
+    """The exact mode keeps the checkpoint's per-rank numbers: quantizing would change them, so the two do not
+    combine: refused by the plan and the params builder before any weights load, and by the commands."""
+    from parity.check import main as parity_main
+
+    for attempt in (lambda: plan_memory(CONFIG, jnp.float32, make_mesh(1, 1), tp_ranks=2, quantize="int8"),
+                    lambda: build_params(CONFIG, iter(()), jnp.float32, progress=False, tp_ranks=2, quantize="int8")):
+        with pytest.raises(QuantizationError, match="--quantize int8 and --tp-exact do not combine"):
+            attempt()
+    assert parity_main(["--checkpoint", ".", "--tokenizer", "t.json", "--quantize", "int8", "--tp-exact"]) == 2
+    assert "--quantize int8 and --tp-exact do not combine" in capsys.readouterr().err
