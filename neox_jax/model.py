@@ -76,7 +76,9 @@ class KVCache:
 
     Slots are filled left to right; `positions` is -1 for empty and padding slots, which are never
     attended to. A token at position p attends to slots holding positions 0..p, so left-padded batches
-    of different prompt lengths share one write index (`length`). Heads come before slots so that each
+    of different prompt lengths share one write index (`length`, shape []). A batch of unrelated requests
+    that come and go (`neox_jax.serve.engine`) gives each row its own write index instead (`length` [B]).
+    Heads come before slots so that each
     head's keys are contiguous: the attention matmuls read the cache as stored, with no transposed copy.
     Each layer has its own arrays, read by attention and then updated in place (a stacked array would be
     sliced, i.e. copied, per layer).
@@ -85,7 +87,7 @@ class KVCache:
     k: tuple[jax.Array, ...]  # per layer [B, N, S, H]
     v: tuple[jax.Array, ...]  # per layer [B, N, S, H]
     positions: jax.Array  # [B, S] int32
-    length: jax.Array  # [] int32: slots filled so far
+    length: jax.Array  # [] or [B] int32: slots filled so far (in every row, or in each row)
 
     @classmethod
     def init(cls, config: NeoXConfig, batch: int, slots: int, dtype) -> "KVCache":
@@ -93,6 +95,14 @@ class KVCache:
         return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
                    v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
                    positions=jnp.full((batch, slots), -1, jnp.int32), length=jnp.zeros((), jnp.int32))
+
+
+def write_slots(slots, new, index, axis: int):
+    """`slots` with `new` written from slot `index` on along `axis`: one index for every row ([]), or one
+    per row ([B], a scatter that XLA also does in place)."""
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice(slots, new, tuple(index if i == axis else 0 for i in range(slots.ndim)))
+    return jax.vmap(lambda s, n, i: write_slots(s, n, i, axis - 1))(slots, new, index)
 
 
 def _precision(dtype):
@@ -268,7 +278,7 @@ class Attention(nn.Module):
             # reads come first, so the write is made to depend on their result (adding zero); without
             # that it copied the whole cache, twice, every step.
             after_reads = 0 * attended[:, :, :1, :1]
-            cache_kv = tuple(jax.lax.dynamic_update_slice(slots, new + after_reads, (0, 0, write_index, 0))
+            cache_kv = tuple(write_slots(slots, new + after_reads, write_index, axis=2)
                              for slots, new in zip(cache_kv, (k, v)))
         attended = attended.transpose(0, 2, 1, 3).reshape(b, t, *ranks, -1)  # [B, T, (N, H)]; exact [B, T, R, E/R]
         out = matmul(f"BT{r}E,D{r}E->{r}BTD", attended, self.out_w.reshape(d, *ranks, -1), self.dtype)
@@ -376,7 +386,7 @@ class NeoX(nn.Module):
             hidden.append(x)
         if cache is not None:
             k, v = zip(*layer_caches)
-            filled = jax.lax.dynamic_update_slice(cache.positions, positions, (0, write_index))
+            filled = write_slots(cache.positions, positions, write_index, axis=1)
             cache = KVCache(k=k, v=v, positions=filled, length=write_index + tokens.shape[1])
 
         if last_token_only:

@@ -1,0 +1,1 @@
+"""An OpenAI-compatible HTTP server over a continuous-batching engine: `python -m neox_jax.serve`."""

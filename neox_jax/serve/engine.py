@@ -1,0 +1,434 @@
+"""Continuous batching: a fixed set of decode slots over one KV cache; requests join and leave between steps.
+
+One thread owns the model. Each loop turn it admits waiting requests into free slots (each prefilled on its
+own, a row of the cache at a time), then runs one decode step for every slot at once, hands each active
+request its token, and frees at once the slots whose requests finished, stopped or were cancelled.
+
+The cache: every row has its own write index (`KVCache.length` [B], see neox_jax/model.py) and holds one
+request laid out from slot 0, at slot = position. So a request's keys and values lie in the same slots, and
+every sum over them runs in the same order, whatever the other rows hold: decoded in a full batch it gives
+exactly the tokens it gives alone (greedy, and sampled with the same seed). The left-padded layout of
+`decode.Decoder` shares one write index and so cannot take a newcomer mid-batch without moving every row;
+a ring buffer shared by all rows would place a request's slots by its arrival time, changing its sums'
+order. The per-row write is a scatter that XLA does in place (tests/test_serve_engine.py checks the step
+moves no cache-sized array). Each row's first prefill chunk clears the row, so nothing of the previous
+request can reach the next (masked slots weigh exactly 0, but 0 * inf would be NaN).
+
+Programs are compiled for fixed shapes when the engine is built, before the first request: the decode step
+([max_batch] tokens over [max_batch, slots]) and one prefill per prompt-length bucket (16, 32, ..., 256;
+longer prompts are prefilled 256 tokens at a time, as `decode.Decoder` does). Requests coming and going
+never recompile; `compiles` counts compilations so tests can check that.
+
+Sampling reuses `sampling.select_token` row by row (vmapped), with the decoder's random keys: the seed, the
+token's index and a hash of the prompt, so a seeded request gives the same tokens here as through
+`Decoder.generate` whenever the logits agree. When every active row is greedy, one argmax serves the batch
+(no sort). Log-probabilities are those of the model's distribution (a log-softmax of the raw logits, before
+temperature, top-k and top-p), with up to MAX_LOGPROBS alternatives.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import threading
+import time
+from typing import Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ..decode import PREFILL_CHUNK, Compiled, GenerationError, length_bucket
+from ..model import KVCache
+from ..sampling import NONFINITE, Sampling, row_salt, select_token
+from ..sharding import BATCH_SPEC, CACHE_SPEC, DATA, put, to_host
+
+logger = logging.getLogger("neox_jax.serve")
+
+MAX_LOGPROBS = 5  # alternatives per token, as OpenAI's completions API allows
+PREFILL_BUCKETS = tuple(b for b in (16, 32, 64, 128, 256) if b <= PREFILL_CHUNK)
+
+
+class QueueFull(RuntimeError):
+    """The bounded queue of waiting requests is full: try again later."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine is shutting down and takes no new requests."""
+
+
+@dataclasses.dataclass
+class TokenLogprobs:
+    logprob: float  # of the token, under the model's distribution
+    top: list[tuple[int, float]]  # the likeliest tokens and their log-probabilities, likeliest first
+
+
+class Sink(Protocol):
+    """Where a request's results go; called on the engine's thread, so it must be quick."""
+
+    def prompt_logprobs(self, scores: list[TokenLogprobs | None]) -> None:
+        """Each prompt token's log-probability given the tokens before it (None for the first)."""
+
+    def token(self, token: int, logprobs: TokenLogprobs | None) -> bool:
+        """A new token; return False to end the request here (a stop string was completed)."""
+
+    def finish(self, reason: str, error: str | None = None) -> None:
+        """Called once: "length", "stop" (the stop token, or token() returned False), "cancelled" or "error"."""
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    prompt: list[int]
+    max_tokens: int  # 0: only prefill (prompt scoring)
+    sink: Sink
+    sampling: Sampling = dataclasses.field(default_factory=Sampling.create)
+    stop_token: int | None = None
+    logprobs: int | None = None  # alternatives per generated token (0..MAX_LOGPROBS); None: no log-probs
+    prompt_logprobs: bool = False  # score the prompt (OpenAI's echo with logprobs)
+    cancelled: bool = False
+    submitted: float = dataclasses.field(default_factory=time.perf_counter)
+    generated: int = 0
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs is not None
+
+    def cancel(self) -> None:
+        """Thread-safe: the engine frees the request's slot before its next step, or drops it from the queue."""
+        self.cancelled = True
+
+
+@dataclasses.dataclass
+class EngineStats:
+    """Counters the metrics read (each written by the engine thread only)."""
+
+    steps: int = 0
+    prefills: int = 0
+    tokens: int = 0  # generated
+    prompt_tokens: int = 0
+
+
+class Engine:
+    def __init__(self, model, max_batch: int = 8, context: int | None = None, max_queue: int = 64,
+                 on_first_token=None):
+        """`model`: a NeoXModel. `context`: the most tokens (prompt + new) of one request, at most the model's
+        context (default). `max_queue`: requests waiting for a slot before `submit` raises QueueFull.
+        `on_first_token(seconds)`: called with each request's time from submission to its first token."""
+        config = model.config
+        context = context or config.max_position_embeddings
+        if not 1 <= context <= config.max_position_embeddings:
+            raise GenerationError(f"context {context} must be in [1, {config.max_position_embeddings}] "
+                                  f"(the model's context)")
+        data = model.mesh.shape[DATA]
+        if max_batch < 1 or max_batch % data:
+            raise GenerationError(f"max batch {max_batch} must be a positive multiple of the mesh's data axis ({data})")
+        if max_queue < 1:
+            raise GenerationError(f"max queue {max_queue} must be >= 1")
+        self.model, self.module, self.params, self.mesh = model, model.module, model.params, model.mesh
+        self.config, self.context, self.batch, self.max_queue = config, context, max_batch, max_queue
+        # Any prompt of up to `context` tokens is written in chunks that end within length_bucket(context).
+        self.slots_per_row = length_bucket(context)
+        self.on_first_token = on_first_token
+        self.stats = EngineStats()
+        self._rows = NamedSharding(self.mesh, BATCH_SPEC)
+        self._prefill = Compiled(self._prefill_fn, donate_argnums=(1,))
+        self._step = Compiled(self._step_fn, donate_argnums=(1,))
+        self._cache = self._new_cache()
+        self._requests: list[Request | None] = [None] * max_batch
+        self._pending: collections.deque[Request] = collections.deque()
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        # Per-slot state, on the host: what each decode step needs besides the cache.
+        self._token = np.zeros(max_batch, np.int32)
+        self._position = np.zeros(max_batch, np.int32)
+        self._salt = np.zeros(max_batch, np.uint32)
+        self._temperature = np.zeros(max_batch, np.float32)
+        self._top_k = np.zeros(max_batch, np.int32)
+        self._top_p = np.ones(max_batch, np.float32)
+        self._key = np.zeros((max_batch, 2), np.uint32)
+        self._compile()
+
+    # ---- programs ----
+
+    def _new_cache(self) -> KVCache:
+        kv = NamedSharding(self.mesh, CACHE_SPEC)
+        shardings = KVCache(k=kv, v=kv, positions=self._rows, length=self._rows)
+        init = lambda: KVCache.init(self.config, self.batch, self.slots_per_row, jnp.dtype(self.module.dtype)  # noqa: E731
+                                    ).replace(length=jnp.zeros(self.batch, jnp.int32))
+        return jax.jit(init, out_shardings=shardings)()
+
+    def _prefill_fn(self, params, cache: KVCache, row, start, tokens, positions, targets, last, end, sampling, salt,
+                    want_logprobs):
+        """Prefill one chunk of one request into cache row `row`, from slot `start` (0: the first chunk, which
+        clears the row). tokens, positions, targets [1, T] (padding: position -1; targets[t] is the prompt
+        token after position t); last, end: the chunk's last real index and the row's filled length after it.
+        -> the cache, the token chosen after `last`, its log-probability and alternatives, and each chunk
+        position's target log-probability and alternatives (zeros unless `want_logprobs`)."""
+        take = lambda x: jax.lax.dynamic_slice_in_dim(x, row, 1, axis=0)  # noqa: E731
+        fresh = start == 0
+        row_cache = KVCache(k=tuple(jnp.where(fresh, 0, take(k)).astype(k.dtype) for k in cache.k),
+                            v=tuple(jnp.where(fresh, 0, take(v)).astype(v.dtype) for v in cache.v),
+                            positions=jnp.where(fresh, -1, take(cache.positions)), length=start)
+        out = self.module.apply({"params": params}, tokens, positions, row_cache)
+        logits = out.logits[0]  # [T, V]
+        first = select_token(logits[last][None], sampling, jnp.int32(0), salt[None])[0]
+
+        def scores():
+            logprobs = jax.nn.log_softmax(logits)  # [T, V]
+            top_lp, top_ids = jax.lax.top_k(logprobs, MAX_LOGPROBS)
+            target = jnp.take_along_axis(logprobs, targets[0][:, None], axis=-1)[:, 0]
+            return target, top_ids.astype(jnp.int32), top_lp, logprobs[last, jnp.maximum(first, 0)]
+
+        t = tokens.shape[1]
+        nothing = (jnp.zeros(t), jnp.zeros((t, MAX_LOGPROBS), jnp.int32), jnp.zeros((t, MAX_LOGPROBS)), jnp.float32(0))
+        target, top_ids, top_lp, first_lp = jax.lax.cond(want_logprobs, scores, lambda: nothing)
+        put_row = lambda x, r: jax.lax.dynamic_update_slice_in_dim(x, r, row, axis=0)  # noqa: E731
+        cache = KVCache(k=tuple(put_row(k, r) for k, r in zip(cache.k, out.cache.k)),
+                        v=tuple(put_row(v, r) for v, r in zip(cache.v, out.cache.v)),
+                        positions=put_row(cache.positions, out.cache.positions),
+                        length=cache.length.at[row].set(end))
+        return cache, first, first_lp, target, top_ids, top_lp
+
+    def _step_fn(self, params, cache: KVCache, tokens, positions, active, sampling: Sampling, steps, salts,
+                 want_logprobs):
+        """One decode step for every slot: tokens, positions, active, steps, salts [B]; `sampling` holds [B]
+        settings. -> the cache, the chosen tokens [B], their log-probabilities [B] and alternatives [B, K]."""
+        out = self.module.apply({"params": params}, tokens[:, None], jnp.where(active, positions, -1)[:, None], cache)
+        logits = out.logits[:, -1]  # [B, V]
+        greedy = (sampling.temperature <= 0) | (sampling.top_k == 1) | ~active
+        per_row = jax.vmap(lambda l, s, step, salt: select_token(l[None], s, step, salt[None])[0])  # noqa: E741
+        chosen = jax.lax.cond(jnp.all(greedy), lambda: select_token(logits, Sampling.create(), jnp.int32(0), salts),
+                              lambda: per_row(logits, sampling, steps, salts))
+
+        def scores():
+            logprobs = jax.nn.log_softmax(logits)
+            top_lp, top_ids = jax.lax.top_k(logprobs, MAX_LOGPROBS)
+            return jnp.take_along_axis(logprobs, jnp.maximum(chosen, 0)[:, None], axis=-1)[:, 0], \
+                top_ids.astype(jnp.int32), top_lp
+
+        b = tokens.shape[0]
+        nothing = (jnp.zeros(b), jnp.zeros((b, MAX_LOGPROBS), jnp.int32), jnp.zeros((b, MAX_LOGPROBS)))
+        chosen_lp, top_ids, top_lp = jax.lax.cond(jnp.any(want_logprobs & active), scores, lambda: nothing)
+        cache = out.cache.replace(length=jnp.where(active, out.cache.length, cache.length))
+        return cache, chosen, chosen_lp, top_ids, top_lp
+
+    def _run_prefill(self, row: int, start: int, chunk: Sequence[int], targets: Sequence[int], sampling: Sampling,
+                     salt: int, want_logprobs: bool):
+        t = length_bucket(len(chunk))
+        tokens, positions, target = np.zeros((1, t), np.int32), np.full((1, t), -1, np.int32), np.zeros((1, t), np.int32)
+        tokens[0, :len(chunk)] = chunk
+        positions[0, :len(chunk)] = np.arange(start, start + len(chunk))
+        target[0, :len(targets)] = targets
+        i32 = np.int32
+        out = self._prefill(self.params, self._cache, i32(row), i32(start), tokens, positions, target,
+                            i32(len(chunk) - 1), i32(start + len(chunk)), sampling, np.uint32(salt),
+                            np.bool_(want_logprobs))
+        self._cache = out[0]
+        return out[1:]
+
+    def _run_step(self, active: np.ndarray, steps: np.ndarray, want_logprobs: np.ndarray):
+        sampling = Sampling(self._temperature, self._top_k, self._top_p, self._key)
+        rows = lambda x: put(x, self._rows)  # noqa: E731
+        out = self._step(self.params, self._cache, rows(self._token), rows(self._position), rows(active),
+                         jax.tree.map(rows, sampling), rows(steps), rows(self._salt), rows(want_logprobs))
+        self._cache = out[0]
+        return tuple(to_host(x) for x in out[1:])
+
+    @property
+    def compiles(self) -> int:
+        return self._prefill.compiles + self._step.compiles
+
+    def _compile(self) -> None:
+        """Compile every program before the first request, by running each once on an idle row."""
+        start = time.perf_counter()
+        greedy = Sampling.create()
+        for bucket in PREFILL_BUCKETS:
+            for want in (False, True):  # one program; both branches of its log-prob switch are run once
+                self._run_prefill(0, 0, [0] * bucket, [0] * bucket, greedy, 0, want)
+        off = np.zeros(self.batch, bool)
+        for want in (off, ~off):
+            self._run_step(off, np.zeros(self.batch, np.int32), want)
+        self._cache = self._new_cache()
+        self.compile_seconds = time.perf_counter() - start
+        logger.info("compiled %d programs in %.1fs: decode step %d slots x %d positions, prefill chunks of %s "
+                    "tokens; requests never recompile", self.compiles, self.compile_seconds, self.batch,
+                    self.slots_per_row, "/".join(map(str, PREFILL_BUCKETS)))
+
+    # ---- requests ----
+
+    def check(self, request: Request) -> None:
+        """Raise GenerationError unless the request fits this engine (tokens, context, settings)."""
+        prompt, config = request.prompt, self.config
+        if not prompt:
+            raise GenerationError("the prompt is empty: at least one token is needed")
+        bad = next((t for t in prompt if not 0 <= t < config.vocab_size), None)
+        if bad is not None:
+            raise GenerationError(f"token id {bad} is outside the vocabulary [0, {config.vocab_size})")
+        if request.max_tokens < 0:
+            raise GenerationError(f"max_tokens must be >= 0, got {request.max_tokens}")
+        if len(prompt) + request.max_tokens > self.context:
+            raise GenerationError(f"the prompt has {len(prompt)} tokens; with max_tokens={request.max_tokens} that "
+                                  f"is {len(prompt) + request.max_tokens}, beyond the context of {self.context}")
+        if request.logprobs is not None and not 0 <= request.logprobs <= MAX_LOGPROBS:
+            raise GenerationError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {request.logprobs}")
+
+    def submit(self, requests: Sequence[Request]) -> None:
+        """Queue requests (all or none). Raises GenerationError (a bad request), QueueFull or EngineStopped."""
+        for request in requests:
+            self.check(request)
+        with self._wake:
+            if self._stopping:
+                raise EngineStopped("the server is shutting down")
+            if len(self._pending) + len(requests) > self.max_queue:
+                raise QueueFull(f"{len(self._pending)} requests are waiting (at most {self.max_queue})")
+            self._pending.extend(requests)
+            self._wake.notify()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    @property
+    def occupied(self) -> int:
+        return sum(r is not None for r in self._requests)
+
+    # ---- the loop ----
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="neox-jax engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Take no new requests, finish those queued and running, then end the loop."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._pending and not self.occupied and not self._stopping:
+                    self._wake.wait()
+                if self._stopping and not self._pending and not self.occupied:
+                    return
+                dropped = [r for r in self._pending if r.cancelled]
+                if dropped:
+                    self._pending = collections.deque(r for r in self._pending if not r.cancelled)
+                admitted = []
+                for row, request in enumerate(self._requests):
+                    if request is None and self._pending:
+                        admitted.append((row, self._pending.popleft()))
+            for request in dropped:
+                _finish_sink(request, "cancelled")
+            for row, request in admitted:
+                self._guarded(request, self._admit, row, request)
+            for row, request in enumerate(self._requests):
+                if request is not None and request.cancelled:
+                    self._finish(row, "cancelled")
+            if self.occupied:
+                self._decode()
+
+    def _guarded(self, request: Request, fn, *args) -> None:
+        """Run fn; an exception fails this request (the sink hears of it), never the loop."""
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 - a sink's or the device's failure ends one request, not the server
+            logger.exception("request failed")
+            row = next((i for i, r in enumerate(self._requests) if r is request), None)
+            if row is not None:
+                self._requests[row] = None
+            _finish_sink(request, "error", f"{type(e).__name__}: {e}")
+
+    def _admit(self, row: int, request: Request) -> None:
+        if request.cancelled:
+            _finish_sink(request, "cancelled")
+            return
+        prompt, sampling = request.prompt, request.sampling
+        salt = row_salt(prompt)
+        want = request.wants_logprobs or request.prompt_logprobs
+        scores: list[TokenLogprobs | None] = [None]
+        for start in range(0, len(prompt), PREFILL_CHUNK):
+            chunk = prompt[start:start + PREFILL_CHUNK]
+            first, first_lp, target, top_ids, top_lp = self._run_prefill(
+                row, start, chunk, prompt[start + 1:start + 1 + len(chunk)], sampling, salt, want)
+            target, top_ids, top_lp = (to_host(x) for x in (target, top_ids, top_lp)) if want else (None,) * 3
+            if request.prompt_logprobs:
+                scores += [TokenLogprobs(float(target[i]), _top(top_ids[i], top_lp[i], request.logprobs))
+                           for i in range(min(len(chunk), len(prompt) - 1 - start))]
+        self.stats.prefills += 1
+        self.stats.prompt_tokens += len(prompt)
+        if request.prompt_logprobs:
+            request.sink.prompt_logprobs(scores)
+        if request.max_tokens == 0:
+            _finish_sink(request, "length")
+            return
+        first = int(to_host(first))
+        if self.on_first_token is not None:
+            self.on_first_token(time.perf_counter() - request.submitted)
+        self._requests[row] = request
+        self._token[row], self._position[row], self._salt[row] = max(first, 0), len(prompt), salt
+        self._temperature[row], self._top_k[row], self._top_p[row] = (
+            np.asarray(sampling.temperature), np.asarray(sampling.top_k), np.asarray(sampling.top_p))
+        self._key[row] = np.asarray(sampling.key)
+        lp = None
+        if request.wants_logprobs:
+            last = len(chunk) - 1
+            lp = TokenLogprobs(float(to_host(first_lp)), _top(top_ids[last], top_lp[last], request.logprobs))
+        self._deliver(row, first, lp)
+
+    def _decode(self) -> None:
+        active = np.array([r is not None for r in self._requests])
+        steps = np.array([r.generated if r is not None else 0 for r in self._requests], np.int32)
+        want = np.array([r is not None and r.wants_logprobs for r in self._requests])
+        chosen, chosen_lp, top_ids, top_lp = self._run_step(active, steps, want)
+        self.stats.steps += 1
+        for row, request in enumerate(self._requests):
+            if request is None:
+                continue
+            token = int(chosen[row])
+            lp = TokenLogprobs(float(chosen_lp[row]), _top(top_ids[row], top_lp[row], request.logprobs)) \
+                if request.wants_logprobs else None
+            self._position[row] += 1
+            self._token[row] = max(token, 0)
+            self._guarded(request, self._deliver, row, token, lp)
+
+    def _deliver(self, row: int, token: int, logprobs: TokenLogprobs | None) -> None:
+        """Hand a slot's new token to its request; free the slot if that ends it."""
+        request = self._requests[row]
+        if token == NONFINITE:
+            self._finish(row, "error", "the model's logits are not finite (NaN or infinity), so no token was "
+                                       "chosen: non-finite weights, or activations overflowing the dtype")
+            return
+        if request.cancelled:
+            self._finish(row, "cancelled")
+            return
+        if token == request.stop_token:
+            self._finish(row, "stop")
+            return
+        request.generated += 1
+        self.stats.tokens += 1
+        more = request.sink.token(token, logprobs)
+        if not more:
+            self._finish(row, "stop")
+        elif request.generated >= request.max_tokens:
+            self._finish(row, "length")
+
+    def _finish(self, row: int, reason: str, error: str | None = None) -> None:
+        request, self._requests[row] = self._requests[row], None
+        _finish_sink(request, reason, error)
+
+
+def _finish_sink(request: Request, reason: str, error: str | None = None) -> None:
+    try:
+        request.sink.finish(reason, error)
+    except Exception:  # noqa: BLE001 - the request is over either way
+        logger.exception("a request's finish callback failed")
+
+
+def _top(ids: np.ndarray, logprobs: np.ndarray, n: int | None) -> list[tuple[int, float]]:
+    return [(int(i), float(lp)) for i, lp in zip(ids[:n or 0], logprobs[:n or 0])]
