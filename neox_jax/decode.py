@@ -63,8 +63,8 @@ def batch_bucket(n: int) -> int:
 class Compiled:
     """`jax.jit` compiled ahead of time per input signature, so compilations are counted and timed."""
 
-    def __init__(self, fn: Callable, donate_argnums=()):
-        self._jit = jax.jit(fn, donate_argnums=donate_argnums)
+    def __init__(self, fn: Callable, donate_argnums=(), **jit_options):
+        self._jit = jax.jit(fn, donate_argnums=donate_argnums, **jit_options)
         self._executables: dict = {}
         self.compiles = 0
         self.compile_seconds = 0.0

@@ -48,7 +48,6 @@ from ..sharding import BATCH_SPEC, CACHE_SPEC, DATA, put, to_host
 logger = logging.getLogger("neox_jax.serve")
 
 MAX_LOGPROBS = 5  # alternatives per token, as OpenAI's completions API allows
-PREFILL_BUCKETS = tuple(b for b in (16, 32, 64, 128, 256) if b <= PREFILL_CHUNK)
 
 
 class QueueFull(RuntimeError):
@@ -130,11 +129,14 @@ class Engine:
         self.config, self.context, self.batch, self.max_queue = config, context, max_batch, max_queue
         # Any prompt of up to `context` tokens is written in chunks that end within length_bucket(context).
         self.slots_per_row = length_bucket(context)
+        self.prefill_buckets = tuple(b for b in (16, 32, 64, 128, 256) if b <= min(self.slots_per_row, PREFILL_CHUNK))
         self.on_first_token = on_first_token
         self.stats = EngineStats()
         self._rows = NamedSharding(self.mesh, BATCH_SPEC)
-        self._prefill = Compiled(self._prefill_fn, donate_argnums=(1,))
-        self._step = Compiled(self._step_fn, donate_argnums=(1,))
+        # The cache comes back in the shards it went in with, so each program's output is its next input.
+        placed = self._cache_shardings()
+        self._prefill = Compiled(self._prefill_fn, donate_argnums=(1,), out_shardings=(placed,) + (None,) * 5)
+        self._step = Compiled(self._step_fn, donate_argnums=(1,), out_shardings=(placed,) + (None,) * 4)
         self._cache = self._new_cache()
         self._requests: list[Request | None] = [None] * max_batch
         self._pending: collections.deque[Request] = collections.deque()
@@ -153,12 +155,14 @@ class Engine:
 
     # ---- programs ----
 
-    def _new_cache(self) -> KVCache:
+    def _cache_shardings(self) -> KVCache:
         kv = NamedSharding(self.mesh, CACHE_SPEC)
-        shardings = KVCache(k=kv, v=kv, positions=self._rows, length=self._rows)
+        return KVCache(k=kv, v=kv, positions=self._rows, length=self._rows)
+
+    def _new_cache(self) -> KVCache:
         init = lambda: KVCache.init(self.config, self.batch, self.slots_per_row, jnp.dtype(self.module.dtype)  # noqa: E731
                                     ).replace(length=jnp.zeros(self.batch, jnp.int32))
-        return jax.jit(init, out_shardings=shardings)()
+        return jax.jit(init, out_shardings=self._cache_shardings())()
 
     def _prefill_fn(self, params, cache: KVCache, row, start, tokens, positions, targets, last, end, sampling, salt,
                     want_logprobs):
@@ -245,17 +249,16 @@ class Engine:
         """Compile every program before the first request, by running each once on an idle row."""
         start = time.perf_counter()
         greedy = Sampling.create()
-        for bucket in PREFILL_BUCKETS:
+        for bucket in self.prefill_buckets:
             for want in (False, True):  # one program; both branches of its log-prob switch are run once
                 self._run_prefill(0, 0, [0] * bucket, [0] * bucket, greedy, 0, want)
         off = np.zeros(self.batch, bool)
         for want in (off, ~off):
             self._run_step(off, np.zeros(self.batch, np.int32), want)
-        self._cache = self._new_cache()
         self.compile_seconds = time.perf_counter() - start
         logger.info("compiled %d programs in %.1fs: decode step %d slots x %d positions, prefill chunks of %s "
                     "tokens; requests never recompile", self.compiles, self.compile_seconds, self.batch,
-                    self.slots_per_row, "/".join(map(str, PREFILL_BUCKETS)))
+                    self.slots_per_row, "/".join(map(str, self.prefill_buckets)))
 
     # ---- requests ----
 

@@ -1,0 +1,171 @@
+"""`python -m neox_jax.serve`: an OpenAI-compatible completions server with continuous batching, and a page at /."""
+
+from __future__ import annotations
+
+from ..cli import ArgumentParser, exit_on_interrupt
+
+if __name__ == "__main__":
+    exit_on_interrupt()  # until the server runs: Ctrl-C while loading or compiling exits at once (status 130)
+
+import argparse
+import errno
+import logging
+import signal
+import socket
+import sys
+
+from ..checkpoints import CheckpointError
+from ..config import PRESETS, ConfigError
+from ..decode import GenerationError
+from ..dtypes import NAMES, default_dtype, lookup
+from ..sharding import ShardingError
+
+EPILOG = """examples:
+  python -m neox_jax.serve --demo                       # a tiny random model: try the page at http://127.0.0.1:8000/
+  python -m neox_jax.serve --model ./gpt-neox-20b --dtype float16 --max-batch 16
+  python -m neox_jax.serve --model EleutherAI/pythia-410m --port 8080 --context 1024
+
+  curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+       -d '{"prompt": "GPT-NeoX-20B is", "max_tokens": 32, "temperature": 0}'
+
+One process owns the model and its devices. Requests share a fixed set of --max-batch decode slots: a new
+one is prefilled and joins the running batch between decode steps, and a finished or abandoned one frees its
+slot at once. All programs are compiled before the server listens. Up to --max-queue requests wait for a
+slot; beyond that the server answers 429 with Retry-After. Ctrl-C (or SIGTERM) stops accepting connections,
+lets the requests in flight finish, and exits with status 0; a second Ctrl-C quits at once. See docs/serve.md."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = ArgumentParser(prog="python -m neox_jax.serve", description=__doc__, epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="checkpoint directory (Hugging Face layout or DeepSpeed shards), or a Hugging "
+                                     "Face hub id such as EleutherAI/pythia-410m")
+    src.add_argument("--demo", action="store_true", help="serve the tiny random model and in-memory tokenizer of "
+                                                         "`generate --demo` (no files; the text is gibberish)")
+    p.add_argument("--revision", help="with a hub id: branch, tag or commit (default main)")
+    p.add_argument("--tokenizer", help="tokenizer JSON (default: the model's tokenizer.json, else its one "
+                                       "*tokenizer*.json)")
+    config = p.add_mutually_exclusive_group()
+    config.add_argument("--config", help="NeoX YAML for DeepSpeed shards without configs/*.yml beside them")
+    config.add_argument("--preset", choices=sorted(PRESETS), help="a known config for DeepSpeed shards")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0: any free port, printed)")
+    p.add_argument("--max-batch", type=int, default=8, help="decode slots: requests decoded together (default 8)")
+    p.add_argument("--context", type=int, help="most tokens of one request, prompt plus completion (default: the "
+                                               "model's context); the KV cache holds max-batch x this")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting for a slot before new ones get 429 (default 64)")
+    p.add_argument("--model-name", help="the model's id in /v1/models and responses (default: the --model path's "
+                                        "last part, or neox-jax-demo)")
+    p.add_argument("--dtype", choices=NAMES, help="compute dtype (default: float16 on GPU, float32 on CPU)")
+    p.add_argument("--rotary-dtype", choices=NAMES,
+                   help="precision of the rotary angle tables (default: the model dtype, fp32 for bf16)")
+    p.add_argument("--mesh", help="split the model over devices: model=N[,data=M] (default: one device, or all "
+                                  "local devices on 'model' when the weights do not fit on one)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="server log level (default info: startup, compilation, one line per request)")
+    args = p.parse_args(argv)
+    for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 1),
+                             ("--context", args.context, 1), ("--port", args.port, 0)):
+        if value is not None and value < low:
+            p.error(f"{flag} must be >= {low}, got {value}")
+    if args.port > 65535:
+        p.error(f"--port must be at most 65535, got {args.port}")
+    return args
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads: a taken port fails at once, not after minutes."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        raise GenerationError(f"--host {host!r}: cannot resolve it ({e})") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        reason = "already in use (another server?)" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+        raise GenerationError(f"{host}:{port}: cannot listen there: {reason}") from None
+    return sock
+
+
+def load_model(args):
+    """-> model (with its tokenizer), its name, the stop token (None: never)."""
+    from ..sharding import make_mesh, parse_mesh
+
+    mesh = make_mesh(**parse_mesh(args.mesh)) if args.mesh else None
+    if args.demo:
+        from ..demo import demo_model
+
+        return demo_model(args.dtype or "float32", args.rotary_dtype, mesh), args.model_name or "neox-jax-demo", None
+    from ..api import load_checkpoint
+    from ..checkpoints import open_checkpoint
+    from ..sharding import check_model_axis_divides, default_mesh, plan_memory, require_fit
+    from ..tokenizer import load_tokenizer, require_tokenizer
+
+    checkpoint = open_checkpoint(args.model, PRESETS[args.preset] if args.preset else args.config, args.revision)
+    tokenizer = load_tokenizer(require_tokenizer(args.tokenizer, checkpoint))
+    config = checkpoint.config
+    dtype = lookup(args.dtype or default_dtype()).jax
+    mesh = mesh or default_mesh(config, dtype)
+    check_model_axis_divides(config, mesh)
+    context = args.context or config.max_position_embeddings
+    require_fit(plan_memory(config, dtype, mesh, args.max_batch, context), config, mesh, args.max_batch, context)
+    model = load_checkpoint(checkpoint, dtype=args.dtype, rotary_dtype=args.rotary_dtype, tokenizer=tokenizer,
+                            mesh=mesh)
+    name = args.model_name or str(args.model).rstrip("/").rsplit("/", 1)[-1]
+    return model, name, tokenizer.eos_id
+
+
+def serve(args) -> int:
+    import uvicorn
+
+    from .app import create_app
+    from .engine import Engine
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("neox_jax.serve")
+    sock = bind(args.host, args.port)
+    model, name, stop_token = load_model(args)
+    engine = Engine(model, args.max_batch, args.context, args.max_queue)
+    app = create_app(engine, model.tokenizer, name, stop_token)
+    engine.start()
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            if not self.should_exit:
+                log.info("stopping: no new connections; finishing the %d requests in flight",
+                         engine.occupied + engine.queue_depth)
+            app.state.serve["draining"] = True
+            super().handle_exit(sig, frame)
+
+    # uvicorn handles SIGINT/SIGTERM while it runs, then re-raises them to the handlers it found: these, so a
+    # graceful stop ends with status 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    log.info("serving %s on http://%s:%d (the page at /, the API at /v1/completions)", name, shown, port)
+    server = Server(uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level == "debug",
+                                   lifespan="off"))
+    server.run(sockets=[sock])
+    engine.stop()
+    log.info("stopped")
+    return 0 if server.started else 1
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return serve(args)
+    except (CheckpointError, ConfigError, GenerationError, ShardingError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
