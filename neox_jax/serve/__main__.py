@@ -147,6 +147,7 @@ def serve(args) -> int:
     # graceful stop ends with status 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
+    sock.listen(2048)  # from now on connections wait in the backlog until uvicorn's loop accepts them
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     log.info("serving %s on http://%s:%d (the page at /, the API at /v1/completions)", name, shown, port)
