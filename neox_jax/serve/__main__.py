@@ -122,16 +122,22 @@ def load_model(args):
 
 
 def serve(args) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sock = bind(args.host, args.port)
+    model, name, stop_token = load_model(args)
+    return run(model, name, stop_token, sock, args.max_batch, args.context, args.max_queue, args.log_level)
+
+
+def run(model, name: str, stop_token: int | None, sock: socket.socket, max_batch: int, context: int | None,
+        max_queue: int, log_level: str = "info") -> int:
+    """Compile, then serve `model` on the bound `sock` until SIGINT or SIGTERM; -> the exit status."""
     import uvicorn
 
     from .app import create_app
     from .engine import Engine
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("neox_jax.serve")
-    sock = bind(args.host, args.port)
-    model, name, stop_token = load_model(args)
-    engine = Engine(model, args.max_batch, args.context, args.max_queue)
+    engine = Engine(model, max_batch, context, max_queue)
     app = create_app(engine, model.tokenizer, name, stop_token)
     engine.start()
 
@@ -151,8 +157,7 @@ def serve(args) -> int:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     log.info("serving %s on http://%s:%d (the page at /, the API at /v1/completions)", name, shown, port)
-    server = Server(uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level == "debug",
-                                   lifespan="off"))
+    server = Server(uvicorn.Config(app, log_level=log_level, access_log=log_level == "debug", lifespan="off"))
     server.run(sockets=[sock])
     engine.stop()
     log.info("stopped")

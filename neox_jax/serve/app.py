@@ -276,9 +276,9 @@ class Reply:
                                                  offset)
                         offset += sum(len(t) for t in logprobs["tokens"])
                         sent_logprobs = upto
-                    if event[1] or logprobs or finished:
-                        yield _sse(self._envelope([{"text": event[1], "index": choice.index, "logprobs": logprobs,
-                                                    "finish_reason": _finish_reason(event[2]) if finished else None}]))
+                    # One chunk per token (its text may be empty while a character is incomplete), then the last.
+                    yield _sse(self._envelope([{"text": event[1], "index": choice.index, "logprobs": logprobs,
+                                                "finish_reason": _finish_reason(event[2]) if finished else None}]))
                     if finished:
                         break
             if self.params.include_usage:
