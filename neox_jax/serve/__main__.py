@@ -159,7 +159,7 @@ def run(model, name: str, stop_token: int | None, sock: socket.socket, max_batch
     log.info("serving %s on http://%s:%d (the page at /, the API at /v1/completions)", name, shown, port)
     server = Server(uvicorn.Config(app, log_level=log_level, access_log=log_level == "debug", lifespan="off"))
     server.run(sockets=[sock])
-    engine.stop()
+    engine.stop(cancel=server.force_exit)  # a second Ctrl-C: what is still running is abandoned
     log.info("stopped")
     return 0 if server.started else 1
 
