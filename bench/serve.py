@@ -2,7 +2,7 @@
 same requests sent one at a time through `generate`.
 
     python -m bench.serve [--shape pythia-70m] [--concurrency 1,4,8,16] [--requests 32] [--prompt-len 64]
-                          [--new-tokens 64] [--max-batch 16] [--json OUT] [--markdown docs/figures/serve.md]
+                          [--new-tokens 64] [--max-batch 8] [--json OUT] [--markdown docs/figures/serve.md]
 
 The server runs in a child process (the same code as `python -m neox_jax.serve`: engine, Starlette, uvicorn) on
 random weights of the shape (`random_tensors(config, seed)`), fp32, with --max-batch slots and a context of
@@ -204,7 +204,7 @@ def main(argv=None) -> int:
     parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--max-batch", type=int, default=16, help="the server's decode slots")
+    parser.add_argument("--max-batch", type=int, default=8, help="the server's decode slots (default 8, as the server's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--markdown", metavar="FILE", help="also write a Markdown page with the date, machine and "

@@ -78,8 +78,8 @@ class KVCache:
     attended to. A token at position p attends to slots holding positions 0..p, so left-padded batches
     of different prompt lengths share one write index (`length`, shape []). A batch of unrelated requests
     that come and go (`neox_jax.serve.engine`) gives each row its own write index instead (`length` [B]).
-    Heads come before slots so that each
-    head's keys are contiguous: the attention matmuls read the cache as stored, with no transposed copy.
+    Heads come before slots so that each head's keys are contiguous: the attention matmuls read the cache
+    as stored, with no transposed copy.
     Each layer has its own arrays, read by attention and then updated in place (a stacked array would be
     sliced, i.e. copied, per layer).
     """
@@ -389,15 +389,20 @@ class NeoX(nn.Module):
             filled = write_slots(cache.positions, positions, write_index, axis=1)
             cache = KVCache(k=k, v=v, positions=filled, length=write_index + tokens.shape[1])
 
-        if last_token_only:
-            x = x[..., -1:, :]
-        x = self.final_layer_norm(x)
-        # Exact mode: each rank's final LayerNorm copy feeds its own block of the vocabulary (vocab-parallel).
-        head = (self.embed_in if c.tie_word_embeddings else self.embed_out).reshape(*ranks, -1, c.hidden_size)
-        logits = contract(f"{r}BTD,{r}VD->BT{r}V", x, head, self.dtype)
-        logits = logits.reshape(*logits.shape[:2], -1)  # [B, T, V]
+        logits = self.head(x[..., -1:, :] if last_token_only else x)
         if not return_hidden_states:
             return NeoXOutput(logits, cache)
         # Exact mode: rank 0's stream (every rank's is the same under the parallel residual).
         hidden = jnp.stack(hidden)[:, 0] if self.tp_ranks else jnp.stack(hidden)
         return NeoXOutput(logits, cache, hidden)
+
+    def head(self, x):
+        """The final LayerNorm and the output projection: residual stream [B, T, D] (exact mode: each rank's,
+        [R, B, T, D], or one stream that every rank takes) -> fp32 logits [B, T, V]."""
+        c = self.config
+        r, ranks = rank_axis(self.tp_ranks)
+        x = self.final_layer_norm(jnp.broadcast_to(x, (*ranks, *x.shape[-3:])))
+        # Exact mode: each rank's final LayerNorm copy feeds its own block of the vocabulary (vocab-parallel).
+        head = (self.embed_in if c.tie_word_embeddings else self.embed_out).reshape(*ranks, -1, c.hidden_size)
+        logits = contract(f"{r}BTD,{r}VD->BT{r}V", x, head, self.dtype)
+        return logits.reshape(*logits.shape[:2], -1)  # [B, T, V]

@@ -256,7 +256,8 @@ BAD = [  # body, status, the param the error names (None: the body as a whole)
     ({"prompt": [-1]}, 400, "prompt"), ({"prompt": [2**70]}, 400, "prompt"),
     ({"prompt": [1] * 250, "max_tokens": 10}, 400, "prompt"), ({"prompt": [1] * 257, "max_tokens": 0}, 400, "prompt"),
     ({"prompt": "x", "model": "gpt-4"}, 404, "model"), ({"prompt": "x", "model": 3}, 400, "model"),
-    ({"prompt": "x" * (9 << 20)}, 413, None),
+    ({"prompt": "x" * (9 << 20)}, 413, None), ({"prompt": "x" * 100_000}, 400, "prompt"),  # refused untokenized
+    ({"prompt": ["x"] * (QUEUE + 1)}, 400, "prompt"),
 ]
 
 

@@ -68,6 +68,7 @@ class Choice:
     # Sink, on the engine's thread:
     def prompt_logprobs(self, scores):
         self.prompt_scores = scores
+        self._send("prompt")
 
     def token(self, token: int, logprobs: TokenLogprobs | None) -> bool:
         self.metrics.generated_tokens.inc()
@@ -91,6 +92,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, stop_token: int | Non
     engine.on_first_token = metrics.ttft.observe
     state = {"created": int(time.time()), "draining": False}
     page_html = resources.files(__package__).joinpath("static/index.html").read_text()
+    # No token is longer than this, so a longer text cannot fit in the context: refused before it is tokenized.
+    max_chars = engine.context * max(len(tokenizer.decode([i])) for i in range(tokenizer.vocab_size))
 
     async def index(request):
         return HTMLResponse(page_html)
@@ -116,6 +119,10 @@ def create_app(engine: Engine, tokenizer, model_name: str, stop_token: int | Non
             response = JSONResponse(e.body(), status_code=e.status, headers=e.headers)
         except ClientDisconnect:
             response = Response(status_code=499)
+        except Exception as e:  # noqa: BLE001 - a bug: this request fails, the server goes on
+            logger.exception("a completions request failed")
+            response = JSONResponse(APIError(500, f"internal error: {type(e).__name__}", type="server_error").body(),
+                                    status_code=500)
         metrics.requests.labels(str(response.status_code)).inc()
         return response
 
@@ -124,7 +131,10 @@ def create_app(engine: Engine, tokenizer, model_name: str, stop_token: int | Non
         if params.model is not None and params.model != model_name:
             raise APIError(404, f"model {params.model!r} does not exist: this server has {model_name!r}", "model",
                            "model_not_found")
-        prompt_ids = [_encode(tokenizer, p) for p in params.prompts]
+        if len(params.prompts) > engine.max_queue:
+            raise APIError(400, f"prompt: {len(params.prompts)} prompts in one request; at most {engine.max_queue} "
+                                f"(--max-queue)", "prompt")
+        prompt_ids = [await _encode(tokenizer, p, max_chars, engine.context) for p in params.prompts]
         loop = asyncio.get_running_loop()
         choices = [Choice(loop, tokenizer, i, params.stop, metrics) for i in range(len(prompt_ids))]
         try:
@@ -179,11 +189,15 @@ async def _json_body(request: HTTPRequest):
         raise APIError(400, f"the request body is not valid JSON ({type(e).__name__}: {str(e)[:100]})") from None
 
 
-def _encode(tokenizer, prompt) -> list[int]:
+async def _encode(tokenizer, prompt, max_chars: int, context: int) -> list[int]:
+    """Token ids of a text prompt, encoded off the event loop (a long text takes a while)."""
     if not isinstance(prompt, str):
         return prompt
+    if len(prompt) > max_chars:
+        raise APIError(400, f"prompt: {len(prompt)} characters cannot fit in the context of {context} tokens",
+                       "prompt")
     try:
-        ids = tokenizer.encode(prompt)
+        ids = await asyncio.to_thread(tokenizer.encode, prompt)
     except ValueError as e:  # text that is not valid Unicode (a lone surrogate escaped in the JSON)
         raise APIError(400, f"prompt: {e}", "prompt") from None
     if not ids:
@@ -256,6 +270,10 @@ class Reply:
         watcher = asyncio.ensure_future(self._watch_disconnect(requests))
         try:
             for choice in self.choices:
+                early = None  # with echo and logprobs, the prompt's scores come first (unless the request failed)
+                if self.params.echo and self.params.logprobs is not None:
+                    early = await choice.events.get()
+                    early = None if early[0] == "prompt" else early
                 prompt_text, prompt_lp = self._prompt_part(choice)
                 sent_logprobs = 0
                 if self.params.echo:
@@ -263,7 +281,7 @@ class Reply:
                                                 "finish_reason": None}]))
                 offset = len(prompt_text)
                 while True:
-                    event = await choice.events.get()
+                    event, early = early or await choice.events.get(), None
                     finished = event[0] == "finish"
                     if finished and event[3] is not None:
                         yield _sse(APIError(500, f"the model failed: {event[3]}", type="server_error").body())

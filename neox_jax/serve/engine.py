@@ -41,7 +41,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ..decode import PREFILL_CHUNK, Compiled, GenerationError, length_bucket
-from ..model import KVCache
+from ..model import KVCache, NeoX
 from ..sampling import NONFINITE, Sampling, row_salt, select_token
 from ..sharding import BATCH_SPEC, CACHE_SPEC, DATA, put, to_host
 
@@ -135,7 +135,7 @@ class Engine:
         self._rows = NamedSharding(self.mesh, BATCH_SPEC)
         # The cache comes back in the shards it went in with, so each program's output is its next input.
         placed = self._cache_shardings()
-        self._prefill = Compiled(self._prefill_fn, donate_argnums=(1,), out_shardings=(placed,) + (None,) * 5)
+        self._prefill = Compiled(self._prefill_fn, donate_argnums=(1,), out_shardings=(placed,) + (None,) * 7)
         self._step = Compiled(self._step_fn, donate_argnums=(1,), out_shardings=(placed,) + (None,) * 4)
         self._cache = self._new_cache()
         self._requests: list[Request | None] = [None] * max_batch
@@ -165,36 +165,43 @@ class Engine:
         return jax.jit(init, out_shardings=self._cache_shardings())()
 
     def _prefill_fn(self, params, cache: KVCache, row, start, tokens, positions, targets, last, end, sampling, salt,
-                    want_logprobs):
+                    want_prompt_scores):
         """Prefill one chunk of one request into cache row `row`, from slot `start` (0: the first chunk, which
         clears the row). tokens, positions, targets [1, T] (padding: position -1; targets[t] is the prompt
         token after position t); last, end: the chunk's last real index and the row's filled length after it.
-        -> the cache, the token chosen after `last`, its log-probability and alternatives, and each chunk
-        position's target log-probability and alternatives (zeros unless `want_logprobs`)."""
+        -> the cache, the token chosen after `last`, its log-probability and alternatives [K], and each chunk
+        position's target log-probability and alternatives [T], [T, K] (zeros unless `want_prompt_scores`)."""
         take = lambda x: jax.lax.dynamic_slice_in_dim(x, row, 1, axis=0)  # noqa: E731
         fresh = start == 0
         row_cache = KVCache(k=tuple(jnp.where(fresh, 0, take(k)).astype(k.dtype) for k in cache.k),
                             v=tuple(jnp.where(fresh, 0, take(v)).astype(v.dtype) for v in cache.v),
                             positions=jnp.where(fresh, -1, take(cache.positions)), length=start)
-        out = self.module.apply({"params": params}, tokens, positions, row_cache)
-        logits = out.logits[0]  # [T, V]
-        first = select_token(logits[last][None], sampling, jnp.int32(0), salt[None])[0]
+        # The logits of the chunk's last real token (it is right-padded), and of every token only when the
+        # prompt is scored: the output projection over all positions costs more than the rest of a short prefill.
+        out = self.module.apply({"params": params}, tokens, positions, row_cache, last_token_only=True,
+                                return_hidden_states=True)
+        final = out.hidden_states[-1]  # [1, T, D]: the residual stream before the final LayerNorm
+        head = lambda x: self.module.apply({"params": params}, x, method=NeoX.head)[0]  # noqa: E731  [T, D] -> [T, V]
+        logits = head(jax.lax.dynamic_slice_in_dim(final, last, 1, axis=1))[0]  # [V]
+        first = select_token(logits[None], sampling, jnp.int32(0), salt[None])[0]
+        first_logprobs = jax.nn.log_softmax(logits)
+        first_top_lp, first_top_ids = jax.lax.top_k(first_logprobs, MAX_LOGPROBS)
 
         def scores():
-            logprobs = jax.nn.log_softmax(logits)  # [T, V]
+            logprobs = jax.nn.log_softmax(head(final))  # [T, V]
             top_lp, top_ids = jax.lax.top_k(logprobs, MAX_LOGPROBS)
-            target = jnp.take_along_axis(logprobs, targets[0][:, None], axis=-1)[:, 0]
-            return target, top_ids.astype(jnp.int32), top_lp, logprobs[last, jnp.maximum(first, 0)]
+            return jnp.take_along_axis(logprobs, targets[0][:, None], axis=-1)[:, 0], top_ids.astype(jnp.int32), top_lp
 
         t = tokens.shape[1]
-        nothing = (jnp.zeros(t), jnp.zeros((t, MAX_LOGPROBS), jnp.int32), jnp.zeros((t, MAX_LOGPROBS)), jnp.float32(0))
-        target, top_ids, top_lp, first_lp = jax.lax.cond(want_logprobs, scores, lambda: nothing)
+        nothing = (jnp.zeros(t), jnp.zeros((t, MAX_LOGPROBS), jnp.int32), jnp.zeros((t, MAX_LOGPROBS)))
+        target, top_ids, top_lp = jax.lax.cond(want_prompt_scores, scores, lambda: nothing)
         put_row = lambda x, r: jax.lax.dynamic_update_slice_in_dim(x, r, row, axis=0)  # noqa: E731
         cache = KVCache(k=tuple(put_row(k, r) for k, r in zip(cache.k, out.cache.k)),
                         v=tuple(put_row(v, r) for v, r in zip(cache.v, out.cache.v)),
                         positions=put_row(cache.positions, out.cache.positions),
                         length=cache.length.at[row].set(end))
-        return cache, first, first_lp, target, top_ids, top_lp
+        return (cache, first, first_logprobs[jnp.maximum(first, 0)], first_top_ids.astype(jnp.int32), first_top_lp,
+                target, top_ids, top_lp)
 
     def _step_fn(self, params, cache: KVCache, tokens, positions, active, sampling: Sampling, steps, salts,
                  want_logprobs):
@@ -220,7 +227,7 @@ class Engine:
         return cache, chosen, chosen_lp, top_ids, top_lp
 
     def _run_prefill(self, row: int, start: int, chunk: Sequence[int], targets: Sequence[int], sampling: Sampling,
-                     salt: int, want_logprobs: bool):
+                     salt: int, want_prompt_scores: bool):
         t = length_bucket(len(chunk))
         tokens, positions, target = np.zeros((1, t), np.int32), np.full((1, t), -1, np.int32), np.zeros((1, t), np.int32)
         tokens[0, :len(chunk)] = chunk
@@ -229,7 +236,7 @@ class Engine:
         i32 = np.int32
         out = self._prefill(self.params, self._cache, i32(row), i32(start), tokens, positions, target,
                             i32(len(chunk) - 1), i32(start + len(chunk)), sampling, np.uint32(salt),
-                            np.bool_(want_logprobs))
+                            np.bool_(want_prompt_scores))
         self._cache = out[0]
         return out[1:]
 
@@ -250,7 +257,7 @@ class Engine:
         start = time.perf_counter()
         greedy = Sampling.create()
         for bucket in self.prefill_buckets:
-            for want in (False, True):  # one program; both branches of its log-prob switch are run once
+            for want in (False, True):  # one program; both branches of its scoring switch are run once
                 self._run_prefill(0, 0, [0] * bucket, [0] * bucket, greedy, 0, want)
         off = np.zeros(self.batch, bool)
         for want in (off, ~off):
@@ -338,7 +345,14 @@ class Engine:
                 if request is not None and request.cancelled:
                     self._finish(row, "cancelled")
             if self.occupied:
-                self._decode()
+                try:
+                    self._decode()
+                except Exception as e:  # noqa: BLE001 - the device failed: end the batch, keep serving
+                    logger.exception("a decode step failed")
+                    for row, request in enumerate(self._requests):
+                        if request is not None:
+                            self._finish(row, "error", f"{type(e).__name__}: {e}")
+                    self._cache = self._new_cache()  # the failed step may have consumed the donated cache
 
     def _guarded(self, request: Request, fn, *args) -> None:
         """Run fn; an exception fails this request (the sink hears of it), never the loop."""
@@ -357,14 +371,13 @@ class Engine:
             return
         prompt, sampling = request.prompt, request.sampling
         salt = row_salt(prompt)
-        want = request.wants_logprobs or request.prompt_logprobs
         scores: list[TokenLogprobs | None] = [None]
         for start in range(0, len(prompt), PREFILL_CHUNK):
             chunk = prompt[start:start + PREFILL_CHUNK]
-            first, first_lp, target, top_ids, top_lp = self._run_prefill(
-                row, start, chunk, prompt[start + 1:start + 1 + len(chunk)], sampling, salt, want)
-            target, top_ids, top_lp = (to_host(x) for x in (target, top_ids, top_lp)) if want else (None,) * 3
+            first, first_lp, first_ids, first_lps, target, top_ids, top_lp = self._run_prefill(
+                row, start, chunk, prompt[start + 1:start + 1 + len(chunk)], sampling, salt, request.prompt_logprobs)
             if request.prompt_logprobs:
+                target, top_ids, top_lp = (to_host(x) for x in (target, top_ids, top_lp))
                 scores += [TokenLogprobs(float(target[i]), _top(top_ids[i], top_lp[i], request.logprobs))
                            for i in range(min(len(chunk), len(prompt) - 1 - start))]
         self.stats.prefills += 1
@@ -384,8 +397,7 @@ class Engine:
         self._key[row] = np.asarray(sampling.key)
         lp = None
         if request.wants_logprobs:
-            last = len(chunk) - 1
-            lp = TokenLogprobs(float(to_host(first_lp)), _top(top_ids[last], top_lp[last], request.logprobs))
+            lp = TokenLogprobs(float(to_host(first_lp)), _top(to_host(first_ids), to_host(first_lps), request.logprobs))
         self._deliver(row, first, lp)
 
     def _decode(self) -> None:
