@@ -37,7 +37,7 @@ from conftest import REPO  # noqa: E402
 
 DATA = REPO / "tests" / "data"
 NAME = "tiny-ckpt"
-SLOTS, QUEUE = 4, 16
+SLOTS, QUEUE, CONTEXT = 4, 16, 128
 ENV = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu",
        "PYTHONPATH": str(REPO)}
 # Prompt log-probabilities through the server (one row's prefill, through the cache) against lm-eval's scoring
@@ -101,7 +101,7 @@ class Server:
 @pytest.fixture(scope="module")
 def server(checkpoint):
     server = Server(["--model", str(checkpoint), "--port", "0", "--max-batch", str(SLOTS), "--max-queue", str(QUEUE),
-                     "--dtype", "float32"])
+                     "--context", str(CONTEXT), "--dtype", "float32"])
     yield server
     server.stop()
 
@@ -192,7 +192,7 @@ def test_the_openai_client_sees_openai_errors(client):
 def test_sixteen_concurrent_requests_each_give_their_tokens_alone(server, client):
     texts = ["The", "GPT-NeoX-20B is a 20 billion parameter", "def hello(): print(", "The quick brown fox jumps",
              "It uses rotary position embeddings, parallel attention and feed-forward layers, and a tokenizer"]
-    bodies = [dict(model=NAME, prompt=texts[i % len(texts)] * (1 + i // 8), max_tokens=4 + 6 * i, logprobs=1,
+    bodies = [dict(model=NAME, prompt=texts[i % len(texts)], max_tokens=4 + 4 * i, logprobs=1,
                    **(dict(temperature=0) if i % 2 else dict(temperature=0.5 + i / 20, top_p=0.9, seed=i,
                                                              extra_body={"top_k": i})))  # top_k: an extension
               for i in range(16)]
@@ -209,7 +209,7 @@ def test_sixteen_concurrent_requests_each_give_their_tokens_alone(server, client
 
 
 def test_a_full_queue_answers_429_with_retry_after_and_recovers(server):
-    body = {"model": NAME, "prompt": "The quick brown fox", "max_tokens": 200, "temperature": 0}
+    body = {"model": NAME, "prompt": "The quick brown fox", "max_tokens": CONTEXT - 32, "temperature": 0}
     with concurrent.futures.ThreadPoolExecutor(48) as pool:
         replies = list(pool.map(lambda _: server.post(body), range(48)))
     statuses = [r.status_code for r in replies]
@@ -224,7 +224,7 @@ def test_a_full_queue_answers_429_with_retry_after_and_recovers(server):
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
     before = server.metrics().get('neox_completions_finished_total{reason="cancelled"}', 0)
-    body = {"model": NAME, "prompt": "The", "max_tokens": 250, "temperature": 0, "stream": True}
+    body = {"model": NAME, "prompt": "The", "max_tokens": CONTEXT - 1, "temperature": 0, "stream": True}
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         data = json.dumps(body).encode()
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -254,7 +254,8 @@ BAD = [  # body, status, the param the error names (None: the body as a whole)
     ({"prompt": [[1], "a"]}, 400, "prompt"), ({"prompt": {"text": "x"}}, 400, "prompt"), ({"prompt": None}, 400, "prompt"),
     ({"prompt": ""}, 400, "prompt"), ({"prompt": "\ud800"}, 400, "prompt"), ({"prompt": [384]}, 400, "prompt"),
     ({"prompt": [-1]}, 400, "prompt"), ({"prompt": [2**70]}, 400, "prompt"),
-    ({"prompt": [1] * 250, "max_tokens": 10}, 400, "prompt"), ({"prompt": [1] * 257, "max_tokens": 0}, 400, "prompt"),
+    ({"prompt": [1] * (CONTEXT - 5), "max_tokens": 10}, 400, "prompt"),
+    ({"prompt": [1] * (CONTEXT + 1), "max_tokens": 0}, 400, "prompt"),
     ({"prompt": "x", "model": "gpt-4"}, 404, "model"), ({"prompt": "x", "model": 3}, 400, "model"),
     ({"prompt": "x" * (9 << 20)}, 413, None), ({"prompt": "x" * 100_000}, 400, "prompt"),  # refused untokenized
     ({"prompt": ["x"] * (QUEUE + 1)}, 400, "prompt"),
@@ -341,7 +342,7 @@ def test_lm_eval_local_completions_equals_neox_jax_eval(server, checkpoint, monk
     served = lm_eval.simple_evaluate(
         model="local-completions", batch_size=1,
         model_args=f"base_url={server.url}/v1/completions,model={NAME},tokenizer={checkpoint},"
-                   f"tokenizer_backend=huggingface,max_length=256,num_concurrent=4,max_retries=1", **common)
+                   f"tokenizer_backend=huggingface,max_length={CONTEXT},num_concurrent=4,max_retries=1", **common)
     lambada = list(zip(_samples(ours, "lambada_local_tiny"), _samples(served, "lambada_local_tiny")))
     for a, b in lambada:
         (ll_a, greedy_a), (ll_b, greedy_b) = a["resps"][0][0], b["resps"][0][0]
@@ -399,7 +400,7 @@ def test_the_page_streams_a_completion_in_headless_chromium(server, client, tmp_
 # ---- last: stopping ----
 
 def test_sigint_finishes_the_requests_in_flight_then_exits_0(server):
-    body = {"model": NAME, "prompt": "The", "max_tokens": 120, "temperature": 0, "stream": True}
+    body = {"model": NAME, "prompt": "The", "max_tokens": CONTEXT - 1, "temperature": 0, "stream": True}
     streams = [server.post(body, stream=True) for _ in range(SLOTS + 2)]  # some decoding, some waiting
     for s in streams:
         assert s.status_code == 200

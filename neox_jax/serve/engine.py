@@ -165,12 +165,13 @@ class Engine:
         return jax.jit(init, out_shardings=self._cache_shardings())()
 
     def _prefill_fn(self, params, cache: KVCache, row, start, tokens, positions, targets, last, end, sampling, salt,
-                    want_prompt_scores):
+                    want_logprobs, want_prompt_scores):
         """Prefill one chunk of one request into cache row `row`, from slot `start` (0: the first chunk, which
         clears the row). tokens, positions, targets [1, T] (padding: position -1; targets[t] is the prompt
         token after position t); last, end: the chunk's last real index and the row's filled length after it.
-        -> the cache, the token chosen after `last`, its log-probability and alternatives [K], and each chunk
-        position's target log-probability and alternatives [T], [T, K] (zeros unless `want_prompt_scores`)."""
+        -> the cache, the token chosen after `last`, its log-probability and alternatives [K] (zeros unless
+        `want_logprobs`), and each chunk position's target log-probability and alternatives [T], [T, K] (zeros
+        unless `want_prompt_scores`)."""
         take = lambda x: jax.lax.dynamic_slice_in_dim(x, row, 1, axis=0)  # noqa: E731
         fresh = start == 0
         row_cache = KVCache(k=tuple(jnp.where(fresh, 0, take(k)).astype(k.dtype) for k in cache.k),
@@ -184,8 +185,14 @@ class Engine:
         head = lambda x: self.module.apply({"params": params}, x, method=NeoX.head)[0]  # noqa: E731  [T, D] -> [T, V]
         logits = head(jax.lax.dynamic_slice_in_dim(final, last, 1, axis=1))[0]  # [V]
         first = select_token(logits[None], sampling, jnp.int32(0), salt[None])[0]
-        first_logprobs = jax.nn.log_softmax(logits)
-        first_top_lp, first_top_ids = jax.lax.top_k(first_logprobs, MAX_LOGPROBS)
+
+        def first_scores():
+            logprobs = jax.nn.log_softmax(logits)
+            top_lp, top_ids = jax.lax.top_k(logprobs, MAX_LOGPROBS)
+            return logprobs[jnp.maximum(first, 0)], top_ids.astype(jnp.int32), top_lp
+
+        none = (jnp.float32(0), jnp.zeros(MAX_LOGPROBS, jnp.int32), jnp.zeros(MAX_LOGPROBS))
+        first_lp, first_top_ids, first_top_lp = jax.lax.cond(want_logprobs, first_scores, lambda: none)
 
         def scores():
             logprobs = jax.nn.log_softmax(head(final))  # [T, V]
@@ -200,8 +207,7 @@ class Engine:
                         v=tuple(put_row(v, r) for v, r in zip(cache.v, out.cache.v)),
                         positions=put_row(cache.positions, out.cache.positions),
                         length=cache.length.at[row].set(end))
-        return (cache, first, first_logprobs[jnp.maximum(first, 0)], first_top_ids.astype(jnp.int32), first_top_lp,
-                target, top_ids, top_lp)
+        return cache, first, first_lp, first_top_ids, first_top_lp, target, top_ids, top_lp
 
     def _step_fn(self, params, cache: KVCache, tokens, positions, active, sampling: Sampling, steps, salts,
                  want_logprobs):
@@ -227,7 +233,7 @@ class Engine:
         return cache, chosen, chosen_lp, top_ids, top_lp
 
     def _run_prefill(self, row: int, start: int, chunk: Sequence[int], targets: Sequence[int], sampling: Sampling,
-                     salt: int, want_prompt_scores: bool):
+                     salt: int, want_logprobs: bool, want_prompt_scores: bool):
         t = length_bucket(len(chunk))
         tokens, positions, target = np.zeros((1, t), np.int32), np.full((1, t), -1, np.int32), np.zeros((1, t), np.int32)
         tokens[0, :len(chunk)] = chunk
@@ -236,7 +242,7 @@ class Engine:
         i32 = np.int32
         out = self._prefill(self.params, self._cache, i32(row), i32(start), tokens, positions, target,
                             i32(len(chunk) - 1), i32(start + len(chunk)), sampling, np.uint32(salt),
-                            np.bool_(want_prompt_scores))
+                            np.bool_(want_logprobs), np.bool_(want_prompt_scores))
         self._cache = out[0]
         return out[1:]
 
@@ -257,8 +263,8 @@ class Engine:
         start = time.perf_counter()
         greedy = Sampling.create()
         for bucket in self.prefill_buckets:
-            for want in (False, True):  # one program; both branches of its scoring switch are run once
-                self._run_prefill(0, 0, [0] * bucket, [0] * bucket, greedy, 0, want)
+            for want in (False, True):  # one program; both branches of its scoring switches are run once
+                self._run_prefill(0, 0, [0] * bucket, [0] * bucket, greedy, 0, want, want)
         off = np.zeros(self.batch, bool)
         for want in (off, ~off):
             self._run_step(off, np.zeros(self.batch, np.int32), want)
@@ -375,7 +381,8 @@ class Engine:
         for start in range(0, len(prompt), PREFILL_CHUNK):
             chunk = prompt[start:start + PREFILL_CHUNK]
             first, first_lp, first_ids, first_lps, target, top_ids, top_lp = self._run_prefill(
-                row, start, chunk, prompt[start + 1:start + 1 + len(chunk)], sampling, salt, request.prompt_logprobs)
+                row, start, chunk, prompt[start + 1:start + 1 + len(chunk)], sampling, salt, request.wants_logprobs,
+                request.prompt_logprobs)
             if request.prompt_logprobs:
                 target, top_ids, top_lp = (to_host(x) for x in (target, top_ids, top_lp))
                 scores += [TokenLogprobs(float(target[i]), _top(top_ids[i], top_lp[i], request.logprobs))
