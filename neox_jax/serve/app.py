@@ -45,6 +45,8 @@ class Metrics:
         self.generated_tokens = Counter("neox_generated_tokens", "Tokens generated", registry=registry)
         self.ttft = Histogram("neox_time_to_first_token_seconds", "From a request's arrival to its first token",
                               buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60), registry=registry)
+        self.step = Histogram("neox_decode_step_seconds", "One decode step of every slot, its tokens handed out",
+                              buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1), registry=registry)
         Gauge("neox_queue_depth", "Requests waiting for a decode slot", registry=registry
               ).set_function(lambda: engine.queue_depth)
         Gauge("neox_batch_occupancy", "Decode slots in use", registry=registry).set_function(lambda: engine.occupied)
@@ -89,7 +91,7 @@ class Choice:
 def create_app(engine: Engine, tokenizer, model_name: str, stop_token: int | None) -> Starlette:
     """The app; `stop_token` ends every completion (the tokenizer's <|endoftext|>; None: never)."""
     metrics = Metrics(engine)
-    engine.on_first_token = metrics.ttft.observe
+    engine.on_first_token, engine.on_step = metrics.ttft.observe, metrics.step.observe
     state = {"created": int(time.time()), "draining": False}
     page_html = resources.files(__package__).joinpath("static/index.html").read_text()
     # No token is longer than this, so a longer text cannot fit in the context: refused before it is tokenized.

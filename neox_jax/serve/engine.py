@@ -111,10 +111,11 @@ class EngineStats:
 
 class Engine:
     def __init__(self, model, max_batch: int = 8, context: int | None = None, max_queue: int = 64,
-                 on_first_token=None):
+                 on_first_token=None, on_step=None):
         """`model`: a NeoXModel. `context`: the most tokens (prompt + new) of one request, at most the model's
         context (default). `max_queue`: requests waiting for a slot before `submit` raises QueueFull.
-        `on_first_token(seconds)`: called with each request's time from submission to its first token."""
+        `on_first_token(seconds)`: called with each request's time from submission to its first token;
+        `on_step(seconds)` with each decode step's time (the device's, and handing out its tokens)."""
         config = model.config
         context = context or config.max_position_embeddings
         if not 1 <= context <= config.max_position_embeddings:
@@ -130,7 +131,7 @@ class Engine:
         # Any prompt of up to `context` tokens is written in chunks that end within length_bucket(context).
         self.slots_per_row = length_bucket(context)
         self.prefill_buckets = tuple(b for b in (16, 32, 64, 128, 256) if b <= min(self.slots_per_row, PREFILL_CHUNK))
-        self.on_first_token = on_first_token
+        self.on_first_token, self.on_step = on_first_token, on_step
         self.stats = EngineStats()
         self._rows = NamedSharding(self.mesh, BATCH_SPEC)
         # The cache comes back in the shards it went in with, so each program's output is its next input.
@@ -408,6 +409,7 @@ class Engine:
         self._deliver(row, first, lp)
 
     def _decode(self) -> None:
+        start = time.perf_counter()
         active = np.array([r is not None for r in self._requests])
         steps = np.array([r.generated if r is not None else 0 for r in self._requests], np.int32)
         want = np.array([r is not None and r.wants_logprobs for r in self._requests])
@@ -422,6 +424,8 @@ class Engine:
             self._position[row] += 1
             self._token[row] = max(token, 0)
             self._guarded(request, self._deliver, row, token, lp)
+        if self.on_step is not None:
+            self.on_step(time.perf_counter() - start)
 
     def _deliver(self, row: int, token: int, logprobs: TokenLogprobs | None) -> None:
         """Hand a slot's new token to its request; free the slot if that ends it."""
