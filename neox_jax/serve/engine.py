@@ -1,8 +1,9 @@
 """Continuous batching: a fixed set of decode slots over one KV cache; requests join and leave between steps.
 
 One thread owns the model. Each loop turn it admits waiting requests into free slots (each prefilled on its
-own, a row of the cache at a time), then runs one decode step for every slot at once, hands each active
-request its token, and frees at once the slots whose requests finished, stopped or were cancelled.
+own, a row of the cache at a time; while others decode, about one prefill chunk of prompt tokens a turn),
+then runs one decode step for every slot at once, hands each active request its token, and frees at once the
+slots whose requests finished, stopped or were cancelled.
 
 The cache: every row has its own write index (`KVCache.length` [B], see neox_jax/model.py) and holds one
 request laid out from slot 0, at slot = position. So a request's keys and values lie in the same slots, and
@@ -340,9 +341,12 @@ class Engine:
                 dropped = [r for r in self._pending if r.cancelled]
                 if dropped:
                     self._pending = collections.deque(r for r in self._pending if not r.cancelled)
-                admitted = []
+                # While others decode, prefill about one chunk of prompt tokens per step, so that a burst of
+                # newcomers delays their next tokens by one chunk's time, not by every prefill at once.
+                admitted, budget = [], PREFILL_CHUNK if self.occupied else self.context * self.batch
                 for row, request in enumerate(self._requests):
-                    if request is None and self._pending:
+                    if request is None and self._pending and (not admitted or len(self._pending[0].prompt) <= budget):
+                        budget -= len(self._pending[0].prompt)
                         admitted.append((row, self._pending.popleft()))
             for request in dropped:
                 _finish_sink(request, "cancelled")
