@@ -17,8 +17,11 @@ request per slot.
 * The peer: a child process that runs the same requests one after another through `Decoder.stream` (what
   `python -m neox_jax.generate` runs), after a warm-up that compiles its programs: TTFT is the time to its first
   token, per token its decode time per step, tok/s all tokens over the total time.
+* step ms: the server's mean decode step over the level (its /metrics): every slot's step costs the same
+  however many are in use (fixed shapes, so that a request's tokens never depend on the others).
 * Ratios: throughput / the peer's (target: >= 3 at concurrency 8); TTFT / the peer's (target: <= 1.2 at
-  concurrency 1).
+  concurrency 1); and the limit the machine sets: slots x the peer's time per token / the server's step time,
+  the throughput ratio decoding alone would reach.
 """
 
 from __future__ import annotations
@@ -137,14 +140,25 @@ def one_request(url: str, prompt: list[int], new_tokens: int) -> dict:
     return {"ttft": times[0] - sent, "gaps": np.diff(times).tolist(), "tokens": len(times)}
 
 
+def step_totals(url: str) -> tuple[float, float]:
+    """The server's decode steps so far: (count, seconds), from its /metrics."""
+    import requests
+
+    text = requests.get(f"{url}/metrics", timeout=30).text
+    return tuple(float(re.search(rf"^neox_decode_step_seconds_{k} (\S+)$", text, re.M).group(1)) for k in ("count", "sum"))
+
+
 def level(url: str, batch: list[list[int]], new_tokens: int, concurrency: int, warmup: int) -> dict:
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(lambda p: one_request(url, p, new_tokens), batch[:warmup]))
+        steps_before, seconds_before = step_totals(url)
         start = time.perf_counter()
         results = list(pool.map(lambda p: one_request(url, p, new_tokens), batch))
         wall = time.perf_counter() - start
+        steps, seconds = step_totals(url)
     gaps = [g for r in results for g in r["gaps"]]
     return {"concurrency": concurrency, "wall": wall, "tokens": sum(r["tokens"] for r in results),
+            "step": (seconds - seconds_before) / max(steps - steps_before, 1),
             "ttft": float(np.median([r["ttft"] for r in results])),
             "per_token_p50": float(np.percentile(gaps, 50)), "per_token_p99": float(np.percentile(gaps, 99))}
 
@@ -174,12 +188,12 @@ def run_bench(args) -> dict:
 def render(result: dict, markdown: bool) -> str:
     peer = result["generate"]
     headers = ["engine", "concurrency", "tok/s", "x generate", "TTFT ms", "x generate", "per token p50 ms",
-               "p99 ms"]
+               "p99 ms", "step ms"]
     rows = [["generate, one at a time", 1, sig(peer["tok_s"]), "1", sig(1e3 * peer["ttft"]), "1",
-             sig(1e3 * peer["per_token"]), "-"]]
+             sig(1e3 * peer["per_token"]), "-", sig(1e3 * peer["per_token"])]]
     rows += [["server", r["concurrency"], sig(r["tok_s"]), f"{r['throughput_ratio']:.2f}", sig(1e3 * r["ttft"]),
-              f"{r['ttft_ratio']:.2f}", sig(1e3 * r["per_token_p50"]), sig(1e3 * r["per_token_p99"])]
-             for r in result["server"]]
+              f"{r['ttft_ratio']:.2f}", sig(1e3 * r["per_token_p50"]), sig(1e3 * r["per_token_p99"]),
+              sig(1e3 * r["step"])] for r in result["server"]]
     title = (f"{result['shape']}: {result['requests']} requests of {result['prompt_len']} prompt tokens, "
              f"{result['new_tokens']} new tokens each, greedy; server with {result['max_batch']} slots")
     verdicts = []
@@ -188,6 +202,11 @@ def render(result: dict, markdown: bool) -> str:
         ok = by_c[8]["throughput_ratio"] >= TARGETS["throughput_at_8"]
         verdicts.append(f"concurrency 8 throughput {by_c[8]['throughput_ratio']:.2f}x generate one at a time "
                         f"(target >= {TARGETS['throughput_at_8']:g}x): {'met' if ok else 'NOT met'}")
+    full = max(result["server"], key=lambda r: r["concurrency"])
+    slots = min(full["concurrency"], result["max_batch"])
+    verdicts.append(f"the limit this machine sets: {slots} slots x generate's {sig(1e3 * peer['per_token'])} ms per "
+                    f"token / the server's {sig(1e3 * full['step'])} ms decode step = "
+                    f"{slots * peer['per_token'] / full['step']:.2f}x generate's decode throughput, prefill aside")
     if 1 in by_c:
         ok = by_c[1]["ttft_ratio"] <= TARGETS["ttft_at_1"]
         verdicts.append(f"concurrency 1 TTFT {by_c[1]['ttft_ratio']:.2f}x a bare generate call "
