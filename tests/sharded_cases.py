@@ -255,3 +255,37 @@ def test_quantized_sharded_equals_quantized_single_device(model_size, data_size)
                              if s.device == device) for device in mesh.devices.flat}
     plan = plan_memory(CONFIG, jnp.float32, mesh, quantize="int8")
     assert set(allocated.values()) == {plan.weights_per_device}
+
+
+def test_the_serving_engine_on_a_mesh_equals_one_device(single):
+    """The continuous-batching engine (neox_jax/serve/engine.py) split by heads and by slots gives the one-device
+    decoder's tokens, its cache kept in its shards."""
+    import threading
+
+    from neox_jax.serve.engine import Engine, Request
+
+    class Collect:
+        def __init__(self):
+            self.tokens, self.done = [], threading.Event()
+
+        def prompt_logprobs(self, scores):
+            pass
+
+        def token(self, token, logprobs):
+            self.tokens.append(token)
+            return True
+
+        def finish(self, reason, error=None):
+            self.done.set()
+
+    mesh = make_mesh(2, 2)
+    model = NeoXModel(CONFIG, build_params(CONFIG, TENSORS.items(), jnp.float32, mesh, progress=False), mesh=mesh)
+    engine = Engine(model, max_batch=2, context=32)
+    engine.start()
+    requests = [Request(p, 10, Collect()) for p in PROMPTS]  # more than the slots
+    engine.submit(requests)
+    assert all(r.sink.done.wait(60) for r in requests)
+    engine.stop()
+    assert [r.sink.tokens for r in requests] == single[1]
+    assert {s.data.shape for x in engine._cache.k for s in x.addressable_shards} == {
+        (1, CONFIG.num_heads // 2, engine.slots_per_row, CONFIG.head_dim)}
