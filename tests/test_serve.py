@@ -236,6 +236,17 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
     assert server.metrics()['neox_completions_finished_total{reason="cancelled"}'] == before + 1
 
 
+def test_a_client_that_disconnects_before_its_answer_frees_its_slot(server):
+    ended = lambda m: sum(m.get(f'neox_completions_finished_total{{reason="{r}"}}', 0) for r in ("length", "stop"))  # noqa: E731
+    before = ended(server.metrics())
+    data = json.dumps({"model": NAME, "prompt": "The", "max_tokens": CONTEXT - 1, "temperature": 0}).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+    assert idle(server)
+    assert ended(server.metrics()) == before  # cancelled (or never started), not decoded to its end
+
+
 # ---- hostile input ----
 
 BAD = [  # body, status, the param the error names (None: the body as a whole)
@@ -268,6 +279,13 @@ def test_bad_requests_get_openai_errors(server, body, status, param):
     assert reply.status_code == status, reply.text
     error = reply.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"] and error["param"] == param
+
+
+def test_the_length_bound_on_text_counts_special_tokens_text(server):
+    """Long texts are refused before tokenizing by a bound no real prompt reaches: <|endoftext|> is 13 characters
+    and one token."""
+    reply = server.post({"prompt": END_OF_TEXT * 100, "max_tokens": 1})
+    assert reply.status_code == 200 and reply.json()["usage"]["prompt_tokens"] == 100
 
 
 def test_wrong_methods_and_paths_get_json_errors(server):

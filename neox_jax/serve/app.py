@@ -95,7 +95,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, stop_token: int | Non
     state = {"created": int(time.time()), "draining": False}
     page_html = resources.files(__package__).joinpath("static/index.html").read_text()
     # No token is longer than this, so a longer text cannot fit in the context: refused before it is tokenized.
-    max_chars = engine.context * max(len(tokenizer.decode([i])) for i in range(tokenizer.vocab_size))
+    max_chars = engine.context * max(len(tokenizer.decode([i], skip_special_tokens=False))
+                                     for i in range(tokenizer.vocab_size))
 
     async def index(request):
         return HTMLResponse(page_html)
