@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
-import os
 import re
 import signal
 import subprocess
@@ -145,7 +144,8 @@ def step_totals(url: str) -> tuple[float, float]:
     import requests
 
     text = requests.get(f"{url}/metrics", timeout=30).text
-    return tuple(float(re.search(rf"^neox_decode_step_seconds_{k} (\S+)$", text, re.M).group(1)) for k in ("count", "sum"))
+    return tuple(float(re.search(rf"^neox_decode_step_seconds_{k} (\S+)$", text, re.M).group(1))
+                 for k in ("count", "sum"))
 
 
 def level(url: str, batch: list[list[int]], new_tokens: int, concurrency: int, warmup: int) -> dict:
@@ -223,7 +223,8 @@ def main(argv=None) -> int:
     parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--max-batch", type=int, default=8, help="the server's decode slots (default 8, as the server's)")
+    parser.add_argument("--max-batch", type=int, default=8,
+                        help="the server's decode slots (default 8, as the server's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--markdown", metavar="FILE", help="also write a Markdown page with the date, machine and "

@@ -204,7 +204,8 @@ def test_sixteen_concurrent_requests_each_give_their_tokens_alone(server, client
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         together = list(pool.map(ask, bodies))
     for a, b in zip(alone, together):
-        assert (a.text, a.finish_reason, a.logprobs.token_logprobs) == (b.text, b.finish_reason, b.logprobs.token_logprobs)
+        assert (a.text, a.finish_reason, a.logprobs.token_logprobs) == \
+            (b.text, b.finish_reason, b.logprobs.token_logprobs)
     assert idle(server)
 
 
@@ -237,7 +238,9 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
 
 
 def test_a_client_that_disconnects_before_its_answer_frees_its_slot(server):
-    ended = lambda m: sum(m.get(f'neox_completions_finished_total{{reason="{r}"}}', 0) for r in ("length", "stop"))  # noqa: E731
+    def ended(metrics):
+        return sum(metrics.get(f'neox_completions_finished_total{{reason="{r}"}}', 0) for r in ("length", "stop"))
+
     before = ended(server.metrics())
     data = json.dumps({"model": NAME, "prompt": "The", "max_tokens": CONTEXT - 1, "temperature": 0}).encode()
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
@@ -250,9 +253,11 @@ def test_a_client_that_disconnects_before_its_answer_frees_its_slot(server):
 # ---- hostile input ----
 
 BAD = [  # body, status, the param the error names (None: the body as a whole)
-    (b"{not json", 400, None), (b"\xff\xfe", 400, None), (b"[1, 2]", 400, None), (b"[" * 100_000 + b"]" * 100_000, 400, None),
+    (b"{not json", 400, None), (b"\xff\xfe", 400, None), (b"[1, 2]", 400, None),
+    (b"[" * 100_000 + b"]" * 100_000, 400, None),
     ({"prompt": "x", "temprature": 0}, 400, "temprature"), ({}, 400, "prompt"),
-    ({"prompt": "x", "temperature": -0.1}, 400, "temperature"), ({"prompt": "x", "temperature": "hot"}, 400, "temperature"),
+    ({"prompt": "x", "temperature": -0.1}, 400, "temperature"),
+    ({"prompt": "x", "temperature": "hot"}, 400, "temperature"),
     ({"prompt": "x", "temperature": 1e400}, 400, "temperature"), ({"prompt": "x", "top_p": 0}, 400, "top_p"),
     ({"prompt": "x", "max_tokens": -1}, 400, "max_tokens"), ({"prompt": "x", "max_tokens": 1.5}, 400, "max_tokens"),
     ({"prompt": "x", "max_tokens": True}, 400, "max_tokens"), ({"prompt": "x", "logprobs": 6}, 400, "logprobs"),
@@ -262,7 +267,8 @@ BAD = [  # body, status, the param the error names (None: the body as a whole)
     ({"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ({"prompt": "x", "stream": "yes"}, 400, "stream"), ({"prompt": "x", "echo": 1}, 400, "echo"),
     ({"prompt": []}, 400, "prompt"), ({"prompt": [[]]}, 400, "prompt"), ({"prompt": [1, "a"]}, 400, "prompt"),
-    ({"prompt": [[1], "a"]}, 400, "prompt"), ({"prompt": {"text": "x"}}, 400, "prompt"), ({"prompt": None}, 400, "prompt"),
+    ({"prompt": [[1], "a"]}, 400, "prompt"), ({"prompt": {"text": "x"}}, 400, "prompt"),
+    ({"prompt": None}, 400, "prompt"),
     ({"prompt": ""}, 400, "prompt"), ({"prompt": "\ud800"}, 400, "prompt"), ({"prompt": [384]}, 400, "prompt"),
     ({"prompt": [-1]}, 400, "prompt"), ({"prompt": [2**70]}, 400, "prompt"),
     ({"prompt": [1] * (CONTEXT - 5), "max_tokens": 10}, 400, "prompt"),
@@ -294,7 +300,8 @@ def test_wrong_methods_and_paths_get_json_errors(server):
     assert reply.status_code == 404 and "no such endpoint" in reply.json()["error"]["message"]
 
 
-JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | st.text(max_size=8),
+SCALARS = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | st.text(max_size=8)
+JSON = st.recursive(SCALARS,
                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
                     max_leaves=8)
 FIELDS = ["prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "logprobs", "echo", "n",
@@ -371,7 +378,8 @@ def test_lm_eval_local_completions_equals_neox_jax_eval(server, checkpoint, monk
     generated = [(a["resps"][0][0], b["resps"][0][0]) for a, b in
                  zip(_samples(ours, "gen_local_tiny"), _samples(served, "gen_local_tiny"))]
     assert len(generated) == 8 and all(a == b for a, b in generated) and any(a for a, _ in generated), generated
-    assert ours["results"]["gen_local_tiny"]["exact_match,none"] == served["results"]["gen_local_tiny"]["exact_match,none"]
+    assert ours["results"]["gen_local_tiny"]["exact_match,none"] == \
+        served["results"]["gen_local_tiny"]["exact_match,none"]
 
 
 # ---- the page, in a real browser ----

@@ -143,8 +143,8 @@ def test_prompt_logprobs_equal_a_full_forward_pass(engine, model):
 
 def test_requests_never_recompile_and_the_step_updates_the_cache_in_place(engine, model):
     before = engine.compiles
-    run(engine, [request([5] * n, 3, sampling=Sampling.create(**SETTINGS[n % 4]), logprobs=n % 2 or None, prompt_logprobs=n % 3 == 0)
-                 for n in (1, 15, 17, 33, 63 - 3)])
+    run(engine, [request([5] * n, 3, sampling=Sampling.create(**SETTINGS[n % 4]), logprobs=n % 2 or None,
+                         prompt_logprobs=n % 3 == 0) for n in (1, 15, 17, 33, 63 - 3)])
     assert engine.compiles == before == 1 + len(engine.prefill_buckets)
     (step,) = engine._step._executables.values()
     c = model.config

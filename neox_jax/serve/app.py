@@ -62,7 +62,6 @@ class Choice:
         self.text = TextStream(tokenizer, stop)
         self.token_logprobs: list[TokenLogprobs | None] = []
         self.prompt_scores: list[TokenLogprobs | None] | None = None
-        self.reason: str | None = None
 
     def _send(self, *event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)

@@ -39,7 +39,7 @@ from typing import Protocol, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from ..decode import PREFILL_CHUNK, Compiled, GenerationError, length_bucket
 from ..model import KVCache, NeoX
@@ -100,16 +100,6 @@ class Request:
         self.cancelled = True
 
 
-@dataclasses.dataclass
-class EngineStats:
-    """Counters the metrics read (each written by the engine thread only)."""
-
-    steps: int = 0
-    prefills: int = 0
-    tokens: int = 0  # generated
-    prompt_tokens: int = 0
-
-
 class Engine:
     def __init__(self, model, max_batch: int = 8, context: int | None = None, max_queue: int = 64,
                  on_first_token=None, on_step=None):
@@ -133,7 +123,6 @@ class Engine:
         self.slots_per_row = length_bucket(context)
         self.prefill_buckets = tuple(b for b in (16, 32, 64, 128, 256) if b <= min(self.slots_per_row, PREFILL_CHUNK))
         self.on_first_token, self.on_step = on_first_token, on_step
-        self.stats = EngineStats()
         self._rows = NamedSharding(self.mesh, BATCH_SPEC)
         # The cache comes back in the shards it went in with, so each program's output is its next input.
         placed = self._cache_shardings()
@@ -162,8 +151,10 @@ class Engine:
         return KVCache(k=kv, v=kv, positions=self._rows, length=self._rows)
 
     def _new_cache(self) -> KVCache:
-        init = lambda: KVCache.init(self.config, self.batch, self.slots_per_row, jnp.dtype(self.module.dtype)  # noqa: E731
-                                    ).replace(length=jnp.zeros(self.batch, jnp.int32))
+        def init():
+            cache = KVCache.init(self.config, self.batch, self.slots_per_row, jnp.dtype(self.module.dtype))
+            return cache.replace(length=jnp.zeros(self.batch, jnp.int32))
+
         return jax.jit(init, out_shardings=self._cache_shardings())()
 
     def _prefill_fn(self, params, cache: KVCache, row, start, tokens, positions, targets, last, end, sampling, salt,
@@ -237,7 +228,8 @@ class Engine:
     def _run_prefill(self, row: int, start: int, chunk: Sequence[int], targets: Sequence[int], sampling: Sampling,
                      salt: int, want_logprobs: bool, want_prompt_scores: bool):
         t = length_bucket(len(chunk))
-        tokens, positions, target = np.zeros((1, t), np.int32), np.full((1, t), -1, np.int32), np.zeros((1, t), np.int32)
+        tokens, target = np.zeros((1, t), np.int32), np.zeros((1, t), np.int32)
+        positions = np.full((1, t), -1, np.int32)
         tokens[0, :len(chunk)] = chunk
         positions[0, :len(chunk)] = np.arange(start, start + len(chunk))
         target[0, :len(targets)] = targets
@@ -392,8 +384,6 @@ class Engine:
                 target, top_ids, top_lp = (to_host(x) for x in (target, top_ids, top_lp))
                 scores += [TokenLogprobs(float(target[i]), _top(top_ids[i], top_lp[i], request.logprobs))
                            for i in range(min(len(chunk), len(prompt) - 1 - start))]
-        self.stats.prefills += 1
-        self.stats.prompt_tokens += len(prompt)
         if request.prompt_logprobs:
             request.sink.prompt_logprobs(scores)
         if request.max_tokens == 0:
@@ -418,7 +408,6 @@ class Engine:
         steps = np.array([r.generated if r is not None else 0 for r in self._requests], np.int32)
         want = np.array([r is not None and r.wants_logprobs for r in self._requests])
         chosen, chosen_lp, top_ids, top_lp = self._run_step(active, steps, want)
-        self.stats.steps += 1
         for row, request in enumerate(self._requests):
             if request is None:
                 continue
@@ -445,7 +434,6 @@ class Engine:
             self._finish(row, "stop")
             return
         request.generated += 1
-        self.stats.tokens += 1
         more = request.sink.token(token, logprobs)
         if not more:
             self._finish(row, "stop")
