@@ -151,3 +151,24 @@ def test_requests_never_recompile_and_the_step_updates_the_cache_in_place(engine
     cache_layer = SLOTS * c.num_heads * engine.slots_per_row * c.head_dim
     moved = large_arrays_moved(step.as_text(), min(cache_layer, c.hidden_size ** 2))
     assert [line for line in moved if "scatter" not in line] == []  # the per-row writes: scatters, in place
+
+
+def test_the_exact_tensor_parallel_mode_is_served_as_generate_runs_it(tmp_path):
+    """With each rank's LayerNorm copies and biases kept (`tp_exact`), the engine's prefill (the output
+    projection applied to one position) and steps give `generate`'s tokens."""
+    import neox_jax
+    from neox_jax.checkpoints.synthetic import write_deepspeed_checkpoint
+
+    from conftest import tiny_config
+
+    path = write_deepspeed_checkpoint(tmp_path / "tp2", tiny_config(num_heads=8), ranks=2, dtype=np.float32,
+                                      layernorm_jitter=0.05)
+    model = neox_jax.load(path, "float32", progress=False, tp_exact=True)
+    assert model.module.tp_ranks == 2
+    engine = Engine(model, max_batch=2, context=32)
+    engine.start()
+    try:
+        served = run(engine, [request(p[:12], 8) for p in PROMPTS[:3]])
+    finally:
+        engine.stop()
+    assert [s.tokens for s in served] == model.generate([p[:12] for p in PROMPTS[:3]], 8, stop_token=None)

@@ -63,6 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="precision of the rotary angle tables (default: the model dtype, fp32 for bf16)")
     p.add_argument("--mesh", help="split the model over devices: model=N[,data=M] (default: one device, or all "
                                   "local devices on 'model' when the weights do not fit on one)")
+    p.add_argument("--tp-exact", action="store_true",
+                   help="DeepSpeed shards only: keep every tensor-parallel rank's LayerNorm copies and row-parallel "
+                        "biases and compute as the ranks did in training (as generate --tp-exact)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="server log level (default info: startup, compilation, one line per request)")
     args = p.parse_args(argv)
@@ -99,24 +102,28 @@ def load_model(args):
 
     mesh = make_mesh(**parse_mesh(args.mesh)) if args.mesh else None
     if args.demo:
+        if args.tp_exact:
+            raise GenerationError("--tp-exact needs GPT-NeoX DeepSpeed shards (--model DIR); --demo's model is "
+                                  "one merged model built in memory")
         from ..demo import demo_model
 
         return demo_model(args.dtype or "float32", args.rotary_dtype, mesh), args.model_name or "neox-jax-demo", None
-    from ..api import load_checkpoint
+    from ..api import exact_ranks, load_checkpoint
     from ..checkpoints import open_checkpoint
     from ..sharding import check_model_axis_divides, default_mesh, plan_memory, require_fit
     from ..tokenizer import load_tokenizer, require_tokenizer
 
     checkpoint = open_checkpoint(args.model, PRESETS[args.preset] if args.preset else args.config, args.revision)
     tokenizer = load_tokenizer(require_tokenizer(args.tokenizer, checkpoint))
-    config = checkpoint.config
+    config, tp_ranks = checkpoint.config, exact_ranks(checkpoint, args.tp_exact)
     dtype = lookup(args.dtype or default_dtype()).jax
     mesh = mesh or default_mesh(config, dtype)
-    check_model_axis_divides(config, mesh)
+    check_model_axis_divides(config, mesh, tp_ranks)
     context = args.context or config.max_position_embeddings
-    require_fit(plan_memory(config, dtype, mesh, args.max_batch, context), config, mesh, args.max_batch, context)
+    require_fit(plan_memory(config, dtype, mesh, args.max_batch, context, tp_ranks), config, mesh, args.max_batch,
+                context)
     model = load_checkpoint(checkpoint, dtype=args.dtype, rotary_dtype=args.rotary_dtype, tokenizer=tokenizer,
-                            mesh=mesh)
+                            mesh=mesh, tp_ranks=tp_ranks)
     name = args.model_name or str(args.model).rstrip("/").rsplit("/", 1)[-1]
     return model, name, tokenizer.eos_id
 
