@@ -13,6 +13,7 @@ import logging
 import signal
 import socket
 import sys
+import time
 
 from ..checkpoints import CheckpointError
 from ..config import PRESETS, ConfigError
@@ -131,7 +132,9 @@ def load_model(args):
 def serve(args) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sock = bind(args.host, args.port)
+    start = time.perf_counter()
     model, name, stop_token = load_model(args)
+    logging.getLogger("neox_jax.serve").info("loaded %s (%s) in %.1fs", name, model.dtype, time.perf_counter() - start)
     return run(model, name, stop_token, sock, args.max_batch, args.context, args.max_queue, args.log_level)
 
 
