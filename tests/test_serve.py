@@ -442,3 +442,20 @@ def test_sigint_finishes_the_requests_in_flight_then_exits_0(server):
         requests.get(f"{server.url}/health", timeout=5)
     log = "".join(server.log)
     assert "stopping: no new connections" in log and "Traceback" not in log
+
+
+def test_a_second_ctrl_c_quits_at_once_with_130():
+    server = Server(["--demo", "--port", "0", "--max-batch", "2", "--context", "16"])
+    try:
+        body = {"prompt": "The", "max_tokens": 12, "temperature": 0, "stream": True}
+        streams = [server.post(body, stream=True) for _ in range(2)]
+        assert all(s.status_code == 200 for s in streams)
+        server.proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        server.proc.send_signal(signal.SIGINT)
+        assert server.stop(timeout=30) == 130
+        log = "".join(server.log)
+        assert "interrupted: abandoning" in log and "Traceback" not in log
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()

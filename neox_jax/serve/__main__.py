@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..cli import ArgumentParser, exit_on_interrupt
+from ..cli import INTERRUPTED, ArgumentParser, exit_on_interrupt
 
 if __name__ == "__main__":
     exit_on_interrupt()  # until the server runs: Ctrl-C while loading or compiling exits at once (status 130)
@@ -10,6 +10,7 @@ if __name__ == "__main__":
 import argparse
 import errno
 import logging
+import os
 import signal
 import socket
 import sys
@@ -33,7 +34,8 @@ One process owns the model and its devices. Requests share a fixed set of --max-
 one is prefilled and joins the running batch between decode steps, and a finished or abandoned one frees its
 slot at once. All programs are compiled before the server listens. Up to --max-queue requests wait for a
 slot; beyond that the server answers 429 with Retry-After. Ctrl-C (or SIGTERM) stops accepting connections,
-lets the requests in flight finish, and exits with status 0; a second Ctrl-C quits at once. See docs/serve.md."""
+lets the requests in flight finish, and exits with status 0; a second Ctrl-C quits at once (status 130).
+See docs/serve.md."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -153,9 +155,11 @@ def run(model, name: str, stop_token: int | None, sock: socket.socket, max_batch
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
-            if not self.should_exit:
-                log.info("stopping: no new connections; finishing the %d requests in flight",
-                         engine.occupied + engine.queue_depth)
+            if self.should_exit and sig == signal.SIGINT:  # a second Ctrl-C: quit now, as every command does
+                log.info("interrupted: abandoning the %d requests in flight", engine.occupied + engine.queue_depth)
+                os._exit(INTERRUPTED)
+            log.info("stopping: no new connections; finishing the %d requests in flight",
+                     engine.occupied + engine.queue_depth)
             app.state.serve["draining"] = True
             super().handle_exit(sig, frame)
 
@@ -169,7 +173,7 @@ def run(model, name: str, stop_token: int | None, sock: socket.socket, max_batch
     log.info("serving %s on http://%s:%d (the page at /, the API at /v1/completions)", name, shown, port)
     server = Server(uvicorn.Config(app, log_level=log_level, access_log=log_level == "debug", lifespan="off"))
     server.run(sockets=[sock])
-    engine.stop(cancel=server.force_exit)  # a second Ctrl-C: what is still running is abandoned
+    engine.stop()
     log.info("stopped")
     return 0 if server.started else 1
 

@@ -311,14 +311,10 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="neox-jax engine", daemon=True)
         self._thread.start()
 
-    def stop(self, cancel: bool = False, timeout: float | None = None) -> None:
-        """Take no new requests, finish (or `cancel`) those queued and running, then end the loop."""
+    def stop(self, timeout: float | None = None) -> None:
+        """Take no new requests, finish those queued and running, then end the loop."""
         with self._wake:
             self._stopping = True
-            if cancel:
-                for request in [*self._pending, *self._requests]:
-                    if request is not None:
-                        request.cancel()
             self._wake.notify()
         if self._thread is not None:
             self._thread.join(timeout)
