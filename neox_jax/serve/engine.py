@@ -12,8 +12,11 @@ exactly the tokens it gives alone (greedy, and sampled with the same seed). The 
 `decode.Decoder` shares one write index and so cannot take a newcomer mid-batch without moving every row;
 a ring buffer shared by all rows would place a request's slots by its arrival time, changing its sums'
 order. The per-row write is a scatter that XLA does in place (tests/test_serve_engine.py checks the step
-moves no cache-sized array). Each row's first prefill chunk clears the row, so nothing of the previous
-request can reach the next (masked slots weigh exactly 0, but 0 * inf would be NaN).
+moves no cache-sized array), and it costs nothing measurable: a Pythia-70M-shaped forward step at batch 8
+over 128 slots took 20.5 ms with a write index per row and 20.0 ms with one shared index (CPU, one run, best
+of four); the whole engine step, sampling included, 20.9 ms, and `Decoder`'s on-device loop 20.6 ms a step.
+Each row's first prefill chunk clears the row, so nothing of the previous request can reach the next (masked
+slots weigh exactly 0, but 0 * inf would be NaN).
 
 Programs are compiled for fixed shapes when the engine is built, before the first request: the decode step
 ([max_batch] tokens over [max_batch, slots]) and one prefill per prompt-length bucket (16, 32, ..., 256;
