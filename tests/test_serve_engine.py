@@ -172,3 +172,16 @@ def test_the_exact_tensor_parallel_mode_is_served_as_generate_runs_it(tmp_path):
     finally:
         engine.stop()
     assert [s.tokens for s in served] == model.generate([p[:12] for p in PROMPTS[:3]], 8, stop_token=None)
+
+
+def test_a_quantized_model_is_served_as_generate_runs_it():
+    from neox_jax.demo import demo_model
+
+    model = demo_model(quantize="int8")
+    engine = Engine(model, max_batch=2, context=32)
+    engine.start()
+    try:
+        served = run(engine, [request(p[:12], 8) for p in PROMPTS[:3]])
+    finally:
+        engine.stop()
+    assert [s.tokens for s in served] == model.generate([p[:12] for p in PROMPTS[:3]], 8, stop_token=None)

@@ -20,6 +20,7 @@ from ..checkpoints import CheckpointError
 from ..config import PRESETS, ConfigError
 from ..decode import GenerationError
 from ..dtypes import NAMES, default_dtype, lookup
+from ..quantize import NAMES as QUANTIZE_NAMES
 from ..sharding import ShardingError
 
 EPILOG = """examples:
@@ -66,6 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="precision of the rotary angle tables (default: the model dtype, fp32 for bf16)")
     p.add_argument("--mesh", help="split the model over devices: model=N[,data=M] (default: one device, or all "
                                   "local devices on 'model' when the weights do not fit on one)")
+    p.add_argument("--quantize", choices=QUANTIZE_NAMES,
+                   help="store every matmul weight as int8 (or fp8 e4m3) with a scale per output channel, as "
+                        "generate --quantize (docs/quantization.md)")
     p.add_argument("--tp-exact", action="store_true",
                    help="DeepSpeed shards only: keep every tensor-parallel rank's LayerNorm copies and row-parallel "
                         "biases and compute as the ranks did in training (as generate --tp-exact)")
@@ -110,7 +114,8 @@ def load_model(args):
                                   "one merged model built in memory")
         from ..demo import demo_model
 
-        return demo_model(args.dtype or "float32", args.rotary_dtype, mesh), args.model_name or "neox-jax-demo", None
+        model = demo_model(args.dtype or "float32", args.rotary_dtype, mesh, args.quantize)
+        return model, args.model_name or "neox-jax-demo", None
     from ..api import exact_ranks, load_checkpoint
     from ..checkpoints import open_checkpoint
     from ..sharding import check_model_axis_divides, default_mesh, plan_memory, require_fit
@@ -120,13 +125,13 @@ def load_model(args):
     tokenizer = load_tokenizer(require_tokenizer(args.tokenizer, checkpoint))
     config, tp_ranks = checkpoint.config, exact_ranks(checkpoint, args.tp_exact)
     dtype = lookup(args.dtype or default_dtype()).jax
-    mesh = mesh or default_mesh(config, dtype)
+    mesh = mesh or default_mesh(config, dtype, args.quantize)
     check_model_axis_divides(config, mesh, tp_ranks)
     context = args.context or config.max_position_embeddings
-    require_fit(plan_memory(config, dtype, mesh, args.max_batch, context, tp_ranks), config, mesh, args.max_batch,
-                context)
+    require_fit(plan_memory(config, dtype, mesh, args.max_batch, context, tp_ranks, args.quantize), config, mesh,
+                args.max_batch, context)
     model = load_checkpoint(checkpoint, dtype=args.dtype, rotary_dtype=args.rotary_dtype, tokenizer=tokenizer,
-                            mesh=mesh, tp_ranks=tp_ranks)
+                            mesh=mesh, tp_ranks=tp_ranks, quantize=args.quantize)
     name = args.model_name or str(args.model).rstrip("/").rsplit("/", 1)[-1]
     return model, name, tokenizer.eos_id
 
@@ -136,7 +141,8 @@ def serve(args) -> int:
     sock = bind(args.host, args.port)
     start = time.perf_counter()
     model, name, stop_token = load_model(args)
-    logging.getLogger("neox_jax.serve").info("loaded %s (%s) in %.1fs", name, model.dtype, time.perf_counter() - start)
+    logging.getLogger("neox_jax.serve").info("loaded %s (%s%s) in %.1fs", name, model.dtype,
+                                             f", {model.quantize}" if model.quantize else "", time.perf_counter() - start)
     return run(model, name, stop_token, sock, args.max_batch, args.context, args.max_queue, args.log_level)
 
 
