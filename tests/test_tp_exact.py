@@ -28,20 +28,43 @@ def rel_l2(got, ref) -> float:
     return float(np.linalg.norm(np.asarray(got) - ref) / np.linalg.norm(ref))
 
 
-@pytest.fixture(scope="module", params=list(CASES))
-def case(request, tmp_path_factory):
-    """(checkpoint, config, the reference's results): one reference run, R processes, per case."""
-    ranks, parallel = CASES[request.param]
-    config = tiny_config(parallel_residual=parallel)
-    path = write_deepspeed_checkpoint(tmp_path_factory.mktemp("tp"), config, ranks=ranks, dtype=np.float32,
-                                      layernorm_jitter=JITTER, row_bias_jitter=0 if parallel else 1e-3)
-    ref = tensor_parallel.run(path, config, torch.float32, PROMPTS, NEW_TOKENS, stop_token=None, per_layer=True)
-    return path, config, ref
-
-
 @pytest.fixture(scope="module")
-def exact(case):
-    return neox_jax.load(case[0], "float32", progress=False, tp_exact=True)
+def built(tmp_path_factory):
+    """name -> (checkpoint, config, the reference's results), each case written and run (R processes) once
+    however many tests use it; and the exact-mode models, loaded once each."""
+    cases, models = {}, {}
+
+    def case(name):
+        if name not in cases:
+            ranks, parallel = CASES[name]
+            config = tiny_config(parallel_residual=parallel)
+            path = write_deepspeed_checkpoint(tmp_path_factory.mktemp("tp"), config, ranks=ranks, dtype=np.float32,
+                                              layernorm_jitter=JITTER, row_bias_jitter=0 if parallel else 1e-3)
+            cases[name] = path, config, tensor_parallel.run(path, config, torch.float32, PROMPTS, NEW_TOKENS,
+                                                            stop_token=None, per_layer=True)
+        return cases[name]
+
+    def exact(name):
+        if name not in models:
+            models[name] = neox_jax.load(case(name)[0], "float32", progress=False, tp_exact=True)
+        return models[name]
+
+    return case, exact
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case_name(request):
+    return request.param
+
+
+@pytest.fixture
+def case(built, case_name):
+    return built[0](case_name)
+
+
+@pytest.fixture
+def exact(built, case_name):
+    return built[1](case_name)
 
 
 def test_exact_mode_equals_the_tensor_parallel_reference(case, exact):
@@ -63,11 +86,10 @@ def test_the_merged_model_is_another_model(case):
     assert all(rel_l2(logits[i], ref["logits"][i].numpy()) > 1e-3 for i in range(len(PROMPTS)))
 
 
+@pytest.mark.parametrize("case_name", ["4 ranks"])
 def test_each_rank_uses_its_own_copies(case, exact):
     """Fault: the ranks' copies given to the wrong ranks (the rank axis reversed) is caught."""
     path, _, ref = case
-    if tensor_parallel.num_ranks(path) != 4:
-        pytest.skip("one case is enough")
     swapped = jax.tree.map(lambda x: x[::-1] if x.shape[0] == exact.tp_ranks and x.ndim == 2 else x, exact.params)
     model = neox_jax.NeoXModel(exact.config, swapped, "float32")
     assert rel_l2(model.logits(PROMPTS)[0], ref["logits"][0].numpy()) > 1e-3
@@ -137,14 +159,13 @@ def test_reference_checks_each_rank_file(tmp_path):
         tensor_parallel.run(path, config, torch.float32, PROMPTS[:1], [0], None)
 
 
+@pytest.mark.parametrize("case_name", ["2 ranks"])
 def test_parity_check_tp_exact(case, tmp_path, capsys):
     """`parity.check --tp-exact` passes on the exact mode and reports the merged model's distance per prompt;
     in fp16, so that the reference's fp16 path (gloo all-reduces fp16) runs too (fp32 is checked above)."""
     from parity.check import main
 
     path, config, _ = case
-    if tensor_parallel.num_ranks(path) != 2 or not config.parallel_residual:
-        pytest.skip("one case is enough for the command")
     tokenizer = tmp_path / "tokenizer.json"
     demo_tokenizer()._tokenizer.save(str(tokenizer))
     report = tmp_path / "report.json"
@@ -163,14 +184,13 @@ def test_parity_check_tp_exact(case, tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: --tp-exact runs neox_jax on")
 
 
+@pytest.mark.parametrize("case_name", ["4 ranks"])
 def test_lm_eval_model_arg(case, tmp_path):
     """`tp_exact=true` in model_args loads the exact mode; a value lm-eval could not parse is named."""
     pytest.importorskip("lm_eval")
     from neox_jax.lm_eval_model import NeoXLM
 
     path, _, _ = case
-    if tensor_parallel.num_ranks(path) != 4:
-        pytest.skip("one case is enough")
     tokenizer = tmp_path / "tokenizer.json"
     demo_tokenizer()._tokenizer.save(str(tokenizer))
     assert NeoXLM(str(path), tokenizer=str(tokenizer), dtype="float32", tp_exact=True).model.tp_ranks == 4
