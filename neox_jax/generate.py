@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .cli import INTERRUPTED, ArgumentParser, exit_on_interrupt
+from .cli import INTERRUPTED, ArgumentParser, add_model_arguments, exit_on_interrupt
 
 if __name__ == "__main__":
     exit_on_interrupt()  # before the heavy imports below, so that Ctrl-C there is not a traceback
@@ -18,8 +18,7 @@ import time
 from .checkpoints import CheckpointError
 from .config import PRESETS, ConfigError
 from .decode import Generation, GenerationError, NonFiniteLogitsError, check_stop_token, validate_request
-from .dtypes import NAMES, default_dtype, lookup
-from .quantize import NAMES as QUANTIZE_NAMES
+from .dtypes import default_dtype, lookup
 from .sampling import Sampling, SamplingError
 from .sharding import ShardingError
 from .streaming import STREAM_CHUNK, TextStream, stream_text
@@ -42,17 +41,7 @@ token) go to stderr."""
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(prog="python -m neox_jax.generate", description=__doc__, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="checkpoint directory (Hugging Face layout or DeepSpeed shards), or a Hugging "
-                                     "Face hub id such as EleutherAI/pythia-410m (its cache: HF_HOME, HF_HUB_OFFLINE)")
-    src.add_argument("--demo", action="store_true",
-                     help="no files needed: a tiny random model and an in-memory tokenizer run the whole path")
-    p.add_argument("--revision", help="with a hub id: branch, tag or commit (e.g. Pythia's step143000; default main)")
-    p.add_argument("--tokenizer", help="tokenizer JSON (default: the model's tokenizer.json, else its one "
-                                       "*tokenizer*.json, e.g. 20B_tokenizer.json beside DeepSpeed shards)")
-    config = p.add_mutually_exclusive_group()
-    config.add_argument("--config", help="NeoX YAML for DeepSpeed shards without configs/*.yml beside them")
-    config.add_argument("--preset", choices=sorted(PRESETS), help="a known config for DeepSpeed shards")
+    add_model_arguments(p)
     prompts = p.add_mutually_exclusive_group()
     prompts.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
     prompts.add_argument("--prompt-file", help="file with one prompt per line ('-' for stdin)")
@@ -68,19 +57,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="stop string, repeatable; the completion ends before it")
     p.add_argument("--stop-token", type=int,
                    help="token id that ends a completion (default: the tokenizer's <|endoftext|>; -1: never stop)")
-    p.add_argument("--dtype", choices=NAMES,
-                   help="compute dtype (default: float16 on GPU, float32 on CPU)")
-    p.add_argument("--quantize", choices=QUANTIZE_NAMES,
-                   help="store every matmul weight as int8 (or fp8 e4m3) with a scale per output channel, "
-                        "quantized while loading: a quarter of fp32's bytes, half of fp16's (docs/quantization.md)")
-    p.add_argument("--rotary-dtype", choices=NAMES,
-                   help="precision of the rotary angle tables (default: the model dtype, fp32 for bf16)")
-    p.add_argument("--mesh", help="split the model over devices: model=N[,data=M] (default: one device, or all "
-                                  "local devices on 'model' when the weights do not fit on one)")
-    p.add_argument("--tp-exact", action="store_true",
-                   help="DeepSpeed shards only: keep every tensor-parallel rank's LayerNorm copies and row-parallel "
-                        "biases and compute as the ranks did in training, instead of merging them (the mesh's "
-                        "model size must divide the rank count; see docs/conversion.md)")
     p.add_argument("--distributed", action="store_true",
                    help="multi-host: run this same command once per host (process 0 prints); the coordinator, "
                         "process count and id come from the flags below or the cluster (SLURM, Open MPI, ...)")

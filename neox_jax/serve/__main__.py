@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..cli import INTERRUPTED, ArgumentParser, exit_on_interrupt
+from ..cli import INTERRUPTED, ArgumentParser, add_model_arguments, exit_on_interrupt
 
 if __name__ == "__main__":
     exit_on_interrupt()  # until the server runs: Ctrl-C while loading or compiling exits at once (status 130)
@@ -19,8 +19,7 @@ import time
 from ..checkpoints import CheckpointError
 from ..config import PRESETS, ConfigError
 from ..decode import GenerationError
-from ..dtypes import NAMES, default_dtype, lookup
-from ..quantize import NAMES as QUANTIZE_NAMES
+from ..dtypes import default_dtype, lookup
 from ..sharding import ShardingError
 
 EPILOG = """examples:
@@ -42,17 +41,7 @@ See docs/serve.md."""
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(prog="python -m neox_jax.serve", description=__doc__, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="checkpoint directory (Hugging Face layout or DeepSpeed shards), or a Hugging "
-                                     "Face hub id such as EleutherAI/pythia-410m")
-    src.add_argument("--demo", action="store_true", help="serve the tiny random model and in-memory tokenizer of "
-                                                         "`generate --demo` (no files; the text is gibberish)")
-    p.add_argument("--revision", help="with a hub id: branch, tag or commit (default main)")
-    p.add_argument("--tokenizer", help="tokenizer JSON (default: the model's tokenizer.json, else its one "
-                                       "*tokenizer*.json)")
-    config = p.add_mutually_exclusive_group()
-    config.add_argument("--config", help="NeoX YAML for DeepSpeed shards without configs/*.yml beside them")
-    config.add_argument("--preset", choices=sorted(PRESETS), help="a known config for DeepSpeed shards")
+    add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0: any free port, printed)")
     p.add_argument("--max-batch", type=int, default=8, help="decode slots: requests decoded together (default 8)")
@@ -62,17 +51,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="requests waiting for a slot before new ones get 429 (default 64)")
     p.add_argument("--model-name", help="the model's id in /v1/models and responses (default: the --model path's "
                                         "last part, or neox-jax-demo)")
-    p.add_argument("--dtype", choices=NAMES, help="compute dtype (default: float16 on GPU, float32 on CPU)")
-    p.add_argument("--rotary-dtype", choices=NAMES,
-                   help="precision of the rotary angle tables (default: the model dtype, fp32 for bf16)")
-    p.add_argument("--mesh", help="split the model over devices: model=N[,data=M] (default: one device, or all "
-                                  "local devices on 'model' when the weights do not fit on one)")
-    p.add_argument("--quantize", choices=QUANTIZE_NAMES,
-                   help="store every matmul weight as int8 (or fp8 e4m3) with a scale per output channel, as "
-                        "generate --quantize (docs/quantization.md)")
-    p.add_argument("--tp-exact", action="store_true",
-                   help="DeepSpeed shards only: keep every tensor-parallel rank's LayerNorm copies and row-parallel "
-                        "biases and compute as the ranks did in training (as generate --tp-exact)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="server log level (default info: startup, compilation, one line per request)")
     args = p.parse_args(argv)
