@@ -153,9 +153,9 @@ def test_requests_never_recompile_and_the_step_updates_the_cache_in_place(engine
     assert [line for line in moved if "scatter" not in line] == []  # the per-row writes: scatters, in place
 
 
-def test_the_exact_tensor_parallel_mode_is_served_as_generate_runs_it(tmp_path):
-    """With each rank's LayerNorm copies and biases kept (`tp_exact`), the engine's prefill (the output
-    projection applied to one position) and steps give `generate`'s tokens."""
+def exact_tensor_parallel_model(tmp_path):
+    """Each rank's LayerNorm copies and biases kept (`tp_exact`): the engine's prefill applies the output
+    projection to one position, per rank."""
     import neox_jax
     from neox_jax.checkpoints.synthetic import write_deepspeed_checkpoint
 
@@ -165,19 +165,18 @@ def test_the_exact_tensor_parallel_mode_is_served_as_generate_runs_it(tmp_path):
                                       layernorm_jitter=0.05)
     model = neox_jax.load(path, "float32", progress=False, tp_exact=True)
     assert model.module.tp_ranks == 2
-    engine = Engine(model, max_batch=2, context=32)
-    engine.start()
-    try:
-        served = run(engine, [request(p[:12], 8) for p in PROMPTS[:3]])
-    finally:
-        engine.stop()
-    assert [s.tokens for s in served] == model.generate([p[:12] for p in PROMPTS[:3]], 8, stop_token=None)
+    return model
 
 
-def test_a_quantized_model_is_served_as_generate_runs_it():
+def int8_model(tmp_path):
     from neox_jax.demo import demo_model
 
-    model = demo_model(quantize="int8")
+    return demo_model(quantize="int8")
+
+
+@pytest.mark.parametrize("build", [exact_tensor_parallel_model, int8_model])
+def test_other_weight_formats_are_served_as_generate_runs_them(build, tmp_path):
+    model = build(tmp_path)
     engine = Engine(model, max_batch=2, context=32)
     engine.start()
     try:
