@@ -164,21 +164,23 @@ def abstract_param(spec: ParamSpec, config: NeoXConfig, dtype, mode: Mode | None
                            jax.ShapeDtypeStruct(scale_shape(spec, config), SCALE_DTYPE))
 
 
-def abstract_leaves(spec: ParamSpec, config: NeoXConfig, dtype, mode: Mode | None) -> list[tuple[str | None, object]]:
+def abstract_leaves(spec: ParamSpec, config: NeoXConfig, dtype, mode: Mode | None,
+                    tp_ranks: int | None = None) -> list[tuple[str | None, object]]:
     """(field, shape and dtype) of each array stored for `spec`: field None for a plain array, else
     "values" and "scale" (the memory plan sums these, each with its own sharding)."""
-    leaf = abstract_param(spec, config, dtype, mode)
+    leaf = abstract_param(spec, config, dtype, mode, tp_ranks)
     if isinstance(leaf, QuantizedWeight):
         return [(name, getattr(leaf, name)) for name in QUANTIZED_FIELDS]
     return [(None, leaf)]
 
 
-def leaf_mesh_axes(spec: ParamSpec, field: str | None) -> tuple[str | None, ...]:
-    """The mesh axes of a params leaf: a plain array's (`field` None) or a QuantizedWeight's `values` (the
-    weight's own) or `scale` (its output channels': a scale lives with the channels it scales)."""
+def leaf_mesh_axes(spec: ParamSpec, field: str | None, tp_ranks: int | None = None) -> tuple[str | None, ...]:
+    """The mesh axes of a params leaf: a plain array's (`field` None; `tp_ranks`: in the exact tensor-parallel
+    mode) or a QuantizedWeight's `values` (the weight's own) or `scale` (its output channels': a scale lives
+    with the channels it scales)."""
     if field == "scale":
         return tuple(spec.mesh_axes()[:len(scale_axes(spec))])
-    return spec.mesh_axes()
+    return spec.mesh_axes(tp_ranks)
 
 
 CPU_BLOCK = 2 ** 16  # weight elements converted at a time on CPU: 256 KiB as fp32, in L2 (2 ** 18 measured slower)

@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from .config import NeoXConfig
 from .params import MODEL, model_params, spec_at, split_sizes
-from .quantize import QUANTIZED_FIELDS, abstract_leaves, check_merged, leaf_mesh_axes, lookup
+from .quantize import QUANTIZED_FIELDS, abstract_leaves, leaf_mesh_axes, lookup
 
 DATA = "data"
 
@@ -93,7 +93,7 @@ def param_spec(path: tuple[str, ...], tp_ranks: int | None = None) -> P:
     a quantized weight's leaves are at `(*path, "values")` and `(*path, "scale")` (merged mode only)."""
     if path and path[-1] in QUANTIZED_FIELDS:
         return P(*leaf_mesh_axes(spec_at(path[:-1]), path[-1]))
-    return P(*spec_at(path).mesh_axes(tp_ranks))
+    return P(*leaf_mesh_axes(spec_at(path), None, tp_ranks))
 
 
 def param_shardings(abstract_params: dict, mesh: Mesh, tp_ranks: int | None = None) -> dict:
@@ -161,13 +161,9 @@ def planned_bytes(config: NeoXConfig, dtype, mesh: Mesh | dict[str, int], batch:
     each with its own sharding; `tp_ranks`: the exact tensor-parallel mode's) and the cache's shape; `mesh`
     may be axis sizes, for a mesh not on this machine."""
     mode = lookup(quantize)
-    check_merged(tp_ranks, mode)
-    if mode is None:
-        weights = sum(shard_bytes(spec.shape(config, tp_ranks), dtype, P(*spec.mesh_axes(tp_ranks)), mesh)
-                      for spec in model_params(config))
-    else:
-        weights = sum(shard_bytes(leaf.shape, leaf.dtype, P(*leaf_mesh_axes(spec, field)), mesh)
-                      for spec in model_params(config) for field, leaf in abstract_leaves(spec, config, dtype, mode))
+    weights = sum(shard_bytes(leaf.shape, leaf.dtype, P(*leaf_mesh_axes(spec, field, tp_ranks)), mesh)
+                  for spec in model_params(config)
+                  for field, leaf in abstract_leaves(spec, config, dtype, mode, tp_ranks))
     layer_cache = (batch, config.num_heads, context, config.head_dim)
     return weights, 2 * config.num_layers * shard_bytes(layer_cache, dtype, CACHE_SPEC, mesh)
 

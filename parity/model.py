@@ -192,15 +192,24 @@ class GPTNeoX(nn.Module):
         the top-1 minus top-2 logit in fp32: how close that greedy choice was to a tie.
         """
         cache = KVCache(len(self.layers))
-        tokens, margins = [], []
-        step_input = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
-        for _ in range(max_new_tokens):
-            logits = self(step_input, cache=cache)[0, -1].float()
-            top2 = torch.topk(logits, 2).values
-            token = int(torch.argmax(logits))
-            margins.append(float(top2[0] - top2[1]))
-            if token == stop_token:
-                break
-            tokens.append(token)
-            step_input = torch.tensor([[token]], dtype=torch.long, device=self.device)
+        tokens, margins = greedy(
+            lambda ids: self(torch.tensor([ids], dtype=torch.long, device=self.device), cache=cache)[0, -1],
+            prompt_ids, max_new_tokens, stop_token)
         return (tokens, margins) if return_margins else tokens
+
+
+def greedy(next_logits, prompt_ids: list[int], max_new_tokens: int, stop_token: int | None):
+    """Greedy decoding through `next_logits(ids)`, which feeds token ids to a model keeping its own KV cache and
+    returns the logits after the last of them -> the new tokens, ending before `stop_token` (None: never), and
+    each step's top-1 minus top-2 logit in fp32 (the stop token's step included)."""
+    tokens, margins, ids = [], [], prompt_ids
+    for _ in range(max_new_tokens):
+        logits = next_logits(ids).float()
+        top2 = torch.topk(logits, 2).values
+        token = int(torch.argmax(logits))
+        margins.append(float(top2[0] - top2[1]))
+        if token == stop_token:
+            break
+        tokens.append(token)
+        ids = [token]
+    return tokens, margins

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from neox_jax.config import NeoXConfig
 
 from .load import IGNORED_LAYER_KEYS, LoadError, _load_shard, find_step_dir, num_ranks
-from .model import apply_rotary, rotary_tables
+from .model import apply_rotary, greedy, rotary_tables
 
 TIMEOUT = datetime.timedelta(minutes=30)  # a collective no rank reaches (a crashed peer) fails after this
 
@@ -169,19 +169,15 @@ class Rank:
     def greedy(self, ids: list[int], new_tokens: int, stop_token: int | None) -> tuple[list[int], list[float]]:
         """Greedy continuation with a KV cache -> the new tokens (ending before the stop token) and each step's
         top-1 minus top-2 logit in fp32. Every rank runs the same steps (the collectives need all of them)."""
-        caches, tokens, margins = self.new_caches(), [], []
-        step, start = torch.tensor([ids]), 0
-        for _ in range(new_tokens):
-            logits = self.forward(step, caches, start)[0, -1].float()
-            start += step.shape[1]
-            top2 = torch.topk(logits, 2).values
-            token = int(torch.argmax(logits))
-            margins.append(float(top2[0] - top2[1]))
-            if token == stop_token:
-                break
-            tokens.append(token)
-            step = torch.tensor([[token]])
-        return tokens, margins
+        caches, start = self.new_caches(), 0
+
+        def next_logits(ids: list[int]) -> torch.Tensor:
+            nonlocal start
+            logits = self.forward(torch.tensor([ids]), caches, start)[0, -1]
+            start += len(ids)
+            return logits
+
+        return greedy(next_logits, ids, new_tokens, stop_token)
 
 
 @dataclasses.dataclass
