@@ -10,6 +10,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -107,6 +108,31 @@ def prefill_flops(config: NeoXConfig, batch: int, tokens: int) -> float:
     attention = 2 * 2 * batch * layers * d * tokens * (tokens + 1) / 2
     head = 2 * batch * config.vocab_size * d
     return matmul + attention + head
+
+
+def matmul_weight_sizes(config: NeoXConfig) -> set[int]:
+    """Element counts of the weights quantization stores as int8 / fp8 (every `Kind.MATMUL` declaration)."""
+    from neox_jax.params import model_params
+    from neox_jax.quantize import quantizes
+
+    return {math.prod(spec.shape(config)) for spec in filter(quantizes, model_params(config))}
+
+
+def weight_sized_float_buffers(hlo: str, sizes: set[int]) -> list[str]:
+    """Instructions of an optimised HLO module that write a float array of as many elements as a matmul weight
+    (`sizes`), other than views (parameters, tuple elements, bitcasts) and in-place updates
+    (dynamic-update-slice): in a quantized decode program, a converted copy of a weight (its matmuls should
+    read the stored values). Matching the exact counts leaves out the KV cache's conversions."""
+    found = []
+    for line in hlo.splitlines():
+        match = re.search(r"%(\S+) = (f16|bf16|f32|f64)\[([\d,]*)\]\S* ([\w-]+)\(", line)
+        if not match or math.prod(int(n) for n in match.group(3).split(",") if n) not in sizes:
+            continue
+        name, opcode = match.group(1), match.group(4)
+        in_place_update = "dynamic-update-slice" in (opcode + name).replace("_", "-")
+        if opcode not in ("parameter", "get-tuple-element", "bitcast", "tuple") and not in_place_update:
+            found.append(line.strip())
+    return found
 
 
 # ---- host memory ----

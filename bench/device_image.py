@@ -1,0 +1,133 @@
+"""Python as the GPU machine's image has it, on any machine: an import hook that lets a module load only from
+the standard library, this repository, a distribution the image holds (bench/device_packages.txt) or one the
+session carries as a wheel (bench/carried_wheels.txt). Anything else fails to import, as it would there, with
+an error that names the module and its distribution.
+
+    python -m bench.device_image DIR    # writes DIR/sitecustomize.py; then PYTHONPATH=DIR:$PYTHONPATH ...
+
+Through `sitecustomize` every Python process started with that PYTHONPATH is restricted, the children a
+command starts too (bench.gpu's workers, pytest). With NEOX_DEVICE_IMPORT_LOG set, each process appends one
+line per top-level module it was asked for: `allowed NAME DIST` or `refused NAME DIST` (DIST `-` for the
+standard library and this repository). tests/test_gpu_session.py runs the GPU session's commands so.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.metadata
+import os
+import re
+import sys
+import sysconfig
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE_LISTS = (REPO / "bench" / "device_packages.txt", REPO / "bench" / "carried_wheels.txt")
+LOG_VARIABLE = "NEOX_DEVICE_IMPORT_LOG"
+
+
+def normalize(name: str) -> str:
+    """A distribution name as pip compares them (PEP 503)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def read_list(path: Path) -> set[str]:
+    """Distribution names of a package list: one a line, `NAME` or `NAME==VERSION`, `#` comments."""
+    names = set()
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            names.add(normalize(re.split(r"[=<>!~ ;\[]", line, maxsplit=1)[0]))
+    return names
+
+
+def allowed_distributions() -> set[str]:
+    return set().union(*(read_list(p) for p in PACKAGE_LISTS))
+
+
+class DeviceImageFinder(importlib.abc.MetaPathFinder):
+    """Asked first for every top-level module; decides by where the other finders would load it from."""
+
+    def __init__(self, allowed: set[str], log: str | None):
+        self.allowed, self.log = allowed, log
+        self.decided: dict[str, str] = {}
+        self._distributions: dict[str, list[str]] | None = None
+        self._stdlib = tuple(os.path.realpath(sysconfig.get_paths()[k]) + os.sep for k in ("stdlib", "platstdlib"))
+        self._repo = os.path.realpath(REPO) + os.sep
+
+    def find_spec(self, fullname, path=None, target=None):
+        if "." in fullname or fullname in self.decided:
+            return None
+        if fullname in sys.stdlib_module_names or fullname in sys.builtin_module_names:
+            self.decided[fullname] = "-"
+            return None
+        spec = self._other_finders(fullname, path, target)
+        if spec is None:
+            return None  # missing everywhere: the usual ModuleNotFoundError
+        origin = os.path.realpath(spec.origin if spec.origin not in (None, "namespace")
+                                  else next(iter(spec.submodule_search_locations or []), ""))
+        if origin.startswith(self._repo) or origin.startswith(self._stdlib) and "site-packages" not in origin:
+            self._record("allowed", fullname, "-")
+            return None
+        dists = [normalize(d) for d in self.distributions().get(fullname, [])]
+        if any(d in self.allowed for d in dists):
+            self._record("allowed", fullname, ",".join(dists))
+            return None
+        dist = ",".join(dists) or "no distribution"
+        self._record("refused", fullname, dist)
+        raise ModuleNotFoundError(
+            f"No module named {fullname!r} on the GPU machine: {fullname} ({dist}, from {origin}) is neither in "
+            f"the image (bench/device_packages.txt) nor among the carried wheels (bench/carried_wheels.txt)",
+            name=fullname)
+
+    def _other_finders(self, fullname, path, target):
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                return spec
+        return None
+
+    def distributions(self) -> dict[str, list[str]]:
+        if self._distributions is None:
+            self._distributions = importlib.metadata.packages_distributions()
+        return self._distributions
+
+    def _record(self, verdict: str, name: str, dist: str) -> None:
+        self.decided[name] = verdict
+        if self.log:
+            with open(self.log, "a") as f:
+                f.write(f"{verdict} {name} {dist}\n")
+
+
+def install() -> DeviceImageFinder:
+    """Put the finder first on sys.meta_path (once per process)."""
+    for finder in sys.meta_path:
+        if isinstance(finder, DeviceImageFinder):
+            return finder
+    finder = DeviceImageFinder(allowed_distributions(), os.environ.get(LOG_VARIABLE))
+    sys.meta_path.insert(0, finder)
+    return finder
+
+
+SITECUSTOMIZE = f"""# Written by bench/device_image.py: restricts imports to what the GPU machine's image has.
+import sys
+sys.path.insert(0, {str(REPO)!r})
+import bench.device_image
+sys.path.remove({str(REPO)!r})
+bench.device_image.install()
+"""
+
+
+def write_sitecustomize(directory: str | os.PathLike) -> Path:
+    path = Path(directory) / "sitecustomize.py"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(SITECUSTOMIZE)
+    return path
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m bench.device_image DIR")
+    print(write_sitecustomize(sys.argv[1]))
