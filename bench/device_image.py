@@ -7,8 +7,11 @@ an error that names the module and its distribution.
 
 Through `sitecustomize` every Python process started with that PYTHONPATH is restricted, the children a
 command starts too (bench.gpu's workers, pytest). With NEOX_DEVICE_IMPORT_LOG set, each process appends one
-line per top-level module it was asked for: `allowed NAME DIST` or `refused NAME DIST` (DIST `-` for the
-standard library and this repository). tests/test_gpu_session.py runs the GPU session's commands so.
+line per top-level module it was asked for: `allowed NAME DIST` or `refused NAME DIST IMPORTER` (DIST `-`
+for the standard library and this repository; IMPORTER the file whose import statement asked). Libraries
+probe for optional modules the image lacks too (anyio for trio, say) and carry on without them, as they
+do there; what matters is a refusal whose importer is this repository's code, or a command that fails.
+tests/test_gpu_session.py runs the GPU session's commands so.
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ class DeviceImageFinder(importlib.abc.MetaPathFinder):
             self._record("allowed", fullname, ",".join(dists))
             return None
         dist = ",".join(dists) or "no distribution"
-        self._record("refused", fullname, dist)
+        self._record("refused", fullname, f"{dist} {importer()}")
         raise ModuleNotFoundError(
             f"No module named {fullname!r} on the GPU machine: {fullname} ({dist}, from {origin}) is neither in "
             f"the image (bench/device_packages.txt) nor among the carried wheels (bench/carried_wheels.txt)",
@@ -99,6 +102,17 @@ class DeviceImageFinder(importlib.abc.MetaPathFinder):
         if self.log:
             with open(self.log, "a") as f:
                 f.write(f"{verdict} {name} {dist}\n")
+
+
+def importer() -> str:
+    """The file of the innermost frame outside the import machinery: whose import statement is running."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if not (name.startswith("<frozen importlib") or name == __file__ or "importlib" + os.sep in name):
+            return name
+        frame = frame.f_back
+    return "?"
 
 
 def install() -> DeviceImageFinder:
