@@ -44,14 +44,16 @@ class WorkerError(RuntimeError):
         super().__init__(f"{engine} worker exited with {returncode}{tail}")
 
 
-def run_worker(module: str, engine: str, argv: Sequence[str], env: dict | None = None, capture: bool = False):
+def run_worker(module: str, engine: str, argv: Sequence[str], env: dict | None = None, capture: bool = False,
+               out: str | None = None):
     """`python -m MODULE ARGV --worker ENGINE --worker-out FILE` in a child process -> the JSON it wrote.
 
     Each engine runs alone in its process: none shares thread pools (XLA's, OpenMP's), allocator state,
     device memory or peak-memory accounting with another, and each starts from a clean heap. `capture`
-    keeps the child's output for the error (else it goes straight to the terminal). Raises WorkerError."""
+    keeps the child's output for the error (else it goes straight to the terminal). `out`: the FILE (else
+    a temporary one), for a worker that writes what it has measured so far as it goes. Raises WorkerError."""
     with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "result.json")
+        out = out or os.path.join(tmp, "result.json")
         pipe = subprocess.PIPE if capture else None
         proc = subprocess.run([sys.executable, "-m", module, *argv, "--worker", engine, "--worker-out", out],
                               env=env, stdout=pipe, stderr=subprocess.STDOUT if capture else None, text=True)

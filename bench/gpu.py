@@ -36,6 +36,7 @@ import os
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import numpy as np
 
@@ -160,6 +161,7 @@ def jax_worker(args, config) -> dict:
     out["prefill"] = {"tokens": prompt_len, "seconds": seconds, "runs": runs, "compile_seconds": compile_s,
                       "tflops": prefill_flops(config, 1, prompt_len) / seconds / 1e12,
                       "peak_bytes": memory().get("peak_bytes_in_use")}
+    save_so_far(args, out)
     log(f"prefill {prompt_len} tokens: {1e3 * seconds:.1f} ms (compile {compile_s:.1f} s)")
 
     def decode(prompts, max_new_tokens):
@@ -188,6 +190,7 @@ def jax_worker(args, config) -> dict:
             case["error"] = short_error(e)
             log(f"decode batch {batch} failed: {case['error']}")
         out["decode"].append(case)
+        save_so_far(args, out)
     if quantize:
         # Issue 14's check at these shapes: the compiled decode loops read the stored values; a float array
         # of a matmul weight's size would be a converted copy written every step.
@@ -319,6 +322,7 @@ def parity_worker(args, config) -> dict:
     seconds = median(runs)
     out["prefill"] = {"tokens": prompt_len, "seconds": seconds, "runs": runs, "compile_seconds": None,
                       "tflops": prefill_flops(config, 1, prompt_len) / seconds / 1e12, "peak_bytes": peak()}
+    save_so_far(args, out)
     log(f"prefill {prompt_len} tokens: {1e3 * seconds:.1f} ms")
     del tokens
 
@@ -364,6 +368,7 @@ def parity_worker(args, config) -> dict:
             if cuda:
                 torch.cuda.empty_cache()
         out["decode"].append(case)
+        save_so_far(args, out)
     return out
 
 
@@ -408,9 +413,22 @@ def child_env(engine: str) -> dict:
     return env
 
 
-def run_child(engine: str, argv: list[str]) -> dict:
+def save_so_far(args, out: dict) -> None:
+    """The worker's figures so far, whole, where the parent reads its result: a run stopped from outside
+    (the GPU session's step timeout) leaves them in `--json FILE`.ENGINE.partial."""
+    tmp = f"{args.worker_out}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({**out, "partial": True}, f)
+    os.replace(tmp, args.worker_out)
+
+
+def partial_path(json_path: str | None, engine: str) -> str | None:
+    return None if json_path is None else f"{json_path}.{engine}.partial"
+
+
+def run_child(engine: str, argv: list[str], out: str | None) -> dict:
     try:
-        return run_worker("bench.gpu", engine, argv, child_env(engine))
+        return run_worker("bench.gpu", engine, argv, child_env(engine), out=out)
     except WorkerError as e:
         return {"engine": engine, "error": str(e)}
 
@@ -518,13 +536,15 @@ def main(argv=None) -> int:
     print(f"neox-jax GPU benchmark: {', '.join(engines)}, each in its own process, one after the other",
           flush=True)
     started = time.perf_counter()
-    results = {engine: run_child(engine, child_argv) for engine in engines}
+    results = {engine: run_child(engine, child_argv, partial_path(args.json, engine)) for engine in engines}
     report(config, args, results)
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"argv": child_argv, "config": config.__dict__, "results": results}, f, indent=1)
         print(f"wrote {args.json}")
+        for engine in engines:
+            Path(partial_path(args.json, engine)).unlink(missing_ok=True)
     return 0 if all("error" not in r for r in results.values()) else 1
 
 

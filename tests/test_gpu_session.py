@@ -216,3 +216,25 @@ def test_every_step_runs_at_toy_sizes_under_the_images_packages(tmp_path):
     assert steps["compile-20b"]["result"]["total_seconds"] > 0
     assert "count" in steps["decode-int8"]["result"]["results"]["neox-jax-int8"]["weight_sized_float_buffers"]
     assert steps["parity-fp16"]["result"]["verdict"] == "pass"
+
+
+def test_a_benchmark_cut_short_returns_the_cases_its_workers_finished(tmp_path):
+    work = Work(tmp_path, tiny=False)
+    (tmp_path / "decode-fp16.json.neox-jax.partial").write_text(json.dumps({"prefill": {"seconds": 0.1},
+                                                                            "decode": [], "partial": True}))
+    step = next(s for s in STEPS if s.name == "decode-fp16")
+    assert gpu_session.step_result(step, work) == {"partial": True, "results": {"neox-jax": {
+        "prefill": {"seconds": 0.1}, "decode": [], "partial": True}}}
+    work.json("decode-fp16").write_text('{"results": {}}')  # the whole JSON wins once written
+    assert gpu_session.step_result(step, work) == {"results": {}}
+
+
+def test_the_tests_step_stops_starting_tests_at_its_deadline(tmp_path):
+    (tmp_path / "test_two.py").write_text("def test_one():\n    pass\n\ndef test_two():\n    pass\n")
+    xml = tmp_path / "out.xml"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "bench.pytest_deadline",
+                           str(tmp_path / "test_two.py"), f"--junitxml={xml}"], cwd=REPO, capture_output=True, text=True,
+                          env=dict(os.environ, NEOX_PYTEST_DEADLINE="1", PYTHONPATH=str(REPO)), timeout=120)
+    assert "deadline for its tests step passed" in proc.stdout, proc.stdout
+    counts = gpu_session.pytest_counts(xml)
+    assert counts["tests"] == 0 and counts["failed"] == [], counts
