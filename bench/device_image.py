@@ -59,7 +59,11 @@ class DeviceImageFinder(importlib.abc.MetaPathFinder):
         self._repo = os.path.realpath(REPO) + os.sep
 
     def find_spec(self, fullname, path=None, target=None):
-        if "." in fullname or fullname in self.decided:
+        if "." in fullname:
+            return None
+        if fullname in self.decided:
+            if isinstance(self.decided[fullname], ModuleNotFoundError):
+                raise self.decided[fullname]  # refused every time, not only the first
             return None
         if fullname in sys.stdlib_module_names or fullname in sys.builtin_module_names:
             self.decided[fullname] = "-"
@@ -78,10 +82,12 @@ class DeviceImageFinder(importlib.abc.MetaPathFinder):
             return None
         dist = ",".join(dists) or "no distribution"
         self._record("refused", fullname, f"{dist} {importer()}")
-        raise ModuleNotFoundError(
+        error = ModuleNotFoundError(
             f"No module named {fullname!r} on the GPU machine: {fullname} ({dist}, from {origin}) is neither in "
             f"the image (bench/device_packages.txt) nor among the carried wheels (bench/carried_wheels.txt)",
             name=fullname)
+        self.decided[fullname] = error
+        raise error
 
     def _other_finders(self, fullname, path, target):
         for finder in sys.meta_path:

@@ -135,7 +135,8 @@ def decode(engine: str, batch: str = "1,8,32") -> Callable[[Work], list[list[str
     name = "decode-" + {"neox-jax": "fp16", "parity": "torch"}.get(engine, engine.removeprefix("neox-jax-"))
 
     def commands(w: Work) -> list[list[str]]:
-        size = ["--tiny", "--batch", "2", "--decode-steps", "4", "--reps", "1"] if w.tiny else ["--batch", batch, "--reps", "2"]
+        size = ["--tiny", "--batch", "2", "--prefill-tokens", "32", "--decode-steps", "4", "--reps", "1"] if w.tiny \
+            else ["--batch", batch, "--reps", "2"]
         return [[PY, "-m", "bench.gpu", "--engines", engine, *size, "--json", str(w.json(name))]]
 
     return commands
