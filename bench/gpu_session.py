@@ -145,11 +145,11 @@ def decode(engine: str, batch: str = "1,8,32") -> Callable[[Work], list[list[str
 # In order of value. The default steps' budgets add up to at most DEFAULT_BUDGET_S.
 STEPS: list[Step] = [
     Step("environment", "jax, jaxlib, torch and CUDA versions, the device JAX and torch see, the carried wheels",
-         30, environment),
+         20, environment),
     Step("tests", "the GPU-sensitive tests with JAX on CUDA (compiled-program checks, numerics): pass/fail counts",
-         75, pytest_step("tests", GPU_TESTS)),
+         90, pytest_step("tests", GPU_TESTS)),
     Step("parity-fp16", "parity.check fp16 --per-layer on the synthetic 2-rank checkpoint against the PyTorch "
-                        "reference on CUDA", 60, parity("float16", per_layer=True)),
+                        "reference on CUDA", 55, parity("float16", per_layer=True)),
     Step("compile-20b", "GPT-NeoX-20B's prefill and decode programs compiled from abstract shapes (fp16, batch 1, "
                         "2048 slots): seconds, target < 60", 75, compile_20b),
     Step("decode-fp16", "20B fp16: 2047-token prefill ms and TFLOP/s (target <= 150 ms), decode ms/token at batch "
