@@ -1,7 +1,9 @@
 """Python as the GPU machine's image has it, on any machine: an import hook that lets a module load only from
 the standard library, this repository, a distribution the image holds (bench/device_packages.txt) or one the
 session carries as a wheel (bench/carried_wheels.txt). Anything else fails to import, as it would there, with
-an error that names the module and its distribution.
+an error that names the module and its distribution. The distributions' metadata is filtered the same way
+(`importlib.metadata.distributions`, and so entry points): a package installed here but absent there
+registers no pytest plugin and no hypothesis extension, as there.
 
     python -m bench.device_image DIR    # writes DIR/sitecustomize.py; then PYTHONPATH=DIR:$PYTHONPATH ...
 
@@ -51,6 +53,8 @@ def allowed_distributions() -> set[str]:
 class DeviceImageFinder(importlib.abc.MetaPathFinder):
     """Asked first for every top-level module; decides by where the other finders would load it from."""
 
+    unfiltered = False  # True while this finder reads every distribution's metadata itself
+
     def __init__(self, allowed: set[str], log: str | None):
         self.allowed, self.log = allowed, log
         self.decided: dict[str, str] = {}
@@ -62,8 +66,8 @@ class DeviceImageFinder(importlib.abc.MetaPathFinder):
         if "." in fullname:
             return None
         if fullname in self.decided:
-            if isinstance(self.decided[fullname], ModuleNotFoundError):
-                raise self.decided[fullname]  # refused every time, not only the first
+            if isinstance(self.decided[fullname], ModuleNotFoundError):  # refused every time, not only the first
+                raise ModuleNotFoundError(str(self.decided[fullname]), name=fullname)
             return None
         if fullname in sys.stdlib_module_names or fullname in sys.builtin_module_names:
             self.decided[fullname] = "-"
@@ -99,8 +103,13 @@ class DeviceImageFinder(importlib.abc.MetaPathFinder):
         return None
 
     def distributions(self) -> dict[str, list[str]]:
+        """Top-level module -> distributions, over everything installed here (the filter off)."""
         if self._distributions is None:
-            self._distributions = importlib.metadata.packages_distributions()
+            self.unfiltered = True
+            try:
+                self._distributions = importlib.metadata.packages_distributions()
+            finally:
+                self.unfiltered = False
         return self._distributions
 
     def _record(self, verdict: str, name: str, dist: str) -> None:
@@ -128,6 +137,16 @@ def install() -> DeviceImageFinder:
             return finder
     finder = DeviceImageFinder(allowed_distributions(), os.environ.get(LOG_VARIABLE))
     sys.meta_path.insert(0, finder)
+    every = importlib.metadata.distributions
+
+    def distributions(**kwargs):
+        """The installed distributions the GPU machine's image has too (entry points and plugins follow)."""
+        found = every(**kwargs)
+        if finder.unfiltered:
+            return found
+        return (d for d in found if normalize(d.metadata["Name"] or "") in finder.allowed)
+
+    importlib.metadata.distributions = distributions
     return finder
 
 
