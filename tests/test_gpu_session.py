@@ -148,7 +148,10 @@ def test_the_hook_refuses_what_the_image_lacks_and_names_it(tmp_path):
     env = guarded_env(tmp_path)
     if "starlette" not in DISTRIBUTIONS:
         pytest.skip("starlette is not installed here")
-    script = ("import json, yaml, pydantic\ntry:\n    import starlette\nexcept ImportError:\n    pass\n"
+    script = ("import importlib.metadata, json, yaml, pydantic\n"
+              "names = {d.metadata['Name'].lower() for d in importlib.metadata.distributions()}\n"
+              "assert 'starlette' not in names and 'pydantic' in names, names  # its metadata is hidden too\n"
+              "try:\n    import starlette\nexcept ImportError:\n    pass\n"
               "import starlette")  # refused the second time too
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "No module named 'starlette' on the GPU machine" in proc.stderr, proc.stderr
