@@ -47,7 +47,23 @@ def read_list(path: Path) -> set[str]:
 
 
 def allowed_distributions() -> set[str]:
-    return set().union(*(read_list(p) for p in PACKAGE_LISTS))
+    """The image's distributions and what they require as installed here, and the carried wheels.
+
+    The image is consistent in itself, so what its packages need is there too, whatever this machine's
+    versions of them need (huggingface_hub 2 here requires httpx2; the image's 1.33 does not). The carried
+    wheels are installed with --no-deps, so they count as listed and no further."""
+    image, carried = (read_list(p) for p in PACKAGE_LISTS)
+    requires = {}
+    for dist in importlib.metadata.distributions():
+        deps = [re.match(r"[A-Za-z0-9._-]+", r) for r in dist.requires or [] if "extra ==" not in r]
+        requires[normalize(dist.metadata["Name"] or "")] = {normalize(m.group(0)) for m in deps if m}
+    allowed, todo = set(), list(image)
+    while todo:
+        name = todo.pop()
+        if name not in allowed:
+            allowed.add(name)
+            todo += requires.get(name, ())
+    return allowed | carried
 
 
 class DeviceImageFinder(importlib.abc.MetaPathFinder):
