@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.metadata
+import importlib.util
 import os
 import re
 import sys
@@ -79,35 +80,38 @@ class DeviceImageFinder(importlib.abc.MetaPathFinder):
         self._repo = os.path.realpath(REPO) + os.sep
 
     def find_spec(self, fullname, path=None, target=None):
-        if "." in fullname:
-            return None
-        if fullname in self.decided:
-            if isinstance(self.decided[fullname], ModuleNotFoundError):  # refused every time, not only the first
-                raise ModuleNotFoundError(str(self.decided[fullname]), name=fullname)
-            return None
+        if "." not in fullname and (error := self.refusal(fullname, path, target)):
+            raise error
+        return None  # the other finders load it
+
+    def refusal(self, fullname, path=None, target=None) -> ModuleNotFoundError | None:
+        """The error a top-level module's import raises on the GPU machine, or None where it loads there."""
+        if fullname not in self.decided:
+            self.decided[fullname] = self._decide(fullname, path, target)
+        error = self.decided[fullname]
+        return ModuleNotFoundError(str(error), name=fullname) if isinstance(error, ModuleNotFoundError) else None
+
+    def _decide(self, fullname, path, target):
         if fullname in sys.stdlib_module_names or fullname in sys.builtin_module_names:
-            self.decided[fullname] = "-"
-            return None
+            return "-"
         spec = self._other_finders(fullname, path, target)
         if spec is None:
-            return None  # missing everywhere: the usual ModuleNotFoundError
+            return "missing"  # missing everywhere: the usual ModuleNotFoundError
         origin = os.path.realpath(spec.origin if spec.origin not in (None, "namespace")
                                   else next(iter(spec.submodule_search_locations or []), ""))
         if origin.startswith(self._repo) or origin.startswith(self._stdlib) and "site-packages" not in origin:
             self._record("allowed", fullname, "-")
-            return None
+            return "allowed"
         dists = [normalize(d) for d in self.distributions().get(fullname, [])]
         if any(d in self.allowed for d in dists):
             self._record("allowed", fullname, ",".join(dists))
-            return None
+            return "allowed"
         dist = ",".join(dists) or "no distribution"
         self._record("refused", fullname, f"{dist} {importer()}")
-        error = ModuleNotFoundError(
+        return ModuleNotFoundError(
             f"No module named {fullname!r} on the GPU machine: {fullname} ({dist}, from {origin}) is neither in "
             f"the image (bench/device_packages.txt) nor among the carried wheels (bench/carried_wheels.txt)",
             name=fullname)
-        self.decided[fullname] = error
-        raise error
 
     def _other_finders(self, fullname, path, target):
         for finder in sys.meta_path:
@@ -129,7 +133,6 @@ class DeviceImageFinder(importlib.abc.MetaPathFinder):
         return self._distributions
 
     def _record(self, verdict: str, name: str, dist: str) -> None:
-        self.decided[name] = verdict
         if self.log:
             with open(self.log, "a") as f:
                 f.write(f"{verdict} {name} {dist}\n")
@@ -163,6 +166,25 @@ def install() -> DeviceImageFinder:
         return (d for d in found if normalize(d.metadata["Name"] or "") in finder.allowed)
 
     importlib.metadata.distributions = distributions
+
+    # Libraries ask whether a module is there before importing it (transformers' is_X_available): answer
+    # as the image would, with no spec and no version for what it lacks.
+    real_find_spec, real_distribution = importlib.util.find_spec, importlib.metadata.distribution
+
+    def find_spec(name, package=None):
+        absolute = importlib.util.resolve_name(name, package) if name.startswith(".") else name
+        if finder.refusal(absolute.partition(".")[0]):
+            return None
+        return real_find_spec(name, package)
+
+    def distribution(name):
+        if normalize(name) not in finder.allowed and not finder.unfiltered:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real_distribution(name)
+
+    importlib.util.find_spec = find_spec
+    importlib.metadata.distribution = distribution
+    importlib.metadata.version = lambda name: distribution(name).version
     return finder
 
 
