@@ -38,7 +38,7 @@ def assert_page(page: str, title: str, command: str):
 def test_cpu_bench_prints_a_table_for_each_case(tmp_path):
     page = tmp_path / "cpu.md"
     out = run("bench.cpu", "--shapes", "tiny", "--batch", "1,2", "--new-tokens", "4", "--prompt-len", "8",
-              "--reps", "1", "--bandwidth-mib", "16", "--markdown", str(page))
+              "--reps", "1", "--bandwidth-mib", "16", "--markdown", str(page), timeout=300)
     assert out.count("== tiny  batch") == 2
     for engine in ("neox-jax", "neox-jax-int8", "parity", "transformers"):
         assert len(rows(out, engine)) == 2, out
