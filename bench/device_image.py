@@ -47,13 +47,18 @@ def read_list(path: Path) -> set[str]:
     return names
 
 
-def allowed_distributions() -> set[str]:
-    """The image's distributions and what they require as installed here, and the carried wheels.
+def allowed_distributions(strict: bool = True) -> set[str]:
+    """The distributions the image has, and the carried wheels: what this repository's code may import.
 
-    The image is consistent in itself, so what its packages need is there too, whatever this machine's
-    versions of them need (huggingface_hub 2 here requires httpx2; the image's 1.33 does not). The carried
-    wheels are installed with --no-deps, so they count as listed and no further."""
+    Not `strict`: also what the image's packages require as installed here, for imports made by those
+    packages. The image is consistent in itself, so what its packages need is there, whatever this
+    machine's newer versions of them need (huggingface_hub 2 here requires httpx2; the image's 1.33 does
+    not); but a requirement of a version here is no evidence for this repository's own imports (one of
+    this machine's packages requires pydantic, which the image lacks). The carried wheels are installed
+    with --no-deps, so they count as listed and no further."""
     image, carried = (read_list(p) for p in PACKAGE_LISTS)
+    if strict:
+        return image | carried
     requires = {}
     for dist in importlib.metadata.distributions():
         deps = [re.match(r"[A-Za-z0-9._-]+", r) for r in dist.requires or [] if "extra ==" not in r]
@@ -72,9 +77,9 @@ class DeviceImageFinder(importlib.abc.MetaPathFinder):
 
     unfiltered = False  # True while this finder reads every distribution's metadata itself
 
-    def __init__(self, allowed: set[str], log: str | None):
-        self.allowed, self.log = allowed, log
-        self.decided: dict[str, str] = {}
+    def __init__(self, log: str | None):
+        self.strict, self.allowed, self.log = allowed_distributions(), allowed_distributions(strict=False), log
+        self.decided: dict[tuple[str, bool], object] = {}  # (module, asked by this repository) -> verdict
         self._distributions: dict[str, list[str]] | None = None
         self._stdlib = tuple(os.path.realpath(sysconfig.get_paths()[k]) + os.sep for k in ("stdlib", "platstdlib"))
         self._repo = os.path.realpath(REPO) + os.sep
@@ -86,12 +91,13 @@ class DeviceImageFinder(importlib.abc.MetaPathFinder):
 
     def refusal(self, fullname, path=None, target=None) -> ModuleNotFoundError | None:
         """The error a top-level module's import raises on the GPU machine, or None where it loads there."""
-        if fullname not in self.decided:
-            self.decided[fullname] = self._decide(fullname, path, target)
-        error = self.decided[fullname]
+        ours = importer().startswith(self._repo)
+        if (fullname, ours) not in self.decided:
+            self.decided[fullname, ours] = self._decide(fullname, path, target, self.strict if ours else self.allowed)
+        error = self.decided[fullname, ours]
         return ModuleNotFoundError(str(error), name=fullname) if isinstance(error, ModuleNotFoundError) else None
 
-    def _decide(self, fullname, path, target):
+    def _decide(self, fullname, path, target, allowed: set[str]):
         if fullname in sys.stdlib_module_names or fullname in sys.builtin_module_names:
             return "-"
         spec = self._other_finders(fullname, path, target)
@@ -103,7 +109,7 @@ class DeviceImageFinder(importlib.abc.MetaPathFinder):
             self._record("allowed", fullname, "-")
             return "allowed"
         dists = [normalize(d) for d in self.distributions().get(fullname, [])]
-        if any(d in self.allowed for d in dists):
+        if any(d in allowed for d in dists):
             self._record("allowed", fullname, ",".join(dists))
             return "allowed"
         dist = ",".join(dists) or "no distribution"
@@ -154,7 +160,7 @@ def install() -> DeviceImageFinder:
     for finder in sys.meta_path:
         if isinstance(finder, DeviceImageFinder):
             return finder
-    finder = DeviceImageFinder(allowed_distributions(), os.environ.get(LOG_VARIABLE))
+    finder = DeviceImageFinder(os.environ.get(LOG_VARIABLE))
     sys.meta_path.insert(0, finder)
     every = importlib.metadata.distributions
 
