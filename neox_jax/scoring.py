@@ -34,8 +34,8 @@ class _DeviceScorer:
     def __init__(self, model, *fns):
         self.module: NeoX = model.module
         self.params = model.params
-        self._place = model.decoder.place_rows  # rows split over the mesh's data axis, as the decoder's
-        self.programs = [Compiled(fn) for fn in fns]
+        self.decoder = model.decoder  # rows split over the mesh's data axis, and the cache, as the decoder's
+        self.programs = [Compiled(fn, donate_argnums=donate) for fn, donate in fns]
 
     @property
     def compiles(self) -> int:
@@ -46,7 +46,7 @@ class _DeviceScorer:
         return sum(p.compile_seconds for p in self.programs)
 
     def _run(self, program: int, *arrays):
-        return self.programs[program](self.params, *(self._place(x) for x in arrays))
+        return self.programs[program](self.params, *(self.decoder.place_rows(x) for x in arrays))
 
 
 def _right_padded(rows: Sequence[Sequence[int]], batch: int, first_position: Sequence[int] | None = None):
@@ -70,7 +70,7 @@ class Scorer(_DeviceScorer):
     """
 
     def __init__(self, model):
-        super().__init__(model, self._score)
+        super().__init__(model, (self._score, ()))
 
     def _score(self, params, tokens, positions, targets, last):
         logits = self.module.apply({"params": params}, tokens, positions).logits.astype(jnp.float32)  # [B, T, V]
@@ -105,11 +105,10 @@ class ContextScorer(_DeviceScorer):
     """
 
     def __init__(self, model):
-        super().__init__(model, self._prefill, self._score)
+        super().__init__(model, (self._prefill, (1,)), (self._score, ()))
 
-    def _prefill(self, params, tokens, positions, last):
-        batch, slots = tokens.shape
-        cache = KVCache.init(self.module.config, batch, slots, self.module.dtype)
+    def _prefill(self, params, cache, tokens, positions, last):
+        batch = tokens.shape[0]
         out = self.module.apply({"params": params}, tokens, positions, cache, return_hidden_states=True)
         # Only the last real position's logits are needed: the head runs on [B, 1, D] (the full [B, T, V]
         # logits are unused, so XLA drops them).
@@ -133,7 +132,9 @@ class ContextScorer(_DeviceScorer):
         tokens, positions = _right_padded(rows, batch)
         last = np.zeros(batch, np.int32)
         last[:len(rows)] = [len(r) - 1 for r in rows]
-        cache, last_lp = self._run(0, tokens, positions, last)
+        empty = self.decoder.new_cache(*tokens.shape)
+        cache, last_lp = self.programs[0](self.params, empty, *(self.decoder.place_rows(x)
+                                                                 for x in (tokens, positions, last)))
         return cache, to_host(last_lp)
 
     def continuations(self, cache, context_row: Sequence[int], context_length: Sequence[int],
@@ -144,5 +145,6 @@ class ContextScorer(_DeviceScorer):
             targets[i, :len(continuation) - 1] = continuation[1:]
         index = np.zeros(batch, np.int32)
         index[:len(continuations)] = context_row
-        out = self.programs[1](self.params, cache, *(self._place(x) for x in (index, tokens, positions, targets)))
+        out = self.programs[1](self.params, cache, *(self.decoder.place_rows(x)
+                                                      for x in (index, tokens, positions, targets)))
         return tuple(to_host(x) for x in out)
