@@ -23,6 +23,14 @@ Programs are compiled for fixed shapes when the engine is built, before the firs
 longer prompts are prefilled 256 tokens at a time, as `decode.Decoder` does). Requests coming and going
 never recompile; `compiles` counts compilations so tests can check that.
 
+Prefix caching (`prefix_cache.py`): each full prefill chunk of a prompt is kept, after it is computed, as a block
+of keys and values named by a digest of its tokens and every token before them; a later prompt that starts with
+the same tokens copies those blocks into its row instead of prefilling them (two more compiled programs: a block
+out of a row, a block into one). The chunk holding a prompt's last token is always computed (its logits choose
+the first token), as is every chunk of a request that asks for the prompt's log-probabilities. The copied bits
+are the ones the prefill would have written, so a request's tokens and log-probabilities are identical with or
+without the cache.
+
 Sampling reuses `sampling.select_token` row by row (vmapped), with the decoder's random keys: the seed, the
 token's index and a hash of the prompt, so a seeded request gives the same tokens here as through
 `Decoder.generate` whenever the logits agree. When every active row is greedy, one argmax serves the batch
@@ -48,6 +56,7 @@ from ..decode import PREFILL_CHUNK, Compiled, GenerationError, length_bucket
 from ..model import KVCache, NeoX
 from ..sampling import NONFINITE, Sampling, row_salt, select_token
 from ..sharding import BATCH_SPEC, CACHE_SPEC, DATA, put, to_host
+from .prefix_cache import PrefixCache, block_digests
 
 logger = logging.getLogger("neox_jax.serve")
 
@@ -105,9 +114,11 @@ class Request:
 
 class Engine:
     def __init__(self, model, max_batch: int = 8, context: int | None = None, max_queue: int = 64,
-                 on_first_token=None, on_step=None):
+                 on_first_token=None, on_step=None, prefix_cache_bytes: int = 0):
         """`model`: a NeoXModel. `context`: the most tokens (prompt + new) of one request, at most the model's
         context (default). `max_queue`: requests waiting for a slot before `submit` raises QueueFull.
+        `prefix_cache_bytes`: the prefix cache's budget on device (0: no prefix cache; prompts longer than one
+        prefill chunk only can use it).
         `on_first_token(seconds)`: called with each request's time from submission to its first token;
         `on_step(seconds)` with each decode step's time (the device's, and handing out its tokens)."""
         config = model.config
@@ -120,6 +131,8 @@ class Engine:
             raise GenerationError(f"max batch {max_batch} must be a positive multiple of the mesh's data axis ({data})")
         if max_queue < 1:
             raise GenerationError(f"max queue {max_queue} must be >= 1")
+        if prefix_cache_bytes < 0:
+            raise GenerationError(f"the prefix cache's budget must be >= 0 bytes, got {prefix_cache_bytes}")
         self.model, self.module, self.params, self.mesh = model, model.module, model.params, model.mesh
         self.config, self.context, self.batch, self.max_queue = config, context, max_batch, max_queue
         # Any prompt of up to `context` tokens is written in chunks that end within length_bucket(context).
@@ -131,6 +144,13 @@ class Engine:
         placed = self._cache_shardings()
         self._prefill = Compiled(self._prefill_fn, donate_argnums=(1,), out_shardings=(placed,) + (None,) * 7)
         self._step = Compiled(self._step_fn, donate_argnums=(1,), out_shardings=(placed,) + (None,) * 4)
+        itemsize = jnp.dtype(self.module.dtype).itemsize
+        block_bytes = 2 * config.num_layers * config.hidden_size * PREFILL_CHUNK * itemsize
+        # Only a prompt longer than a chunk has a chunk before its last token's.
+        self.prefix_cache = PrefixCache(prefix_cache_bytes, block_bytes) \
+            if context > PREFILL_CHUNK and prefix_cache_bytes >= block_bytes else None
+        self._save_block = Compiled(self._save_block_fn)
+        self._load_block = Compiled(self._load_block_fn, donate_argnums=(0,), out_shardings=placed)
         self._cache = self._new_cache()
         self._requests: list[Request | None] = [None] * max_batch
         self._pending: collections.deque[Request] = collections.deque()
@@ -205,6 +225,28 @@ class Engine:
                         length=cache.length.at[row].set(end))
         return cache, first, first_lp, first_top_ids, first_top_lp, target, top_ids, top_lp
 
+    def _save_block_fn(self, cache: KVCache, row, start):
+        """The keys and values of row `row`'s slots start .. start + PREFILL_CHUNK: per layer [N, chunk, H] each."""
+        take = lambda x: jax.lax.dynamic_slice(x, (row, 0, start, 0), (1, x.shape[1], PREFILL_CHUNK, x.shape[3]))[0]  # noqa: E731
+        return tuple(map(take, cache.k)), tuple(map(take, cache.v))
+
+    def _load_block_fn(self, cache: KVCache, row, start, k_block, v_block):
+        """Row `row` with a block written at slots start .. start + PREFILL_CHUNK and filled up to its end; from
+        slot 0, the row is cleared first (as a first prefill chunk clears it)."""
+        fresh = start == 0
+
+        def put_block(slots, block):
+            old = jax.lax.dynamic_slice_in_dim(slots, row, 1, axis=0)
+            new = jax.lax.dynamic_update_slice(jnp.where(fresh, 0, old).astype(slots.dtype), block[None], (0, 0, start, 0))
+            return jax.lax.dynamic_update_slice_in_dim(slots, new, row, axis=0)
+
+        old = jax.lax.dynamic_slice_in_dim(cache.positions, row, 1, axis=0)
+        positions = jax.lax.dynamic_update_slice(jnp.where(fresh, -1, old),
+                                                 (start + jnp.arange(PREFILL_CHUNK, dtype=jnp.int32))[None], (0, start))
+        return KVCache(k=tuple(map(put_block, cache.k, k_block)), v=tuple(map(put_block, cache.v, v_block)),
+                       positions=jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, row, axis=0),
+                       length=cache.length.at[row].set(start + PREFILL_CHUNK))
+
     def _step_fn(self, params, cache: KVCache, tokens, positions, active, sampling: Sampling, steps, salts,
                  want_logprobs):
         """One decode step for every slot: tokens, positions, active, steps, salts [B]; `sampling` holds [B]
@@ -253,7 +295,7 @@ class Engine:
 
     @property
     def compiles(self) -> int:
-        return self._prefill.compiles + self._step.compiles
+        return self._prefill.compiles + self._step.compiles + self._save_block.compiles + self._load_block.compiles
 
     def _compile(self) -> None:
         """Compile every program before the first request, by running each once on an idle row."""
@@ -265,6 +307,9 @@ class Engine:
         off = np.zeros(self.batch, bool)
         for want in (off, ~off):
             self._run_step(off, np.zeros(self.batch, np.int32), want)
+        if self.prefix_cache is not None:
+            i32 = np.int32
+            self._cache = self._load_block(self._cache, i32(0), i32(0), *self._save_block(self._cache, i32(0), i32(0)))
         self.compile_seconds = time.perf_counter() - start
         logger.info("compiled %d programs in %.1fs: decode step %d slots x %d positions, prefill chunks of %s "
                     "tokens; requests never recompile", self.compiles, self.compile_seconds, self.batch,
@@ -374,11 +419,21 @@ class Engine:
         prompt, sampling = request.prompt, request.sampling
         salt = row_salt(prompt)
         scores: list[TokenLogprobs | None] = [None]
+        pool = None if request.prompt_logprobs else self.prefix_cache
+        digests = block_digests(prompt, PREFILL_CHUNK) if pool is not None else []
         for start in range(0, len(prompt), PREFILL_CHUNK):
             chunk = prompt[start:start + PREFILL_CHUNK]
+            block = start // PREFILL_CHUNK
+            if start + PREFILL_CHUNK < len(prompt) and block < len(digests):  # not the last token's chunk
+                kept = pool.get(digests[block])
+                if kept is not None:
+                    self._cache = self._load_block(self._cache, np.int32(row), np.int32(start), *kept)
+                    continue
             first, first_lp, first_ids, first_lps, target, top_ids, top_lp = self._run_prefill(
                 row, start, chunk, prompt[start + 1:start + 1 + len(chunk)], sampling, salt, request.wants_logprobs,
                 request.prompt_logprobs)
+            if block < len(digests) and digests[block] not in pool:
+                pool.put(digests[block], self._save_block(self._cache, np.int32(row), np.int32(start)))
             if request.prompt_logprobs:
                 target, top_ids, top_lp = (to_host(x) for x in (target, top_ids, top_lp))
                 scores += [TokenLogprobs(float(target[i]), _top(top_ids[i], top_lp[i], request.logprobs))
