@@ -119,7 +119,7 @@ def test_compile_bench_compiles_from_abstract_shapes(tmp_path):
 def test_serve_bench_measures_the_server_against_generate(tmp_path):
     page = tmp_path / "serve.md"
     argv = ["--shape", "tiny", "--concurrency", "1,2", "--requests", "3", "--prompt-len", "8", "--new-tokens", "4",
-            "--max-batch", "2", "--markdown", str(page)]
+            "--max-batch", "2", "--cached-prefix", "0", "--markdown", str(page)]
     out = run("bench.serve", *argv, timeout=300)
     assert len(rows(out, "generate, one at a time")) == 1 and len(rows(out, "server")) == 2, out
     assert "TTFT ms" in out and "per token p50 ms" in out and "concurrency 1 TTFT" in out and "x a bare generate" in out
