@@ -17,13 +17,15 @@ request per slot.
 * The peer: a child process that runs the same requests one after another through `Decoder.stream` (what
   `python -m neox_jax.generate` runs), after a warm-up that compiles its programs: TTFT is the time to its first
   token, per token its decode time per step, tok/s all tokens over the total time.
-* step ms: the server's mean decode step over the level (its /metrics): every slot's step costs the same
-  however many are in use (fixed shapes, so that a request's tokens never depend on the others).
+* step ms: the server's mean decode step over the level (its /metrics): a step computes the smallest slot
+  bucket (1, 2, 4, ..., --max-batch) holding the requests in flight.
 * Prefix cache (--cached-prefix N, default 1024; 0 skips it): a second server, with a context for N + 64 prompt
   tokens and its prefix cache on, gets pairs of requests that share their first N tokens (random, new for each
   pair) and differ in their last 64: the first of a pair is prefilled cold (and fills the cache), the second
   copies the N tokens' blocks (`neox_jax/serve/prefix_cache.py`). TTFT of each, median over the pairs; target:
   cached <= 0.3x cold.
+* A lone request's decode speed: the peer's time per token / the server's p50 at concurrency 1 (target:
+  >= 0.85).
 * Ratios: throughput / the peer's (target: >= 3 at concurrency 8); TTFT / the peer's (target: <= 1.2 at
   concurrency 1); and the limit the machine sets: slots x the peer's time per token / the server's step time,
   the throughput ratio decoding alone would reach.
@@ -47,7 +49,7 @@ import numpy as np
 from .common import (SHAPES, load_average, machine, markdown_page, markdown_table, parse_list, run_worker, sig, table,
                      utc_now, write_page)
 
-TARGETS = {"throughput_at_8": 3.0, "ttft_at_1": 1.2, "cached_prefix_ttft": 0.3}
+TARGETS = {"throughput_at_8": 3.0, "ttft_at_1": 1.2, "cached_prefix_ttft": 0.3, "lone_decode": 0.85}
 PREFIX_TAIL = 64  # prompt tokens after the shared prefix in the prefix-cache measurement
 PREFIX_PAIRS = 3
 
@@ -237,6 +239,10 @@ def render(result: dict, markdown: bool) -> str:
                     f"token / the server's {sig(1e3 * full['step'])} ms decode step = "
                     f"{slots * peer['per_token'] / full['step']:.2f}x generate's decode throughput, prefill aside")
     if 1 in by_c:
+        speed = peer["per_token"] / by_c[1]["per_token_p50"]
+        ok = speed >= TARGETS["lone_decode"]
+        verdicts.append(f"a lone request decodes at {speed:.2f}x generate's speed (its time per token over the "
+                        f"server's p50; target >= {TARGETS['lone_decode']:g}x): {'met' if ok else 'NOT met'}")
         ok = by_c[1]["ttft_ratio"] <= TARGETS["ttft_at_1"]
         verdicts.append(f"concurrency 1 TTFT {by_c[1]['ttft_ratio']:.2f}x a bare generate call "
                         f"(target <= {TARGETS['ttft_at_1']:g}x): {'met' if ok else 'NOT met'}")
