@@ -210,6 +210,39 @@ def test_sixteen_concurrent_requests_each_give_their_tokens_alone(server, client
     assert idle(server)
 
 
+def test_long_stop_strings_never_delay_another_clients_tokens(server):
+    """A 1 MB stop string (under the body limit) used to cost the engine thread work quadratic in its length
+    per token, stalling every client for most of a minute; now it is refused, and the longest stop strings
+    allowed, matched incrementally, leave another client's stream as smooth as it is alone."""
+    def chunk_gaps() -> np.ndarray:
+        body = {"model": NAME, "prompt": "The", "max_tokens": 60, "temperature": 0, "stream": True}
+        times = []
+        with requests.post(f"{server.url}/v1/completions", json=body, stream=True, timeout=30) as reply:
+            for line in reply.iter_lines():
+                if line.startswith(b"data: "):
+                    times.append(time.perf_counter())
+        assert len(times) > 30
+        return np.diff(times)
+
+    def post(body):
+        return requests.post(f"{server.url}/v1/completions", json=body, timeout=60)
+
+    alone = chunk_gaps()
+    longest = ["a" * 999 + "b", "ab" * 500, "x" * 1000, "\u00e9" * 1000]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        huge = pool.submit(post, {"prompt": "The", "max_tokens": 100, "stop": "x" * 1_000_000})
+        hostile = [pool.submit(post, {"prompt": "a " * 40, "max_tokens": CONTEXT - 90, "stop": longest})
+                   for _ in range(2)]
+        time.sleep(0.2)
+        together = chunk_gaps()
+    assert huge.result().status_code == 400 and huge.result().json()["error"]["param"] == "stop"
+    assert "at most 1000 characters" in huge.result().json()["error"]["message"]
+    assert all(h.result().status_code == 200 for h in hostile)
+    # Generous (a loaded 2-core machine): the old matcher held every step for seconds.
+    assert together.max() < max(1.0, 10 * alone.max()), (alone.max(), together.max())
+    assert idle(server)
+
+
 def test_a_full_queue_answers_429_with_retry_after_and_recovers(server):
     body = {"model": NAME, "prompt": "The quick brown fox", "max_tokens": CONTEXT - 32, "temperature": 0}
     with concurrent.futures.ThreadPoolExecutor(48) as pool:
@@ -265,6 +298,7 @@ BAD = [  # body, status, the param the error names (None: the body as a whole)
     ({"prompt": "x", "top_k": -2}, 400, "top_k"), ({"prompt": "x", "seed": -1}, 400, "seed"),
     ({"prompt": "x", "seed": 2**64}, 400, "seed"), ({"prompt": "x", "n": 2}, 400, "n"),
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"), ({"prompt": "x", "stop": [1]}, 400, "stop"),
+    ({"prompt": "x", "stop": "x" * 1001}, 400, "stop"), ({"prompt": "x", "stop": ["", "y" * 5000]}, 400, "stop"),
     ({"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ({"prompt": "x", "stream": "yes"}, 400, "stream"), ({"prompt": "x", "echo": 1}, 400, "echo"),
     ({"prompt": []}, 400, "prompt"), ({"prompt": [[]]}, 400, "prompt"), ({"prompt": [1, "a"]}, 400, "prompt"),

@@ -17,6 +17,9 @@ from typing import Any
 from .engine import MAX_LOGPROBS, TokenLogprobs
 
 MAX_STOP_STRINGS = 4  # as OpenAI
+# Each stop string's length; OpenAI documents none. Matching costs the same whatever the length
+# (streaming.TextStream), so this only bounds the memory a request holds.
+MAX_STOP_CHARS = 1000
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default
 
 
@@ -173,6 +176,9 @@ def _stop(stop) -> list[str]:
         raise bad("stop", f"must be a string or a list of strings, got {_show(stop)}")
     if len(stops) > MAX_STOP_STRINGS:
         raise bad("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
+    long = next((s for s in stops if len(s) > MAX_STOP_CHARS), None)
+    if long is not None:
+        raise bad("stop", f"each stop string has at most {MAX_STOP_CHARS} characters, got one of {len(long)}")
     return [s for s in stops if s]
 
 
