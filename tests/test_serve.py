@@ -299,6 +299,11 @@ BAD = [  # body, status, the param the error names (None: the body as a whole)
     ({"prompt": "x", "seed": 2**64}, 400, "seed"), ({"prompt": "x", "n": 2}, 400, "n"),
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"), ({"prompt": "x", "stop": [1]}, 400, "stop"),
     ({"prompt": "x", "stop": "x" * 1001}, 400, "stop"), ({"prompt": "x", "stop": ["", "y" * 5000]}, 400, "stop"),
+    (b'{"prompt": "hi", "\\ud800": 1}', 400, "\\ud800"), (b'{"prompt": "hi", "\\udfff\\ud800x": 1}', 400, "\\udfff\\ud800x"),
+    ({"prompt": "x", "n": True}, 400, "n"), ({"prompt": "x", "n": 1.0}, 400, "n"), ({"prompt": "x", "best_of": True}, 400,
+                                                                                      "best_of"),
+    ({"prompt": "x", "presence_penalty": False}, 400, "presence_penalty"),
+    ({"prompt": "x", "frequency_penalty": "0"}, 400, "frequency_penalty"), ({"prompt": "x", "suffix": 0}, 400, "suffix"),
     ({"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ({"prompt": "x", "stream": "yes"}, 400, "stream"), ({"prompt": "x", "echo": 1}, 400, "echo"),
     ({"prompt": []}, 400, "prompt"), ({"prompt": [[]]}, 400, "prompt"), ({"prompt": [1, "a"]}, 400, "prompt"),
@@ -335,13 +340,15 @@ def test_wrong_methods_and_paths_get_json_errors(server):
     assert reply.status_code == 404 and "no such endpoint" in reply.json()["error"]["message"]
 
 
-SCALARS = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | st.text(max_size=8)
+# Any code point, lone surrogates included (JSON can escape them: "\ud800"), and long strings now and then.
+TEXT = st.text(st.characters(codec=None, exclude_categories=()), max_size=8) | st.text(max_size=3000)
+SCALARS = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | TEXT
 JSON = st.recursive(SCALARS,
-                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=3),
                     max_leaves=8)
 FIELDS = ["prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "logprobs", "echo", "n",
           "stream_options", "logit_bias", "model", "suffix"]
-BODIES = st.dictionaries(st.sampled_from(FIELDS), JSON, max_size=6).map(
+BODIES = st.dictionaries(st.sampled_from(FIELDS) | TEXT, JSON, max_size=6).map(
     lambda d: d | {"max_tokens": d["max_tokens"] % 8} if isinstance(d.get("max_tokens"), int) and not isinstance(
         d["max_tokens"], bool) else d)
 
@@ -351,6 +358,7 @@ BODIES = st.dictionaries(st.sampled_from(FIELDS), JSON, max_size=6).map(
 def test_hostile_bodies_get_an_answer_and_never_hurt_the_server(server, body):
     reply = server.post(body)
     assert reply.status_code in (200, 400, 404, 429), reply.text
+    assert reply.headers["content-type"] in ("application/json", "text/event-stream; charset=utf-8")
     if reply.status_code != 200:
         assert reply.json()["error"]["message"]
     elif not body.get("stream"):

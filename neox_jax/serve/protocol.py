@@ -28,12 +28,18 @@ class APIError(Exception):
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  type: str = "invalid_request_error", headers: dict | None = None):
+        message, param = _printable(message), None if param is None else _printable(param)
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
         self.headers = headers or {}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _printable(text: str) -> str:
+    """`text` with what UTF-8 cannot hold (a lone surrogate, from a JSON escape such as "\\ud800") escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def bad(param: str, message: str) -> APIError:
@@ -95,9 +101,10 @@ def _flag(body, name):
     return value
 
 
-def _neutral(body, name, neutral) -> None:
+def _neutral(body, name, neutral, of_type) -> None:
+    """Only the neutral value, and of its JSON type (`of_type(value)`): true is not 1, 1.0 is not the integer 1."""
     value = body.get(name)
-    if value is not None and value != neutral:
+    if value is not None and not (of_type(value) and value == neutral):
         raise bad(name, f"only {neutral!r} is supported by this server, got {_show(value)}")
 
 
@@ -122,9 +129,11 @@ def parse_completion(body: Any) -> CompletionParams:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad("model", f"must be a string, got {_show(model)}")
-    for name, neutral in (("n", 1), ("best_of", 1), ("presence_penalty", 0), ("frequency_penalty", 0),
-                          ("logit_bias", {}), ("suffix", "")):
-        _neutral(body, name, neutral)
+    is_dict, is_str = (lambda x: isinstance(x, dict)), (lambda x: isinstance(x, str))  # noqa: E731
+    for name, neutral, of_type in (("n", 1, _is_int), ("best_of", 1, _is_int), ("presence_penalty", 0, _is_number),
+                                   ("frequency_penalty", 0, _is_number), ("logit_bias", {}, is_dict),
+                                   ("suffix", "", is_str)):
+        _neutral(body, name, neutral, of_type)
     if body.get("user") is not None and not isinstance(body["user"], str):
         raise bad("user", f"must be a string, got {_show(body['user'])}")
     stream = _flag(body, "stream")
