@@ -4,6 +4,7 @@ the Python API reads its input as meant, Ctrl-C ends a generation cleanly."""
 import io
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -274,6 +275,8 @@ EVAL_ENV = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "JA
     ("pretrained={model}", "no_such_task", ["Tasks not found: no_such_task"]),
     ("pretrained={missing}", "lambada_local_tiny", ["missing: no such directory"]),
     ("pretrained={model},dtype=float17", "lambada_local_tiny", ["dtype must be one of", "'float17'"]),
+    ("dtype=float32", "lambada_local_tiny", ["model_args must name the model: pretrained=DIR"]),
+    ("=,,=", "lambada_local_tiny", ["unknown model_args '': neox-jax takes pretrained, tokenizer, dtype"]),
 ])
 def test_eval_mistakes_end_in_one_error_line(model_dir, tmp_path, model_args, task, fragments):
     args = ["--model_args", model_args.format(model=model_dir, missing=tmp_path / "missing"), "--tasks", task,
@@ -284,6 +287,18 @@ def test_eval_mistakes_end_in_one_error_line(model_dir, tmp_path, model_args, ta
     assert "Traceback" not in out.stderr
     last = out.stderr.strip().splitlines()[-1]  # after lm-eval's own INFO log lines
     assert last.startswith("error: ") and all(f in last for f in fragments), out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("model_args, message", [
+    (dict(batch_size="abc"), "batch_size must be a positive integer or auto, got 'abc'"),
+    (dict(batch_size=0), "batch_size must be"), (dict(batch_size=1.5), "batch_size must be"),
+    (dict(batch_size=True), "batch_size must be"),
+    (dict(bogus=1), "unknown model_args 'bogus': neox-jax takes pretrained, tokenizer, dtype"),
+])
+def test_eval_model_args_are_checked_before_the_model_loads(tmp_path, model_args, message):
+    lm_eval_model = pytest.importorskip("neox_jax.lm_eval_model")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        lm_eval_model.NeoXLM(pretrained=tmp_path / "missing", **model_args)  # missing: it would fail to load
 
 
 def test_eval_refuses_non_finite_scores(tensors):
