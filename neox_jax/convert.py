@@ -506,6 +506,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the conversion is, so that it cleans up as on Ctrl-C."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = PRESETS[args.preset] if args.preset else args.config
@@ -513,15 +521,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr)
 
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         result = convert(args.checkpoint, args.out_dir, config=config, tokenizer=args.tokenizer,
                          shard_bytes=args.shard_size, dtype=args.dtype, force=args.force, log=log)
     except (CheckpointError, ConfigError, ConvertError, OSError) as e:  # OSError: e.g. the disk filled up
         log(f"error: {e}")
         return 2
-    except KeyboardInterrupt:
-        log(f"error: interrupted; nothing was written to {args.out_dir}")
-        return 130
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, _Terminated)
+        log(f"error: {'terminated' if terminated else 'interrupted'}; nothing was written to {args.out_dir}")
+        return 128 + signal.SIGTERM if terminated else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(result.summary())
     return 0
 

@@ -286,6 +286,31 @@ def test_leftovers_of_a_killed_conversion_are_removed_by_the_next(tmp_path, caps
     assert f"removed leftover {leftover} from an interrupted conversion (pid {killed.pid})" in err
 
 
+@pytest.mark.parametrize("sig, status, said", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
+def test_sigterm_or_ctrl_c_while_writing_cleans_up(tmp_path, sig, status, said):
+    root, _ = make_checkpoint(tmp_path / "ckpt")
+    out = earlier_output(tmp_path / "hf")
+    script = ("import os, signal, sys\n"
+              "from neox_jax import convert\n"
+              "real = convert.hf.write_hf\n"
+              "def signalled_midway(out_dir, config, stream, **kwargs):\n"
+              "    def stream_until_signalled():\n"
+              "        for i, item in enumerate(stream):\n"
+              "            if i == 10:\n"
+              f"                os.kill(os.getpid(), {int(sig)})\n"
+              "            yield item\n"
+              "    return real(out_dir, config, stream_until_signalled(), **kwargs)\n"
+              "convert.hf.write_hf = signalled_midway\n"
+              "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+              "sys.exit(convert.main(sys.argv[1:]))\n")
+    child = subprocess.run([sys.executable, "-c", script, str(root), str(out), "--force", "--shard-size", "40kB"],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert child.returncode == status, child.stderr
+    assert child.stderr.strip().splitlines()[-1] == f"error: {said}; nothing was written to {out}"
+    assert previous_files(out) == ["conversion.json", "model-00001-of-00001.safetensors"]  # the previous output
+    assert not list(tmp_path.glob(".hf.*")), "temporary folders left beside the output"
+
+
 def test_leftovers_whose_owner_may_be_alive_are_kept(tmp_path, capsys):
     root, _ = make_checkpoint(tmp_path / "ckpt")
     host, dead = convert._HOST, dead_pid()
