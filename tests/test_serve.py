@@ -390,6 +390,24 @@ def test_bad_flags_are_one_error_line(argv, message):
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
+def test_a_context_beyond_the_model_is_refused_before_the_weights_load(checkpoint):
+    out = subprocess.run([sys.executable, "-m", "neox_jax.serve", "--model", str(checkpoint), "--port", "0",
+                          "--context", "99999"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [f"error: context 99999 must be in [1, "
+                                               f"{PRESETS['tiny'].max_position_embeddings}] (the model's context)"]
+
+
+def test_without_the_serve_extra_it_says_which_to_install():
+    blocked = ("import sys; sys.modules['uvicorn'] = None\n"  # as if not installed: importing it fails
+               "from neox_jax.serve.__main__ import main; sys.exit(main(['--demo', '--port', '0']))")
+    out = subprocess.run([sys.executable, "-c", blocked], cwd=REPO, env=ENV, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "error: the server needs uvicorn, which is not installed: pip install 'neox-jax[serve]' (the serve extra: "
+        "starlette, uvicorn, prometheus_client)"], out.stderr
+
+
 # ---- lm-eval's local-completions against neox-jax's own lm-eval model ----
 
 def _samples(results, task):

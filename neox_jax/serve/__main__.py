@@ -102,6 +102,9 @@ def load_model(args):
     checkpoint = open_checkpoint(args.model, PRESETS[args.preset] if args.preset else args.config, args.revision)
     tokenizer = load_tokenizer(require_tokenizer(args.tokenizer, checkpoint))
     config, tp_ranks = checkpoint.config, exact_ranks(checkpoint, args.tp_exact)
+    if args.context is not None and args.context > config.max_position_embeddings:  # before the weights load
+        raise GenerationError(f"context {args.context} must be in [1, {config.max_position_embeddings}] (the "
+                              f"model's context)")
     dtype = lookup(args.dtype or default_dtype()).jax
     mesh = mesh or default_mesh(config, dtype, args.quantize)
     check_model_axis_divides(config, mesh, tp_ranks)
@@ -114,7 +117,19 @@ def load_model(args):
     return model, name, tokenizer.eos_id
 
 
+def require_serve_extra() -> None:
+    """The server's own libraries (the `serve` extra), checked before anything is loaded."""
+    for module in ("starlette", "uvicorn", "prometheus_client"):
+        try:
+            __import__(module)
+        except ModuleNotFoundError:
+            raise GenerationError(f"the server needs {module}, which is not installed: pip install "
+                                  f"'neox-jax[serve]' (the serve extra: starlette, uvicorn, prometheus_client)") \
+                from None
+
+
 def serve(args) -> int:
+    require_serve_extra()
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sock = bind(args.host, args.port)
     start = time.perf_counter()
