@@ -112,6 +112,7 @@ def load_model(args, prompts: list[str]):
 
         mesh = make_mesh(**parse_mesh(args.mesh)) if args.mesh else None
         model = demo_model(args.dtype or "float32", args.rotary_dtype, mesh, args.quantize)
+        check_stop_token(model.config, stop_token(args, model.tokenizer))  # before any prompt is printed
         return model, encode(model.tokenizer, prompts, model.config, args.max_new_tokens)
     checkpoint = open_checkpoint(args.model, PRESETS[args.preset] if args.preset else args.config, args.revision)
     tokenizer = load_tokenizer(require_tokenizer(args.tokenizer, checkpoint))

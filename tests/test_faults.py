@@ -211,6 +211,14 @@ def test_cli_mistakes_are_one_error_line(model_dir, capsys, args, fragments):
     one_line_error(capsys.readouterr().err, *fragments)
 
 
+def test_demo_stop_token_out_of_range_is_refused_before_any_prompt_is_printed(capsys):
+    assert exit_status(["--demo", "--prompt", "The quick", "--stop-token", "999"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert [line for line in captured.err.splitlines() if not line.startswith("demo: ")] == [
+        "error: stop token 999 is outside the vocabulary [0, 384)"]
+
+
 def exit_status(argv) -> int:
     """`generate`'s exit status, whether main returns it or argparse exits."""
     try:
