@@ -215,7 +215,8 @@ def test_demo_stop_token_out_of_range_is_refused_before_any_prompt_is_printed(ca
     assert exit_status(["--demo", "--prompt", "The quick", "--stop-token", "999999"]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    [error] = [line for line in captured.err.splitlines() if not line.startswith("demo: ")]
+    [error] = [line for line in captured.err.splitlines() if line.startswith("error")]
+    assert "Traceback" not in captured.err
     assert error.startswith("error: stop token 999999 is outside the vocabulary [0, ")
 
 
