@@ -494,6 +494,13 @@ def test_sigint_finishes_the_requests_in_flight_then_exits_0(server):
     lines = [s.iter_lines() for s in streams]
     assert next(lines[0]).startswith(b"data: ")  # decoding
     server.proc.send_signal(signal.SIGINT)
+    # While they finish, the server still listens: /health and new requests say 503 (a refused connection
+    # would look like a crash to a load balancer).
+    while (health := requests.get(f"{server.url}/health", timeout=10)).status_code == 200:
+        time.sleep(0.01)
+    assert health.status_code == 503 and health.json() == {"status": "shutting down"}
+    refused = server.post(body | {"stream": False, "max_tokens": 1})
+    assert refused.status_code == 503 and refused.json()["error"]["type"] == "server_error"
     for stream in lines:
         events = [line for line in stream if line]
         assert events[-1] == b"data: [DONE]"
@@ -502,7 +509,7 @@ def test_sigint_finishes_the_requests_in_flight_then_exits_0(server):
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{server.url}/health", timeout=5)
     log = "".join(server.log)
-    assert "stopping: no new connections" in log and "Traceback" not in log
+    assert "stopping: new requests get 503" in log and "Traceback" not in log
 
 
 def test_a_second_ctrl_c_quits_at_once_with_130():

@@ -8,6 +8,7 @@ if __name__ == "__main__":
     exit_on_interrupt()  # until the server runs: Ctrl-C while loading or compiling exits at once (status 130)
 
 import argparse
+import asyncio
 import errno
 import logging
 import os
@@ -33,8 +34,9 @@ EPILOG = """examples:
 One process owns the model and its devices. Requests share a fixed set of --max-batch decode slots: a new
 one is prefilled and joins the running batch between decode steps, and a finished or abandoned one frees its
 slot at once. All programs are compiled before the server listens. Up to --max-queue requests wait for a
-slot; beyond that the server answers 429 with Retry-After. Ctrl-C (or SIGTERM) stops accepting connections,
-lets the requests in flight finish, and exits with status 0; a second Ctrl-C quits at once (status 130).
+slot; beyond that the server answers 429 with Retry-After. Ctrl-C (or SIGTERM) answers new requests and
+/health with 503, lets the requests in flight finish, stops listening, and exits with status 0; a second
+Ctrl-C quits at once (status 130).
 See docs/serve.md."""
 
 
@@ -157,10 +159,18 @@ def run(model, name: str, stop_token: int | None, sock: socket.socket, max_batch
             if self.should_exit and sig == signal.SIGINT:  # a second Ctrl-C: quit now, as every command does
                 log.info("interrupted: abandoning the %d requests in flight", engine.occupied + engine.queue_depth)
                 os._exit(INTERRUPTED)
-            log.info("stopping: no new connections; finishing the %d requests in flight",
+            log.info("stopping: new requests get 503; finishing the %d requests in flight",
                      engine.occupied + engine.queue_depth)
             app.state.serve["draining"] = True
+            engine.stop(timeout=0)  # takes no new requests; finishes those queued and running
             super().handle_exit(sig, frame)
+
+        async def shutdown(self, sockets=None):
+            # Still listening while the requests in flight finish: /health and new requests get 503, not a
+            # refused connection, so a load balancer sees the drain. Then uvicorn's own shutdown.
+            while engine.occupied + engine.queue_depth and not self.force_exit:
+                await asyncio.sleep(0.05)
+            await super().shutdown(sockets)
 
     # uvicorn handles SIGINT/SIGTERM while it runs, then re-raises them to the handlers it found: these, so a
     # graceful stop ends with status 0.
