@@ -20,7 +20,7 @@ from .model import NeoX
 from .sampling import Sampling
 from .sharding import default_mesh, plan_memory, require_fit, to_host
 from .streaming import STREAM_CHUNK, TextStream, stop_strings, stream_text
-from .tokenizer import Tokenizer, checkpoint_dirs, find_tokenizer, load_tokenizer
+from .tokenizer import Tokenizer, check_vocabulary, checkpoint_dirs, find_tokenizer, load_tokenizer
 from .weights import build_params, tp_ranks_of
 
 
@@ -230,6 +230,8 @@ def load_checkpoint(checkpoint: Checkpoint, dtype: str | None = None, rotary_dty
     if not isinstance(tokenizer, Tokenizer):
         tokenizer = find_tokenizer(tokenizer, *checkpoint_dirs(checkpoint))
         tokenizer = None if tokenizer is None else load_tokenizer(tokenizer)
+    if tokenizer is not None:
+        check_vocabulary(tokenizer, checkpoint.config.vocab_size)
     mesh = mesh or default_mesh(checkpoint.config, jax_dtype, quantize)
     require_fit(plan_memory(checkpoint.config, jax_dtype, mesh, tp_ranks=tp_ranks, quantize=quantize),
                 checkpoint.config, mesh, 0, 0)

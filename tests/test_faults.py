@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import neox_jax
 from neox_jax.api import NeoXModel
 from neox_jax.checkpoints import CheckpointError
 from neox_jax.checkpoints.hf import HFCheckpoint
@@ -218,6 +219,16 @@ def test_demo_stop_token_out_of_range_is_refused_before_any_prompt_is_printed(ca
     [error] = [line for line in captured.err.splitlines() if line.startswith("error")]
     assert "Traceback" not in captured.err
     assert error.startswith("error: stop token 999999 is outside the vocabulary [0, ")
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused_when_loading(model_dir, tmp_path, capsys):
+    big = tmp_path / "big_tokenizer.json"
+    demo_tokenizer(500)._tokenizer.save(str(big))
+    message = rf"big_tokenizer\.json: the tokenizer has \d+ tokens, more than the model's vocabulary \(384\)"
+    with pytest.raises(ValueError, match=message):
+        neox_jax.load(model_dir, tokenizer=big, progress=False)
+    assert exit_status(["--model", str(model_dir), "--tokenizer", str(big), "--prompt", "x"]) == 2
+    one_line_error(capsys.readouterr().err, "more than the model's vocabulary (384): wrong tokenizer?")
 
 
 def exit_status(argv) -> int:

@@ -181,6 +181,15 @@ def test_echo_with_logprobs_scores_the_prompt(client, reference):
         assert out.usage.prompt_tokens == len(prompt) and out.usage.completion_tokens == max_tokens
 
 
+def test_echo_keeps_the_text_of_special_tokens(client, reference):
+    prompt = f"The{END_OF_TEXT}quick"
+    for logprobs in (None, 1):
+        out = client.completions.create(model=NAME, prompt=prompt, max_tokens=0, echo=True, logprobs=logprobs)
+        assert out.choices[0].text == prompt
+        if logprobs:
+            assert "".join(out.choices[0].logprobs.tokens) == prompt
+
+
 def test_the_openai_client_sees_openai_errors(client):
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.completions.create(model=NAME, prompt="x", temperature=-1)

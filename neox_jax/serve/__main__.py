@@ -99,10 +99,11 @@ def load_model(args):
     from ..api import exact_ranks, load_checkpoint
     from ..checkpoints import open_checkpoint
     from ..sharding import check_model_axis_divides, default_mesh, plan_memory, require_fit
-    from ..tokenizer import load_tokenizer, require_tokenizer
+    from ..tokenizer import check_vocabulary, load_tokenizer, require_tokenizer
 
     checkpoint = open_checkpoint(args.model, PRESETS[args.preset] if args.preset else args.config, args.revision)
     tokenizer = load_tokenizer(require_tokenizer(args.tokenizer, checkpoint))
+    check_vocabulary(tokenizer, checkpoint.config.vocab_size)
     config, tp_ranks = checkpoint.config, exact_ranks(checkpoint, args.tp_exact)
     if args.context is not None and args.context > config.max_position_embeddings:  # before the weights load
         raise GenerationError(f"context {args.context} must be in [1, {config.max_position_embeddings}] (the "

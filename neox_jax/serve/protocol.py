@@ -193,10 +193,12 @@ def _stop(stop) -> list[str]:
 
 # ---- responses ----
 
-def logprobs_json(tokenizer, tokens: list[int], scores: list[TokenLogprobs | None], offset: int = 0) -> dict:
+def logprobs_json(tokenizer, tokens: list[int], scores: list[TokenLogprobs | None], offset: int = 0,
+                  special_tokens: bool = False) -> dict:
     """OpenAI's completions `logprobs` object for `tokens` with their scores (None: the first prompt token,
-    which nothing predicts). text_offset counts characters from `offset`."""
-    strings = [tokenizer.decode([t]) for t in tokens]
+    which nothing predicts). text_offset counts characters from `offset`. `special_tokens`: show their text
+    (an echoed prompt's), else none (as in the completion's text)."""
+    strings = [tokenizer.decode([t], skip_special_tokens=not special_tokens) for t in tokens]
     offsets = []
     for s in strings:
         offsets.append(offset)
