@@ -148,6 +148,7 @@ def run(model, name: str, stop_token: int | None, sock: socket.socket, max_batch
     import uvicorn
 
     from .app import create_app
+    from .connection import Connection
     from .engine import Engine
 
     log = logging.getLogger("neox_jax.serve")
@@ -181,7 +182,8 @@ def run(model, name: str, stop_token: int | None, sock: socket.socket, max_batch
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     log.info("serving %s on http://%s:%d (the page at /, the API at /v1/completions)", name, shown, port)
-    server = Server(uvicorn.Config(app, log_level=log_level, access_log=log_level == "debug", lifespan="off"))
+    server = Server(uvicorn.Config(app, log_level=log_level, access_log=log_level == "debug", lifespan="off",
+                                   http=Connection))
     server.run(sockets=[sock])
     engine.stop()
     log.info("stopped")
