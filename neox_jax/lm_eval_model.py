@@ -138,7 +138,8 @@ def _parse_batch_size(batch_size, max_batch_size) -> int:
 class NeoXLM(TemplateLM):
     """lm-eval model over a `neox_jax.NeoXModel` (see the module docstring for model_args)."""
 
-    def __init__(self, pretrained: str | os.PathLike | NeoXModel | None = None, tokenizer: str | os.PathLike | Tokenizer | None = None,
+    def __init__(self, pretrained: str | os.PathLike | NeoXModel | None = None,
+                 tokenizer: str | os.PathLike | Tokenizer | None = None,
                  dtype: str | None = None, rotary_dtype: str | None = None, batch_size: int | str | None = 1,
                  max_batch_size: int | None = None, max_length: int | None = None,
                  max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, prefix_token_id: int | None = None,

@@ -286,7 +286,8 @@ def test_leftovers_of_a_killed_conversion_are_removed_by_the_next(tmp_path, caps
     assert f"removed leftover {leftover} from an interrupted conversion (pid {killed.pid})" in err
 
 
-@pytest.mark.parametrize("sig, status, said", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
+@pytest.mark.parametrize("sig, status, said", [(signal.SIGTERM, 143, "terminated"),
+                                               (signal.SIGINT, 130, "interrupted")])
 def test_sigterm_or_ctrl_c_while_writing_cleans_up(tmp_path, sig, status, said):
     root, _ = make_checkpoint(tmp_path / "ckpt")
     out = earlier_output(tmp_path / "hf")

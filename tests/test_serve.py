@@ -308,9 +308,10 @@ BAD = [  # body, status, the param the error names (None: the body as a whole)
     ({"prompt": "x", "seed": 2**64}, 400, "seed"), ({"prompt": "x", "n": 2}, 400, "n"),
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"), ({"prompt": "x", "stop": [1]}, 400, "stop"),
     ({"prompt": "x", "stop": "x" * 1001}, 400, "stop"), ({"prompt": "x", "stop": ["", "y" * 5000]}, 400, "stop"),
-    (b'{"prompt": "hi", "\\ud800": 1}', 400, "\\ud800"), (b'{"prompt": "hi", "\\udfff\\ud800x": 1}', 400, "\\udfff\\ud800x"),
-    ({"prompt": "x", "n": True}, 400, "n"), ({"prompt": "x", "n": 1.0}, 400, "n"), ({"prompt": "x", "best_of": True}, 400,
-                                                                                      "best_of"),
+    (b'{"prompt": "hi", "\\ud800": 1}', 400, "\\ud800"),  # a lone surrogate, escaped in the reply
+    (b'{"prompt": "hi", "\\udfff\\ud800x": 1}', 400, "\\udfff\\ud800x"),
+    ({"prompt": "x", "n": True}, 400, "n"), ({"prompt": "x", "n": 1.0}, 400, "n"),
+    ({"prompt": "x", "best_of": True}, 400, "best_of"),
     ({"prompt": "x", "presence_penalty": False}, 400, "presence_penalty"),
     ({"prompt": "x", "frequency_penalty": "0"}, 400, "frequency_penalty"), ({"prompt": "x", "suffix": 0}, 400, "suffix"),
     ({"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
