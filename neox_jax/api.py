@@ -19,8 +19,8 @@ from .dtypes import default_dtype, lookup
 from .model import NeoX
 from .sampling import Sampling
 from .sharding import default_mesh, plan_memory, require_fit, to_host
-from .streaming import STREAM_CHUNK, TextStream, stream_text
-from .tokenizer import Tokenizer, checkpoint_dirs, find_tokenizer, load_tokenizer
+from .streaming import STREAM_CHUNK, TextStream, stop_strings, stream_text
+from .tokenizer import Tokenizer, check_vocabulary, checkpoint_dirs, find_tokenizer, load_tokenizer
 from .weights import build_params, tp_ranks_of
 
 
@@ -63,16 +63,23 @@ class NeoXModel:
         return self.module.apply({"params": params}, tokens, positions,
                                  return_hidden_states=True).hidden_states.astype(jnp.float32)
 
-    def _run(self, compiled: Compiled, tokens) -> jax.Array:
-        """Run on [B, T] tokens right-padded to buckets (nearby shapes share one compilation)."""
-        tokens = np.asarray(tokens, np.int32)
-        if tokens.ndim != 2 or tokens.shape[1] == 0:
-            raise ValueError(f"tokens must be [batch, length] with length >= 1, got shape {tokens.shape}")
-        batch, length = tokens.shape
-        if length > self.config.max_position_embeddings:
-            raise ValueError(f"{length} tokens exceed the context of {self.config.max_position_embeddings}")
+    def _token_array(self, tokens) -> np.ndarray:
+        """[B, T] token ids, checked: integers (never truncated floats or bools) within the vocabulary."""
+        tokens = np.asarray(tokens)
+        if tokens.dtype.kind not in "iuO" or (tokens.dtype.kind == "O" and not all(
+                isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in tokens.flat)):
+            raise TypeError(f"token ids must be integers, not {tokens.dtype} (a float would be truncated)")
+        if tokens.ndim != 2 or tokens.shape[1] == 0 or tokens.shape[0] == 0:
+            raise ValueError(f"tokens must be [batch, length] with batch and length >= 1, got shape {tokens.shape}")
+        if tokens.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(f"{tokens.shape[1]} tokens exceed the context of {self.config.max_position_embeddings}")
         if tokens.min() < 0 or tokens.max() >= self.config.vocab_size:
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
+        return tokens.astype(np.int32)  # in range: exact
+
+    def _run(self, compiled: Compiled, tokens: np.ndarray) -> jax.Array:
+        """Run on checked [B, T] tokens right-padded to buckets (nearby shapes share one compilation)."""
+        batch, length = tokens.shape
         padded = np.zeros((self.decoder.batch_size(batch), length_bucket(length)), np.int32)
         positions = np.full(padded.shape, -1, np.int32)  # padding is never attended to
         padded[:batch, :length] = tokens
@@ -81,12 +88,14 @@ class NeoXModel:
 
     def logits(self, tokens) -> np.ndarray:
         """[B, T] token ids -> fp32 logits [B, T, V] over the (padded) vocabulary."""
-        batch, length = np.shape(tokens)[:2]
+        tokens = self._token_array(tokens)
+        batch, length = tokens.shape
         return to_host(self._run(self._logits, tokens))[:batch, :length]
 
     def hidden_states(self, tokens) -> np.ndarray:
         """[B, T] -> fp32 residual stream after the embedding and after each layer, [L + 1, B, T, D]."""
-        batch, length = np.shape(tokens)[:2]
+        tokens = self._token_array(tokens)
+        batch, length = tokens.shape
         return to_host(self._run(self._hidden_states, tokens))[:, :batch, :length]
 
     def generate(self, prompts: Sequence[Sequence[int]] | Sequence[str], max_new_tokens: int, *,
@@ -100,7 +109,7 @@ class NeoXModel:
         """
         sampling = Sampling.create(temperature, top_k, top_p, seed)
         prompts, single = prompt_batch(prompts)
-        stop = [stop] if isinstance(stop, str) else stop  # one stop string, not one per character
+        stop = stop_strings(stop)  # a bare string is one stop string, not one per character
         if prompts and isinstance(prompts[0], str):
             texts = ["".join(parts) for parts in zip(*self.stream(
                 prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
@@ -122,7 +131,7 @@ class NeoXModel:
         if prompts and not isinstance(prompts[0], str):
             raise TypeError("stream() takes text prompts; generate() also takes token ids")
         ids = [self.tokenizer.encode(p) for p in prompts]
-        stop = [stop] if isinstance(stop, str) else stop
+        stop = stop_strings(stop)
         streams = [TextStream(self.tokenizer, stop) for _ in prompts]
         return stream_text(self.decoder, streams, ids, max_new_tokens, sampling=sampling,
                            stop_token=self.stop_id(stop_token), chunk=chunk, timing=timing)
@@ -212,12 +221,17 @@ def load_checkpoint(checkpoint: Checkpoint, dtype: str | None = None, rotary_dty
                     tokenizer: Tokenizer | str | os.PathLike | None = None, mesh: Mesh | None = None,
                     progress: bool = True, tp_ranks: int | None = None, quantize: str | None = None) -> NeoXModel:
     """`tp_ranks`: `exact_ranks(checkpoint, True)`, for the exact tensor-parallel mode (None: merged)."""
+    if mesh is not None and not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh (neox_jax.sharding.make_mesh(model=N, data=M)), "
+                        f"got {type(mesh).__name__} {mesh!r:.40}")
     dtype = dtype or default_dtype()
     jax_dtype = lookup(dtype).jax
     quantization.lookup(quantize)
     if not isinstance(tokenizer, Tokenizer):
         tokenizer = find_tokenizer(tokenizer, *checkpoint_dirs(checkpoint))
         tokenizer = None if tokenizer is None else load_tokenizer(tokenizer)
+    if tokenizer is not None:
+        check_vocabulary(tokenizer, checkpoint.config.vocab_size)
     mesh = mesh or default_mesh(checkpoint.config, jax_dtype, quantize)
     require_fit(plan_memory(checkpoint.config, jax_dtype, mesh, tp_ranks=tp_ranks, quantize=quantize),
                 checkpoint.config, mesh, 0, 0)

@@ -198,6 +198,9 @@ class NeoXConfig:
     def from_hf_dict(cls, d: dict[str, Any]) -> "NeoXConfig":
         if not isinstance(d, dict):
             raise ConfigError(f"expected a JSON object of model settings, got {kind(d)}")
+        if d.get("model_type", "gpt_neox") != "gpt_neox":  # another architecture's keys could read as NeoX's
+            raise ConfigError(f"{_key('model_type')} = {show(d['model_type'])}: not a GPT-NeoX model (expected "
+                              f"'gpt_neox')")
         hf = validate(_HFConfigJson, d, _key)
         (pct_label, rotary_pct), (base_label, rotary_base) = _rotary_settings(hf)
         if hf.hidden_act in _TANH_GELU_NAMES:

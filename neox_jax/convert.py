@@ -77,6 +77,8 @@ def convert(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *,
     is put back); what a killed conversion left beside `out_dir` is removed by the next one.
     """
     start = time.perf_counter()
+    if not os.fspath(out_dir):  # Path("") is ".", the current folder
+        raise ConvertError("the output directory is an empty string: name the directory to create")
     if dtype not in TARGETS:
         raise ConvertError(f"--dtype must be one of {', '.join(TARGETS)}, got {dtype!r}")
     out_dir = _absolute(out_dir)
@@ -259,8 +261,52 @@ def _check_output(out_dir: Path, force: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise ConvertError(f"{out_dir} exists and is not a directory; --force replaces only an earlier output "
                            f"directory: remove it or choose another name")
-    if (out_dir.exists() or out_dir.is_symlink()) and not force:
+    if not (out_dir.exists() or out_dir.is_symlink()):
+        return
+    if not force:
         raise ConvertError(f"{out_dir} already exists (use --force to replace it)")
+    _check_replaceable(out_dir)
+
+
+# What a conversion writes into OUT, and nothing else: `--force` replaces only a folder holding exactly these.
+_OUTPUT_FILE = re.compile(rf"config\.json|tokenizer\.json|{re.escape(PROVENANCE_NAME)}|{re.escape(hf.INDEX_NAME)}"
+                          rf"|model-\d{{5}}-of-\d{{5}}\.safetensors")
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """Refuse, before anything is touched, an OUT that `--force` must not replace: anything but an empty folder
+    or an earlier conversion's output (its conversion.json marker, written by this tool, and only the files a
+    conversion writes). A link at OUT must lead to such a folder; only the link is then replaced."""
+    where = out_dir
+    if out_dir.is_symlink():
+        where = out_dir.resolve()
+        if not where.is_dir():
+            raise ConvertError(f"{out_dir} is a link to {where}, which is not an earlier output of this converter; "
+                               f"--force replaces only an earlier output directory: remove it or choose another name")
+    refuse = (f"--force replaces only an earlier output of neox_jax.convert (a folder holding its "
+              f"{PROVENANCE_NAME}): remove it yourself or choose another output directory")
+    shown = out_dir if where == out_dir else f"{out_dir} (a link to {where})"
+    try:
+        entries = sorted(where.iterdir())
+    except OSError as e:
+        raise ConvertError(f"{shown}: cannot list it ({e.strerror or e}); {refuse}") from None
+    if not entries:
+        return
+    try:
+        marker = json.loads((where / PROVENANCE_NAME).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        marker = None
+    if not (isinstance(marker, dict) and marker.get("tool") == "neox_jax.convert"):
+        found = ", ".join(e.name + ("/" if e.is_dir() else "") for e in entries[:5])
+        more = f" and {len(entries) - 5} more" if len(entries) > 5 else ""
+        raise ConvertError(f"{shown} is not an earlier conversion's output (no {PROVENANCE_NAME} written by "
+                           f"neox_jax.convert; it holds {found}{more}); {refuse}")
+    foreign = [e for e in entries if not (_OUTPUT_FILE.fullmatch(e.name) and e.is_file() and not e.is_symlink())]
+    if foreign:
+        found = ", ".join(e.name + ("/" if e.is_dir() else "") for e in foreign[:5])
+        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        raise ConvertError(f"{shown} holds an earlier conversion's output and also {found}{more}, which a "
+                           f"conversion does not write; {refuse}")
 
 
 def _sibling(out_dir: Path, kind: str) -> Path:
@@ -347,6 +393,7 @@ def _move_into_place(tmp: Path, out_dir: Path, force: bool) -> None:
         return
     if not force:  # appeared while we were converting
         raise ConvertError(f"{out_dir} already exists (use --force to replace it)")
+    _check_replaceable(out_dir)  # again: it may have changed while we were converting
     # The previous output is moved aside, not deleted, until the new one is in place. If this process is
     # killed in between, the next conversion finds it in `old` and puts it back.
     old = _sibling(out_dir, "old")
@@ -453,8 +500,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 1GB, as the published 20B; units kB/MB/GB or KiB/MiB/GiB)")
     p.add_argument("--dtype", choices=list(TARGETS), default="keep",
                    help="dtype of the written weights (default: keep the checkpoint's)")
-    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUT_DIR if it is an earlier output of this converter (it holds our conversion.json "
+                        "and only the files a conversion writes) or an empty folder; anything else is refused")
     return p
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the conversion is, so that it cleans up as on Ctrl-C."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -464,15 +521,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr)
 
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         result = convert(args.checkpoint, args.out_dir, config=config, tokenizer=args.tokenizer,
                          shard_bytes=args.shard_size, dtype=args.dtype, force=args.force, log=log)
     except (CheckpointError, ConfigError, ConvertError, OSError) as e:  # OSError: e.g. the disk filled up
         log(f"error: {e}")
         return 2
-    except KeyboardInterrupt:
-        log(f"error: interrupted; nothing was written to {args.out_dir}")
-        return 130
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, _Terminated)
+        log(f"error: {'terminated' if terminated else 'interrupted'}; nothing was written to {args.out_dir}")
+        return 128 + signal.SIGTERM if terminated else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(result.summary())
     return 0
 

@@ -41,11 +41,12 @@ class GenerationError(ValueError):
 class NonFiniteLogitsError(ArithmeticError):
     """The model's logits for a row held a NaN or an infinity, so no token could be chosen."""
 
-    def __init__(self, row: int, step: int):
+    def __init__(self, row: int, step: int, dtype: str | None = None):
         self.row, self.step = row, step
+        hint = "" if dtype in ("float32", "float64") else " (try --dtype float32)"  # no wider dtype to offer
         super().__init__(f"prompt {row}, generated token {step}: the model's logits are not finite (NaN or "
                          f"infinity), so no token was chosen; non-finite weights, or activations overflowing "
-                         f"the dtype (try --dtype float32)")
+                         f"the dtype{hint}")
 
 
 def length_bucket(n: int) -> int:
@@ -104,8 +105,11 @@ class Generation:
 
 
 def check_stop_token(config: NeoXConfig, stop_token: int | None) -> None:
-    if stop_token is not None and (isinstance(stop_token, bool) or not isinstance(stop_token, (int, np.integer))
-                                   or not 0 <= stop_token < config.vocab_size):
+    if stop_token is None:
+        return
+    if isinstance(stop_token, bool) or not isinstance(stop_token, (int, np.integer)):
+        raise GenerationError(f"stop token must be a token id (an integer) or None, got {stop_token!r}")
+    if not 0 <= stop_token < config.vocab_size:
         raise GenerationError(f"stop token {stop_token!r} is outside the vocabulary [0, {config.vocab_size})")
 
 
@@ -231,6 +235,9 @@ class Decoder:
         """
         config = self.module.config
         validate_request(config, prompts, max_new_tokens, stop_token)
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1):
+            raise GenerationError(f"chunk must be a positive integer (decode steps per chunk) or None (all at once), "
+                                  f"got {chunk!r}")
         sampling = sampling or Sampling.create()
         stop = jnp.int32(-1 if stop_token is None else stop_token)  # no chosen token is negative: never matches
         batch = self.batch_size(len(prompts))
@@ -250,7 +257,7 @@ class Decoder:
                                       active, salt)
                 cache = state.cache
             first = to_host(state.token)[:rows, None]
-        _check_finite(first, 0)
+        _check_finite(first, 0, jnp.dtype(self.module.dtype).name)
         yield first
 
         produced = 1
@@ -261,7 +268,7 @@ class Decoder:
                 count = int(to_host(count))
                 out = to_host(out)[:rows, :count]
             timing.decode_steps += count
-            _check_finite(out, produced)
+            _check_finite(out, produced, jnp.dtype(self.module.dtype).name)
             produced += count
             yield out
 
@@ -273,11 +280,11 @@ class Decoder:
         return timing
 
 
-def _check_finite(chunk: np.ndarray, first_step: int) -> None:
+def _check_finite(chunk: np.ndarray, first_step: int, dtype: str) -> None:
     """Raise for the first row of a [rows, n] chunk of new tokens that holds the NONFINITE marker."""
     rows, steps = np.nonzero(chunk == NONFINITE)
     if len(rows):
-        raise NonFiniteLogitsError(int(rows[0]), first_step + int(steps[0]))
+        raise NonFiniteLogitsError(int(rows[0]), first_step + int(steps[0]), dtype)
 
 
 @functools.lru_cache(maxsize=None)

@@ -98,7 +98,7 @@ def load_model(args, prompts: list[str]):
     weights load."""
     from .api import exact_ranks, load_checkpoint
     from .checkpoints import open_checkpoint
-    from .tokenizer import load_tokenizer, require_tokenizer
+    from .tokenizer import check_vocabulary, load_tokenizer, require_tokenizer
 
     if args.demo:
         if args.tp_exact:
@@ -112,9 +112,11 @@ def load_model(args, prompts: list[str]):
 
         mesh = make_mesh(**parse_mesh(args.mesh)) if args.mesh else None
         model = demo_model(args.dtype or "float32", args.rotary_dtype, mesh, args.quantize)
+        check_stop_token(model.config, stop_token(args, model.tokenizer))  # before any prompt is printed
         return model, encode(model.tokenizer, prompts, model.config, args.max_new_tokens)
     checkpoint = open_checkpoint(args.model, PRESETS[args.preset] if args.preset else args.config, args.revision)
     tokenizer = load_tokenizer(require_tokenizer(args.tokenizer, checkpoint))
+    check_vocabulary(tokenizer, checkpoint.config.vocab_size)
     prompt_ids = encode(tokenizer, prompts, checkpoint.config, args.max_new_tokens)
     check_stop_token(checkpoint.config, stop_token(args, tokenizer))
     tp_ranks = exact_ranks(checkpoint, args.tp_exact)

@@ -42,6 +42,7 @@ whatever the number of requests. The two ways give the same log-likelihoods up t
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -74,9 +75,12 @@ def _parse_batch_size(batch_size, max_batch_size) -> int:
         size = int(max_batch_size) if max_batch_size else AUTO_BATCH_SIZE
         logger.warning("neox-jax: batch_size=%s: no out-of-memory probing; using %d", batch_size, size)
         return size
-    size = int(batch_size)
-    if size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    try:
+        size = int(batch_size)
+    except (TypeError, ValueError):
+        size = 0
+    if isinstance(batch_size, bool) or size < 1 or (isinstance(batch_size, float) and batch_size != size):
+        raise ValueError(f"batch_size must be a positive integer or auto, got {batch_size!r}")
     return size
 
 
@@ -84,7 +88,8 @@ def _parse_batch_size(batch_size, max_batch_size) -> int:
 class NeoXLM(TemplateLM):
     """lm-eval model over a `neox_jax.NeoXModel` (see the module docstring for model_args)."""
 
-    def __init__(self, pretrained: str | os.PathLike | NeoXModel, tokenizer: str | os.PathLike | Tokenizer | None = None,
+    def __init__(self, pretrained: str | os.PathLike | NeoXModel | None = None,
+                 tokenizer: str | os.PathLike | Tokenizer | None = None,
                  dtype: str | None = None, rotary_dtype: str | None = None, batch_size: int | str | None = 1,
                  max_batch_size: int | None = None, max_length: int | None = None,
                  max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, prefix_token_id: int | None = None,
@@ -92,8 +97,14 @@ class NeoXLM(TemplateLM):
                  revision: str | None = None, tp_exact: bool = False, quantize: str | None = None,
                  **kwargs: Any):
         super().__init__()
-        if kwargs:
-            logger.warning("neox-jax: ignoring unsupported model_args %s", sorted(kwargs))
+        if kwargs:  # a misspelt model_arg would otherwise change nothing, silently
+            known = [p for p in inspect.signature(NeoXLM.__init__).parameters if p not in ("self", "kwargs")]
+            raise ValueError(f"unknown model_args {', '.join(repr(k) for k in sorted(kwargs))}: neox-jax takes "
+                             f"{', '.join(known)}")
+        if pretrained is None or pretrained == "":
+            raise ValueError("model_args must name the model: pretrained=DIR (a Hugging Face GPT-NeoX directory, "
+                             "GPT-NeoX DeepSpeed shards or a hub id)")
+        batch = _parse_batch_size(batch_size, max_batch_size)  # before the weights load
         if device:  # lm-eval's CLI always passes one (default "cuda:0")
             logger.info("neox-jax: device=%r not used: JAX runs on its default backend (%s)", device,
                         jax.default_backend())
@@ -134,7 +145,7 @@ class NeoXLM(TemplateLM):
         self._max_gen_toks = int(max_gen_toks)
         self._prefix_token_id = None if prefix_token_id is None else int(prefix_token_id)
         data = self.model.mesh.shape[DATA]
-        self._batch_size = -(-_parse_batch_size(batch_size, max_batch_size) // data) * data
+        self._batch_size = -(-batch // data) * data
         self.scorer = Scorer(self.model)
         self.context_scorer = ContextScorer(self.model)
         self._warned_sampling = False

@@ -21,6 +21,7 @@ import numpy as np
 
 NONFINITE = -2  # "this row's logits held a NaN or an infinity": never a token id
 _INT32_MAX = 2**31 - 1
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class SamplingError(ValueError):
@@ -37,7 +38,8 @@ class Sampling:
     @classmethod
     def create(cls, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> "Sampling":
         for name, value in (("temperature", temperature), ("top_p", top_p)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or \
+                    abs(value) > _FLOAT32_MAX:  # it is used as a float32: larger would be infinity
                 raise SamplingError(f"{name} must be a finite number, got {value!r}")
         for name, value in (("top_k", top_k), ("seed", seed)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):

@@ -4,10 +4,17 @@ A byte-level BPE token can end in the middle of a UTF-8 character, and a stop st
 so text is released only once it can no longer change: trailing incomplete characters (decoded as
 U+FFFD) and any tail that could still grow into a stop string are held back. Streaming and
 non-streaming generation therefore give the same completion.
+
+Each token costs work in proportion to its own text, whatever the lengths of the text so far and of the
+stop strings (a server's engine thread does this for every client): only a window of the last few tokens
+is decoded (from a character boundary, with one token before it, as some decoders join tokens with
+spaces), and each stop string is matched character by character with Knuth-Morris-Pratt, which keeps how
+much of it the text's tail already matches.
 """
 
 from __future__ import annotations
 
+import collections
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -22,43 +29,117 @@ REPLACEMENT = "\ufffd"
 STREAM_CHUNK = 8
 
 
+def stop_strings(stop) -> list[str]:
+    """A stop string or a sequence of them -> the non-empty ones; TypeError for anything else."""
+    stops = [stop] if isinstance(stop, str) else stop
+    if isinstance(stops, (bytes, dict, set, frozenset)) or not isinstance(stops, Sequence) or not all(
+            isinstance(s, str) for s in stops):
+        raise TypeError(f"stop must be a string or a list of strings, got {_show(stop)}")
+    return [s for s in stops if s]
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _StopMatcher:
+    """One stop string, fed the text a character at a time: `matched` is how many of its first characters
+    the text ends with; O(1) amortized per character (Knuth-Morris-Pratt)."""
+
+    def __init__(self, stop: str):
+        self.stop, self.matched = stop, 0
+        self.fallback = [0] * len(stop)  # fallback[i]: the longest proper prefix of stop[:i + 1] that ends it
+        k = 0
+        for i in range(1, len(stop)):
+            while k and stop[i] != stop[k]:
+                k = self.fallback[k - 1]
+            if stop[i] == stop[k]:
+                k += 1
+            self.fallback[i] = k
+
+    def feed(self, char: str) -> bool:
+        """-> whether the text now ends with the whole stop string."""
+        k = self.matched
+        while k and self.stop[k] != char:
+            k = self.fallback[k - 1]
+        if self.stop[k] == char:
+            k += 1
+        if k == len(self.stop):
+            self.matched = self.fallback[k - 1]
+            return True
+        self.matched = k
+        return False
+
+
 class TextStream:
     """One row's completion text, fed token chunks."""
 
     def __init__(self, tokenizer, stop: Sequence[str] = ()):
         self.tokenizer = tokenizer
-        self.stop = [s for s in stop if s]
+        self.stop = stop_strings(stop)
+        self._matchers = [_StopMatcher(s) for s in self.stop]
         self.tokens: list[int] = []
-        self.text = ""  # released so far
+        self._released: list[str] = []  # the text released so far, in pieces (see `text`)
+        self._held: collections.deque[str] = collections.deque()  # checked, not released: a stop string's start?
+        # Decoding window: tokens[_window:] are decoded on each token; _window is a character boundary, one
+        # token before `_read`, the first token whose text may be incomplete. `_checked`: how many characters
+        # of the window's text have gone through the stop matchers.
+        self._window = self._read = self._checked = 0
         self.finished = False
+
+    @property
+    def text(self) -> str:
+        """The text released so far."""
+        if len(self._released) > 1:
+            self._released = ["".join(self._released)]
+        return self._released[0] if self._released else ""
 
     def push(self, tokens: Sequence[int], final: bool = False) -> str:
         """Add tokens; return the newly released text. `final` releases everything left."""
         if self.finished:
             return ""
-        self.tokens.extend(tokens)
-        full = self.tokenizer.decode(self.tokens)
-        hits = [i for i in (full.find(s, max(0, len(self.text) - len(s) + 1)) for s in self.stop) if i >= 0]
-        if hits:
-            end, self.finished = min(hits), True
-            self._trim_tokens_to_stop()
-        elif final:
-            end, self.finished = len(full), True
+        out: list[str] = []
+        for token in tokens:
+            self.tokens.append(token)
+            if self._take(out):
+                break  # the tokens after the one that completed a stop string are dropped
         else:
-            end = len(full)
-            while end > len(self.text) and full[end - 1] == REPLACEMENT:
-                end -= 1
-            end -= max((k for s in self.stop for k in range(1, len(s)) if full[:end].endswith(s[:k])), default=0)
-        end = max(end, len(self.text))
-        released, self.text = full[len(self.text):end], full[:end]
+            if final:
+                self._take(out, final=True)
+                out.append("".join(self._held))
+                self._held.clear()
+                self.finished = True
+        released = "".join(out)
+        self._released.append(released)
         return released
 
-    def _trim_tokens_to_stop(self):
-        """Keep the tokens up to the one that completes the first stop string."""
-        for n in range(1, len(self.tokens) + 1):
-            if any(s in self.tokenizer.decode(self.tokens[:n]) for s in self.stop):
-                del self.tokens[n:]
-                return
+    def _take(self, out: list[str], final: bool = False) -> bool:
+        """Check the newest token's text against the stop strings and release what can no longer change;
+        -> whether a stop string was completed (then the text ends before it)."""
+        window = self.tokenizer.decode(self.tokens[self._window:])
+        stable = len(window)
+        while not final and stable > self._checked and window[stable - 1] == REPLACEMENT:
+            stable -= 1  # an incomplete character, until the next token completes it
+        for char in window[self._checked:stable]:
+            self._held.append(char)
+            completed = [len(m.stop) for m in self._matchers if m.feed(char)]
+            if completed:  # the longest stop string ending here starts first
+                for _ in range(max(completed)):
+                    self._held.pop()
+                out.append("".join(self._held))
+                self._held.clear()
+                self.finished = True
+                return True
+        hold = max((m.matched for m in self._matchers), default=0)
+        while len(self._held) > hold:
+            out.append(self._held.popleft())
+        if stable == len(window):  # ends on a character boundary: the window moves up to the newest token
+            self._window, self._read = self._read, len(self.tokens)
+            self._checked = len(self.tokenizer.decode(self.tokens[self._window:]))
+        else:
+            self._checked = stable
+        return False
 
 
 def stream_text(decoder: Decoder, streams: Sequence[TextStream], prompts: Sequence[Sequence[int]],

@@ -38,6 +38,15 @@ class Tokenizer:
         return self._tokenizer.get_vocab_size()
 
 
+def check_vocabulary(tokenizer: Tokenizer, vocab_size: int) -> None:
+    """Refuse, when loading, a tokenizer with ids the model has no embedding for (found otherwise only when a
+    prompt produces one)."""
+    if tokenizer.vocab_size > vocab_size:
+        where = f"{tokenizer.path}: " if tokenizer.path else ""
+        raise ValueError(f"{where}the tokenizer has {tokenizer.vocab_size} tokens, more than the model's vocabulary "
+                         f"({vocab_size}): wrong tokenizer?")
+
+
 class TokenizerNotFoundError(FileNotFoundError):
     """No tokenizer given and none beside the model, or several and none named `tokenizer.json`."""
 

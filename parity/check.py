@@ -189,7 +189,11 @@ def read_prompts(args) -> list[str]:
         path = Path(args.prompts)
         if not path.is_file():
             raise BadInput(f"{path}: no such prompts file")
-        text = path.read_text()
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BadInput(f"{path}: not UTF-8 text (byte {e.start}: {data[e.start:e.start + 4]!r}...)") from None
         if path.suffix == ".json":
             try:
                 prompts = json.loads(text)

@@ -136,15 +136,26 @@ def test_dtype_and_shard_size(tmp_path, capsys, dtype, expected):
         np.testing.assert_allclose(array.astype(np.float32), tensors[name], rtol=1e-2, atol=1e-3)
 
 
+def earlier_output(out: Path) -> Path:
+    """What an earlier conversion left at `out`, as far as `--force` can tell: its marker and its files."""
+    out.mkdir()
+    (out / "conversion.json").write_text(json.dumps({"tool": "neox_jax.convert"}))
+    (out / "model-00001-of-00001.safetensors").write_text("previous")
+    return out
+
+
+def previous_files(out: Path) -> list[str]:
+    return sorted(f.name for f in out.iterdir())
+
+
 def test_existing_output_and_force(tmp_path, capsys):
     root, _ = make_checkpoint(tmp_path / "ckpt")
-    out = tmp_path / "hf"
-    out.mkdir()
-    (out / "old.txt").write_text("previous")
+    out = earlier_output(tmp_path / "hf")
     assert_error(run(capsys, root, out), r"hf already exists \(use --force to replace it\)")
-    assert (out / "old.txt").exists()
+    assert (out / "model-00001-of-00001.safetensors").read_text() == "previous"
     assert run(capsys, root, out, "--force")[0] == 0
-    assert not (out / "old.txt").exists() and (out / "conversion.json").exists()
+    assert (out / "model-00001-of-00001.safetensors").read_bytes() != b"previous"
+    assert run(capsys, root, out, "--force")[0] == 0  # a real conversion's output is replaced too
     assert not list(tmp_path.glob(".hf.*"))
     assert_error(run(capsys, root, root, "--force"), r"ckpt is the step folder, which this conversion reads")
 
@@ -182,6 +193,43 @@ def test_output_overlapping_the_source_is_refused_before_anything_is_touched(tmp
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize("contents, out, pattern", [
+    ({"thesis.tex": "years of work", "data/set.csv": "1,2"}, "mine",
+     r"mine is not an earlier conversion's output \(no conversion\.json written by neox_jax\.convert; it holds "
+     r"data/, thesis\.tex\)"),
+    ({"thesis.tex": "years of work"}, ".", r"mine is not an earlier conversion's output .* it holds thesis\.tex\)"),
+    ({"thesis.tex": "years of work"}, "", r"the output directory is an empty string"),
+    ({"conversion.json": '{"tool": "something else"}', "config.json": "{}"}, "mine",
+     r"mine is not an earlier conversion's output.*"),
+    ({"conversion.json": '{"tool": "neox_jax.convert"}', "config.json": "{}", "notes.md": "mine"}, "mine",
+     r"mine holds an earlier conversion's output and also notes\.md, which a conversion does not write.*"),
+    ({"conversion.json": '{"tool": "neox_jax.convert"}', "runs/log.txt": "mine"}, "mine",
+     r"mine holds an earlier conversion's output and also runs/, which.*"),
+    ({"thesis.tex": "years of work"}, "link", r"link \(a link to \S+/mine\) is not an earlier conversion's output.*"),
+])
+def test_force_replaces_only_an_earlier_conversion(tmp_path, capsys, monkeypatch, contents, out, pattern):
+    root, _ = make_checkpoint(tmp_path / "ckpt")
+    (tmp_path / "mine").mkdir()
+    for name, text in contents.items():
+        (tmp_path / "mine" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "mine" / name).write_text(text)
+    (tmp_path / "link").symlink_to(tmp_path / "mine")
+    before = snapshot(tmp_path)
+    monkeypatch.chdir(tmp_path / "mine")  # "." and "" name it (and nothing outside tmp_path, even unfixed)
+    assert_error(run(capsys, root, out if out in (".", "") else tmp_path / out, "--force"), pattern)
+    assert snapshot(tmp_path) == before
+
+
+def test_force_replaces_an_earlier_conversion_or_an_empty_folder(tmp_path, capsys):
+    root, _ = make_checkpoint(tmp_path / "ckpt")
+    (tmp_path / "empty").mkdir()
+    assert run(capsys, root, tmp_path / "empty", "--force")[0] == 0
+    assert (tmp_path / "empty" / "conversion.json").exists()
+    (tmp_path / "link").symlink_to(tmp_path / "empty")
+    assert run(capsys, root, tmp_path / "link", "--force")[0] == 0  # the link is replaced, not its target
+    assert not (tmp_path / "link").is_symlink() and (tmp_path / "empty" / "conversion.json").exists()
+
+
 def test_output_that_is_a_file_is_refused(tmp_path, capsys):
     root, _ = make_checkpoint(tmp_path / "ckpt")
     (tmp_path / "notes").write_text("keep me")
@@ -193,9 +241,7 @@ def test_output_that_is_a_file_is_refused(tmp_path, capsys):
 
 def test_convert_into_the_current_directory(tmp_path, capsys, monkeypatch):
     root, _ = make_checkpoint(tmp_path / "ckpt")
-    out = tmp_path / "hf"
-    out.mkdir()
-    (out / "old.txt").write_text("previous")
+    out = earlier_output(tmp_path / "hf")
     monkeypatch.chdir(out)
     code, stdout, err = run(capsys, root, ".", "--force")
     assert code == 0, err
@@ -240,6 +286,32 @@ def test_leftovers_of_a_killed_conversion_are_removed_by_the_next(tmp_path, caps
     assert f"removed leftover {leftover} from an interrupted conversion (pid {killed.pid})" in err
 
 
+@pytest.mark.parametrize("sig, status, said", [(signal.SIGTERM, 143, "terminated"),
+                                               (signal.SIGINT, 130, "interrupted")])
+def test_sigterm_or_ctrl_c_while_writing_cleans_up(tmp_path, sig, status, said):
+    root, _ = make_checkpoint(tmp_path / "ckpt")
+    out = earlier_output(tmp_path / "hf")
+    script = ("import os, signal, sys\n"
+              "from neox_jax import convert\n"
+              "real = convert.hf.write_hf\n"
+              "def signalled_midway(out_dir, config, stream, **kwargs):\n"
+              "    def stream_until_signalled():\n"
+              "        for i, item in enumerate(stream):\n"
+              "            if i == 10:\n"
+              f"                os.kill(os.getpid(), {int(sig)})\n"
+              "            yield item\n"
+              "    return real(out_dir, config, stream_until_signalled(), **kwargs)\n"
+              "convert.hf.write_hf = signalled_midway\n"
+              "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+              "sys.exit(convert.main(sys.argv[1:]))\n")
+    child = subprocess.run([sys.executable, "-c", script, str(root), str(out), "--force", "--shard-size", "40kB"],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert child.returncode == status, child.stderr
+    assert child.stderr.strip().splitlines()[-1] == f"error: {said}; nothing was written to {out}"
+    assert previous_files(out) == ["conversion.json", "model-00001-of-00001.safetensors"]  # the previous output
+    assert not list(tmp_path.glob(".hf.*")), "temporary folders left beside the output"
+
+
 def test_leftovers_whose_owner_may_be_alive_are_kept(tmp_path, capsys):
     root, _ = make_checkpoint(tmp_path / "ckpt")
     host, dead = convert._HOST, dead_pid()
@@ -251,7 +323,8 @@ def test_leftovers_whose_owner_may_be_alive_are_kept(tmp_path, capsys):
         elsewhere = tmp_path / f".hf.tmp-{dead}@other.host-abcd"
         no_host = tmp_path / f".hf.tmp-{dead}-abcd"  # named by an earlier version: its host is unknown
         other_output = tmp_path / f".hf2.tmp-{dead}@{host}-abcd"
-        for d in (tmp_path / "hf", dead_here, old_dead_here / "previous", live_here, elsewhere, no_host,
+        earlier_output(tmp_path / "hf")
+        for d in (dead_here, old_dead_here / "previous", live_here, elsewhere, no_host,
                   other_output):
             d.mkdir(parents=True)
             (d / "model.safetensors").write_bytes(b"partial")
@@ -290,10 +363,7 @@ def test_previous_output_moved_aside_by_a_killed_replacement_is_restored(tmp_pat
 
 
 def previous_output(tmp_path: Path) -> Path:
-    out = tmp_path / "hf"
-    out.mkdir()
-    (out / "old.txt").write_text("previous")
-    return out
+    return earlier_output(tmp_path / "hf")
 
 
 def failing_rename(monkeypatch, fails) -> list[tuple[str, str]]:
@@ -318,7 +388,8 @@ def test_failed_replacement_puts_the_previous_output_back(tmp_path, capsys, monk
                  r"could not move the new output to \S+/hf \(Input/output error\); the previous output is unchanged")
     assert [(src.split("-")[0], dst) for src, dst in calls] == [("hf", "previous"), (".hf.tmp", "hf"),
                                                                 ("previous", "hf")]
-    assert [f.name for f in out.iterdir()] == ["old.txt"] and (out / "old.txt").read_text() == "previous"
+    assert previous_files(out) == ["conversion.json", "model-00001-of-00001.safetensors"]
+    assert (out / "model-00001-of-00001.safetensors").read_text() == "previous"
     assert not list(tmp_path.glob(".hf.*"))
 
 
@@ -330,7 +401,7 @@ def test_previous_output_that_cannot_be_put_back_is_kept_and_named(tmp_path, cap
     [old] = tmp_path.glob(".hf.old-*")
     assert_error((code, stdout, err), rf"could not move the new output to \S+/hf, nor put the previous one back "
                                       rf"\(Input/output error\): it is in {re.escape(str(old / 'previous'))}$")
-    assert (old / "previous" / "old.txt").read_text() == "previous"
+    assert (old / "previous" / "model-00001-of-00001.safetensors").read_text() == "previous"
     assert not out.exists() and not list(tmp_path.glob(".hf.tmp-*"))
 
 
@@ -442,10 +513,9 @@ def test_interrupt_or_failure_leaves_nothing(tmp_path, capsys, monkeypatch, fail
     code, _, err = run(capsys, root, out)
     assert (code, err.splitlines()[-1].split(":")[0]) == (130 if failure is KeyboardInterrupt else 2, "error")
     assert_nothing_at(out)
-    out.mkdir()  # with --force, an interrupted conversion leaves the previous output as it was
-    (out / "old.txt").write_text("previous")
+    earlier_output(out)  # with --force, an interrupted conversion leaves the previous output as it was
     run(capsys, root, out, "--force")
-    assert [f.name for f in out.iterdir()] == ["old.txt"]
+    assert previous_files(out) == ["conversion.json", "model-00001-of-00001.safetensors"]
     assert not list(tmp_path.glob(".hf.*"))
 
 

@@ -4,6 +4,7 @@ the Python API reads its input as meant, Ctrl-C ends a generation cleanly."""
 import io
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import neox_jax
 from neox_jax.api import NeoXModel
 from neox_jax.checkpoints import CheckpointError
 from neox_jax.checkpoints.hf import HFCheckpoint
@@ -210,6 +212,25 @@ def test_cli_mistakes_are_one_error_line(model_dir, capsys, args, fragments):
     one_line_error(capsys.readouterr().err, *fragments)
 
 
+def test_demo_stop_token_out_of_range_is_refused_before_any_prompt_is_printed(capsys):
+    assert exit_status(["--demo", "--prompt", "The quick", "--stop-token", "999999"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    [error] = [line for line in captured.err.splitlines() if line.startswith("error")]
+    assert "Traceback" not in captured.err
+    assert error.startswith("error: stop token 999999 is outside the vocabulary [0, ")
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused_when_loading(model_dir, tmp_path, capsys):
+    big = tmp_path / "big_tokenizer.json"
+    demo_tokenizer(500)._tokenizer.save(str(big))
+    message = rf"big_tokenizer\.json: the tokenizer has \d+ tokens, more than the model's vocabulary \(384\)"
+    with pytest.raises(ValueError, match=message):
+        neox_jax.load(model_dir, tokenizer=big, progress=False)
+    assert exit_status(["--model", str(model_dir), "--tokenizer", str(big), "--prompt", "x"]) == 2
+    one_line_error(capsys.readouterr().err, "more than the model's vocabulary (384): wrong tokenizer?")
+
+
 def exit_status(argv) -> int:
     """`generate`'s exit status, whether main returns it or argparse exits."""
     try:
@@ -274,6 +295,8 @@ EVAL_ENV = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "JA
     ("pretrained={model}", "no_such_task", ["Tasks not found: no_such_task"]),
     ("pretrained={missing}", "lambada_local_tiny", ["missing: no such directory"]),
     ("pretrained={model},dtype=float17", "lambada_local_tiny", ["dtype must be one of", "'float17'"]),
+    ("dtype=float32", "lambada_local_tiny", ["model_args must name the model: pretrained=DIR"]),
+    ("=,,=", "lambada_local_tiny", ["unknown model_args '': neox-jax takes pretrained, tokenizer, dtype"]),
 ])
 def test_eval_mistakes_end_in_one_error_line(model_dir, tmp_path, model_args, task, fragments):
     args = ["--model_args", model_args.format(model=model_dir, missing=tmp_path / "missing"), "--tasks", task,
@@ -284,6 +307,18 @@ def test_eval_mistakes_end_in_one_error_line(model_dir, tmp_path, model_args, ta
     assert "Traceback" not in out.stderr
     last = out.stderr.strip().splitlines()[-1]  # after lm-eval's own INFO log lines
     assert last.startswith("error: ") and all(f in last for f in fragments), out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("model_args, message", [
+    (dict(batch_size="abc"), "batch_size must be a positive integer or auto, got 'abc'"),
+    (dict(batch_size=0), "batch_size must be"), (dict(batch_size=1.5), "batch_size must be"),
+    (dict(batch_size=True), "batch_size must be"),
+    (dict(bogus=1), "unknown model_args 'bogus': neox-jax takes pretrained, tokenizer, dtype"),
+])
+def test_eval_model_args_are_checked_before_the_model_loads(tmp_path, model_args, message):
+    lm_eval_model = pytest.importorskip("neox_jax.lm_eval_model")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        lm_eval_model.NeoXLM(pretrained=tmp_path / "missing", **model_args)  # missing: it would fail to load
 
 
 def test_eval_refuses_non_finite_scores(tensors):

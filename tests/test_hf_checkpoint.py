@@ -132,3 +132,56 @@ def test_fp16_checkpoint_loads_as_any_dtype(tmp_path, rng):
     a, b = full.logits(tokens), half.logits(tokens)
     assert np.abs(a - b).max() < 0.02 * np.abs(a).max()
     assert (a.argmax(-1) == b.argmax(-1)).mean() > 0.9
+
+
+def test_a_tensor_in_two_shards_is_refused_naming_both(tmp_path):
+    from safetensors.numpy import load_file
+
+    config, path = tiny_config(), tmp_path / "sharded"
+    tensors = random_tensors(config)
+    path.mkdir()
+    write_hf(path, config, ((name, tensors[name]) for name in expected_shapes(config)), shard_bytes=40_000)
+    first, second = sorted(set(json.loads((path / INDEX_NAME).read_text())["weight_map"].values()))[:2]
+    copied = sorted(load_file(path / first))[0]
+    save_file(load_file(path / second) | {copied: load_file(path / first)[copied]}, path / second)
+    with pytest.raises(CheckpointError, match=rf"is stored twice: as '.*' in \S+{first} and as '.*' in \S+{second}"):
+        HFCheckpoint(path)
+
+
+def test_headers_are_read_without_mapping_the_files(tmp_path, monkeypatch):
+    """A file larger than the host's memory cannot always be mapped; opening the checkpoint (config, index,
+    every header: what the memory plan needs) must not try."""
+    path = write_hf_checkpoint(tmp_path / "hf", tiny_config())
+
+    def no_mapping(*args, **kwargs):
+        raise OSError(12, "unable to mmap: Cannot allocate memory")
+
+    monkeypatch.setattr("neox_jax.checkpoints.hf.safe_open", no_mapping)
+    assert HFCheckpoint(path).config == tiny_config()
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "a header of no bytes"), ((10**12).to_bytes(8, "little"), "a header of 1000000000000 bytes"),
+    ((5).to_bytes(8, "little") + b"{]x{}", "its header is not JSON"),
+    ((2).to_bytes(8, "little") + b"[]", "its header is not a JSON object"),
+    (lambda: _header(b'{"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 99]}}'), "tensor 'x'"),
+    (lambda: _header(b'{"x": {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}}'), "tensor 'x'"),
+])
+def test_corrupt_headers_are_named(tmp_path, content, message):
+    path = write_hf_checkpoint(tmp_path / "hf", tiny_config())
+    [shard] = {v for v in json.loads((path / INDEX_NAME).read_text())["weight_map"].values()}
+    (path / shard).write_bytes(content() if callable(content) else content)
+    with pytest.raises(CheckpointError, match=rf"{shard}: unreadable safetensors file \(.*{message}"):
+        HFCheckpoint(path)
+
+
+def _header(header: bytes) -> bytes:
+    return len(header).to_bytes(8, "little") + header + b"\0" * 8
+
+
+def test_a_config_of_another_architecture_is_refused(tmp_path):
+    path = write_hf_checkpoint(tmp_path / "hf", tiny_config())
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(config | {"model_type": "llama"}))
+    with pytest.raises(CheckpointError, match=r"config.json: key 'model_type' = 'llama': not a GPT-NeoX model"):
+        open_checkpoint(path)

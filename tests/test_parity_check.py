@@ -186,7 +186,8 @@ def test_greedy_difference_after_a_near_tie_passes():
     ("no-tokenizer", "tokenizer.json: no such tokenizer file"), ("empty-prompt", "prompt 0 is empty"),
     ("no-prompts-file", "prompts.txt: no such prompts file"), ("prompts-not-a-list", "expected a JSON list of strings"),
     ("unknown-preset", "argument --preset: invalid choice: 'gpt-5'"), ("no-model", "missing: no such model directory"),
-    ("bad-option", "argument --dtype: invalid choice: 'float64'")])
+    ("bad-option", "argument --dtype: invalid choice: 'float64'"),
+    ("prompts-not-utf8", r"prompts.txt: not UTF-8 text (byte 3: b'\xff\xfe'...)")])
 def test_bad_input_exits_2(files, tmp_path, capsys, case, message):
     argv = {"checkpoint": str(files / "ds1"), "tokenizer": str(files / "tokenizer.json")}
     extra = ["--prompt", "hello"]
@@ -203,6 +204,9 @@ def test_bad_input_exits_2(files, tmp_path, capsys, case, message):
     elif case == "prompts-not-a-list":
         (tmp_path / "prompts.json").write_text('{"prompt": "hi"}')
         extra = ["--prompts", str(tmp_path / "prompts.json")]
+    elif case == "prompts-not-utf8":
+        (tmp_path / "prompts.txt").write_bytes(b"hi\n\xff\xfe")
+        extra = ["--prompts", str(tmp_path / "prompts.txt")]
     elif case == "unknown-preset":
         extra += ["--preset", "gpt-5"]
     elif case == "no-model":

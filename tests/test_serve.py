@@ -181,6 +181,15 @@ def test_echo_with_logprobs_scores_the_prompt(client, reference):
         assert out.usage.prompt_tokens == len(prompt) and out.usage.completion_tokens == max_tokens
 
 
+def test_echo_keeps_the_text_of_special_tokens(client, reference):
+    prompt = f"The{END_OF_TEXT}quick"
+    for logprobs in (None, 1):
+        out = client.completions.create(model=NAME, prompt=prompt, max_tokens=0, echo=True, logprobs=logprobs)
+        assert out.choices[0].text == prompt
+        if logprobs:
+            assert "".join(out.choices[0].logprobs.tokens) == prompt
+
+
 def test_the_openai_client_sees_openai_errors(client):
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.completions.create(model=NAME, prompt="x", temperature=-1)
@@ -207,6 +216,39 @@ def test_sixteen_concurrent_requests_each_give_their_tokens_alone(server, client
     for a, b in zip(alone, together):
         assert (a.text, a.finish_reason, a.logprobs.token_logprobs) == \
             (b.text, b.finish_reason, b.logprobs.token_logprobs)
+    assert idle(server)
+
+
+def test_long_stop_strings_never_delay_another_clients_tokens(server):
+    """A 1 MB stop string (under the body limit) used to cost the engine thread work quadratic in its length
+    per token, stalling every client for most of a minute; now it is refused, and the longest stop strings
+    allowed, matched incrementally, leave another client's stream as smooth as it is alone."""
+    def chunk_gaps() -> np.ndarray:
+        body = {"model": NAME, "prompt": "The", "max_tokens": 60, "temperature": 0, "stream": True}
+        times = []
+        with requests.post(f"{server.url}/v1/completions", json=body, stream=True, timeout=30) as reply:
+            for line in reply.iter_lines():
+                if line.startswith(b"data: "):
+                    times.append(time.perf_counter())
+        assert len(times) > 30
+        return np.diff(times)
+
+    def post(body):
+        return requests.post(f"{server.url}/v1/completions", json=body, timeout=60)
+
+    alone = chunk_gaps()
+    longest = ["a" * 999 + "b", "ab" * 500, "x" * 1000, "\u00e9" * 1000]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        huge = pool.submit(post, {"prompt": "The", "max_tokens": 100, "stop": "x" * 1_000_000})
+        hostile = [pool.submit(post, {"prompt": "a " * 40, "max_tokens": CONTEXT - 90, "stop": longest})
+                   for _ in range(2)]
+        time.sleep(0.2)
+        together = chunk_gaps()
+    assert huge.result().status_code == 400 and huge.result().json()["error"]["param"] == "stop"
+    assert "at most 1000 characters" in huge.result().json()["error"]["message"]
+    assert all(h.result().status_code == 200 for h in hostile)
+    # Generous (a loaded 2-core machine): the old matcher held every step for seconds.
+    assert together.max() < max(1.0, 10 * alone.max()), (alone.max(), together.max())
     assert idle(server)
 
 
@@ -265,6 +307,13 @@ BAD = [  # body, status, the param the error names (None: the body as a whole)
     ({"prompt": "x", "top_k": -2}, 400, "top_k"), ({"prompt": "x", "seed": -1}, 400, "seed"),
     ({"prompt": "x", "seed": 2**64}, 400, "seed"), ({"prompt": "x", "n": 2}, 400, "n"),
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"), ({"prompt": "x", "stop": [1]}, 400, "stop"),
+    ({"prompt": "x", "stop": "x" * 1001}, 400, "stop"), ({"prompt": "x", "stop": ["", "y" * 5000]}, 400, "stop"),
+    (b'{"prompt": "hi", "\\ud800": 1}', 400, "\\ud800"),  # a lone surrogate, escaped in the reply
+    (b'{"prompt": "hi", "\\udfff\\ud800x": 1}', 400, "\\udfff\\ud800x"),
+    ({"prompt": "x", "n": True}, 400, "n"), ({"prompt": "x", "n": 1.0}, 400, "n"),
+    ({"prompt": "x", "best_of": True}, 400, "best_of"),
+    ({"prompt": "x", "presence_penalty": False}, 400, "presence_penalty"),
+    ({"prompt": "x", "frequency_penalty": "0"}, 400, "frequency_penalty"), ({"prompt": "x", "suffix": 0}, 400, "suffix"),
     ({"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ({"prompt": "x", "stream": "yes"}, 400, "stream"), ({"prompt": "x", "echo": 1}, 400, "echo"),
     ({"prompt": []}, 400, "prompt"), ({"prompt": [[]]}, 400, "prompt"), ({"prompt": [1, "a"]}, 400, "prompt"),
@@ -301,13 +350,15 @@ def test_wrong_methods_and_paths_get_json_errors(server):
     assert reply.status_code == 404 and "no such endpoint" in reply.json()["error"]["message"]
 
 
-SCALARS = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | st.text(max_size=8)
+# Any code point, lone surrogates included (JSON can escape them: "\ud800"), and long strings now and then.
+TEXT = st.text(st.characters(codec=None, exclude_categories=()), max_size=8) | st.text(max_size=3000)
+SCALARS = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | TEXT
 JSON = st.recursive(SCALARS,
-                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=3),
                     max_leaves=8)
 FIELDS = ["prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "logprobs", "echo", "n",
           "stream_options", "logit_bias", "model", "suffix"]
-BODIES = st.dictionaries(st.sampled_from(FIELDS), JSON, max_size=6).map(
+BODIES = st.dictionaries(st.sampled_from(FIELDS) | TEXT, JSON, max_size=6).map(
     lambda d: d | {"max_tokens": d["max_tokens"] % 8} if isinstance(d.get("max_tokens"), int) and not isinstance(
         d["max_tokens"], bool) else d)
 
@@ -317,6 +368,7 @@ BODIES = st.dictionaries(st.sampled_from(FIELDS), JSON, max_size=6).map(
 def test_hostile_bodies_get_an_answer_and_never_hurt_the_server(server, body):
     reply = server.post(body)
     assert reply.status_code in (200, 400, 404, 429), reply.text
+    assert reply.headers["content-type"] in ("application/json", "text/event-stream; charset=utf-8")
     if reply.status_code != 200:
         assert reply.json()["error"]["message"]
     elif not body.get("stream"):
@@ -346,6 +398,24 @@ def test_bad_flags_are_one_error_line(argv, message):
     out = subprocess.run([sys.executable, "-m", "neox_jax.serve", "--demo", "--port", "0", *argv], cwd=REPO,
                          env=ENV, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_a_context_beyond_the_model_is_refused_before_the_weights_load(checkpoint):
+    out = subprocess.run([sys.executable, "-m", "neox_jax.serve", "--model", str(checkpoint), "--port", "0",
+                          "--context", "99999"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [f"error: context 99999 must be in [1, "
+                                               f"{PRESETS['tiny'].max_position_embeddings}] (the model's context)"]
+
+
+def test_without_the_serve_extra_it_says_which_to_install():
+    blocked = ("import sys; sys.modules['uvicorn'] = None\n"  # as if not installed: importing it fails
+               "from neox_jax.serve.__main__ import main; sys.exit(main(['--demo', '--port', '0']))")
+    out = subprocess.run([sys.executable, "-c", blocked], cwd=REPO, env=ENV, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "error: the server needs uvicorn, which is not installed: pip install 'neox-jax[serve]' (the serve extra: "
+        "starlette, uvicorn, prometheus_client)"], out.stderr
 
 
 # ---- lm-eval's local-completions against neox-jax's own lm-eval model ----
@@ -434,6 +504,13 @@ def test_sigint_finishes_the_requests_in_flight_then_exits_0(server):
     lines = [s.iter_lines() for s in streams]
     assert next(lines[0]).startswith(b"data: ")  # decoding
     server.proc.send_signal(signal.SIGINT)
+    # While they finish, the server still listens: /health and new requests say 503 (a refused connection
+    # would look like a crash to a load balancer).
+    while (health := requests.get(f"{server.url}/health", timeout=10)).status_code == 200:
+        time.sleep(0.01)
+    assert health.status_code == 503 and health.json() == {"status": "shutting down"}
+    refused = server.post(body | {"stream": False, "max_tokens": 1})
+    assert refused.status_code == 503 and refused.json()["error"]["type"] == "server_error"
     for stream in lines:
         events = [line for line in stream if line]
         assert events[-1] == b"data: [DONE]"
@@ -442,7 +519,7 @@ def test_sigint_finishes_the_requests_in_flight_then_exits_0(server):
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{server.url}/health", timeout=5)
     log = "".join(server.log)
-    assert "stopping: no new connections" in log and "Traceback" not in log
+    assert "stopping: new requests get 503" in log and "Traceback" not in log
 
 
 def test_a_second_ctrl_c_quits_at_once_with_130():

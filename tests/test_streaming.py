@@ -2,8 +2,10 @@
 
 import subprocess
 import sys
+import time
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import neox_jax.generate as generate_cli
 from neox_jax.demo import demo_model
@@ -12,6 +14,7 @@ from neox_jax.tokenizer import demo_tokenizer, load_tokenizer
 
 from conftest import REPO
 
+DEMO_TOKENIZER = demo_tokenizer()
 TEXT = "Zürich → 東京: naïve café ✓ 🚀 done.\n\nNext paragraph."
 
 
@@ -138,3 +141,52 @@ def test_ctrl_c_interrupts_a_generation_not_the_session(monkeypatch, capsys):
     captured = capsys.readouterr()
     assert "[interrupted]" in captured.err
     assert "second prompt" in captured.out and len(calls) == 2
+
+
+def naive_completion(text: str, stops: list[str]) -> str:
+    """The reference: the text before the first stop string to be completed (the longest, if several end at
+    the same character), found by checking every end position."""
+    for end in range(1, len(text) + 1):
+        ending = [s for s in stops if s and text[:end].endswith(s)]
+        if ending:
+            return text[:end - max(map(len, ending))]
+    return text
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_stop_strings_against_a_naive_reference(data):
+    tokenizer = DEMO_TOKENIZER
+    ids = data.draw(st.lists(st.integers(0, tokenizer.vocab_size - 1), max_size=40), label="ids")
+    text = tokenizer.decode(ids)
+    substrings = st.tuples(st.integers(0, len(text)), st.integers(1, 6)).map(lambda t: text[t[0]:t[0] + t[1]])
+    stops = data.draw(st.lists(substrings | st.text(max_size=3), max_size=4), label="stops")
+    chunk = data.draw(st.integers(1, 8), label="chunk")
+    stream, released = TextStream(tokenizer, stops), ""
+    for i in range(0, len(ids), chunk):
+        released += stream.push(ids[i:i + chunk])
+    released += stream.push([], final=True)
+    assert released == stream.text == naive_completion(text, stops)
+
+
+class CountingTokenizer:
+    def __init__(self, tokenizer):
+        self.tokenizer, self.decoded = tokenizer, 0
+
+    def decode(self, ids):
+        self.decoded += len(ids)
+        return self.tokenizer.decode(ids)
+
+
+def test_each_token_costs_work_for_its_own_text_only():
+    """A long generation and a pathological 200,000-character stop string: the old matcher's work per token grew
+    with the text so far and the square of the stop string's length (one request stalled every client of the
+    server); now every token decodes a window of a few tokens and feeds each new character through the
+    matcher once."""
+    tokenizer = CountingTokenizer(DEMO_TOKENIZER)
+    ids = DEMO_TOKENIZER.encode("a" * 3000)
+    stream = TextStream(tokenizer, ["a" * 199_999 + "b", "ab" * 50_000])
+    start = time.perf_counter()
+    released = "".join(stream.push([t]) for t in ids) + stream.push([], final=True)
+    assert released == "a" * 3000 and time.perf_counter() - start < 10  # the old code: hours
+    assert tokenizer.decoded <= 4 * len(ids)

@@ -1,4 +1,4 @@
-"""Hugging Face GPT-NeoX directories: read (safetensors, memory-mapped) and write (sharded safetensors)."""
+"""Hugging Face GPT-NeoX directories: read (headers read, tensors memory-mapped) and write (sharded safetensors)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ _ALIASES = {"lm_head.weight": "embed_out.weight"}
 
 INDEX_NAME = "model.safetensors.index.json"
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names; numpy has no float8
+_MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
 
 
 def torch_to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -87,6 +88,10 @@ class HFCheckpoint:
                 if shape != expected[name]:
                     raise CheckpointError(f"{file}: tensor {key!r} has shape {shape}, "
                                           f"the config expects {expected[name]}")
+                if name in mapped:  # which copy is meant cannot be known: never take one silently
+                    other, other_key = mapped[name]
+                    raise CheckpointError(f"tensor {name!r} is stored twice: as {other_key!r} in {other} and as "
+                                          f"{key!r} in {file}")
                 mapped[name] = file, key
         missing = [n for n in expected if n not in mapped]
         if missing:
@@ -96,17 +101,39 @@ class HFCheckpoint:
 
     @staticmethod
     def _header(file: Path) -> dict[str, tuple[int, ...]]:
+        """Each tensor's shape, from the file's JSON header: read, not memory-mapped, so that a file larger than
+        the host's memory is described (and the memory plan can refuse it) before anything maps it."""
         try:
-            with safe_open(file, "pt") as f:
-                slices = {k: f.get_slice(k) for k in f.keys()}
-                dtypes = {k: t.get_dtype() for k, t in slices.items()}
-                shapes = {k: tuple(t.get_shape()) for k, t in slices.items()}
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from None
-        for key, dtype in dtypes.items():
+            with open(file, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                prefix = f.read(8)
+                length = int.from_bytes(prefix, "little") if len(prefix) == 8 else None
+                if length is None or not 2 <= length <= min(size - 8, _MAX_HEADER_BYTES):
+                    raise CheckpointError(f"{file}: unreadable safetensors file (a header of "
+                                          f"{'no' if length is None else length} bytes in {size})")
+                header = json.loads(f.read(length))
+        except OSError as e:
+            raise CheckpointError(f"{file}: unreadable safetensors file ({e.strerror or e})") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{file}: unreadable safetensors file (its header is not JSON: {e})") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{file}: unreadable safetensors file (its header is not a JSON object)")
+        shapes = {}
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            try:
+                dtype, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+                if not (isinstance(dtype, str) and all(isinstance(d, int) and d >= 0 for d in shape)
+                        and isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= size - 8 - length):
+                    raise ValueError
+            except (TypeError, KeyError, ValueError):
+                raise CheckpointError(f"{file}: unreadable safetensors file (tensor {key!r}: {str(info)[:80]})") \
+                    from None
             if dtype not in _FLOAT_DTYPES and not _IGNORED.match(key):
                 raise CheckpointError(f"{file}: tensor {key!r} has dtype {dtype}; model weights are floating "
                                       f"point ({', '.join(_FLOAT_DTYPES)})")
+            shapes[key] = shape
         return shapes
 
     def tensors(self, dtype=None) -> Iterator[tuple[str, np.ndarray]]:

@@ -8,6 +8,7 @@ if __name__ == "__main__":
     exit_on_interrupt()  # until the server runs: Ctrl-C while loading or compiling exits at once (status 130)
 
 import argparse
+import asyncio
 import errno
 import logging
 import os
@@ -33,8 +34,9 @@ EPILOG = """examples:
 One process owns the model and its devices. Requests share a fixed set of --max-batch decode slots: a new
 one is prefilled and joins the running batch between decode steps, and a finished or abandoned one frees its
 slot at once. All programs are compiled before the server listens. Up to --max-queue requests wait for a
-slot; beyond that the server answers 429 with Retry-After. Ctrl-C (or SIGTERM) stops accepting connections,
-lets the requests in flight finish, and exits with status 0; a second Ctrl-C quits at once (status 130).
+slot; beyond that the server answers 429 with Retry-After. Ctrl-C (or SIGTERM) answers new requests and
+/health with 503, lets the requests in flight finish, stops listening, and exits with status 0; a second
+Ctrl-C quits at once (status 130).
 See docs/serve.md."""
 
 
@@ -106,11 +108,15 @@ def load_model(args):
     from ..api import exact_ranks, load_checkpoint
     from ..checkpoints import open_checkpoint
     from ..sharding import check_model_axis_divides, default_mesh, plan_memory, require_fit
-    from ..tokenizer import load_tokenizer, require_tokenizer
+    from ..tokenizer import check_vocabulary, load_tokenizer, require_tokenizer
 
     checkpoint = open_checkpoint(args.model, PRESETS[args.preset] if args.preset else args.config, args.revision)
     tokenizer = load_tokenizer(require_tokenizer(args.tokenizer, checkpoint))
+    check_vocabulary(tokenizer, checkpoint.config.vocab_size)
     config, tp_ranks = checkpoint.config, exact_ranks(checkpoint, args.tp_exact)
+    if args.context is not None and args.context > config.max_position_embeddings:  # before the weights load
+        raise GenerationError(f"context {args.context} must be in [1, {config.max_position_embeddings}] (the "
+                              f"model's context)")
     dtype = lookup(args.dtype or default_dtype()).jax
     mesh = mesh or default_mesh(config, dtype, args.quantize)
     check_model_axis_divides(config, mesh, tp_ranks)
@@ -123,7 +129,19 @@ def load_model(args):
     return model, name, tokenizer.eos_id
 
 
+def require_serve_extra() -> None:
+    """The server's own libraries (the `serve` extra), checked before anything is loaded."""
+    for module in ("starlette", "uvicorn", "prometheus_client"):
+        try:
+            __import__(module)
+        except ModuleNotFoundError:
+            raise GenerationError(f"the server needs {module}, which is not installed: pip install "
+                                  f"'neox-jax[serve]' (the serve extra: starlette, uvicorn, prometheus_client)") \
+                from None
+
+
 def serve(args) -> int:
+    require_serve_extra()
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sock = bind(args.host, args.port)
     start = time.perf_counter()
@@ -140,6 +158,7 @@ def run(model, name: str, stop_token: int | None, sock: socket.socket, max_batch
     import uvicorn
 
     from .app import create_app
+    from .connection import Connection
     from .engine import Engine
 
     log = logging.getLogger("neox_jax.serve")
@@ -153,10 +172,18 @@ def run(model, name: str, stop_token: int | None, sock: socket.socket, max_batch
             if self.should_exit and sig == signal.SIGINT:  # a second Ctrl-C: quit now, as every command does
                 log.info("interrupted: abandoning the %d requests in flight", engine.occupied + engine.queue_depth)
                 os._exit(INTERRUPTED)
-            log.info("stopping: no new connections; finishing the %d requests in flight",
+            log.info("stopping: new requests get 503; finishing the %d requests in flight",
                      engine.occupied + engine.queue_depth)
             app.state.serve["draining"] = True
+            engine.stop(timeout=0)  # takes no new requests; finishes those queued and running
             super().handle_exit(sig, frame)
+
+        async def shutdown(self, sockets=None):
+            # Still listening while the requests in flight finish: /health and new requests get 503, not a
+            # refused connection, so a load balancer sees the drain. Then uvicorn's own shutdown.
+            while engine.occupied + engine.queue_depth and not self.force_exit:
+                await asyncio.sleep(0.05)
+            await super().shutdown(sockets)
 
     # uvicorn handles SIGINT/SIGTERM while it runs, then re-raises them to the handlers it found: these, so a
     # graceful stop ends with status 0.
@@ -166,7 +193,8 @@ def run(model, name: str, stop_token: int | None, sock: socket.socket, max_batch
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     log.info("serving %s on http://%s:%d (the page at /, the API at /v1/completions)", name, shown, port)
-    server = Server(uvicorn.Config(app, log_level=log_level, access_log=log_level == "debug", lifespan="off"))
+    server = Server(uvicorn.Config(app, log_level=log_level, access_log=log_level == "debug", lifespan="off",
+                                   http=Connection))
     server.run(sockets=[sock])
     engine.stop()
     log.info("stopped")

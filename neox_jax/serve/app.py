@@ -245,10 +245,10 @@ class Reply:
         if not self.params.echo:
             return "", None
         ids = self.prompt_ids[choice.index]
-        text = self.tokenizer.decode(ids)
+        text = self.tokenizer.decode(ids, skip_special_tokens=False)  # the prompt as given, <|endoftext|> and all
         if choice.prompt_scores is None:
             return text, None
-        return text, logprobs_json(self.tokenizer, ids, choice.prompt_scores)
+        return text, logprobs_json(self.tokenizer, ids, choice.prompt_scores, special_tokens=True)
 
     async def whole(self, requests: list[Request]) -> dict:
         watcher = asyncio.ensure_future(self._watch_disconnect(requests))

@@ -54,6 +54,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import math
 import threading
 import time
 from typing import Protocol, Sequence
@@ -476,6 +477,10 @@ class Engine:
                 scores += [TokenLogprobs(float(target[i]), _top(top_ids[i], top_lp[i], request.logprobs))
                            for i in range(min(len(chunk), len(prompt) - 1 - start))]
         if request.prompt_logprobs:
+            bad = next((i for i, lp in enumerate(scores) if lp is not None and not _finite(lp)), None)
+            if bad is not None:
+                _finish_sink(request, "error", _nonfinite(f"scoring prompt token {bad}"))
+                return
             request.sink.prompt_logprobs(scores)
         if request.max_tokens == 0:
             _finish_sink(request, "length")
@@ -530,9 +535,8 @@ class Engine:
     def _deliver(self, row: int, token: int, logprobs: TokenLogprobs | None) -> None:
         """Hand a slot's new token to its request; free the slot if that ends it."""
         request = self._requests[row]
-        if token == NONFINITE:
-            self._finish(row, "error", "the model's logits are not finite (NaN or infinity), so no token was "
-                                       "chosen: non-finite weights, or activations overflowing the dtype")
+        if token == NONFINITE or (logprobs is not None and not _finite(logprobs)):
+            self._finish(row, "error", _nonfinite(f"at generated token {request.generated}"))
             return
         if request.cancelled:
             self._finish(row, "cancelled")
@@ -557,6 +561,16 @@ def _finish_sink(request: Request, reason: str, error: str | None = None) -> Non
         request.sink.finish(reason, error)
     except Exception:  # noqa: BLE001 - the request is over either way
         logger.exception("a request's finish callback failed")
+
+
+def _finite(scores: TokenLogprobs) -> bool:
+    """Whether every log-probability is finite: JSON has no NaN or infinity, and neither has a good model."""
+    return math.isfinite(scores.logprob) and all(math.isfinite(lp) for _, lp in scores.top)
+
+
+def _nonfinite(where: str) -> str:
+    return (f"the model's logits are not finite (NaN or infinity) {where}, so no token or log-probability can be "
+            f"given: non-finite weights, or activations overflowing the dtype")
 
 
 def _top(ids: np.ndarray, logprobs: np.ndarray, n: int | None) -> list[tuple[int, float]]:

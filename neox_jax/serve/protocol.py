@@ -17,6 +17,9 @@ from typing import Any
 from .engine import MAX_LOGPROBS, TokenLogprobs
 
 MAX_STOP_STRINGS = 4  # as OpenAI
+# Each stop string's length; OpenAI documents none. Matching costs the same whatever the length
+# (streaming.TextStream), so this only bounds the memory a request holds.
+MAX_STOP_CHARS = 1000
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default
 
 
@@ -25,12 +28,18 @@ class APIError(Exception):
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  type: str = "invalid_request_error", headers: dict | None = None):
+        message, param = _printable(message), None if param is None else _printable(param)
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
         self.headers = headers or {}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _printable(text: str) -> str:
+    """`text` with what UTF-8 cannot hold (a lone surrogate, from a JSON escape such as "\\ud800") escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def bad(param: str, message: str) -> APIError:
@@ -92,9 +101,10 @@ def _flag(body, name):
     return value
 
 
-def _neutral(body, name, neutral) -> None:
+def _neutral(body, name, neutral, of_type) -> None:
+    """Only the neutral value, and of its JSON type (`of_type(value)`): true is not 1, 1.0 is not the integer 1."""
     value = body.get(name)
-    if value is not None and value != neutral:
+    if value is not None and not (of_type(value) and value == neutral):
         raise bad(name, f"only {neutral!r} is supported by this server, got {_show(value)}")
 
 
@@ -119,9 +129,11 @@ def parse_completion(body: Any) -> CompletionParams:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad("model", f"must be a string, got {_show(model)}")
-    for name, neutral in (("n", 1), ("best_of", 1), ("presence_penalty", 0), ("frequency_penalty", 0),
-                          ("logit_bias", {}), ("suffix", "")):
-        _neutral(body, name, neutral)
+    is_dict, is_str = (lambda x: isinstance(x, dict)), (lambda x: isinstance(x, str))  # noqa: E731
+    for name, neutral, of_type in (("n", 1, _is_int), ("best_of", 1, _is_int), ("presence_penalty", 0, _is_number),
+                                   ("frequency_penalty", 0, _is_number), ("logit_bias", {}, is_dict),
+                                   ("suffix", "", is_str)):
+        _neutral(body, name, neutral, of_type)
     if body.get("user") is not None and not isinstance(body["user"], str):
         raise bad("user", f"must be a string, got {_show(body['user'])}")
     stream = _flag(body, "stream")
@@ -173,15 +185,20 @@ def _stop(stop) -> list[str]:
         raise bad("stop", f"must be a string or a list of strings, got {_show(stop)}")
     if len(stops) > MAX_STOP_STRINGS:
         raise bad("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
+    long = next((s for s in stops if len(s) > MAX_STOP_CHARS), None)
+    if long is not None:
+        raise bad("stop", f"each stop string has at most {MAX_STOP_CHARS} characters, got one of {len(long)}")
     return [s for s in stops if s]
 
 
 # ---- responses ----
 
-def logprobs_json(tokenizer, tokens: list[int], scores: list[TokenLogprobs | None], offset: int = 0) -> dict:
+def logprobs_json(tokenizer, tokens: list[int], scores: list[TokenLogprobs | None], offset: int = 0,
+                  special_tokens: bool = False) -> dict:
     """OpenAI's completions `logprobs` object for `tokens` with their scores (None: the first prompt token,
-    which nothing predicts). text_offset counts characters from `offset`."""
-    strings = [tokenizer.decode([t]) for t in tokens]
+    which nothing predicts). text_offset counts characters from `offset`. `special_tokens`: show their text
+    (an echoed prompt's), else none (as in the completion's text)."""
+    strings = [tokenizer.decode([t], skip_special_tokens=not special_tokens) for t in tokens]
     offsets = []
     for s in strings:
         offsets.append(offset)
