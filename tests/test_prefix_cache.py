@@ -55,7 +55,9 @@ def model():
 def _engine(model, blocks: int):
     itemsize = 4
     block_bytes = 2 * model.config.num_layers * model.config.hidden_size * PREFILL_CHUNK * itemsize
-    engine = Engine(model, max_batch=2, context=CONTEXT, max_queue=16, prefix_cache_bytes=blocks * block_bytes)
+    # Exact batching: requests run alone and together are compared bit for bit.
+    engine = Engine(model, max_batch=2, context=CONTEXT, max_queue=16, prefix_cache_bytes=blocks * block_bytes,
+                    exact_batching=True)
     engine.start()
     return engine
 
