@@ -16,6 +16,8 @@ the output is still exactly the target's.
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -55,16 +57,18 @@ class Proposal:
     state: object  # the draft's carried state after proposing (its cache; None for prompt lookup)
 
 
+@dataclasses.dataclass(frozen=True)
 class ModelDraft:
     """A smaller model of the same tokenizer. Its cache holds each row's text except the last two tokens'
     worth of pending work: after every verify pass it is rewound to one slot behind the target's cache, and
     the next proposal starts with a 2-token step over the last two accepted tokens. That one rule covers both
     outcomes of the pass: after a rejection the draft rewrites a slot it already held, and after a full
-    acceptance it writes its own last proposal, which it had not yet fed back."""
+    acceptance it writes its own last proposal, which it had not yet fed back. Hashable (its params are
+    passed to `propose`), so drafts of one shape share compiled programs."""
 
-    def __init__(self, module: NeoX, params, shared_vocab: int, target_vocab: int):
-        self.module, self.params = module, params
-        self.shared_vocab, self.target_vocab = shared_vocab, target_vocab
+    module: NeoX
+    shared_vocab: int
+    target_vocab: int
 
     def _logits(self, logits: jax.Array) -> jax.Array:
         """The draft's logits [B, Vd] over the target's vocabulary [B, V]: ids from `shared_vocab` on are
@@ -107,16 +111,15 @@ class ModelDraft:
         return rewind_cache(cache, target_length - 1)
 
 
+@dataclasses.dataclass(frozen=True)
 class PromptLookup:
     """Prompt lookup ("n-gram") drafting: propose what followed the row's last n tokens when they last occurred
     in its prompt or text so far (the longest n up to LOOKUP_NGRAM that occurs; the last token if none does).
     It pays on text that repeats its context (code edits, summaries, extraction); elsewhere it is rejected
     at the cost of the verify pass's extra tokens."""
 
-    params = None
-
-    def __init__(self, target_vocab: int, max_ngram: int = LOOKUP_NGRAM):
-        self.target_vocab, self.max_ngram = target_vocab, max_ngram
+    target_vocab: int
+    max_ngram: int = LOOKUP_NGRAM
 
     def propose(self, params, state, prev, token, position, history, filled, sampling: Sampling, step, salt,
                 k: int) -> Proposal:

@@ -26,6 +26,7 @@ buckets and K (static), never on the prompts or on how many tokens are accepted.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import flax.struct
@@ -40,6 +41,7 @@ from .model import KVCache
 from .sampling import NONFINITE, Sampling, row_keys, row_salt, select_token
 from .sharding import to_host
 
+DEFAULT_DRAFT_TOKENS = 4
 MAX_DRAFT_TOKENS = 16  # K beyond this only adds rejected work (acceptance decays geometrically)
 
 
@@ -51,6 +53,7 @@ class SpeculativeGeneration(Generation):
     proposed: int = 0  # draft tokens proposed to those rows
     accepted: int = 0  # of which the target kept
     new_tokens: int = 0  # tokens those passes produced (all rows; the prefill's first token not counted)
+    rows: list = dataclasses.field(default_factory=list)  # per prompt: (passes, accepted, new tokens) so far
 
     @property
     def acceptance_rate(self) -> float:
@@ -58,8 +61,14 @@ class SpeculativeGeneration(Generation):
 
     @property
     def passes_per_token(self) -> float:
-        """Target passes per generated token (plain decoding: 1)."""
+        """Target passes per generated token after the first (plain decoding: 1)."""
         return self.row_passes / self.new_tokens if self.new_tokens else 0.0
+
+    def row_summary(self, row: int, k: int) -> dict:
+        """One prompt's acceptance rate and target passes per token (JSON-ready)."""
+        passes, accepted, new = self.rows[row] if row < len(self.rows) else (0, 0, 0)
+        return {"acceptance_rate": round(accepted / (k * passes), 4) if passes else None,
+                "target_passes_per_token": round(passes / new, 4) if new else None}
 
 
 @flax.struct.dataclass
@@ -117,6 +126,58 @@ def verify(logits, draft_tokens, draft_probs, sampling: Sampling, step, salt):
     return accepted, token
 
 
+def _loop_fn(target, draft, k: int, params, draft_params, state: SpeculativeState, sampling, stop_token, budget, passes):
+    """Up to `passes` more target passes of `target` (a NeoX module) with `draft`, fewer once every row is done
+    -> (passes run, state). The state is donated and returned, so the caches are updated in place."""
+    def keep_going(carry):
+        i, state = carry
+        return (i < passes) & ~jnp.all(state.done)
+
+    def one_pass(carry):
+        i, s = carry
+        rows = jnp.arange(s.filled.shape[0])
+        token, prev = s.history[rows, s.filled - 1], s.history[rows, s.filled - 2]
+        step = 1 + s.iteration * (k + 1)  # the prefill drew at step 0; drafts at step..step+K-1, verify +K
+        proposal = draft.propose(draft_params, s.draft, prev, token, s.position, s.history, s.filled,
+                                      sampling, step, s.salt, k)
+        inputs = jnp.concatenate([token[:, None], proposal.tokens], axis=1)  # [B, K + 1]
+        out = target.apply({"params": params}, inputs, s.position[:, None] + jnp.arange(k + 1),
+                                       s.cache)
+        accepted, target_token = verify(out.logits, proposal.tokens, proposal.probs, sampling, step + k, s.salt)
+        # The new tokens: the accepted drafts, then the target's own [B, K + 1] (beyond them: unused).
+        index = jnp.arange(k + 1)
+        emitted = jnp.where(index < accepted[:, None], jnp.pad(proposal.tokens, ((0, 0), (0, 1))),
+                            target_token[:, None])
+        live = ~s.done
+        # A row ends at its stop token, its token budget or a non-finite result.
+        ends = (index <= accepted[:, None]) & ((emitted == stop_token) | (emitted == NONFINITE))
+        ended_at = jnp.where(jnp.any(ends, axis=1), jnp.argmax(ends, axis=1), k + 1)  # k + 1: did not end
+        count = jnp.minimum(jnp.minimum(accepted + 1, ended_at + 1), budget - s.produced)
+        count = jnp.where(live, count, 0)
+        produced = s.produced + count
+        done = s.done | (ended_at < count) | (produced >= budget)
+        history = jax.vmap(lambda h, e, at: jax.lax.dynamic_update_slice(h, e, (at,)))(s.history, emitted,
+                                                                                      s.filled)
+        kept = jnp.where(live, accepted + 1, 0)  # the pass's first input and the accepted drafts
+        length = s.cache.length + kept
+        state = SpeculativeState(
+            cache=rewind_cache(out.cache, length), draft=draft.rewind(proposal.state, length),
+            history=history, filled=s.filled + count, position=s.position + kept, done=done,
+            produced=produced, iteration=s.iteration + 1, salt=s.salt,
+            row_passes=s.row_passes + live, accepted=s.accepted + jnp.where(live, accepted, 0))
+        return i + 1, state
+
+    count, state = jax.lax.while_loop(keep_going, one_pass, (jnp.int32(0), state))
+    return count, state
+
+
+@functools.lru_cache(maxsize=None)
+def loop_program(target, draft, k: int) -> Compiled:
+    """The compiled speculative loop for these shapes, shared by every Speculator of them (only the params
+    differ)."""
+    return Compiled(functools.partial(_loop_fn, target, draft, k), donate_argnums=(2,))
+
+
 class Speculator:
     """Speculative decoding of `target` (a NeoXModel) with `draft` (a NeoXModel of the same tokenizer, or
     "ngram" for prompt lookup), K = `num_draft_tokens` drafts per target pass. Same interface as `Decoder`."""
@@ -133,62 +194,19 @@ class Speculator:
         if isinstance(draft, str):
             if draft != "ngram":
                 raise ValueError(f"draft {draft!r}: give a model (neox_jax.load(...)) or \"ngram\"")
-            self.draft, self.draft_decoder = PromptLookup(vocab), None
+            self.draft, self.draft_params, self.draft_decoder = PromptLookup(vocab), None, None
         else:
-            self.draft = ModelDraft(draft.module, draft.params, shared_vocab(target, draft), vocab)
-            self.draft_decoder = draft.decoder
+            self.draft = ModelDraft(draft.module, shared_vocab(target, draft), vocab)
+            # A draft of the target's shape (the target itself, another seed) shares its prefill program.
+            self.draft_params = draft.params
+            self.draft_decoder = target.decoder if draft.module == target.module else draft.decoder
             self.draft_context = draft.config.max_position_embeddings
-        self._loop = Compiled(self._loop_fn, donate_argnums=(2,))
+        self._loop = loop_program(target.module, self.draft, self.k)
 
     @property
     def compiles(self) -> int:
-        return (self._loop.compiles + self.decoder.compiles
-                + (self.draft_decoder.compiles if self.draft_decoder else 0))
-
-    def _loop_fn(self, params, draft_params, state: SpeculativeState, sampling, stop_token, budget, passes):
-        """Up to `passes` more target passes, fewer once every row is done -> (passes run, state)."""
-        k = self.k
-
-        def keep_going(carry):
-            i, state = carry
-            return (i < passes) & ~jnp.all(state.done)
-
-        def one_pass(carry):
-            i, s = carry
-            rows = jnp.arange(s.filled.shape[0])
-            token, prev = s.history[rows, s.filled - 1], s.history[rows, s.filled - 2]
-            step = 1 + s.iteration * (k + 1)  # the prefill drew at step 0; drafts at step..step+K-1, verify +K
-            proposal = self.draft.propose(draft_params, s.draft, prev, token, s.position, s.history, s.filled,
-                                          sampling, step, s.salt, k)
-            inputs = jnp.concatenate([token[:, None], proposal.tokens], axis=1)  # [B, K + 1]
-            out = self.target.module.apply({"params": params}, inputs, s.position[:, None] + jnp.arange(k + 1),
-                                           s.cache)
-            accepted, target_token = verify(out.logits, proposal.tokens, proposal.probs, sampling, step + k, s.salt)
-            # The new tokens: the accepted drafts, then the target's own [B, K + 1] (beyond them: unused).
-            index = jnp.arange(k + 1)
-            emitted = jnp.where(index < accepted[:, None], jnp.pad(proposal.tokens, ((0, 0), (0, 1))),
-                                target_token[:, None])
-            live = ~s.done
-            # A row ends at its stop token, its token budget or a non-finite result.
-            ends = (index <= accepted[:, None]) & ((emitted == stop_token) | (emitted == NONFINITE))
-            ended_at = jnp.where(jnp.any(ends, axis=1), jnp.argmax(ends, axis=1), k + 1)  # k + 1: did not end
-            count = jnp.minimum(jnp.minimum(accepted + 1, ended_at + 1), budget - s.produced)
-            count = jnp.where(live, count, 0)
-            produced = s.produced + count
-            done = s.done | (ended_at < count) | (produced >= budget)
-            history = jax.vmap(lambda h, e, at: jax.lax.dynamic_update_slice(h, e, (at,)))(s.history, emitted,
-                                                                                          s.filled)
-            kept = jnp.where(live, accepted + 1, 0)  # the pass's first input and the accepted drafts
-            length = s.cache.length + kept
-            state = SpeculativeState(
-                cache=rewind_cache(out.cache, length), draft=self.draft.rewind(proposal.state, length),
-                history=history, filled=s.filled + count, position=s.position + kept, done=done,
-                produced=produced, iteration=s.iteration + 1, salt=s.salt,
-                row_passes=s.row_passes + live, accepted=s.accepted + jnp.where(live, accepted, 0))
-            return i + 1, state
-
-        count, state = jax.lax.while_loop(keep_going, one_pass, (jnp.int32(0), state))
-        return count, state
+        draft = self.draft_decoder if self.draft_decoder not in (None, self.decoder) else None
+        return self._loop.compiles + self.decoder.compiles + (draft.compiles if draft else 0)
 
     def _prefill(self, decoder: Decoder, params, tokens, positions, slots, sampling, stop, active, salt):
         """The plain decoder's prefill of `decoder`'s model into a fresh cache of `slots` -> its DecodeState."""
@@ -231,7 +249,7 @@ class Speculator:
             cache = first.cache.replace(length=per_row)
             draft = None
             if self.draft_decoder is not None:
-                draft_first = self._prefill(self.draft_decoder, self.draft.params, tokens, positions, slots,
+                draft_first = self._prefill(self.draft_decoder, self.draft_params, tokens, positions, slots,
                                             sampling, stop, active, salt)
                 draft = rewind_cache(draft_first.cache.replace(length=per_row), per_row - 1)
             first_tokens = to_host(first.token)
@@ -258,7 +276,7 @@ class Speculator:
         while not finished.all():
             before = (to_host(state.row_passes), to_host(state.accepted))
             with timing.measure("decode", self._loop):
-                ran, state = self._loop(self.target.params, self.draft.params, state, sampling, stop, budget, passes)
+                ran, state = self._loop(self.target.params, self.draft_params, state, sampling, stop, budget, passes)
                 ran = int(to_host(ran))
                 history, filled, done = (to_host(x) for x in (state.history, state.filled, state.done))
                 row_passes, accepted = to_host(state.row_passes), to_host(state.accepted)
@@ -266,6 +284,8 @@ class Speculator:
             timing.row_passes += int((row_passes - before[0])[:rows].sum())
             timing.accepted += int((accepted - before[1])[:rows].sum())
             timing.proposed += self.k * int((row_passes - before[0])[:rows].sum())
+            timing.rows = [(int(row_passes[r]), int(accepted[r]), int(filled[r]) - len(prompts[r]) - 1)
+                           for r in range(rows)]
             for row in range(rows):
                 new = history[row, read[row]:filled[row]].tolist()
                 timing.new_tokens += len(new)
