@@ -5,6 +5,7 @@
 #   bash bench/gpu_session.sh checks   # test suite on CUDA, 20B compile time, fp16 parity (~4-5 min)
 #   bash bench/gpu_session.sh bench    # python -m bench.gpu at GPT-NeoX-20B shapes       (< 8 min)
 #   bash bench/gpu_session.sh quant    # int8/fp8: tests, parity --quantize, bench rows at 20B shapes (< 8 min)
+#   bash bench/gpu_session.sh speculative   # speculative decoding's cost ratios at 20B / 410M shapes (< 7 min)
 # Logs and JSON go to $OUT (the device tool brings them back).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +32,16 @@ write_deepspeed_checkpoint("/tmp/parity_ckpt", config, tensors, ranks=2, dtype=n
 demo_tokenizer()._tokenizer.save("/tmp/parity_tokenizer.json")
 EOF
 }
+
+# ---- issue 25 (speculative decoding): one step, callable on its own ----
+speculative_20b() {
+  # The cost side at GPT-NeoX-20B shapes with a Pythia-410M-shaped draft, fp16, random weights on the device:
+  # a (K+1)-token target pass against one decode step (r_v) and a draft step against a target step (r_d),
+  # then the expected speed-up at assumed acceptance rates (docs/speculative.md). ~3-5 min (compiles).
+  timeout 420 "$PY" -m bench.speculative --cost-only --target gpt-neox-20b --draft pythia-410m --dtype float16 \
+    --k 1,2,4,8 --prompt-len 512 --json "$OUT/bench_speculative.json" 2>&1 | tee "$OUT/bench_speculative.txt"
+}
+# ---- end issue 25 ----
 
 case "${1:-}" in
 checks)
@@ -62,8 +73,11 @@ quant)
   timeout 360 "$PY" -m bench.gpu --engines neox-jax-int8,neox-jax-fp8 --batch 1,8 --reps 2 \
     --json "$OUT/bench_gpu_quant.json" 2>&1 | tee "$OUT/bench_gpu_quant.txt"
   ;;
+speculative)
+  speculative_20b
+  ;;
 *)
-  echo "usage: bash bench/gpu_session.sh checks|bench|quant" >&2
+  echo "usage: bash bench/gpu_session.sh checks|bench|quant|speculative" >&2
   exit 2
   ;;
 esac
