@@ -35,7 +35,10 @@ ASSUMED_ACCEPTANCE = (0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 def random_model(preset: str, dtype: str, seed: int):
-    """A NeoXModel of a preset's shape with random weights drawn on the device (bench.gpu's initialisation)."""
+    """A NeoXModel of a preset's shape with random weights drawn on the device (bench.gpu's standard deviations;
+    one compiled draw per distinct shape, so that the layers' repeated shapes compile once)."""
+    import functools
+
     import jax
 
     from neox_jax.api import NeoXModel
@@ -43,7 +46,11 @@ def random_model(preset: str, dtype: str, seed: int):
     from neox_jax.dtypes import DTYPES
     from neox_jax.weights import abstract_params
 
-    from .gpu import _normal, init_std
+    from .gpu import init_std
+
+    @functools.partial(jax.jit, static_argnums=(1, 2))
+    def normal(key, shape, dtype, std):
+        return (jax.random.normal(key, shape, jax.numpy.float32) * std).astype(dtype)
 
     config = PRESETS[preset]
     jax_dtype = DTYPES[dtype].jax
@@ -58,7 +65,7 @@ def random_model(preset: str, dtype: str, seed: int):
         elif std == 1.0:
             values.append(jax.numpy.ones(leaf.shape, leaf.dtype))
         else:
-            values.append(_normal(jax.random.fold_in(key, i), leaf.shape, leaf.dtype, std))
+            values.append(normal(jax.random.fold_in(key, i), leaf.shape, leaf.dtype, std))
     return NeoXModel(config, jax.tree_util.tree_unflatten(treedef, values), dtype)
 
 
