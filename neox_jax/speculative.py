@@ -37,7 +37,7 @@ import numpy as np
 from .decode import (FINISHED, Compiled, Decoder, Generation, _check_finite, completion_tokens, left_pad,
                      length_bucket, validate_request, PREFILL_CHUNK)
 from .drafts import ModelDraft, PromptLookup, greedy_settings, probabilities, rewind_cache
-from .model import KVCache
+from .model import KVCache, write_slots
 from .sampling import NONFINITE, Sampling, row_keys, row_salt, select_token
 from .sharding import to_host
 
@@ -126,7 +126,8 @@ def verify(logits, draft_tokens, draft_probs, sampling: Sampling, step, salt):
     return accepted, token
 
 
-def _loop_fn(target, draft, k: int, params, draft_params, state: SpeculativeState, sampling, stop_token, budget, passes):
+def _loop_fn(target, draft, k: int, params, draft_params, state: SpeculativeState, sampling, stop_token, budget,
+             passes):
     """Up to `passes` more target passes of `target` (a NeoX module) with `draft`, fewer once every row is done
     -> (passes run, state). The state is donated and returned, so the caches are updated in place."""
     def keep_going(carry):
@@ -138,11 +139,10 @@ def _loop_fn(target, draft, k: int, params, draft_params, state: SpeculativeStat
         rows = jnp.arange(s.filled.shape[0])
         token, prev = s.history[rows, s.filled - 1], s.history[rows, s.filled - 2]
         step = 1 + s.iteration * (k + 1)  # the prefill drew at step 0; drafts at step..step+K-1, verify +K
-        proposal = draft.propose(draft_params, s.draft, prev, token, s.position, s.history, s.filled,
-                                      sampling, step, s.salt, k)
+        proposal = draft.propose(draft_params, s.draft, prev, token, s.position, s.history, s.filled, sampling,
+                                 step, s.salt, k)
         inputs = jnp.concatenate([token[:, None], proposal.tokens], axis=1)  # [B, K + 1]
-        out = target.apply({"params": params}, inputs, s.position[:, None] + jnp.arange(k + 1),
-                                       s.cache)
+        out = target.apply({"params": params}, inputs, s.position[:, None] + jnp.arange(k + 1), s.cache)
         accepted, target_token = verify(out.logits, proposal.tokens, proposal.probs, sampling, step + k, s.salt)
         # The new tokens: the accepted drafts, then the target's own [B, K + 1] (beyond them: unused).
         index = jnp.arange(k + 1)
@@ -156,8 +156,7 @@ def _loop_fn(target, draft, k: int, params, draft_params, state: SpeculativeStat
         count = jnp.where(live, count, 0)
         produced = s.produced + count
         done = s.done | (ended_at < count) | (produced >= budget)
-        history = jax.vmap(lambda h, e, at: jax.lax.dynamic_update_slice(h, e, (at,)))(s.history, emitted,
-                                                                                      s.filled)
+        history = write_slots(s.history, emitted, s.filled, axis=1)
         kept = jnp.where(live, accepted + 1, 0)  # the pass's first input and the accepted drafts
         length = s.cache.length + kept
         state = SpeculativeState(
@@ -270,7 +269,7 @@ class Speculator:
         pending = [[] for _ in range(rows)]  # tokens decoded but not yet yielded
         finished = to_host(first.done)[:rows] | (max_new_tokens <= 1)
         sent = np.ones(rows, int)  # tokens yielded per row (the step index of the next)
-        read = filled[:rows].copy()  # history read so far per row
+        read = filled.copy()  # history read so far per row
         budget = jnp.int32(max_new_tokens)
         passes = jnp.int32(chunk or 2**30)
         while not finished.all():
@@ -281,15 +280,15 @@ class Speculator:
                 history, filled, done = (to_host(x) for x in (state.history, state.filled, state.done))
                 row_passes, accepted = to_host(state.row_passes), to_host(state.accepted)
             timing.decode_steps += ran
-            timing.row_passes += int((row_passes - before[0])[:rows].sum())
-            timing.accepted += int((accepted - before[1])[:rows].sum())
-            timing.proposed += self.k * int((row_passes - before[0])[:rows].sum())
-            timing.rows = [(int(row_passes[r]), int(accepted[r]), int(filled[r]) - len(prompts[r]) - 1)
-                           for r in range(rows)]
+            if isinstance(timing, SpeculativeGeneration):  # a plain Generation gets the plain figures only
+                timing.row_passes += int((row_passes - before[0])[:rows].sum())
+                timing.accepted += int((accepted - before[1])[:rows].sum())
+                timing.proposed += self.k * int((row_passes - before[0])[:rows].sum())
+                timing.new_tokens += int((filled - read)[:rows].sum())
+                timing.rows = [(int(row_passes[r]), int(accepted[r]), int(filled[r]) - len(prompts[r]) - 1)
+                               for r in range(rows)]
             for row in range(rows):
-                new = history[row, read[row]:filled[row]].tolist()
-                timing.new_tokens += len(new)
-                pending[row].extend(new)
+                pending[row].extend(history[row, read[row]:filled[row]].tolist())
                 read[row] = filled[row]
             finished = done[:rows]
             # Rows still generating bound the chunk; finished ones pad with FINISHED.
