@@ -21,6 +21,7 @@ from .decode import Generation, GenerationError, NonFiniteLogitsError, check_sto
 from .dtypes import default_dtype, lookup
 from .sampling import Sampling, SamplingError
 from .sharding import ShardingError
+from .quantize import NAMES as QUANTIZE_NAMES
 from .speculative import DEFAULT_DRAFT_TOKENS, MAX_DRAFT_TOKENS, SpeculativeGeneration
 from .streaming import STREAM_CHUNK, TextStream, stream_text
 
@@ -72,6 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-draft-tokens", type=int, default=DEFAULT_DRAFT_TOKENS, metavar="K",
                    help=f"with --draft: tokens proposed per pass of the model, 1 to {MAX_DRAFT_TOKENS} "
                         f"(default {DEFAULT_DRAFT_TOKENS})")
+    p.add_argument("--draft-quantize", choices=QUANTIZE_NAMES,
+                   help="with --draft: the draft's weight-only quantization (default: --quantize's); "
+                        "--draft SAME_AS_MODEL --draft-quantize int8 drafts with the model's own int8 weights")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per prompt (with --draft: its acceptance rate and target passes "
                         "per token)")
@@ -149,7 +153,8 @@ def load_draft(args, model):
     if checkpoint.config.max_position_embeddings < model.config.max_position_embeddings:
         print(f"note: the draft's context ({checkpoint.config.max_position_embeddings}) is shorter than the "
               f"model's ({model.config.max_position_embeddings})", file=sys.stderr)
-    return load_checkpoint(checkpoint, dtype=model.dtype, mesh=model.mesh, quantize=args.quantize)
+    return load_checkpoint(checkpoint, dtype=model.dtype, mesh=model.mesh,
+                           quantize=args.draft_quantize or args.quantize)
 
 
 def plan_devices(args, config, prompt_ids: list[list[int]], tp_ranks: int | None = None):
