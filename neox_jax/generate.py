@@ -32,7 +32,6 @@ EPILOG = """examples:
   python -m neox_jax.generate --model ./slim_weights --tokenizer 20B_tokenizer.json --prompt-file prompts.txt --json
   python -m neox_jax.generate --model ./gpt-neox-20b --interactive --temperature 0.8 --top-p 0.95 --stop $'\\n\\n'
   python -m neox_jax.generate --model ./gpt-neox-20b --draft EleutherAI/pythia-410m --prompt "Hi" --json
-  python -m neox_jax.generate --model ./gpt-neox-20b --draft EleutherAI/pythia-410m --prompt "Hi" --json
 
 --model takes a Hugging Face GPT-NeoX directory (config.json + safetensors, as written by
 `python -m neox_jax.convert`), GPT-NeoX DeepSpeed shards, merged while loading (converting once is faster),
