@@ -142,6 +142,23 @@ def timed(model, prompts, new_tokens: int, reps: int, draft=None, k: int = 0) ->
     return out
 
 
+def make_prompts(target, args) -> list[list[int]]:
+    if args.prompt_text is None:
+        rng = np.random.default_rng(args.seed)
+        return [rng.integers(0, min(50000, target.config.vocab_size), args.prompt_len).tolist()
+                for _ in range(args.batch)]
+    if target.tokenizer is None:
+        raise SystemExit("error: --prompt-text needs the target's tokenizer (a checkpoint with tokenizer.json)")
+    with open(args.prompt_text, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    texts = [json.loads(line)["text"] for line in lines if line.strip()] if args.prompt_text.endswith(".jsonl") \
+        else ["\n".join(lines)]
+    prompts = [ids[:args.prompt_len] for ids in map(target.tokenizer.encode, texts) if len(ids) >= args.prompt_len]
+    if len(prompts) < args.batch:
+        raise SystemExit(f"error: {args.prompt_text} has fewer than {args.batch} texts of {args.prompt_len} tokens")
+    return prompts[:args.batch]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.speculative", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -154,6 +171,10 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prompt-text", metavar="FILE",
+                        help="prompts from this text (a .jsonl of {\"text\": ...} or plain text), tokenized with the "
+                             "target's tokenizer: the first --prompt-len tokens of successive documents (default: "
+                             "random ids, fine for random weights only)")
     parser.add_argument("--cost-only", action="store_true",
                         help="only the cost ratios and the estimate (the GPU row at 20B shapes)")
     parser.add_argument("--json", help="also write the results to this file")
@@ -180,9 +201,7 @@ def main(argv=None) -> int:
                      for k in ks]
     rows = []
     if not args.cost_only:
-        rng = np.random.default_rng(args.seed)
-        prompts = [rng.integers(0, 50000 if target.config.vocab_size > 50000 else target.config.vocab_size,
-                                args.prompt_len).tolist() for _ in range(args.batch)]
+        prompts = make_prompts(target, args)
         plain = timed(target, prompts, args.new_tokens, args.reps)
         result["plain"] = plain
         rows.append(["plain", "-", fmt(plain["ms_per_token"], 2), fmt(plain["tokens_per_s"]), "1.00x", "-", "1.000"])
