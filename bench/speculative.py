@@ -6,10 +6,11 @@
 
 Measured, in one process, after a warm-up run of each (compilation excluded):
 * plain decoding of the target: ms per generated token (median of --reps) and tokens/s;
-* speculative decoding at each K of --k with the draft, and with the target as its own draft (every token
-  accepted by construction: the ceiling of the method on this machine): ms/token, the speed-up over plain
-  decoding, the acceptance rate and target passes per token. On random weights a draft agrees with the
-  target by chance only: that acceptance rate means nothing, and the row says so;
+* speculative decoding at each K of --k with the draft, and with the target as its own draft: ms/token,
+  the speed-up over plain decoding, the acceptance rate and target passes per token. On random weights a
+  draft agrees with the target by chance only: that acceptance rate means nothing, and the row says so.
+  The target as its own draft agrees by construction (acceptance 1, 1 / (K + 1) passes per token) but
+  costs as much as the target, so it can only be slower: it shows the bookkeeping, not a gain;
 * the cost side, meaningful on any weights: a target pass over K + 1 tokens against one decode step
   (r_v(K)), and a draft step against a target step (r_d), each on a cache filled with the prompt;
 * the estimate: with acceptance rate a per token, a pass yields (1 - a^(K+1)) / (1 - a) tokens and costs
