@@ -165,6 +165,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--target", default="pythia-160m", help="a preset (random weights) or a checkpoint")
     parser.add_argument("--draft", default="pythia-14m", help="a preset, a checkpoint, or 'ngram'")
+    parser.add_argument("--with-ngram", action="store_true", help="also rows for prompt lookup (draft 'ngram')")
     parser.add_argument("--k", default="1,2,3,4,6,8", help="comma list of draft tokens per pass")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--prompt-len", type=int, default=64)
@@ -207,12 +208,13 @@ def main(argv=None) -> int:
         result["plain"] = plain
         rows.append(["plain", "-", fmt(plain["ms_per_token"], 2), fmt(plain["tokens_per_s"]), "1.00x", "-", "1.000"])
         result["speculative"] = []
-        for name, d in (("draft", draft), ("target as draft", target)):
+        decoders = [("draft", draft)] + [("ngram", "ngram")] * args.with_ngram + [("target as draft", target)]
+        for name, d in decoders:
             for k in ks:
                 r = timed(target, prompts, args.new_tokens, args.reps, d, k)
                 r.update(draft=name, k=k, speedup=plain["ms_per_token"] / r["ms_per_token"])
                 result["speculative"].append(r)
-                meaningless = name == "draft" and (target_random or draft_random)
+                meaningless = (name == "draft" and (target_random or draft_random)) or (name == "ngram" and target_random)
                 rows.append([name, k, fmt(r["ms_per_token"], 2), fmt(r["tokens_per_s"]), f"{r['speedup']:.2f}x",
                              f"{r['acceptance']:.2f}" + (" (random weights: meaningless)" if meaningless else ""),
                              f"{r['passes_per_token']:.3f}"])
