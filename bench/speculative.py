@@ -214,7 +214,7 @@ def main(argv=None) -> int:
                 r = timed(target, prompts, args.new_tokens, args.reps, d, k)
                 r.update(draft=name, k=k, speedup=plain["ms_per_token"] / r["ms_per_token"])
                 result["speculative"].append(r)
-                meaningless = target_random or (name == "draft" and draft_random)
+                meaningless = name != "target as draft" and (target_random or (name == "draft" and draft_random))
                 rows.append([name, k, fmt(r["ms_per_token"], 2), fmt(r["tokens_per_s"]), f"{r['speedup']:.2f}x",
                              f"{r['acceptance']:.2f}" + (" (random weights: meaningless)" if meaningless else ""),
                              f"{r['passes_per_token']:.3f}"])
