@@ -119,7 +119,9 @@ def test_prompt_lookup_proposes_what_followed_the_last_occurrence():
                          [1, 2, 3, 4, 2, 0, 0, 0, 0, 0, 0, 0],  # only "2" matches: propose 3 4 2
                          [1, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0]], jnp.int32)  # nothing: repeat the last token
     filled = jnp.array([8, 5, 3], jnp.int32)
-    proposal = draft.propose(None, None, None, None, None, history, filled, Sampling.create(), 0, None, 3)
+    propose = jax.jit(lambda history, filled: draft.propose(None, None, None, None, None, history, filled,
+                                                            Sampling.create(), 0, None, 3))  # one program, not
+    proposal = propose(history, filled)  # an eager op (a compilation) at a time
     assert proposal.tokens.tolist() == [[8, 9, 5], [3, 4, 2], [3, 3, 3]]
     assert (proposal.probs.argmax(-1) == proposal.tokens).all() and proposal.probs.sum(-1).min() == 1
 
