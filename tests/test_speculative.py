@@ -253,3 +253,14 @@ def test_command_line_draft(model_dir, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(base + ["--draft", "ngram", "--num-draft-tokens", "99"])
     assert exit_.value.code == 2 and "--num-draft-tokens must be in [1, 16]" in capsys.readouterr().err
+
+
+def test_a_draft_of_another_tokenizer_is_refused(tokenizer_path):
+    """The 20B tokenizer against the demo one: refused, naming the rule; the 20B tokenizer's 50277 ids bound
+    what a Pythia draft of GPT-NeoX-20B may propose."""
+    from neox_jax.tokenizer import demo_tokenizer, load_tokenizer
+
+    real = load_tokenizer(tokenizer_path)
+    with pytest.raises(ValueError, match="tokenizer differs"):
+        shared_vocab(_Model(50432, real), _Model(384, demo_tokenizer()))
+    assert shared_vocab(_Model(50432, real), _Model(50304, real)) == real.vocab_size == 50277
