@@ -59,12 +59,12 @@ class Proposal:
 
 @dataclasses.dataclass(frozen=True)
 class ModelDraft:
-    """A smaller model of the same tokenizer. Its cache holds each row's text except the last two tokens'
-    worth of pending work: after every verify pass it is rewound to one slot behind the target's cache, and
-    the next proposal starts with a 2-token step over the last two accepted tokens. That one rule covers both
-    outcomes of the pass: after a rejection the draft rewrites a slot it already held, and after a full
-    acceptance it writes its own last proposal, which it had not yet fed back. Hashable (its params are
-    passed to `propose`), so drafts of one shape share compiled programs."""
+    """A smaller model of the same tokenizer, with its own cache kept one slot behind the target's: after every
+    verify pass it is rewound to the target's length minus one, and the next proposal starts with a 2-token
+    step over the last two accepted tokens. That one rule covers both outcomes of the pass: after a
+    rejection the draft rewrites a slot it already held, and after a full acceptance it writes its own last
+    proposal, which it had not yet fed back. Hashable (its params are passed to `propose`), so drafts of one
+    shape share compiled programs."""
 
     module: NeoX
     shared_vocab: int
@@ -89,8 +89,8 @@ class ModelDraft:
 
     def propose(self, params, cache: KVCache, prev, token, position, history, filled, sampling: Sampling,
                 step, salt, k: int) -> Proposal:
-        """prev, token [B]: the last two accepted tokens (token at `position` [B]), the cache one slot behind
-        the target's (holding everything before `prev`)."""
+        """prev, token [B]: the last two accepted tokens (`token` at `position` [B]); `cache` holds everything
+        before `prev`."""
         apply = lambda tokens, positions, cache: self.module.apply(  # noqa: E731
             {"params": params}, tokens, positions, cache, last_token_only=True)
         out = apply(jnp.stack([prev, token], 1), jnp.stack([position - 1, position], 1), cache)
