@@ -143,11 +143,12 @@ def timed(model, prompts, new_tokens: int, reps: int, draft=None, k: int = 0) ->
     return out
 
 
-def make_prompts(target, args) -> list[list[int]]:
+def make_prompts(target, args, count: int | None = None) -> list[list[int]]:
+    count = count or args.batch
     if args.prompt_text is None:
         rng = np.random.default_rng(args.seed)
         return [rng.integers(0, min(50000, target.config.vocab_size), args.prompt_len).tolist()
-                for _ in range(args.batch)]
+                for _ in range(count)]
     if target.tokenizer is None:
         raise SystemExit("error: --prompt-text needs the target's tokenizer (a checkpoint with tokenizer.json)")
     with open(args.prompt_text, encoding="utf-8") as f:
@@ -155,9 +156,9 @@ def make_prompts(target, args) -> list[list[int]]:
     texts = [json.loads(line)["text"] for line in lines if line.strip()] if args.prompt_text.endswith(".jsonl") \
         else ["\n".join(lines)]
     prompts = [ids[:args.prompt_len] for ids in map(target.tokenizer.encode, texts) if len(ids) >= args.prompt_len]
-    if len(prompts) < args.batch:
-        raise SystemExit(f"error: {args.prompt_text} has fewer than {args.batch} texts of {args.prompt_len} tokens")
-    return prompts[:args.batch]
+    if len(prompts) < count:
+        raise SystemExit(f"error: {args.prompt_text} has fewer than {count} texts of {args.prompt_len} tokens")
+    return prompts[:count]
 
 
 def main(argv=None) -> int:
@@ -177,6 +178,9 @@ def main(argv=None) -> int:
                         help="prompts from this text (a .jsonl of {\"text\": ...} or plain text), tokenized with the "
                              "target's tokenizer: the first --prompt-len tokens of successive documents (default: "
                              "random ids, fine for random weights only)")
+    parser.add_argument("--acceptance-prompts", type=int, default=0, metavar="N",
+                        help="also measure acceptance (not speed) over N prompts decoded as one batch, and check "
+                             "that greedy speculative tokens equal plain decoding's")
     parser.add_argument("--cost-only", action="store_true",
                         help="only the cost ratios and the estimate (the GPU row at 20B shapes)")
     parser.add_argument("--json", help="also write the results to this file")
@@ -218,12 +222,28 @@ def main(argv=None) -> int:
                 rows.append([name, k, fmt(r["ms_per_token"], 2), fmt(r["tokens_per_s"]), f"{r['speedup']:.2f}x",
                              f"{r['acceptance']:.2f}" + (" (random weights: meaningless)" if meaningless else ""),
                              f"{r['passes_per_token']:.3f}"])
+    acceptance_rows = []
+    if args.acceptance_prompts and not args.cost_only:
+        many = make_prompts(target, args, args.acceptance_prompts)
+        reference = target.generate(many, args.new_tokens, stop_token=None)
+        for name, d in decoders:
+            for k in ks:
+                g = target.generate_timed(many, args.new_tokens, stop_token=None, draft=d, num_draft_tokens=k)
+                same = g.tokens == reference
+                result.setdefault("acceptance", []).append(dict(draft=name, k=k, acceptance=g.acceptance_rate,
+                                                                passes_per_token=g.passes_per_token, same=same))
+                acceptance_rows.append([name, k, f"{g.acceptance_rate:.3f}", f"{g.passes_per_token:.3f}",
+                                        "yes" if same else "NO"])
+    acceptance_headers = ["decoder", "K", "acceptance", "passes/token", "tokens = plain greedy"]
     headers = ["decoder", "K", "ms/token", "tokens/s", "vs plain", "acceptance", "passes/token"]
     cost_headers = ["K", "verify pass ms", "r_v = verify / step"]
     estimate_headers = ["K"] + [f"a = {a}" for a in ASSUMED_ACCEPTANCE]
     print("\n".join(lines))
     if rows:
         print(table(headers, rows))
+    if acceptance_rows:
+        print(f"over {args.acceptance_prompts} prompts in one batch:")
+        print(table(acceptance_headers, acceptance_rows))
     print(table(cost_headers, cost_rows))
     print("expected speed-up from the measured r_v, r_d and an assumed acceptance a:")
     print(table(estimate_headers, estimate_rows))
@@ -236,6 +256,9 @@ def main(argv=None) -> int:
                 f"{args.prompt_len} tokens, {args.new_tokens} new tokens. Load average at the start: "
                 f"{result['load_average']} (the machine is shared: timings are noisy).\n\n"
                 + (markdown_table(headers, rows) + "\n\n" if rows else "")
+                + (f"Acceptance over {args.acceptance_prompts} prompts decoded as one batch (greedy; the tokens "
+                   f"checked against plain decoding's):\n\n" + markdown_table(acceptance_headers, acceptance_rows)
+                   + "\n\n" if acceptance_rows else "")
                 + "Cost side (measured): " + lines[0] + ".\n\n" + markdown_table(cost_headers, cost_rows)
                 + "\n\nExpected speed-up from the measured ratios at assumed acceptance rates a:\n\n"
                 + markdown_table(estimate_headers, estimate_rows) + "\n")
