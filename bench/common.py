@@ -10,6 +10,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -43,14 +44,16 @@ class WorkerError(RuntimeError):
         super().__init__(f"{engine} worker exited with {returncode}{tail}")
 
 
-def run_worker(module: str, engine: str, argv: Sequence[str], env: dict | None = None, capture: bool = False):
+def run_worker(module: str, engine: str, argv: Sequence[str], env: dict | None = None, capture: bool = False,
+               out: str | None = None):
     """`python -m MODULE ARGV --worker ENGINE --worker-out FILE` in a child process -> the JSON it wrote.
 
     Each engine runs alone in its process: none shares thread pools (XLA's, OpenMP's), allocator state,
     device memory or peak-memory accounting with another, and each starts from a clean heap. `capture`
-    keeps the child's output for the error (else it goes straight to the terminal). Raises WorkerError."""
+    keeps the child's output for the error (else it goes straight to the terminal). `out`: the FILE (else
+    a temporary one), for a worker that writes what it has measured so far as it goes. Raises WorkerError."""
     with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "result.json")
+        out = out or os.path.join(tmp, "result.json")
         pipe = subprocess.PIPE if capture else None
         proc = subprocess.run([sys.executable, "-m", module, *argv, "--worker", engine, "--worker-out", out],
                               env=env, stdout=pipe, stderr=subprocess.STDOUT if capture else None, text=True)
@@ -107,6 +110,31 @@ def prefill_flops(config: NeoXConfig, batch: int, tokens: int) -> float:
     attention = 2 * 2 * batch * layers * d * tokens * (tokens + 1) / 2
     head = 2 * batch * config.vocab_size * d
     return matmul + attention + head
+
+
+def matmul_weight_sizes(config: NeoXConfig) -> set[int]:
+    """Element counts of the weights quantization stores as int8 / fp8 (every `Kind.MATMUL` declaration)."""
+    from neox_jax.params import model_params
+    from neox_jax.quantize import quantizes
+
+    return {math.prod(spec.shape(config)) for spec in filter(quantizes, model_params(config))}
+
+
+def weight_sized_float_buffers(hlo: str, sizes: set[int]) -> list[str]:
+    """Instructions of an optimised HLO module that write a float array of as many elements as a matmul weight
+    (`sizes`), other than views (parameters, tuple elements, bitcasts) and in-place updates
+    (dynamic-update-slice): in a quantized decode program, a converted copy of a weight (its matmuls should
+    read the stored values). Matching the exact counts leaves out the KV cache's conversions."""
+    found = []
+    for line in hlo.splitlines():
+        match = re.search(r"%(\S+) = (f16|bf16|f32|f64)\[([\d,]*)\]\S* ([\w-]+)\(", line)
+        if not match or math.prod(int(n) for n in match.group(3).split(",") if n) not in sizes:
+            continue
+        name, opcode = match.group(1), match.group(4)
+        in_place_update = "dynamic-update-slice" in (opcode + name).replace("_", "-")
+        if opcode not in ("parameter", "get-tuple-element", "bitcast", "tuple") and not in_place_update:
+            found.append(line.strip())
+    return found
 
 
 # ---- host memory ----

@@ -4,6 +4,7 @@ inputs are abstract, so GPT-NeoX-20B's programs compile on a laptop.
     python -m bench.compile                              # GPT-NeoX-20B, fp16, batch 1, 2048 slots
     python -m bench.compile --preset pythia-70m --dtype float32 --batch 8 --slots 512
     python -m bench.compile --markdown docs/figures/compile.md   # the page the docs quote
+    python -m bench.compile --json compile.json                  # the figures for a script (the GPU session)
 
 It compiles for the machine it runs on (XLA:CPU here, XLA:GPU on a GPU), so run it where you will decode.
 The layers are unrolled (see neox_jax/model.py), so compile time grows with depth.
@@ -12,6 +13,7 @@ The layers are unrolled (see neox_jax/model.py), so compile time grows with dept
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -46,6 +48,7 @@ def main(argv=None) -> None:
     parser.add_argument("--slots", type=int, default=2048, help="KV-cache slots (the context)")
     parser.add_argument("--markdown", metavar="FILE",
                         help="also write the figures as a Markdown page with the date, machine and command")
+    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = parser.parse_args(argv)
     if args.batch < 1 or args.slots < 1:
         parser.error("--batch and --slots must be positive")
@@ -74,6 +77,14 @@ def main(argv=None) -> None:
     for name, (lower, compile_) in programs:
         print(f"  {name:12s} trace+lower {lower:5.1f} s   compile {compile_:5.1f} s")
     print(f"  total {total:.1f} s")
+    if args.json:
+        figures = {"preset": args.preset, "layers": config.num_layers, "dtype": args.dtype, "batch": args.batch,
+                   "slots": args.slots, "platform": jax.devices()[0].platform, "jax": jax.__version__,
+                   "programs": {name: {"trace_lower_seconds": lower, "compile_seconds": compile_}
+                                for name, (lower, compile_) in programs},
+                   "total_seconds": total}
+        Path(args.json).write_text(json.dumps(figures, indent=1))
+        print(f"wrote {args.json}")
     if args.markdown:
         rows = [[name, f"{lower:.1f}", f"{compile_:.1f}"] for name, (lower, compile_) in programs]
         body = (f"{title}, jax {jax.__version__}:\n\n"

@@ -21,11 +21,12 @@ tokens (no stop token: each decodes exactly `--new-tokens`, greedy, with a KV ca
 `neox-jax-int8` is neox-jax with `quantize="int8"` (docs/quantization.md): each case then also reports its
 decode against neox-jax fp32 and transformers fp32 from the same run, and the bytes it reads per step.
 
-After the neox-jax timings of each case, the weight-read bandwidth of its decode (bytes of parameters
-one step must read: every layer and the output head, the input embedding only for the gathered rows,
-KV cache not counted; over the time of one step) is set against references measured right then: host
-memory bandwidth (a numpy copy of 1 GiB, read + write bytes) and XLA's own fp32 matvec on a matrix of
-the same size as the step's weights (see `host_bandwidth`).
+Every engine's decode is also reported as the weight bytes it reads per second (bytes of parameters one
+step must read: every layer and the output head, the input embedding only for the gathered rows, int8's
+as stored, KV cache not counted; over the time of one step) and as a fraction of the machine's
+memory-read limit, measured after each shape's engines in a process of its own: the best of several
+readers of a `--bandwidth-mib` array, threaded (numpy and torch on every core, XLA's sum and matvec; the
+page names the best; see `memory_read_limit`).
 """
 
 from __future__ import annotations
@@ -40,10 +41,12 @@ from pathlib import Path
 import numpy as np
 
 from .common import (SHAPES, PeakRSS, decode_weight_bytes, load_average, machine, markdown_page, markdown_table,
-                     median, param_count, parse_list, release_memory, rss_mb, run_worker, table, utc_now,
+                     median, param_count, parse_list, release_memory, rss_mb, run_worker, sig, table, utc_now,
                      write_page)
 
 ENGINES = ("neox-jax", "neox-jax-int8", "parity", "transformers")
+MEMORY_READ = "memory-read"  # the worker that measures the machine's memory-read limit
+QUANTIZE = {"neox-jax-int8": "int8"}  # how each engine stores its matmul weights (the others: fp32)
 
 
 # ---- engines: each returns per-run (prefill_s, decode_s, decode_steps, tokens) ----
@@ -221,52 +224,69 @@ def time_engine(engine, prompts, new_tokens, reps, base_mb) -> dict:
     }
 
 
-# ---- host memory bandwidth ----
+# ---- the machine's memory-read limit ----
 
-def host_bandwidth(copy_mib: int, matvec_bytes: int, reps: int = 5) -> dict:
-    """Two references for the decode's weight reads, measured now (medians of `reps`):
+def memory_read_limit(mib: int, reps: int = 5) -> dict:
+    """The host's memory-read rate, as the best of several readers of one `mib` fp32 array (past any cache),
+    each counted as bytes read over the median time of `reps` reads after one warm-up:
 
-    * copy_gbps: a numpy copy between two preallocated `copy_mib` arrays, counted as read + write bytes
-      (single thread; at 1 GiB it runs past any cache, and glibc's large-copy path avoids write-allocate
-      reads, so it approximates the memory system's bandwidth);
-    * matvec_gbps: an XLA fp32 matrix-vector product over a [n, 512] matrix of `matvec_bytes` (one decode
-      step's weights), counted as matrix bytes read: the streaming read rate XLA's own dot kernel reaches
-      on a working set of that size.
-    """
+    * numpy, one thread per core: each thread sums its slice (numpy releases the GIL in the loop);
+    * torch, its intra-op threads (one per core): `x.sum()` over the same array, shared, not copied;
+    * XLA sum: a jitted `jnp.sum` (XLA:CPU runs a reduction on one thread: the slowest reader, which the
+      decode figures were once set against);
+    * XLA matvec: a jitted fp32 `[n, 512] @ [512]`, the decode step's own kind of read.
+
+    A decode step that reads its weights once cannot beat the best of these, so every engine's decode is
+    reported as a fraction of it. The machine's other jobs slow every reader: measured in the same run."""
+    import concurrent.futures
+
     import jax
     import jax.numpy as jnp
+    import torch
 
-    n = copy_mib * 2 ** 20 // 4
-    src = np.ones(n, np.float32)
-    dst = np.empty_like(src)
-    np.copyto(dst, src)  # touch every page first
-    copy = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        np.copyto(dst, src)
-        copy.append(time.perf_counter() - t)
-    del src, dst
-    rows = max(1, matvec_bytes // (4 * 512))
-    w = jnp.full((rows, 512), 0.5, jnp.float32)
-    x = jnp.ones((1, 512), jnp.float32)
-    matvec = jax.jit(lambda x, w: jnp.einsum("bd,fd->bf", x, w, precision="highest"))
-    matvec(x, w).block_until_ready()
-    read = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        matvec(x, w).block_until_ready()
-        read.append(time.perf_counter() - t)
-    del w
+    threads = os.cpu_count() or 1
+    n = mib * 2 ** 20 // 4
+    host = np.full(n, 0.5, np.float32)
+    slices = np.array_split(host, threads)
+
+    def timed(read) -> float:
+        read()
+        runs = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            read()
+            runs.append(time.perf_counter() - t)
+        return n * 4 / median(runs) / 1e9
+
+    readers = {}
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        readers[f"numpy, {threads} threads"] = timed(lambda: list(pool.map(np.sum, slices)))
+    torch.set_num_threads(threads)
+    shared = torch.from_numpy(host)
+    readers[f"torch, {torch.get_num_threads()} threads"] = timed(lambda: float(shared.sum()))
+    device = jnp.asarray(host)
+    xla_sum = jax.jit(jnp.sum)
+    readers["XLA sum"] = timed(lambda: xla_sum(device).block_until_ready())
+    matrix = device.reshape(-1, 512)
+    vector = jnp.ones((512,), jnp.float32)
+    matvec = jax.jit(lambda w, x: jnp.dot(w, x, precision="highest"))
+    readers["XLA matvec"] = timed(lambda: matvec(matrix, vector).block_until_ready())
+    del host, slices, shared, device, matrix
     release_memory()
-    return {"copy_mib": copy_mib, "copy_gbps": 2 * n * 4 / median(copy) / 1e9,
-            "matvec_mb": rows * 512 * 4 / 1e6, "matvec_gbps": rows * 512 * 4 / median(read) / 1e9}
+    best = max(readers, key=readers.get)
+    return {"mib": mib, "reps": reps, "readers": readers, "best": best, "gbps": readers[best]}
 
 
 # ---- worker: one engine, one shape, every batch size ----
 
 def worker(args) -> int:
-    """One engine, in the child process `common.run_worker` starts."""
+    """One engine, or the memory-read limit, in the child process `common.run_worker` starts."""
     from neox_jax.checkpoints.synthetic import random_tensors
+
+    if args.worker == MEMORY_READ:
+        with open(args.worker_out, "w") as f:
+            json.dump(memory_read_limit(args.bandwidth_mib), f)
+        return 0
 
     config = SHAPES[args.shapes]
     tensors = random_tensors(config, seed=args.seed)
@@ -282,8 +302,6 @@ def worker(args) -> int:
         prompts = make_prompts(config, batch, args.prompt_len, args.seed)
         result = time_engine(engine, prompts, args.new_tokens, args.reps, base_mb)
         result.update(shape=args.shapes, batch=batch, build_seconds=build_seconds)
-        if args.worker == "neox-jax" and args.bandwidth_mib:
-            result["host_bandwidth"] = host_bandwidth(args.bandwidth_mib, decode_weight_bytes(config, batch, 4))
         out.append(result)
     with open(args.worker_out, "w") as f:
         json.dump(out, f)
@@ -302,28 +320,26 @@ def engine_results(engine: str, shape: str, args) -> list[dict]:
 
 # ---- report ----
 
-def bandwidth_summary(config, result) -> dict | None:
-    bw = result.get("host_bandwidth")
-    if not bw:
-        return None
-    weight_bytes = decode_weight_bytes(config, result["batch"], 4)
-    achieved = weight_bytes / (result["ms_per_step"] / 1e3) / 1e9
-    return {**bw, "weight_bytes_per_step": weight_bytes, "achieved_gbps": achieved,
-            "pct_of_copy": 100 * achieved / bw["copy_gbps"], "pct_of_matvec": 100 * achieved / bw["matvec_gbps"]}
-
-
 def case_title(case, config) -> str:
     return (f"{case['shape']}  batch {case['batch']}  prompt {case['prompt_len']}  new tokens {case['new_tokens']}  "
             f"({param_count(config) / 1e6:.2f}M params, fp32, median of {case['reps']})")
 
 
-def case_table(case) -> tuple[list[str], list[list]]:
+def weight_gbps(config, batch: int, engine: str, result: dict) -> float:
+    """Bytes of weights one decode step of `engine` reads (as it stores them), per second."""
+    return decode_weight_bytes(config, batch, 4, QUANTIZE.get(engine)) / (result["ms_per_step"] / 1e3) / 1e9
+
+
+def case_table(case, config) -> tuple[list[str], list[list]]:
     results = case["engines"]
     ref = results.get("neox-jax")
-    headers = ["engine", "prefill tok/s", "decode tok/s", "ms/step", "compile s", "peak MB",
-               "jax speedup prefill", "jax speedup decode", "same tokens"]
+    limit = case.get("read_limit")
+    headers = ["engine", "prefill tok/s", "decode tok/s", "ms/step", "weights GB/s", "of read limit", "compile s",
+               "peak MB", "jax speedup prefill", "jax speedup decode", "same tokens"]
     rows = []
     for name, r in results.items():
+        gbps = weight_gbps(config, case["batch"], name, r)
+        fraction = f"{gbps / limit['gbps']:.2f}" if limit else "-"
         if ref is None or name == "neox-jax":
             speed_p = speed_d = same = "-"
         else:
@@ -332,7 +348,7 @@ def case_table(case) -> tuple[list[str], list[list]]:
             agree = sum(a == b for a, b in zip(ref["tokens"], r["tokens"]))
             same = f"{agree}/{len(r['tokens'])} rows"
         rows.append([name, r["prefill_tokens_per_s"], r["decode_tokens_per_s"], f"{r['ms_per_step']:.2f}",
-                     None if r["compile_seconds"] is None else f"{r['compile_seconds']:.2f}",
+                     sig(gbps), fraction, None if r["compile_seconds"] is None else f"{r['compile_seconds']:.2f}",
                      r["peak_mb"], speed_p, speed_d, same])
     return headers, rows
 
@@ -353,29 +369,27 @@ def quantized_lines(case, config) -> list[str]:
             f"  decode tok/s: {', '.join(ratios) or 'no fp32 engine in this run'} (issue 14's targets: 1.8x and 2.5x)"]
 
 
-def bandwidth_lines(case) -> list[str]:
-    bw = case.get("bandwidth")
-    if not bw:
+def limit_lines(case) -> list[str]:
+    limit = case.get("read_limit")
+    if not limit:
         return []
-    ref = case["engines"]["neox-jax"]
-    return [f"neox-jax decode reads {bw['weight_bytes_per_step'] / 1e6:.1f} MB of weights per step in "
-            f"{ref['ms_per_step']:.2f} ms = {bw['achieved_gbps']:.1f} GB/s",
-            f"  = {bw['pct_of_copy']:.0f}% of host memory bandwidth measured next ({bw['copy_gbps']:.1f} GB/s: numpy "
-            f"{bw['copy_mib']} MiB copy, read+write bytes)",
-            f"  = {bw['pct_of_matvec']:.0f}% of XLA's fp32 matvec over {bw['matvec_mb']:.0f} MB of weights "
-            f"({bw['matvec_gbps']:.1f} GB/s read)"]
+    readers = ", ".join(f"{name} {gbps:.1f}" for name, gbps in limit["readers"].items())
+    return [f"memory-read limit {limit['gbps']:.1f} GB/s, the best of: {readers} GB/s ({limit['mib']} MiB fp32 "
+            f"read, median of {limit['reps']}, after this shape's engines); 'weights GB/s' is the weight bytes "
+            f"each engine's decode step reads (int8 as stored) over its step time, 'of read limit' its fraction "
+            f"of the best reader's rate ({limit['best']})"]
 
 
 def print_case(case, config) -> None:
     print(f"\n== {case_title(case, config)} ==")
-    print(table(*case_table(case)))
-    for line in bandwidth_lines(case) + quantized_lines(case, config):
+    print(table(*case_table(case, config)))
+    for line in limit_lines(case) + quantized_lines(case, config):
         print(line)
 
 
 def markdown_case(case, config) -> str:
-    lines = [f"## {case_title(case, config)}", "", markdown_table(*case_table(case)), ""]
-    extra = bandwidth_lines(case) + quantized_lines(case, config)
+    lines = [f"## {case_title(case, config)}", "", markdown_table(*case_table(case, config)), ""]
+    extra = limit_lines(case) + quantized_lines(case, config)
     return "\n".join(lines + [f"- {line.strip().removeprefix('= ')}" for line in extra]) + "\n"
 
 
@@ -388,7 +402,7 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions after one warm-up (median shown)")
     parser.add_argument("--engines", default=",".join(ENGINES), help=f"comma list of {', '.join(ENGINES)}")
     parser.add_argument("--bandwidth-mib", type=int, default=1024,
-                        help="size of the numpy copy that measures host memory bandwidth (0: skip the probes)")
+                        help="size of the array the memory-read limit is measured on (0: do not measure it)")
     parser.add_argument("--omp-wait-policy", choices=("active", "passive"),
                         help="set OMP_WAIT_POLICY for the engines (default: leave it alone, torch's default). Its "
                              "OpenMP threads spin between ops: fastest on an idle machine, but when other jobs "
@@ -400,7 +414,7 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown", metavar="FILE",
                         help="also write the tables as a Markdown page with the date, machine and command "
                              "(the docs' figures are these pages: docs/figures/cpu.md)")
-    parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=(*ENGINES, MEMORY_READ), help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -434,11 +448,10 @@ def main(argv=None) -> int:
     for shape in shapes:
         config = SHAPES[shape]
         per_engine = {engine: engine_results(engine, shape, args) for engine in engines}
+        limit = engine_results(MEMORY_READ, shape, args) if args.bandwidth_mib else None
         for i, batch in enumerate(parse_list(args.batch, int)):
             case = {"shape": shape, "batch": batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-                    "reps": args.reps, "engines": {e: per_engine[e][i] for e in engines}}
-            if "neox-jax" in engines:
-                case["bandwidth"] = bandwidth_summary(config, per_engine["neox-jax"][i])
+                    "reps": args.reps, "engines": {e: per_engine[e][i] for e in engines}, "read_limit": limit}
             print_case(case, config)
             cases.append(case)
         sys.stdout.flush()

@@ -29,19 +29,22 @@ e4m3) and per-channel scales that give the weights the same std; their bytes per
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import numpy as np
 
 from neox_jax.dtypes import DTYPES, NAMES
 
 from .common import (WorkerError, decode_weight_bytes, fmt, kv_bytes, median, param_count, parse_list,
-                     prefill_flops, run_worker, sig, table)
+                     prefill_flops, run_worker, sig, table,
+                     matmul_weight_sizes, weight_sized_float_buffers)
 
 ENGINES = ("neox-jax", "neox-jax-int8", "neox-jax-fp8", "parity")
 DEFAULT_ENGINES = ("neox-jax", "parity")  # the quantized rows: --engines neox-jax-int8,neox-jax-fp8
@@ -158,6 +161,7 @@ def jax_worker(args, config) -> dict:
     out["prefill"] = {"tokens": prompt_len, "seconds": seconds, "runs": runs, "compile_seconds": compile_s,
                       "tflops": prefill_flops(config, 1, prompt_len) / seconds / 1e12,
                       "peak_bytes": memory().get("peak_bytes_in_use")}
+    save_so_far(args, out)
     log(f"prefill {prompt_len} tokens: {1e3 * seconds:.1f} ms (compile {compile_s:.1f} s)")
 
     def decode(prompts, max_new_tokens):
@@ -186,34 +190,46 @@ def jax_worker(args, config) -> dict:
             case["error"] = short_error(e)
             log(f"decode batch {batch} failed: {case['error']}")
         out["decode"].append(case)
+        save_so_far(args, out)
+    if quantize:
+        # Issue 14's check at these shapes: the compiled decode loops read the stored values; a float array
+        # of a matmul weight's size would be a converted copy written every step.
+        programs = [e.as_text() for e in model.decoder._decode._executables.values()]
+        sizes = matmul_weight_sizes(config)
+        found = [line for hlo in programs for line in weight_sized_float_buffers(hlo, sizes)]
+        out["weight_sized_float_buffers"] = {"programs": len(programs), "count": len(found), "first": found[:5]}
+        log(f"{len(found)} weight-sized float buffers in {len(programs)} compiled decode programs")
     return out
 
 
-def _normal(key, shape, dtype, std):
+@functools.cache
+def _drawer(kind: str, shape: tuple, dtype, std: float | None):
+    """One jitted draw per distinct leaf (44 layers share a dozen shapes): a new jit per leaf would compile
+    each of 20B's ~350 leaves again."""
     import jax
+    import jax.numpy as jnp
 
-    @jax.jit
-    def draw(key):
+    def normal(key):
         return (jax.random.normal(key, shape, dtype) * std).astype(dtype)
 
-    return draw(key)
+    def quantized(key):
+        x = jax.random.normal(key, shape, jnp.float32)
+        if dtype == jnp.int8:
+            return jnp.clip(jnp.round(x * QUANTIZED_STD), -127, 127).astype(dtype)
+        return x.astype(dtype)
+
+    return jax.jit(normal if kind == "normal" else quantized)
+
+
+def _normal(key, shape, dtype, std):
+    return _drawer("normal", tuple(shape), dtype, std)(key)
 
 
 QUANTIZED_STD = 42.0  # random int8 values: clipped at 3 standard deviations
 
 
 def _quantized_values(key, shape, dtype):
-    import jax
-    import jax.numpy as jnp
-
-    @jax.jit
-    def draw(key):
-        x = jax.random.normal(key, shape, jnp.float32)
-        if dtype == jnp.int8:
-            return jnp.clip(jnp.round(x * QUANTIZED_STD), -127, 127).astype(dtype)
-        return x.astype(dtype)
-
-    return draw(key)
+    return _drawer("quantized", tuple(shape), dtype, None)(key)
 
 
 def jax_copy_bandwidth(gib: float, reps: int = 5) -> float:
@@ -306,6 +322,7 @@ def parity_worker(args, config) -> dict:
     seconds = median(runs)
     out["prefill"] = {"tokens": prompt_len, "seconds": seconds, "runs": runs, "compile_seconds": None,
                       "tflops": prefill_flops(config, 1, prompt_len) / seconds / 1e12, "peak_bytes": peak()}
+    save_so_far(args, out)
     log(f"prefill {prompt_len} tokens: {1e3 * seconds:.1f} ms")
     del tokens
 
@@ -351,6 +368,7 @@ def parity_worker(args, config) -> dict:
             if cuda:
                 torch.cuda.empty_cache()
         out["decode"].append(case)
+        save_so_far(args, out)
     return out
 
 
@@ -395,9 +413,22 @@ def child_env(engine: str) -> dict:
     return env
 
 
-def run_child(engine: str, argv: list[str]) -> dict:
+def save_so_far(args, out: dict) -> None:
+    """The worker's figures so far, whole, where the parent reads its result: a run stopped from outside
+    (the GPU session's step timeout) leaves them in `--json FILE`.ENGINE.partial."""
+    tmp = f"{args.worker_out}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({**out, "partial": True}, f)
+    os.replace(tmp, args.worker_out)
+
+
+def partial_path(json_path: str | None, engine: str) -> str | None:
+    return None if json_path is None else f"{json_path}.{engine}.partial"
+
+
+def run_child(engine: str, argv: list[str], out: str | None) -> dict:
     try:
-        return run_worker("bench.gpu", engine, argv, child_env(engine))
+        return run_worker("bench.gpu", engine, argv, child_env(engine), out=out)
     except WorkerError as e:
         return {"engine": engine, "error": str(e)}
 
@@ -445,6 +476,11 @@ def report(config, args, results: dict) -> None:
     print("weights GB/s: bytes of weights one step reads / step time; +KV adds the filled part of the cache "
           "(the least any implementation must read); 'of copy' sets that against the device copy bandwidth "
           "measured by the same engine. peak GiB: neox-jax's is the process peak so far, parity's the case's.")
+    for name, r in ok.items():
+        if "weight_sized_float_buffers" in r:
+            found = r["weight_sized_float_buffers"]
+            print(f"{name}: {found['count']} weight-sized float buffers in its {found['programs']} compiled decode "
+                  f"programs (0: its matmuls read the stored values)" + "".join(f"\n  {x[:160]}" for x in found["first"]))
 
 
 def gib(x) -> str:
@@ -500,13 +536,15 @@ def main(argv=None) -> int:
     print(f"neox-jax GPU benchmark: {', '.join(engines)}, each in its own process, one after the other",
           flush=True)
     started = time.perf_counter()
-    results = {engine: run_child(engine, child_argv) for engine in engines}
+    results = {engine: run_child(engine, child_argv, partial_path(args.json, engine)) for engine in engines}
     report(config, args, results)
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"argv": child_argv, "config": config.__dict__, "results": results}, f, indent=1)
         print(f"wrote {args.json}")
+        for engine in engines:
+            Path(partial_path(args.json, engine)).unlink(missing_ok=True)
     return 0 if all("error" not in r for r in results.values()) else 1
 
 

@@ -1,83 +1,70 @@
 #!/usr/bin/env bash
-# The project's GPU checks, prepared for a session that is lent a GPU machine (see docs/gpu.md).
-# The device image already has jax (CUDA), torch (CUDA), flax, transformers, tokenizers and pytest, so this
-# runs from the working tree without installing. Two stages, each one `run` call well inside 10 minutes:
-#   bash bench/gpu_session.sh checks   # test suite on CUDA, 20B compile time, fp16 parity (~4-5 min)
-#   bash bench/gpu_session.sh bench    # python -m bench.gpu at GPT-NeoX-20B shapes       (< 8 min)
-#   bash bench/gpu_session.sh quant    # int8/fp8: tests, parity --quantize, bench rows at 20B shapes (< 8 min)
-#   bash bench/gpu_session.sh speculative   # speculative decoding's cost ratios at 20B / 410M shapes (< 7 min)
-# Logs and JSON go to $OUT (the device tool brings them back).
+# The project's GPU checks for a session that is lent a GPU machine (docs/gpu.md says how to run them).
+#
+#   bash bench/gpu_session.sh prepare         # here, with the package registry: fill .carry/ (git-ignored)
+#   bash bench/gpu_session.sh run [ARGS]      # there: every step in order of value, figures into $OUT
+#   bash bench/gpu_session.sh run --tiny      # the same commands at toy sizes: a CPU dry run (tests do this)
+#
+# `prepare` downloads exactly what the GPU machine's image lacks (bench/carried_wheels.txt: cp312 manylinux
+# wheels; the image's own packages are bench/device_packages.txt) into .carry/wheels and copies the real
+# GPT-NeoX-20B tokenizer to .carry/20B_tokenizer.json. `run` installs those wheels into a temporary site
+# directory when they are there, puts it and this checkout on PYTHONPATH ahead of whatever PYTHONPATH already
+# holds, points NEOX_TOKENIZER at the carried tokenizer, then runs python -m bench.gpu_session (ARGS go to
+# it: --tiny, --only STEP,..., --budget SECONDS, --list). $OUT (default /tmp/gpu_out) receives
+# gpu_session.json, rewritten as each step ends, and gpu_session.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
-OUT="${OUT:-/tmp/gpu_out}"
-mkdir -p "$OUT"
-PY=python3
+CARRY=.carry
+PY="${PYTHON:-python3}"
 
-"$PY" -c "import jax, torch; print('jax', jax.__version__, jax.devices()); print('torch', torch.__version__, torch.cuda.get_device_name(0))" \
-  2>&1 | tee "$OUT/env.txt"
-
-make_checkpoint() {
-  # A synthetic 2-rank DeepSpeed checkpoint, 8 layers of hidden 1024, 16 heads.
-  "$PY" - <<'EOF' 2>&1 | tee "$OUT/make_ckpt.txt"
-import numpy as np
-from neox_jax.config import NeoXConfig
-from neox_jax.checkpoints.synthetic import write_deepspeed_checkpoint
-from neox_jax.tokenizer import demo_tokenizer
-from neox_jax.checkpoints.synthetic import decisive_tensors
-config = NeoXConfig(vocab_size=50432, hidden_size=1024, num_layers=8, num_heads=16, intermediate_size=4096)
-# Decisive weights, as a trained model's: attention scores and logits with a std of ~3, not near-uniform.
-tensors = decisive_tensors(config)
-write_deepspeed_checkpoint("/tmp/parity_ckpt", config, tensors, ranks=2, dtype=np.float16)
-demo_tokenizer()._tokenizer.save("/tmp/parity_tokenizer.json")
-EOF
+prepare() {
+  set -e
+  rm -rf "$CARRY/wheels"
+  mkdir -p "$CARRY/wheels"
+  local platforms=()
+  for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64; do
+    platforms+=(--platform "$p")
+  done
+  "$PY" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp "${platforms[@]}" -d "$CARRY/wheels" -r bench/carried_wheels.txt
+  local tokenizer="${NEOX_TOKENIZER:-../shared/data/20B_tokenizer.json}"
+  if [ -f "$tokenizer" ]; then
+    install -m 0644 "$tokenizer" "$CARRY/20B_tokenizer.json"
+  else
+    echo "warning: no tokenizer at $tokenizer (set NEOX_TOKENIZER): the streaming tests will skip there" >&2
+  fi
+  ls -l "$CARRY" "$CARRY/wheels"
+  du -sh "$CARRY"
+  echo "carry: [\"$CARRY\"]   (git-ignored; name it in the device tool's carry)"
 }
 
-# ---- issue 25 (speculative decoding): one step, callable on its own ----
-speculative_20b() {
-  # The cost side at GPT-NeoX-20B shapes with a Pythia-410M-shaped draft, fp16, random weights on the device:
-  # a (K+1)-token target pass against one decode step (r_v) and a draft step against a target step (r_d),
-  # then the expected speed-up at assumed acceptance rates (docs/speculative.md). ~3-5 min (compiles).
-  timeout 420 "$PY" -m bench.speculative --cost-only --target gpt-neox-20b --draft pythia-410m --dtype float16 \
-    --k 1,2,4,8 --prompt-len 512 --json "$OUT/bench_speculative.json" 2>&1 | tee "$OUT/bench_speculative.txt"
+run() {
+  local site
+  site="$(mktemp -d /tmp/gpu_session_site.XXXXXX)"
+  if ! compgen -G "$CARRY/wheels/*.whl" >/dev/null; then
+    echo "note: no wheels in $CARRY/wheels (bash bench/gpu_session.sh prepare): using this Python's packages"
+  elif ! "$PY" -c 'import platform, sys; sys.exit(sys.version_info[:2] != (3, 12) or platform.machine() != "x86_64")'; then
+    echo "note: $CARRY/wheels are for CPython 3.12 on x86-64, not this Python: using its own packages"
+  else
+    "$PY" -m pip install --quiet --disable-pip-version-check --no-index --no-deps --no-compile --no-cache-dir \
+      --upgrade --target "$site" "$CARRY"/wheels/*.whl || { echo "error: installing $CARRY/wheels failed" >&2; exit 2; }
+  fi
+  export PYTHONPATH="$PWD:$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+  if [ -z "${NEOX_TOKENIZER:-}" ] && [ -f "$CARRY/20B_tokenizer.json" ]; then
+    export NEOX_TOKENIZER="$PWD/$CARRY/20B_tokenizer.json"
+  fi
+  local out="${OUT:-/tmp/gpu_out}"
+  "$PY" -m bench.gpu_session --out "$out" "$@"
+  local status=$?
+  rm -rf "$site"
+  return $status
 }
-# ---- end issue 25 ----
 
 case "${1:-}" in
-checks)
-  # Modules whose numerics and compilation could differ on GPU; lm-eval is not installed there (skips).
-  timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_model.py tests/test_decode.py tests/test_sampling.py \
-    tests/test_streaming.py tests/test_hf_checkpoint.py tests/test_parity_model.py 2>&1 | tee "$OUT/pytest.txt"
-  # GPT-NeoX-20B's prefill and decode programs compiled from abstract shapes (the layers are unrolled).
-  timeout 120 "$PY" -m bench.compile 2>&1 | tee "$OUT/compile.txt"
-  # fp16 parity on CUDA, on the synthetic checkpoint.
-  make_checkpoint
-  for dtype in float16 float32; do
-    timeout 150 "$PY" -m parity.check --checkpoint /tmp/parity_ckpt --tokenizer /tmp/parity_tokenizer.json \
-      --dtype "$dtype" --per-layer --json "$OUT/parity_$dtype.json" 2>&1 | tee "$OUT/parity_$dtype.txt"
-  done
-  ;;
-bench)
-  timeout 540 "$PY" -m bench.gpu --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.txt"
-  ;;
-quant)
-  # Issue 14: on CUDA the decode step must read the stored int8 values (test_quantize: no weight-sized fp16
-  # buffer in the compiled program), quantized parity against the fp16 reference, then the 20B rows
-  # (target for int8 at batch 1 on an H200: <= 6.5 ms per token; fp16's bandwidth limit is ~9.4 ms).
-  timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_quantize.py 2>&1 | tee "$OUT/pytest_quantize.txt"
-  make_checkpoint
-  for mode in int8 fp8; do
-    timeout 120 "$PY" -m parity.check --checkpoint /tmp/parity_ckpt --tokenizer /tmp/parity_tokenizer.json \
-      --dtype float16 --quantize "$mode" --json "$OUT/parity_$mode.json" 2>&1 | tee "$OUT/parity_$mode.txt"
-  done
-  timeout 360 "$PY" -m bench.gpu --engines neox-jax-int8,neox-jax-fp8 --batch 1,8 --reps 2 \
-    --json "$OUT/bench_gpu_quant.json" 2>&1 | tee "$OUT/bench_gpu_quant.txt"
-  ;;
-speculative)
-  speculative_20b
-  ;;
+prepare) prepare ;;
+run) shift; run "$@" ;;
 *)
-  echo "usage: bash bench/gpu_session.sh checks|bench|quant|speculative" >&2
+  echo "usage: bash bench/gpu_session.sh prepare | run [--tiny] [--only STEP,...] [--budget SECONDS] [--list]" >&2
   exit 2
   ;;
 esac

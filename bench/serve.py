@@ -17,8 +17,15 @@ request per slot.
 * The peer: a child process that runs the same requests one after another through `Decoder.stream` (what
   `python -m neox_jax.generate` runs), after a warm-up that compiles its programs: TTFT is the time to its first
   token, per token its decode time per step, tok/s all tokens over the total time.
-* step ms: the server's mean decode step over the level (its /metrics): every slot's step costs the same
-  however many are in use (fixed shapes, so that a request's tokens never depend on the others).
+* step ms: the server's mean decode step over the level (its /metrics): a step computes the smallest slot
+  bucket (1, 2, 4, ..., --max-batch) holding the requests in flight.
+* Prefix cache (--cached-prefix N, default 1024; 0 skips it): a second server, with a context for N + 64 prompt
+  tokens and its prefix cache on, gets pairs of requests that share their first N tokens (random, new for each
+  pair) and differ in their last 64: the first of a pair is prefilled cold (and fills the cache), the second
+  copies the N tokens' blocks (`neox_jax/serve/prefix_cache.py`). TTFT of each, median over the pairs; target:
+  cached <= 0.3x cold.
+* A lone request's decode speed: the peer's time per token / the server's p50 at concurrency 1 (target:
+  >= 0.85).
 * Ratios: throughput / the peer's (target: >= 3 at concurrency 8); TTFT / the peer's (target: <= 1.2 at
   concurrency 1); and the limit the machine sets: slots x the peer's time per token / the server's step time,
   the throughput ratio decoding alone would reach.
@@ -42,7 +49,9 @@ import numpy as np
 from .common import (SHAPES, load_average, machine, markdown_page, markdown_table, parse_list, run_worker, sig, table,
                      utc_now, write_page)
 
-TARGETS = {"throughput_at_8": 3.0, "ttft_at_1": 1.2}
+TARGETS = {"throughput_at_8": 3.0, "ttft_at_1": 1.2, "cached_prefix_ttft": 0.3, "lone_decode": 0.85}
+PREFIX_TAIL = 64  # prompt tokens after the shared prefix in the prefix-cache measurement
+PREFIX_PAIRS = 3
 
 
 def prompts(args, vocab: int) -> list[list[int]]:
@@ -73,7 +82,7 @@ def server_worker(args) -> int:
     sock = bind("127.0.0.1", 0)
     model = random_model(args.shape, args.seed)
     return run(model, args.shape, None, sock, args.max_batch, args.prompt_len + args.new_tokens, 4 * args.requests,
-               "warning")
+               "warning", int(args.prefix_cache_gib * 2 ** 30))
 
 
 def generate_worker(args) -> int:
@@ -105,8 +114,8 @@ def given_argv(args) -> list[str]:
 
 
 class ServerProcess:
-    def __init__(self, args):
-        argv = [sys.executable, "-m", "bench.serve", *given_argv(args), "--worker", "server"]
+    def __init__(self, args, *extra: str):
+        argv = [sys.executable, "-m", "bench.serve", *given_argv(args), *extra, "--worker", "server"]
         self.proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
         self.log = []
         for line in self.proc.stderr:
@@ -163,6 +172,27 @@ def level(url: str, batch: list[list[int]], new_tokens: int, concurrency: int, w
             "per_token_p50": float(np.percentile(gaps, 50)), "per_token_p99": float(np.percentile(gaps, 99))}
 
 
+def cached_prefix(args, vocab: int) -> dict:
+    """TTFT of requests whose first `args.cached_prefix` tokens are in the prefix cache, against cold ones."""
+    rng = np.random.default_rng(args.seed + 1)
+    server = ServerProcess(args, "--prompt-len", str(args.cached_prefix + PREFIX_TAIL), "--prefix-cache-gib", "1")
+    try:
+        one_request(server.url, rng.integers(0, vocab, PREFIX_TAIL).tolist(), 2)  # warm-up
+        cold, cached = [], []
+        for _ in range(PREFIX_PAIRS):
+            shared = rng.integers(0, vocab, args.cached_prefix).tolist()
+            cold.append(one_request(server.url, shared + rng.integers(0, vocab, PREFIX_TAIL).tolist(), 2)["ttft"])
+            cached.append(one_request(server.url, shared + rng.integers(0, vocab, PREFIX_TAIL).tolist(), 2)["ttft"])
+        import requests
+
+        hits = re.search(r"^neox_prefix_cache_hits (\S+)$", requests.get(f"{server.url}/metrics", timeout=30).text, re.M)
+    finally:
+        server.stop()
+    cold_s, cached_s = float(np.median(cold)), float(np.median(cached))
+    return {"prefix": args.cached_prefix, "tail": PREFIX_TAIL, "cold_ttft": cold_s, "cached_ttft": cached_s,
+            "ratio": cached_s / cold_s, "hit_blocks": float(hits.group(1))}
+
+
 def run_bench(args) -> dict:
     config = SHAPES[args.shape]
     batch = prompts(args, config.vocab_size)
@@ -180,9 +210,10 @@ def run_bench(args) -> dict:
         row["tok_s"] = row["tokens"] / row["wall"]
         row["throughput_ratio"] = row["tok_s"] / peer_row["tok_s"]
         row["ttft_ratio"] = row["ttft"] / peer_row["ttft"]
+    prefix = cached_prefix(args, config.vocab_size) if args.cached_prefix else None
     return {"shape": args.shape, "requests": args.requests, "prompt_len": args.prompt_len,
             "new_tokens": args.new_tokens, "max_batch": args.max_batch, "generate": peer_row, "server": levels,
-            "server_exit": code, "load_average": load_average()}
+            "prefix_cache": prefix, "server_exit": code, "load_average": load_average()}
 
 
 def render(result: dict, markdown: bool) -> str:
@@ -208,9 +239,21 @@ def render(result: dict, markdown: bool) -> str:
                     f"token / the server's {sig(1e3 * full['step'])} ms decode step = "
                     f"{slots * peer['per_token'] / full['step']:.2f}x generate's decode throughput, prefill aside")
     if 1 in by_c:
+        speed = peer["per_token"] / by_c[1]["per_token_p50"]
+        ok = speed >= TARGETS["lone_decode"]
+        verdicts.append(f"a lone request decodes at {speed:.2f}x generate's speed (its time per token over the "
+                        f"server's p50; target >= {TARGETS['lone_decode']:g}x): {'met' if ok else 'NOT met'}")
         ok = by_c[1]["ttft_ratio"] <= TARGETS["ttft_at_1"]
         verdicts.append(f"concurrency 1 TTFT {by_c[1]['ttft_ratio']:.2f}x a bare generate call "
                         f"(target <= {TARGETS['ttft_at_1']:g}x): {'met' if ok else 'NOT met'}")
+    prefix = result.get("prefix_cache")
+    if prefix:
+        ok = prefix["ratio"] <= TARGETS["cached_prefix_ttft"]
+        verdicts.append(f"prefix cache: TTFT of a {prefix['prefix']} + {prefix['tail']}-token prompt whose first "
+                        f"{prefix['prefix']} tokens are cached {sig(1e3 * prefix['cached_ttft'])} ms, cold "
+                        f"{sig(1e3 * prefix['cold_ttft'])} ms: {prefix['ratio']:.2f}x (target <= "
+                        f"{TARGETS['cached_prefix_ttft']:g}x): {'met' if ok else 'NOT met'}; "
+                        f"{prefix['hit_blocks']:.0f} blocks copied")
     if markdown:
         return f"## {title}\n\n{markdown_table(headers, rows)}\n\n" + "".join(f"- {v}\n" for v in verdicts)
     return f"== {title}\n{table(headers, rows)}\n" + "".join(f"{v}\n" for v in verdicts)
@@ -226,6 +269,9 @@ def main(argv=None) -> int:
     parser.add_argument("--max-batch", type=int, default=8,
                         help="the server's decode slots (default 8, as the server's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cached-prefix", type=int, default=1024, metavar="N",
+                        help="prompt tokens the prefix-cache measurement shares between requests (0: skip it)")
+    parser.add_argument("--prefix-cache-gib", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--markdown", metavar="FILE", help="also write a Markdown page with the date, machine and "
                                                            "command (docs/figures/serve.md)")
@@ -240,6 +286,10 @@ def main(argv=None) -> int:
         parser.error("need --requests, --prompt-len, --max-batch, each concurrency >= 1 and --new-tokens >= 2")
     if args.prompt_len + args.new_tokens > SHAPES[args.shape].max_position_embeddings:
         parser.error(f"--prompt-len + --new-tokens exceed the context of {args.shape}")
+    if args.cached_prefix < 0 or args.cached_prefix + PREFIX_TAIL + args.new_tokens > \
+            SHAPES[args.shape].max_position_embeddings:
+        parser.error(f"--cached-prefix must be >= 0, and with {PREFIX_TAIL} more prompt tokens and --new-tokens "
+                     f"fit the context of {args.shape}")
     if args.worker == "server":
         return server_worker(args)
     if args.worker == "generate":

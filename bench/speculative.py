@@ -88,7 +88,7 @@ def pass_ms(model, batch: int, prompt_len: int, tokens: int, reps: int) -> float
     from neox_jax.decode import length_bucket
 
     slots = length_bucket(prompt_len + tokens)
-    cache = model.decoder._new_cache(batch, slots)
+    cache = model.decoder.new_cache(batch, slots)
     prompt = jnp.ones((batch, prompt_len), jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (batch, prompt_len))
     fill = jax.jit(lambda params, cache: model.module.apply({"params": params}, prompt, positions, cache,

@@ -184,7 +184,9 @@ class Decoder:
         data = self.mesh.shape[DATA]
         return -(-batch_bucket(rows) // data) * data
 
-    def _new_cache(self, batch: int, slots: int) -> KVCache:
+    def new_cache(self, batch: int, slots: int) -> KVCache:
+        """An empty cache made on device in its shards (made inside a program, its constant empty slots would
+        be constant-folded through attention at compile time)."""
         return _cache_initializer(self.module.config, batch, slots, jnp.dtype(self.module.dtype), self.mesh)()
 
     def _prefill_fn(self, params, tokens, positions, cache, sampling, stop_token, active, salt):
@@ -239,7 +241,7 @@ class Decoder:
         timing = timing or Generation()
 
         with timing.measure("prefill", self._prefill):
-            cache, active = self._new_cache(batch, slots), self.place_rows(np.arange(batch) < rows)
+            cache, active = self.new_cache(batch, slots), self.place_rows(np.arange(batch) < rows)
             salt = self.place_rows(np.array([row_salt(p) for p in prompts] + [0] * (batch - rows), np.uint32))
             piece = min(prompt_len, PREFILL_CHUNK)
             for start in range(0, prompt_len, piece):  # the last piece's choice is the first new token

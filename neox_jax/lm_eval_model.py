@@ -30,13 +30,14 @@ last `max_length + 1` tokens of context + continuation (minus the last token), r
 `get_rolling_token_windows` + `make_disjoint_window`, log-probabilities from a log-softmax in fp32 over
 the full (padded) vocabulary, `is_greedy` as "argmax equals the continuation token at every position".
 
-The scorer is one jit-compiled function built on `model.module.apply` and `model.params` (see `Scorer`):
-it gathers the continuation log-probs on device and returns [B, T] values plus, for each row, the log-probs
-of its last position over the vocabulary, so no [B, T, V] logits come back to the host. Rows are right-
-padded (padding has position -1 and is never attended to) to a fixed batch size and to length buckets
-(`neox_jax.decode.length_bucket`: 16, 32, ..., 256, then multiples of 256), so a whole task compiles once
-per length bucket it touches: at most 12 programs for a 2048 context, whatever the number of requests.
-Requests sharing the same input tokens (multiple choice with one-token answers) share one row.
+Scoring runs on device (`neox_jax.scoring`), and no [B, T, V] logits come back to the host. Requests that
+share their context (multiple choice: HellaSwag's 4 endings, PIQA's and Winogrande's 2), where context and
+continuation fit without truncation, compute the context once and score each continuation against its KV
+cache (`ContextScorer`), for any continuation length; only the context's last position goes through the
+output projection. Every other request is one right-padded row of context + continuation (`Scorer`). Both
+pad to a fixed batch size and to length buckets (`neox_jax.decode.length_bucket`: 16, 32, ..., 256, then
+multiples of 256), so a task compiles once per bucket (or context and continuation bucket pair) it touches,
+whatever the number of requests. The two ways give the same log-likelihoods up to the order of fp32 summation.
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ import os
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -56,65 +56,15 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from .api import NeoXModel, load
-from .decode import Compiled, length_bucket
 from .quantize import QuantizedWeight
-from .sharding import DATA, to_host
+from .scoring import ContextScorer, Scorer
+from .sharding import DATA
 from .tokenizer import END_OF_TEXT, Tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
 AUTO_BATCH_SIZE = 16
 DEFAULT_MAX_GEN_TOKS = 256
-
-
-class Scorer:
-    """Continuation log-probs on device: (tokens, positions, targets, last) -> per-token log-prob, argmax,
-    and the log-probs of each row's last real position over the vocabulary.
-
-    tokens, positions, targets: [B, T] int32 (targets[b, t] is the token scored at position t);
-    last: [B] int32. Returns target_logprob [B, T] fp32, greedy [B, T] int32, last_logprobs [B, V] fp32.
-    `compiles` counts compilations (one per distinct input shape).
-    """
-
-    def __init__(self, model: NeoXModel):
-        self.module = model.module
-        self.params = model.params
-        self._place = model.decoder.place_rows  # rows split over the mesh's data axis, as the decoder's
-        self._fn = Compiled(self._score)
-
-    @property
-    def compiles(self) -> int:
-        return self._fn.compiles
-
-    @property
-    def compile_seconds(self) -> float:
-        return self._fn.compile_seconds
-
-    def _score(self, params, tokens, positions, targets, last):
-        logits = self.module.apply({"params": params}, tokens, positions).logits  # fp32 [B, T, V]
-        logits = logits.astype(jnp.float32)
-        lse = jax.nn.logsumexp(logits, axis=-1)  # [B, T]: log_softmax = logits - lse, never materialised
-        target_lp = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - lse
-        greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        rows = jnp.arange(tokens.shape[0])
-        last_lp = logits[rows, last] - lse[rows, last][:, None]  # [B, V]
-        return target_lp, greedy, last_lp
-
-    def __call__(self, rows: Sequence[Sequence[int]], batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Score up to `batch` token rows (each >= 1 token), padded to [batch, length_bucket(longest)]."""
-        length = length_bucket(max(len(r) for r in rows))
-        tokens = np.zeros((batch, length), np.int32)
-        positions = np.full((batch, length), -1, np.int32)
-        targets = np.zeros((batch, length), np.int32)
-        last = np.zeros(batch, np.int32)
-        for i, row in enumerate(rows):
-            n = len(row)
-            tokens[i, :n] = row
-            positions[i, :n] = np.arange(n)
-            targets[i, :n - 1] = row[1:]  # the last position's target is read from last_logprobs instead
-            last[i] = n - 1
-        out = self._fn(self.params, *(self._place(x) for x in (tokens, positions, targets, last)))
-        return tuple(to_host(x) for x in out)
 
 
 def _parse_batch_size(batch_size, max_batch_size) -> int:
@@ -186,6 +136,7 @@ class NeoXLM(TemplateLM):
         data = self.model.mesh.shape[DATA]
         self._batch_size = -(-_parse_batch_size(batch_size, max_batch_size) // data) * data
         self.scorer = Scorer(self.model)
+        self.context_scorer = ContextScorer(self.model)
         self._warned_sampling = False
 
     # ---- lm-eval properties ----
@@ -245,16 +196,57 @@ class NeoXLM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, desc: str = "Running loglikelihood requests"
                               ) -> list[tuple[float, bool]]:
         """requests: [((context, continuation) or None, context_tokens, continuation_tokens)] ->
-        [(log-prob of the continuation, whether greedy decoding produces it)], in the original order."""
+        [(log-prob of the continuation, whether greedy decoding produces it)], in the original order.
+
+        Requests that share their context (multiple choice), when it fits without truncation, compute it once
+        (`ContextScorer`); the others are scored as whole rows (`Scorer`)."""
         limit = self.max_length
-        row_of: dict[tuple[int, ...], int] = {}
-        row_tokens: list[tuple[int, ...]] = []
-        users: list[list[int]] = []  # request indices per row
+        by_context: dict[tuple[int, ...], list[int]] = {}
         for i, (_, context, continuation) in enumerate(requests):
             if not context or not continuation:
                 raise ValueError("each request needs a non-empty context and continuation (after tokenisation)")
             if len(continuation) > limit:
                 raise ValueError(f"a continuation of {len(continuation)} tokens exceeds max_length={limit}")
+            # A one-token context (an empty context's prefix token, a rolling window's first) saves nothing shared.
+            if len(context) > 1 and len(context) + len(continuation) <= limit + 1:
+                by_context.setdefault(tuple(context), []).append(i)
+        shared = {context: users for context, users in by_context.items() if len(users) > 1}
+        in_shared = {i for users in shared.values() for i in users}
+
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc=desc)
+
+        def record(i: int, logprob: float, is_greedy: bool):
+            if not math.isfinite(logprob):
+                raise FloatingPointError(f"request {i}: the continuation's log-likelihood is {logprob} (non-finite "
+                                         f"logits: activations overflowing the dtype? try dtype=float32)")
+            results[i] = (logprob, is_greedy)
+            if requests[i][0] is not None:
+                self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
+            pbar.update(1)
+
+        self._score_rows(requests, [i for i in range(len(requests)) if i not in in_shared], record)
+        self._score_shared_contexts(requests, shared, record)
+        pbar.close()
+        logger.debug("neox-jax scorers: %d compilations, %.1fs", self.compiles, self.compile_seconds)
+        return results
+
+    @property
+    def compiles(self) -> int:
+        return self.scorer.compiles + self.context_scorer.compiles
+
+    @property
+    def compile_seconds(self) -> float:
+        return self.scorer.compile_seconds + self.context_scorer.compile_seconds
+
+    def _score_rows(self, requests, indices: Sequence[int], record) -> None:
+        """Each request as one row of context + continuation (left-truncated as HFLM does)."""
+        limit = self.max_length
+        row_of: dict[tuple[int, ...], int] = {}
+        row_tokens: list[tuple[int, ...]] = []
+        users: list[list[int]] = []  # request indices per row
+        for i in indices:
+            _, context, continuation = requests[i]
             # As HFLM: keep the last max_length + 1 tokens and feed all but the last.
             inp = tuple((list(context) + list(continuation))[-(limit + 1):][:-1])
             row = row_of.setdefault(inp, len(row_tokens))
@@ -262,35 +254,46 @@ class NeoXLM(TemplateLM):
                 row_tokens.append(inp)
                 users.append([])
             users[row].append(i)
-
-        results: list[tuple[float, bool] | None] = [None] * len(requests)
-        if not requests:
-            return []
         # Longest first: the first batch shows the peak memory, and rows of a batch have similar lengths.
         order = Collator(list(enumerate(row_tokens)), sort_fn=lambda r: (-len(r[1]), r[1]))
-        pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc=desc)
         for chunk in order.get_batched(n=self.batch_size):
             # Always batch_size rows (padding rows are empty): one compilation per length bucket.
             target_lp, greedy, last_lp = self.scorer([r for _, r in chunk], self.batch_size)
             for b, (row, inp) in enumerate(chunk):
                 n = len(inp)
                 for i in users[row]:
-                    request_str, _, continuation = requests[i]
+                    continuation = requests[i][2]
                     start = n - len(continuation)  # first scored position
                     logprob = math.fsum(target_lp[b, start:n - 1].tolist()) + float(last_lp[b, continuation[-1]])
-                    if not math.isfinite(logprob):
-                        raise FloatingPointError(
-                            f"request {i}: the continuation's log-likelihood is {logprob} (non-finite logits: "
-                            f"activations overflowing the dtype? try dtype=float32)")
                     is_greedy = bool(np.array_equal(greedy[b, start:n - 1], inp[start + 1:n])
                                      and greedy[b, n - 1] == continuation[-1])
-                    results[i] = (logprob, is_greedy)
-                    if request_str is not None:
-                        self.cache_hook.add_partial("loglikelihood", request_str, results[i])
-                pbar.update(len(users[row]))
-        pbar.close()
-        logger.debug("neox-jax scorer: %d compilations, %.1fs", self.scorer.compiles, self.scorer.compile_seconds)
-        return results
+                    record(i, logprob, is_greedy)
+
+    def _score_shared_contexts(self, requests, shared: dict[tuple[int, ...], list[int]], record) -> None:
+        """Each context once, batch_size contexts at a time; then their continuations against their cache."""
+        batch = self.batch_size
+        contexts = sorted(shared, key=lambda c: (-len(c), c))
+        for start in range(0, len(contexts), batch):
+            chunk = contexts[start:start + batch]
+            cache, last_lp = self.context_scorer.contexts(chunk, batch)  # last_lp scores each first token
+            first_greedy = last_lp.argmax(-1)
+            rest: dict[int, tuple[float, bool]] = {}  # request -> (log-prob, greedy) of its tokens after the first
+            longer = sorted(((row, i) for row, context in enumerate(chunk) for i in shared[context]
+                             if len(requests[i][2]) > 1), key=lambda r: -len(requests[r[1]][2]))
+            for part in (longer[s:s + batch] for s in range(0, len(longer), batch)):
+                target_lp, greedy = self.context_scorer.continuations(
+                    cache, [row for row, _ in part], [len(chunk[row]) for row, _ in part],
+                    [requests[i][2] for _, i in part], batch)
+                for b, (_, i) in enumerate(part):
+                    continuation = requests[i][2]
+                    m = len(continuation)
+                    rest[i] = (math.fsum(target_lp[b, :m - 1].tolist()),
+                               bool(np.array_equal(greedy[b, :m - 1], continuation[1:])))
+            for row, context in enumerate(chunk):
+                for i in shared[context]:
+                    first = requests[i][2][0]
+                    logprob, greedy_rest = rest.get(i, (0.0, True))
+                    record(i, float(last_lp[row, first]) + logprob, bool(first_greedy[row] == first) and greedy_rest)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Whole-document log-likelihood over disjoint windows of max_length, the first conditioned on the

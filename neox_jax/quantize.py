@@ -192,13 +192,17 @@ def quantized_contract(spec: str, x, w: QuantizedWeight, precision):
     the fp32 result. `w` is a 2-D `[out, in]` weight (the model's matmuls flatten head axes first); its
     output channel is the result's last axis.
 
-    How the values reach the matmul differs by backend. XLA:GPU is expected to fuse the conversion into the
+    How the values reach the matmul differs by platform. XLA:GPU is expected to fuse the conversion into the
     matmul's operand loads (not yet run on a GPU; tests/test_quantize.py checks it there). XLA:CPU does not:
     `einsum(x, values.astype(f32))` writes a converted fp32 copy of the whole weight every step (4 bytes
     written and read again per 1 byte stored), and so does a mixed-type `dot_general`. On CPU the weight is
     therefore converted and multiplied `CPU_BLOCK` elements at a time in a loop over row blocks: each
     converted block is cache-sized and reused by the next, so no weight-sized float buffer exists
-    (tests/test_quantize.py reads it from the compiled program)."""
+    (tests/test_quantize.py reads it from the compiled program).
+
+    The form is chosen by the platform the program is lowered for (`jax.lax.platform_dependent`), not by
+    the process's default backend: a program exported or compiled for CUDA from a CPU process holds the
+    plain product only (tests/test_quantize.py lowers one for CUDA on CPU)."""
     operands, result = spec.split("->")
     if w.values.ndim != 2 or operands.split(",")[1][0] != result[-1]:
         raise ValueError(f"{spec}: a quantized weight must be [out, in], its output channel the result's last axis")
@@ -206,10 +210,13 @@ def quantized_contract(spec: str, x, w: QuantizedWeight, precision):
     def block_product(values):
         return jnp.einsum(spec, x, values.astype(x.dtype), preferred_element_type=jnp.float32, precision=precision)
 
+    def plain():
+        return block_product(w.values) * w.scale
+
     out, inner = w.values.shape
     rows = max(1, CPU_BLOCK // inner)
-    if jax.default_backend() != "cpu" or out <= rows:
-        return block_product(w.values) * w.scale
+    if out <= rows:
+        return plain()
 
     def add_block(i, acc):
         # The last block is shifted back to end at `out` (dynamic_slice clamps its start the same way), so it
@@ -218,5 +225,8 @@ def quantized_contract(spec: str, x, w: QuantizedWeight, precision):
         block = jax.lax.dynamic_slice_in_dim(w.values, start, rows)
         return jax.lax.dynamic_update_slice_in_dim(acc, block_product(block), start, acc.ndim - 1)
 
-    acc = jnp.zeros((*x.shape[:-1], out), jnp.float32)
-    return jax.lax.fori_loop(0, -(-out // rows), add_block, acc) * w.scale
+    def blocked():
+        acc = jnp.zeros((*x.shape[:-1], out), jnp.float32)
+        return jax.lax.fori_loop(0, -(-out // rows), add_block, acc) * w.scale
+
+    return jax.lax.platform_dependent(cpu=blocked, default=plain)

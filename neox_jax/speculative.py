@@ -210,7 +210,7 @@ class Speculator:
     def _prefill(self, decoder: Decoder, params, tokens, positions, slots, sampling, stop, active, salt):
         """The plain decoder's prefill of `decoder`'s model into a fresh cache of `slots` -> its DecodeState."""
         batch, prompt_len = tokens.shape
-        cache = decoder._new_cache(batch, slots)
+        cache = decoder.new_cache(batch, slots)
         piece = min(prompt_len, PREFILL_CHUNK)
         for start in range(0, prompt_len, piece):
             state = decoder._prefill(params, decoder.place_rows(tokens[:, start:start + piece]),

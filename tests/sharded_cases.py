@@ -71,7 +71,7 @@ def test_sharded_equals_single_device(single, model_size, data_size):
             block = tuple(slice(rank * expected[i], (rank + 1) * expected[i]) if i == axis else slice(None)
                           for i in range(leaf.ndim))
             np.testing.assert_array_equal(np.asarray(shard.data), full[block], err_msg=str((path, rank)))
-    cache = model.decoder._new_cache(4, 16)
+    cache = model.decoder.new_cache(4, 16)
     assert {s.data.shape for x in cache.k + cache.v for s in x.addressable_shards} == {
         (4 // data_size, CONFIG.num_heads // model_size, 16, CONFIG.head_dim)}
 
@@ -109,7 +109,7 @@ def test_memory_plan_matches_allocated_bytes():
         params = build_params(CONFIG, TENSORS.items(), jnp.float32, mesh, progress=False)
         allocated = {device: sum(s.data.nbytes for leaf in jax.tree.leaves(params) for s in leaf.addressable_shards
                                  if s.device == device) for device in mesh.devices.flat}
-        cache = NeoXModel(CONFIG, params, mesh=mesh).decoder._new_cache(8, 32)
+        cache = NeoXModel(CONFIG, params, mesh=mesh).decoder.new_cache(8, 32)
         cache_bytes = {device: sum(s.data.nbytes for x in cache.k + cache.v for s in x.addressable_shards
                                    if s.device == device) for device in mesh.devices.flat}
         expected_weights = weight_bytes_per_device(CONFIG, model_size, 4)

@@ -38,19 +38,20 @@ def assert_page(page: str, title: str, command: str):
 def test_cpu_bench_prints_a_table_for_each_case(tmp_path):
     page = tmp_path / "cpu.md"
     out = run("bench.cpu", "--shapes", "tiny", "--batch", "1,2", "--new-tokens", "4", "--prompt-len", "8",
-              "--reps", "1", "--bandwidth-mib", "16", "--markdown", str(page))
+              "--reps", "1", "--bandwidth-mib", "16", "--markdown", str(page), timeout=300)
     assert out.count("== tiny  batch") == 2
     for engine in ("neox-jax", "neox-jax-int8", "parity", "transformers"):
         assert len(rows(out, engine)) == 2, out
     assert "prefill tok/s" in out and "ms/step" in out and "peak MB" in out
     assert "1/1 rows" in out and "2/2 rows" in out  # the same greedy tokens from the fp32 engines
-    assert "of host memory bandwidth" in out and "GB/s" in out
+    assert out.count("memory-read limit") == 2 and "the best of: numpy, " in out and "torch, " in out
+    assert "XLA sum" in out and "XLA matvec" in out and "of read limit" in out
     assert out.count("neox-jax-int8 decode reads") == 2 and "x neox-jax fp32, " in out and "x transformers fp32" in out
     text = page.read_text()
     assert_page(text, "CPU benchmark", f"python -m bench.cpu --shapes tiny --batch 1,2 --new-tokens 4 --prompt-len 8 "
                                        f"--reps 1 --bandwidth-mib 16 --markdown {page}")
     assert text.count("## tiny  batch") == 2 and text.count("| neox-jax |") == 2
-    assert "| engine | prefill tok/s |" in text and "2/2 rows" in text and "of host memory bandwidth" in text
+    assert "| engine | prefill tok/s |" in text and "2/2 rows" in text and "memory-read limit" in text
 
 
 def test_bench_refuses_a_markdown_page_in_a_missing_folder(tmp_path):
@@ -119,8 +120,27 @@ def test_compile_bench_compiles_from_abstract_shapes(tmp_path):
 def test_serve_bench_measures_the_server_against_generate(tmp_path):
     page = tmp_path / "serve.md"
     argv = ["--shape", "tiny", "--concurrency", "1,2", "--requests", "3", "--prompt-len", "8", "--new-tokens", "4",
-            "--max-batch", "2", "--markdown", str(page)]
+            "--max-batch", "2", "--cached-prefix", "0", "--markdown", str(page)]
     out = run("bench.serve", *argv, timeout=300)
     assert len(rows(out, "generate, one at a time")) == 1 and len(rows(out, "server")) == 2, out
     assert "TTFT ms" in out and "per token p50 ms" in out and "concurrency 1 TTFT" in out and "x a bare generate" in out
     assert_page(page.read_text(), "Serving benchmark", "python -m bench.serve " + " ".join(argv))
+
+
+def test_eval_bench_runs_neox_jax_and_lm_eval_hf_on_the_same_task(tmp_path):
+    import json
+
+    from neox_jax.checkpoints.synthetic import write_hf_checkpoint
+    from neox_jax.tokenizer import END_OF_TEXT, demo_tokenizer
+
+    model = write_hf_checkpoint(tmp_path / "model", tiny_config())
+    demo_tokenizer(320)._tokenizer.save(str(model / "tokenizer.json"))
+    (model / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": END_OF_TEXT, "eos_token": END_OF_TEXT,
+        "pad_token": "<|padding|>"}))
+    page = tmp_path / "eval.md"
+    argv = ["--model", str(model), "--task", "mc_local_tiny", "--batch-size", "4", "--markdown", str(page)]
+    out = run("bench.eval", *argv, timeout=300)
+    assert len(rows(out, "neox-jax")) == 1 and len(rows(out, "hf")) == 1, out
+    assert "same requests: True; acc and acc_norm equal: True" in out and "lm-eval `hf` eval time" in out, out
+    assert_page(page.read_text(), "Evaluation benchmark", "python -m bench.eval " + " ".join(argv))

@@ -88,6 +88,8 @@ def _ll_requests() -> list[Instance]:
     pairs += [("", " jumps"), ("", "The quick brown fox"), ("", texts[2][:60])]  # empty contexts
     pairs += [("Question: which is larger?\nAnswer:", c) for c in (" a", " b", " c", " yes", " no")]
     pairs += [("Trailing space ", "x"), ("x", "y")]
+    # Multiple choice with endings of several tokens: the context is computed once (ContextScorer).
+    pairs += [(texts[4], c) for c in (" and the door was open.", " x", " " + texts[5][:80])]
     return [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
 
 
@@ -160,15 +162,46 @@ def test_batch_sizes_agree_and_compiles_bounded(neox, checkpoint):
     for batch_size in (1, 8):
         lm = NeoXLM(pretrained=neox.model, tokenizer=str(checkpoint / "tokenizer.json"), batch_size=batch_size)
         results[batch_size] = lm.loglikelihood(requests, disable_tqdm=True)
-        # One compilation per length bucket touched (16, 32, 64 for a 64-token context), not per request.
-        assert 1 <= lm.scorer.compiles <= 3, lm.scorer.compiles
-        compiles = lm.scorer.compiles
+        # One compilation per length bucket touched (16, 32, 64 for a 64-token context), not per request:
+        # whole rows by their bucket, shared contexts by theirs, continuations by (context, own) bucket pair.
+        whole_rows, (contexts, continuations) = lm.scorer.programs[0], lm.context_scorer.programs
+        assert 1 <= whole_rows.compiles <= 3 and 1 <= contexts.compiles <= 3 and continuations.compiles <= 9
+        compiles = lm.compiles
         lm.loglikelihood(requests[::-1], disable_tqdm=True)
         lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (t,), 0) for t in _texts()],
                                  disable_tqdm=True)
-        assert lm.scorer.compiles == compiles
+        assert lm.compiles == compiles
     _close([x[0] for x in results[1]], [x[0] for x in results[8]], 1e-5)
     assert [x[1] for x in results[1]] == [x[1] for x in results[8]]
+
+
+def _multiple_choice(neox) -> list[tuple[None, list[int], list[int]]]:
+    """Contexts of several lengths, 2 to 4 endings each of 1 to ~30 tokens, one of them the greedy one."""
+    tok, requests = neox.tok_encode, []
+    for k, text in enumerate(_texts()[:6]):
+        context = tok(text)[:5 + 7 * k]
+        endings = [tok(" " + e) for e in _texts()[k + 1].split(".")[:1 + k % 3]] + [[(7 * k) % 320]]
+        endings.append(neox.model.generate([context], 6, stop_token=None)[0])
+        requests += [(None, context, e[:CONTEXT - len(context)]) for e in endings]
+    return requests
+
+
+def test_shared_contexts_equal_whole_rows(neox):
+    """Scored together, requests sharing a context compute it once; alone, each is one whole row. Equal to
+    1e-5 (fp32), greedy flags identical, and each context went through the context pass once."""
+    requests = _multiple_choice(neox)
+    scored = []
+    original = neox.context_scorer.contexts
+    neox.context_scorer.contexts = lambda rows, batch: scored.extend(rows) or original(rows, batch)
+    try:
+        together = neox._loglikelihood_tokens(requests, disable_tqdm=True)
+    finally:
+        neox.context_scorer.contexts = original
+    assert sorted(scored) == sorted({tuple(c) for _, c, _ in requests})
+    alone = [neox._loglikelihood_tokens([r], disable_tqdm=True)[0] for r in requests]
+    _close([x for x, _ in together], [x for x, _ in alone], 1e-5)
+    assert [g for _, g in together] == [g for _, g in alone]
+    assert sum(g for _, g in together) >= 6  # the generated endings are greedy
 
 
 def test_loglikelihood_rolling_matches_hf(neox, hf):

@@ -145,6 +145,21 @@ def test_the_decode_step_reads_the_int8_weights_not_a_dequantized_copy(monkeypat
     assert any(f"f32[{CONFIG.vocab_size},{CONFIG.hidden_size}]" in line for line in copies), copies
 
 
+def test_the_blocked_cpu_form_is_chosen_by_the_platform_lowered_for(monkeypatch):
+    """A program lowered for CUDA from this CPU process holds the plain product of the whole int8 weight, and
+    the one lowered for CPU the blocked loop: the form follows the lowering platform, not the process's
+    default backend (an exported or cross-compiled program would otherwise carry the CPU loop to the GPU)."""
+    monkeypatch.setattr(quantization, "CPU_BLOCK", 1024)
+    out, inner = 256, 64  # four blocks of 16 rows on CPU
+    w = QuantizedWeight(jnp.ones((out, inner), jnp.int8), jnp.ones((out,), jnp.float32))
+    x = jnp.ones((2, inner), jnp.float16)
+    traced = jax.jit(lambda x, w: quantization.quantized_contract("bd,fd->bf", x, w, None)).trace(x, w)
+    cpu, cuda = (traced.lower(lowering_platforms=(platform,)).as_text() for platform in ("cpu", "cuda"))
+    assert "stablehlo.while" in cpu and "stablehlo.dynamic_slice" in cpu  # the blocked loop
+    assert "stablehlo.while" not in cuda and "stablehlo.dynamic_slice" not in cuda, cuda
+    assert f"tensor<{out}x{inner}xi8>) -> tensor<{out}x{inner}xf16>" in cuda  # one convert, fused on GPU
+
+
 QUALITY_CONFIG = NeoXConfig(vocab_size=320, hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024,
                             max_position_embeddings=256)
 

@@ -102,7 +102,7 @@ class Server:
 @pytest.fixture(scope="module")
 def server(checkpoint):
     server = Server(["--model", str(checkpoint), "--port", "0", "--max-batch", str(SLOTS), "--max-queue", str(QUEUE),
-                     "--context", str(CONTEXT), "--dtype", "float32"])
+                     "--context", str(CONTEXT), "--dtype", "float32", "--exact-batching"])  # requests compared bit for bit
     yield server
     server.stop()
 

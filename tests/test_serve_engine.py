@@ -1,6 +1,7 @@
-"""The continuous-batching engine (neox_jax/serve/engine.py), in process: requests joining a running batch give
-exactly their tokens alone and `Decoder.generate`'s; slots free at once; nothing recompiles; the decode step
-updates the cache in place; prompt log-probabilities equal a full forward pass's."""
+"""The continuous-batching engine (neox_jax/serve/engine.py), in process: with exact batching, requests joining a
+running batch give exactly their tokens alone and `Decoder.generate`'s; with slot buckets, a step computes only
+the rows in use and requests moved to lower rows keep their tokens; slots free at once; nothing recompiles; the
+decode step updates the cache in place; prompt log-probabilities equal a full forward pass's."""
 
 import threading
 
@@ -46,6 +47,14 @@ def model():
 
 @pytest.fixture(scope="module")
 def engine(model):
+    engine = Engine(model, max_batch=SLOTS, context=CONTEXT, max_queue=32, exact_batching=True)
+    engine.start()
+    yield engine
+    engine.stop()
+
+
+@pytest.fixture(scope="module")
+def bucketed(model):
     engine = Engine(model, max_batch=SLOTS, context=CONTEXT, max_queue=32)
     engine.start()
     yield engine
@@ -153,6 +162,27 @@ def test_requests_never_recompile_and_the_step_updates_the_cache_in_place(engine
     assert [line for line in moved if "scatter" not in line] == []  # the per-row writes: scatters, in place
 
 
+def test_slot_buckets_step_only_the_rows_in_use(bucketed, engine, model):
+    """A lone request steps one row (the tokens of `generate` for that prompt alone); requests that finish
+    at different times leave holes that later ones move into, keeping their tokens; nothing recompiles."""
+    assert bucketed.slot_buckets == (1, 2, 4) and not bucketed.exact_batching
+    before = bucketed.compiles
+    assert before == len(bucketed.slot_buckets) + len(bucketed.prefill_buckets) + 1  # + moving a row
+    (alone,) = run(bucketed, [request(PROMPTS[1], 12)])
+    assert alone.tokens == model.generate([PROMPTS[1]], 12, stop_token=None)[0]
+    budgets = [3, 20, 6, 30, 9, 14]  # finishing out of order: rows are vacated and refilled
+    mixed = run(bucketed, [request(p, n) for p, n in zip(PROMPTS, budgets)])
+    assert [s.tokens for s in mixed] == [s.tokens for s in run(engine, [request(p, n) for p, n in zip(PROMPTS, budgets)])]
+    assert bucketed.compiles == before and bucketed.occupied == 0
+    # No step copies the whole cache: the full bucket updates it in place; a smaller one copies its own rows
+    # out and back (XLA does not update a slice of the donated cache in place), never the others'.
+    c = model.config
+    cache_layer = SLOTS * c.num_heads * bucketed.slots_per_row * c.head_dim
+    for step in bucketed._step._executables.values():
+        moved = large_arrays_moved(step.as_text(), cache_layer)
+        assert [line for line in moved if "scatter" not in line] == [], moved
+
+
 def exact_tensor_parallel_model(tmp_path):
     """Each rank's LayerNorm copies and biases kept (`tp_exact`): the engine's prefill applies the output
     projection to one position, per rank."""
@@ -177,7 +207,7 @@ def int8_model(tmp_path):
 @pytest.mark.parametrize("build", [exact_tensor_parallel_model, int8_model])
 def test_other_weight_formats_are_served_as_generate_runs_them(build, tmp_path):
     model = build(tmp_path)
-    engine = Engine(model, max_batch=2, context=32)
+    engine = Engine(model, max_batch=2, context=32, exact_batching=True)
     engine.start()
     try:
         served = run(engine, [request(p[:12], 8) for p in PROMPTS[:3]])

@@ -49,13 +49,22 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                "model's context); the KV cache holds max-batch x this")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting for a slot before new ones get 429 (default 64)")
+    p.add_argument("--prefix-cache-gib", type=float, default=1.0, metavar="GIB",
+                   help="device memory kept for prompt prefixes already computed (default 1 GiB; 0: none): a prompt "
+                        "that starts with the same 256-token blocks as an earlier one copies their keys and values "
+                        "instead of prefilling them, with identical results")
+    p.add_argument("--exact-batching", action="store_true",
+                   help="compute every slot at every step, so that a request's tokens and log-probabilities are bit "
+                        "for bit those it gives alone, whatever else runs (default: only the slots in use, 1, 2, "
+                        "4, ... up to --max-batch, which can change the last bits of the logits with the batch)")
     p.add_argument("--model-name", help="the model's id in /v1/models and responses (default: the --model path's "
                                         "last part, or neox-jax-demo)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="server log level (default info: startup, compilation, one line per request)")
     args = p.parse_args(argv)
     for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 1),
-                             ("--context", args.context, 1), ("--port", args.port, 0)):
+                             ("--context", args.context, 1), ("--port", args.port, 0),
+                             ("--prefix-cache-gib", args.prefix_cache_gib, 0)):
         if value is not None and value < low:
             p.error(f"{flag} must be >= {low}, got {value}")
     if args.port > 65535:
@@ -121,11 +130,12 @@ def serve(args) -> int:
     model, name, stop_token = load_model(args)
     logging.getLogger("neox_jax.serve").info("loaded %s (%s%s) in %.1fs", name, model.dtype,
                                              f", {model.quantize}" if model.quantize else "", time.perf_counter() - start)
-    return run(model, name, stop_token, sock, args.max_batch, args.context, args.max_queue, args.log_level)
+    return run(model, name, stop_token, sock, args.max_batch, args.context, args.max_queue, args.log_level,
+               int(args.prefix_cache_gib * 2 ** 30), args.exact_batching)
 
 
 def run(model, name: str, stop_token: int | None, sock: socket.socket, max_batch: int, context: int | None,
-        max_queue: int, log_level: str = "info") -> int:
+        max_queue: int, log_level: str = "info", prefix_cache_bytes: int = 0, exact_batching: bool = False) -> int:
     """Compile, then serve `model` on the bound `sock` until SIGINT or SIGTERM; -> the exit status."""
     import uvicorn
 
@@ -133,7 +143,8 @@ def run(model, name: str, stop_token: int | None, sock: socket.socket, max_batch
     from .engine import Engine
 
     log = logging.getLogger("neox_jax.serve")
-    engine = Engine(model, max_batch, context, max_queue)
+    engine = Engine(model, max_batch, context, max_queue, prefix_cache_bytes=prefix_cache_bytes,
+                    exact_batching=exact_batching)
     app = create_app(engine, model.tokenizer, name, stop_token)
     engine.start()
 

@@ -51,6 +51,13 @@ class Metrics:
               ).set_function(lambda: engine.queue_depth)
         Gauge("neox_batch_occupancy", "Decode slots in use", registry=registry).set_function(lambda: engine.occupied)
         Gauge("neox_batch_slots", "Decode slots in all", registry=registry).set_function(lambda: engine.batch)
+        pool = engine.prefix_cache
+        for name, doc, value in (
+                ("hits", "Prompt blocks copied from the prefix cache instead of prefilled", lambda: pool.hits),
+                ("misses", "Prompt blocks looked up in the prefix cache and not found", lambda: pool.misses),
+                ("evictions", "Blocks evicted from the prefix cache to stay within its budget", lambda: pool.evictions),
+                ("bytes", "Bytes of keys and values the prefix cache holds", lambda: pool.bytes_held)):
+            Gauge(f"neox_prefix_cache_{name}", doc, registry=registry).set_function(value if pool is not None else lambda: 0)
 
 
 class Choice:

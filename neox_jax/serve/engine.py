@@ -18,10 +18,29 @@ of four); the whole engine step, sampling included, 20.9 ms, and `Decoder`'s on-
 Each row's first prefill chunk clears the row, so nothing of the previous request can reach the next (masked
 slots weigh exactly 0, but 0 * inf would be NaN).
 
+Slot buckets: active requests are kept in the lowest rows (when one ends, the request in the highest row moves
+into its row: a copy of that row's cache), and each decode step computes only the first b rows, b the
+smallest of 1, 2, 4, ..., max_batch that holds them, so a lone request costs a batch-1 step, not a
+max_batch one. A matmul over b rows need not round as one over 8 does (XLA:CPU picks its kernel by shape:
+Pythia-70M's logits moved by up to 2.5e-6 between batch 1 and 8), so with buckets a request's tokens can
+depend, in near-ties, on how many others run with it, as `generate`'s depend on its batch bucket.
+`exact_batching=True` (`serve --exact-batching`) computes every slot at every step instead, and a request
+then gives bit for bit the tokens and log-probabilities it gives alone. A step over b < max_batch rows copies
+those rows of the cache out and back (XLA does not update a slice of the donated cache in place): 2 x b rows'
+keys and values more moved per step, against max_batch - b rows' weights-sized work saved.
+
 Programs are compiled for fixed shapes when the engine is built, before the first request: the decode step
-([max_batch] tokens over [max_batch, slots]) and one prefill per prompt-length bucket (16, 32, ..., 256;
-longer prompts are prefilled 256 tokens at a time, as `decode.Decoder` does). Requests coming and going
-never recompile; `compiles` counts compilations so tests can check that.
+for each slot bucket ([b] tokens over the cache's first b rows) and one prefill per prompt-length bucket
+(16, 32, ..., 256; longer prompts are prefilled 256 tokens at a time, as `decode.Decoder` does). Requests
+coming and going never recompile; `compiles` counts compilations so tests can check that.
+
+Prefix caching (`prefix_cache.py`): each full prefill chunk of a prompt is kept, after it is computed, as a block
+of keys and values named by a digest of its tokens and every token before them; a later prompt that starts with
+the same tokens copies those blocks into its row instead of prefilling them (two more compiled programs: a block
+out of a row, a block into one). The chunk holding a prompt's last token is always computed (its logits choose
+the first token), as is every chunk of a request that asks for the prompt's log-probabilities. The copied bits
+are the ones the prefill would have written, so a request's tokens and log-probabilities are identical with or
+without the cache.
 
 Sampling reuses `sampling.select_token` row by row (vmapped), with the decoder's random keys: the seed, the
 token's index and a hash of the prompt, so a seeded request gives the same tokens here as through
@@ -48,6 +67,7 @@ from ..decode import PREFILL_CHUNK, Compiled, GenerationError, length_bucket
 from ..model import KVCache, NeoX
 from ..sampling import NONFINITE, Sampling, row_salt, select_token
 from ..sharding import BATCH_SPEC, CACHE_SPEC, DATA, put, to_host
+from .prefix_cache import PrefixCache, block_digests
 
 logger = logging.getLogger("neox_jax.serve")
 
@@ -105,9 +125,12 @@ class Request:
 
 class Engine:
     def __init__(self, model, max_batch: int = 8, context: int | None = None, max_queue: int = 64,
-                 on_first_token=None, on_step=None):
+                 on_first_token=None, on_step=None, prefix_cache_bytes: int = 0, exact_batching: bool = False):
         """`model`: a NeoXModel. `context`: the most tokens (prompt + new) of one request, at most the model's
         context (default). `max_queue`: requests waiting for a slot before `submit` raises QueueFull.
+        `prefix_cache_bytes`: the prefix cache's budget on device (0: no prefix cache; prompts longer than one
+        prefill chunk only can use it). `exact_batching`: every step computes every slot (see the module's
+        docstring), else only the slot bucket that holds the active requests.
         `on_first_token(seconds)`: called with each request's time from submission to its first token;
         `on_step(seconds)` with each decode step's time (the device's, and handing out its tokens)."""
         config = model.config
@@ -120,17 +143,31 @@ class Engine:
             raise GenerationError(f"max batch {max_batch} must be a positive multiple of the mesh's data axis ({data})")
         if max_queue < 1:
             raise GenerationError(f"max queue {max_queue} must be >= 1")
+        if prefix_cache_bytes < 0:
+            raise GenerationError(f"the prefix cache's budget must be >= 0 bytes, got {prefix_cache_bytes}")
         self.model, self.module, self.params, self.mesh = model, model.module, model.params, model.mesh
         self.config, self.context, self.batch, self.max_queue = config, context, max_batch, max_queue
         # Any prompt of up to `context` tokens is written in chunks that end within length_bucket(context).
         self.slots_per_row = length_bucket(context)
         self.prefill_buckets = tuple(b for b in (16, 32, 64, 128, 256) if b <= min(self.slots_per_row, PREFILL_CHUNK))
         self.on_first_token, self.on_step = on_first_token, on_step
+        self.exact_batching = exact_batching
+        # Slot buckets the data axis divides: each is split over it as the full batch is.
+        buckets = {max_batch} if exact_batching else {1 << i for i in range(max_batch.bit_length())} | {max_batch}
+        self.slot_buckets = tuple(sorted(b for b in buckets if b % data == 0 and b <= max_batch))
         self._rows = NamedSharding(self.mesh, BATCH_SPEC)
         # The cache comes back in the shards it went in with, so each program's output is its next input.
         placed = self._cache_shardings()
         self._prefill = Compiled(self._prefill_fn, donate_argnums=(1,), out_shardings=(placed,) + (None,) * 7)
         self._step = Compiled(self._step_fn, donate_argnums=(1,), out_shardings=(placed,) + (None,) * 4)
+        itemsize = jnp.dtype(self.module.dtype).itemsize
+        block_bytes = 2 * config.num_layers * config.hidden_size * PREFILL_CHUNK * itemsize
+        # Only a prompt longer than a chunk has a chunk before its last token's.
+        self.prefix_cache = PrefixCache(prefix_cache_bytes, block_bytes) \
+            if context > PREFILL_CHUNK and prefix_cache_bytes >= block_bytes else None
+        self._save_block = Compiled(self._save_block_fn)
+        self._load_block = Compiled(self._load_block_fn, donate_argnums=(0,), out_shardings=placed)
+        self._move_row = Compiled(self._move_row_fn, donate_argnums=(0,), out_shardings=placed)
         self._cache = self._new_cache()
         self._requests: list[Request | None] = [None] * max_batch
         self._pending: collections.deque[Request] = collections.deque()
@@ -205,11 +242,44 @@ class Engine:
                         length=cache.length.at[row].set(end))
         return cache, first, first_lp, first_top_ids, first_top_lp, target, top_ids, top_lp
 
+    def _save_block_fn(self, cache: KVCache, row, start):
+        """The keys and values of row `row`'s slots start .. start + PREFILL_CHUNK: per layer [N, chunk, H] each."""
+        take = lambda x: jax.lax.dynamic_slice(x, (row, 0, start, 0), (1, x.shape[1], PREFILL_CHUNK, x.shape[3]))[0]  # noqa: E731
+        return tuple(map(take, cache.k)), tuple(map(take, cache.v))
+
+    def _load_block_fn(self, cache: KVCache, row, start, k_block, v_block):
+        """Row `row` with a block written at slots start .. start + PREFILL_CHUNK and filled up to its end; from
+        slot 0, the row is cleared first (as a first prefill chunk clears it)."""
+        fresh = start == 0
+
+        def put_block(slots, block):
+            old = jax.lax.dynamic_slice_in_dim(slots, row, 1, axis=0)
+            new = jax.lax.dynamic_update_slice(jnp.where(fresh, 0, old).astype(slots.dtype), block[None], (0, 0, start, 0))
+            return jax.lax.dynamic_update_slice_in_dim(slots, new, row, axis=0)
+
+        old = jax.lax.dynamic_slice_in_dim(cache.positions, row, 1, axis=0)
+        positions = jax.lax.dynamic_update_slice(jnp.where(fresh, -1, old),
+                                                 (start + jnp.arange(PREFILL_CHUNK, dtype=jnp.int32))[None], (0, start))
+        return KVCache(k=tuple(map(put_block, cache.k, k_block)), v=tuple(map(put_block, cache.v, v_block)),
+                       positions=jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, row, axis=0),
+                       length=cache.length.at[row].set(start + PREFILL_CHUNK))
+
+    def _move_row_fn(self, cache: KVCache, source, target):
+        """The cache with row `source` copied into row `target` (keys, values, positions, write index)."""
+        move = lambda x: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
+            x, jax.lax.dynamic_slice_in_dim(x, source, 1, axis=0), target, axis=0)
+        return KVCache(k=tuple(map(move, cache.k)), v=tuple(map(move, cache.v)), positions=move(cache.positions),
+                       length=move(cache.length))
+
     def _step_fn(self, params, cache: KVCache, tokens, positions, active, sampling: Sampling, steps, salts,
                  want_logprobs):
-        """One decode step for every slot: tokens, positions, active, steps, salts [B]; `sampling` holds [B]
-        settings. -> the cache, the chosen tokens [B], their log-probabilities [B] and alternatives [B, K]."""
-        out = self.module.apply({"params": params}, tokens[:, None], jnp.where(active, positions, -1)[:, None], cache)
+        """One decode step for the first b slots: tokens, positions, active, steps, salts [b]; `sampling` holds
+        [b] settings. -> the cache, the chosen tokens [b], their log-probabilities [b] and alternatives [b, K]."""
+        b = tokens.shape[0]
+        first = lambda x: x[:b]  # noqa: E731
+        rows = KVCache(k=tuple(map(first, cache.k)), v=tuple(map(first, cache.v)), positions=first(cache.positions),
+                       length=first(cache.length))
+        out = self.module.apply({"params": params}, tokens[:, None], jnp.where(active, positions, -1)[:, None], rows)
         logits = out.logits[:, -1]  # [B, V]
         greedy = (sampling.temperature <= 0) | (sampling.top_k == 1) | ~active
         per_row = jax.vmap(lambda l, s, step, salt: select_token(l[None], s, step, salt[None])[0])  # noqa: E741
@@ -222,10 +292,12 @@ class Engine:
             return jnp.take_along_axis(logprobs, jnp.maximum(chosen, 0)[:, None], axis=-1)[:, 0], \
                 top_ids.astype(jnp.int32), top_lp
 
-        b = tokens.shape[0]
         nothing = (jnp.zeros(b), jnp.zeros((b, MAX_LOGPROBS), jnp.int32), jnp.zeros((b, MAX_LOGPROBS)))
         chosen_lp, top_ids, top_lp = jax.lax.cond(jnp.any(want_logprobs & active), scores, lambda: nothing)
-        cache = out.cache.replace(length=jnp.where(active, out.cache.length, cache.length))
+        written = out.cache.replace(length=jnp.where(active, out.cache.length, rows.length))
+        back = lambda full, part: jax.lax.dynamic_update_slice_in_dim(full, part, 0, axis=0)  # noqa: E731
+        cache = KVCache(k=tuple(map(back, cache.k, written.k)), v=tuple(map(back, cache.v, written.v)),
+                        positions=back(cache.positions, written.positions), length=back(cache.length, written.length))
         return cache, chosen, chosen_lp, top_ids, top_lp
 
     def _run_prefill(self, row: int, start: int, chunk: Sequence[int], targets: Sequence[int], sampling: Sampling,
@@ -244,8 +316,10 @@ class Engine:
         return out[1:]
 
     def _run_step(self, active: np.ndarray, steps: np.ndarray, want_logprobs: np.ndarray):
-        sampling = Sampling(self._temperature, self._top_k, self._top_p, self._key)
-        rows = lambda x: put(x, self._rows)  # noqa: E731
+        """A decode step over the first len(active) slots (a slot bucket)."""
+        b = len(active)
+        sampling = Sampling(self._temperature[:b], self._top_k[:b], self._top_p[:b], self._key[:b])
+        rows = lambda x: put(x[:b], self._rows)  # noqa: E731
         out = self._step(self.params, self._cache, rows(self._token), rows(self._position), rows(active),
                          jax.tree.map(rows, sampling), rows(steps), rows(self._salt), rows(want_logprobs))
         self._cache = out[0]
@@ -253,7 +327,7 @@ class Engine:
 
     @property
     def compiles(self) -> int:
-        return self._prefill.compiles + self._step.compiles
+        return sum(p.compiles for p in (self._prefill, self._step, self._save_block, self._load_block, self._move_row))
 
     def _compile(self) -> None:
         """Compile every program before the first request, by running each once on an idle row."""
@@ -262,13 +336,19 @@ class Engine:
         for bucket in self.prefill_buckets:
             for want in (False, True):  # one program; both branches of its scoring switches are run once
                 self._run_prefill(0, 0, [0] * bucket, [0] * bucket, greedy, 0, want, want)
-        off = np.zeros(self.batch, bool)
-        for want in (off, ~off):
-            self._run_step(off, np.zeros(self.batch, np.int32), want)
+        for bucket in self.slot_buckets:
+            off = np.zeros(bucket, bool)
+            for want in (off, ~off):
+                self._run_step(off, np.zeros(bucket, np.int32), want)
+        if not self.exact_batching:
+            self._cache = self._move_row(self._cache, np.int32(0), np.int32(0))
+        if self.prefix_cache is not None:
+            i32 = np.int32
+            self._cache = self._load_block(self._cache, i32(0), i32(0), *self._save_block(self._cache, i32(0), i32(0)))
         self.compile_seconds = time.perf_counter() - start
-        logger.info("compiled %d programs in %.1fs: decode step %d slots x %d positions, prefill chunks of %s "
-                    "tokens; requests never recompile", self.compiles, self.compile_seconds, self.batch,
-                    self.slots_per_row, "/".join(map(str, self.prefill_buckets)))
+        logger.info("compiled %d programs in %.1fs: decode step %s slots x %d positions, prefill chunks of %s "
+                    "tokens; requests never recompile", self.compiles, self.compile_seconds,
+                    "/".join(map(str, self.slot_buckets)), self.slots_per_row, "/".join(map(str, self.prefill_buckets)))
 
     # ---- requests ----
 
@@ -324,6 +404,8 @@ class Engine:
 
     def _loop(self) -> None:
         while True:
+            if not self.exact_batching:
+                self._compact()  # before admission picks the lowest free rows
             with self._wake:
                 while not self._pending and not self.occupied and not self._stopping:
                     self._wake.wait()
@@ -374,11 +456,21 @@ class Engine:
         prompt, sampling = request.prompt, request.sampling
         salt = row_salt(prompt)
         scores: list[TokenLogprobs | None] = [None]
+        pool = None if request.prompt_logprobs else self.prefix_cache
+        digests = block_digests(prompt, PREFILL_CHUNK) if pool is not None else []
         for start in range(0, len(prompt), PREFILL_CHUNK):
             chunk = prompt[start:start + PREFILL_CHUNK]
+            block = start // PREFILL_CHUNK
+            if start + PREFILL_CHUNK < len(prompt) and block < len(digests):  # not the last token's chunk
+                kept = pool.get(digests[block])
+                if kept is not None:
+                    self._cache = self._load_block(self._cache, np.int32(row), np.int32(start), *kept)
+                    continue
             first, first_lp, first_ids, first_lps, target, top_ids, top_lp = self._run_prefill(
                 row, start, chunk, prompt[start + 1:start + 1 + len(chunk)], sampling, salt, request.wants_logprobs,
                 request.prompt_logprobs)
+            if block < len(digests) and digests[block] not in pool:
+                pool.put(digests[block], self._save_block(self._cache, np.int32(row), np.int32(start)))
             if request.prompt_logprobs:
                 target, top_ids, top_lp = (to_host(x) for x in (target, top_ids, top_lp))
                 scores += [TokenLogprobs(float(target[i]), _top(top_ids[i], top_lp[i], request.logprobs))
@@ -401,13 +493,29 @@ class Engine:
             lp = TokenLogprobs(float(to_host(first_lp)), _top(to_host(first_ids), to_host(first_lps), request.logprobs))
         self._deliver(row, first, lp)
 
+    def _compact(self) -> None:
+        """Move the requests of the highest rows into free lower rows, so that the active ones fill rows 0..n-1
+        (admission then takes the lowest free rows, row n on)."""
+        while True:
+            free = next((row for row, r in enumerate(self._requests) if r is None), None)
+            last = max((row for row, r in enumerate(self._requests) if r is not None), default=-1)
+            if free is None or last < free:
+                return
+            self._cache = self._move_row(self._cache, np.int32(last), np.int32(free))
+            for state in (self._token, self._position, self._salt, self._temperature, self._top_k, self._top_p,
+                          self._key):
+                state[free] = state[last]
+            self._requests[free], self._requests[last] = self._requests[last], None
+
     def _decode(self) -> None:
         start = time.perf_counter()
-        active = np.array([r is not None for r in self._requests])
-        steps = np.array([r.generated if r is not None else 0 for r in self._requests], np.int32)
-        want = np.array([r is not None and r.wants_logprobs for r in self._requests])
+        used = max(row for row, r in enumerate(self._requests) if r is not None) + 1
+        requests = self._requests[:next(b for b in self.slot_buckets if b >= used)]
+        active = np.array([r is not None for r in requests])
+        steps = np.array([r.generated if r is not None else 0 for r in requests], np.int32)
+        want = np.array([r is not None and r.wants_logprobs for r in requests])
         chosen, chosen_lp, top_ids, top_lp = self._run_step(active, steps, want)
-        for row, request in enumerate(self._requests):
+        for row, request in enumerate(requests):
             if request is None:
                 continue
             token = int(chosen[row])

@@ -1,0 +1,150 @@
+"""Log-likelihood scoring on device, for lm-eval (`neox_jax.lm_eval_model`): whole rows, or a context computed
+once and its continuations scored against its cache.
+
+Both return log-probabilities from a log-softmax in fp32 over the full (padded) vocabulary, gathered on device,
+so no [B, T, V] array comes back to the host. Rows are right-padded (padding has position -1 and is never
+attended to) to a fixed batch size and to length buckets (`neox_jax.decode.length_bucket`), so a task compiles
+once per bucket (or pair of buckets) it touches, whatever the number of requests.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .decode import Compiled, length_bucket
+from .model import KVCache, NeoX
+from .sharding import to_host
+
+
+def _log_softmax_at(logits, targets):
+    """fp32 logits [B, T, V], targets [B, T] -> log-prob of each target [B, T], argmax [B, T] int32, and the
+    logsumexp [B, T] (log_softmax = logits - logsumexp, never materialised)."""
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target_lp = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - lse
+    return target_lp, jnp.argmax(logits, axis=-1).astype(jnp.int32), lse
+
+
+class _DeviceScorer:
+    """The loaded model's module, params and row placement, and the compile count of its programs."""
+
+    def __init__(self, model, *fns):
+        self.module: NeoX = model.module
+        self.params = model.params
+        self.decoder = model.decoder  # rows split over the mesh's data axis, and the cache, as the decoder's
+        self.programs = [Compiled(fn, donate_argnums=donate) for fn, donate in fns]
+
+    @property
+    def compiles(self) -> int:
+        return sum(p.compiles for p in self.programs)
+
+    @property
+    def compile_seconds(self) -> float:
+        return sum(p.compile_seconds for p in self.programs)
+
+    def _run(self, program: int, *arrays):
+        return self.programs[program](self.params, *(self.decoder.place_rows(x) for x in arrays))
+
+
+def _right_padded(rows: Sequence[Sequence[int]], batch: int, first_position: Sequence[int] | None = None):
+    """rows -> tokens [batch, length_bucket(longest)], positions (from each row's first position; -1 pads)."""
+    length = length_bucket(max(len(r) for r in rows))
+    tokens = np.zeros((batch, length), np.int32)
+    positions = np.full((batch, length), -1, np.int32)
+    for i, row in enumerate(rows):
+        start = 0 if first_position is None else first_position[i]
+        tokens[i, :len(row)] = row
+        positions[i, :len(row)] = np.arange(start, start + len(row))
+    return tokens, positions
+
+
+class Scorer(_DeviceScorer):
+    """Whole rows: (tokens, positions, targets, last) -> per-token log-prob, argmax, and the log-probs of each
+    row's last real position over the vocabulary.
+
+    tokens, positions, targets: [B, T] int32 (targets[b, t] is the token scored at position t);
+    last: [B] int32. Returns target_logprob [B, T] fp32, greedy [B, T] int32, last_logprobs [B, V] fp32.
+    """
+
+    def __init__(self, model):
+        super().__init__(model, (self._score, ()))
+
+    def _score(self, params, tokens, positions, targets, last):
+        logits = self.module.apply({"params": params}, tokens, positions).logits.astype(jnp.float32)  # [B, T, V]
+        target_lp, greedy, lse = _log_softmax_at(logits, targets)
+        rows = jnp.arange(tokens.shape[0])
+        last_lp = logits[rows, last] - lse[rows, last][:, None]  # [B, V]
+        return target_lp, greedy, last_lp
+
+    def __call__(self, rows: Sequence[Sequence[int]], batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Score up to `batch` token rows (each >= 1 token), padded to [batch, length_bucket(longest)]."""
+        tokens, positions = _right_padded(rows, batch)
+        targets = np.zeros_like(tokens)
+        last = np.zeros(batch, np.int32)
+        for i, row in enumerate(rows):
+            targets[i, :len(row) - 1] = row[1:]  # the last position's target is read from last_logprobs instead
+            last[i] = len(row) - 1
+        return tuple(to_host(x) for x in self._run(0, tokens, positions, targets, last))
+
+
+class ContextScorer(_DeviceScorer):
+    """Contexts computed once, continuations scored against their cache (multiple choice: every answer of a
+    question shares its context).
+
+    `contexts(rows, batch)` prefills up to `batch` contexts and returns their KV cache (on device, one row per
+    context, `length_bucket(longest)` slots) and each context's last-position log-probs [batch, V] (which score
+    every continuation's first token). `continuations(cache, context_row, context_length, continuations, batch)`
+    scores the rest of each continuation (>= 2 tokens) of context `context_row[i]` (of `context_length[i]`
+    tokens): its tokens but the last are fed after the context's, and target_logprob, greedy [batch, T] score
+    continuation[t + 1] at its position t.
+    The values are today's whole-row ones up to the order of fp32 summation (keys and values are the same; the
+    softmax over the cached and the new keys is taken part by part, as in decoding).
+    """
+
+    def __init__(self, model):
+        super().__init__(model, (self._prefill, (1,)), (self._score, ()))
+
+    def _prefill(self, params, cache, tokens, positions, last):
+        batch = tokens.shape[0]
+        out = self.module.apply({"params": params}, tokens, positions, cache, return_hidden_states=True)
+        # Only the last real position's logits are needed: the head runs on [B, 1, D] (the full [B, T, V]
+        # logits are unused, so XLA drops them).
+        final = out.hidden_states[-1][jnp.arange(batch), last][:, None]  # [B, 1, D]
+        logits = self.module.apply({"params": params}, final, method=NeoX.head)[:, 0].astype(jnp.float32)
+        return out.cache, jax.nn.log_softmax(logits, axis=-1)  # [B, V]
+
+    def _score(self, params, cache, context_row, tokens, positions, targets):
+        extra = tokens.shape[1]
+        # Each row reads its context's keys and values, plus empty slots for the model to write its own tokens
+        # into (a write nothing reads afterwards, so XLA drops it).
+        pad = ((0, 0), (0, 0), (0, extra), (0, 0))
+        rows = KVCache(k=tuple(jnp.pad(k[context_row], pad) for k in cache.k),
+                       v=tuple(jnp.pad(v[context_row], pad) for v in cache.v),
+                       positions=jnp.pad(cache.positions[context_row], ((0, 0), (0, extra)), constant_values=-1),
+                       length=jnp.asarray(cache.positions.shape[1], jnp.int32))
+        logits = self.module.apply({"params": params}, tokens, positions, rows).logits.astype(jnp.float32)
+        return _log_softmax_at(logits, targets)[:2]
+
+    def contexts(self, rows: Sequence[Sequence[int]], batch: int):
+        tokens, positions = _right_padded(rows, batch)
+        last = np.zeros(batch, np.int32)
+        last[:len(rows)] = [len(r) - 1 for r in rows]
+        empty = self.decoder.new_cache(*tokens.shape)
+        cache, last_lp = self.programs[0](self.params, empty, *(self.decoder.place_rows(x)
+                                                                 for x in (tokens, positions, last)))
+        return cache, to_host(last_lp)
+
+    def continuations(self, cache, context_row: Sequence[int], context_length: Sequence[int],
+                      continuations: Sequence[Sequence[int]], batch: int) -> tuple[np.ndarray, np.ndarray]:
+        tokens, positions = _right_padded([c[:-1] for c in continuations], batch, context_length)
+        targets = np.zeros_like(tokens)
+        for i, continuation in enumerate(continuations):
+            targets[i, :len(continuation) - 1] = continuation[1:]
+        index = np.zeros(batch, np.int32)
+        index[:len(continuations)] = context_row
+        out = self.programs[1](self.params, cache, *(self.decoder.place_rows(x)
+                                                      for x in (index, tokens, positions, targets)))
+        return tuple(to_host(x) for x in out)
