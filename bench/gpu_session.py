@@ -142,6 +142,14 @@ def decode(engine: str, batch: str = "1,8,32") -> Callable[[Work], list[list[str
     return commands
 
 
+def speculative_20b(w: Work) -> list[list[str]]:
+    """Issue 25: speculative decoding's cost side at GPT-NeoX-20B shapes with a Pythia-410M-shaped draft."""
+    size = ["--target", "tiny", "--draft", "tiny", "--k", "1", "--prompt-len", "16", "--reps", "1"] if w.tiny \
+        else ["--target", "gpt-neox-20b", "--draft", "pythia-410m", "--dtype", "float16", "--k", "1,2,4,8",
+              "--prompt-len", "512"]
+    return [[PY, "-m", "bench.speculative", "--cost-only", *size, "--json", str(w.json("speculative-20b"))]]
+
+
 # In order of value. The default steps' budgets add up to at most DEFAULT_BUDGET_S.
 STEPS: list[Step] = [
     Step("environment", "jax, jaxlib, torch and CUDA versions, the device JAX and torch see, the carried wheels",
@@ -166,6 +174,10 @@ STEPS: list[Step] = [
          default=False),
     Step("decode-fp8", "20B fp8 (weight-only e4m3): decode ms/token at batch 1/8", 120,
          decode("neox-jax-fp8", "1,8"), default=False),
+    Step("speculative-20b", "speculative decoding's cost side, 20B fp16 with a 410M-shaped draft: a (K+1)-token "
+                            "verify pass against a decode step (K = 1, 2, 4, 8), a draft step against a target "
+                            "step, and the expected speed-up at assumed acceptance rates", 240, speculative_20b,
+         default=False),
     Step("tests-all", "the whole core test modules with JAX on CUDA (the real tokenizer's streaming tests too)",
          480, pytest_step("tests-all", GPU_TEST_MODULES), default=False),
     Step("parity-fp32", "parity.check fp32 on CUDA: its tight bounds catch TF32 matmuls where 'highest' precision is asked", 45,

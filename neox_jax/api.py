@@ -19,6 +19,7 @@ from .dtypes import default_dtype, lookup
 from .model import NeoX
 from .sampling import Sampling
 from .sharding import default_mesh, plan_memory, require_fit, to_host
+from .speculative import DEFAULT_DRAFT_TOKENS, Speculator
 from .streaming import STREAM_CHUNK, TextStream, stop_strings, stream_text
 from .tokenizer import Tokenizer, check_vocabulary, checkpoint_dirs, find_tokenizer, load_tokenizer
 from .weights import build_params, tp_ranks_of
@@ -53,6 +54,7 @@ class NeoXModel:
         self.rotary_dtype = self.module.rotary_table_dtype.name
         self.decoder = Decoder(self.module, params, mesh)
         self.mesh = self.decoder.mesh
+        self._speculators: dict = {}  # (draft, K) -> Speculator, so its compiled programs are reused
         self._logits = Compiled(self._logits_fn)
         self._hidden_states = Compiled(self._hidden_states_fn)
 
@@ -100,12 +102,17 @@ class NeoXModel:
 
     def generate(self, prompts: Sequence[Sequence[int]] | Sequence[str], max_new_tokens: int, *,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                 stop_token: StopToken = TOKENIZER_EOS, stop: Sequence[str] = ()) -> list[list[int]] | list[str]:
+                 stop_token: StopToken = TOKENIZER_EOS, stop: Sequence[str] = (), draft=None,
+                 num_draft_tokens: int = DEFAULT_DRAFT_TOKENS) -> list[list[int]] | list[str]:
         """Continue each prompt: greedy unless a temperature is given, ending before `stop_token` (by default
         the tokenizer's <|endoftext|>; None: never).
 
         Token-id prompts return new token ids; text prompts (which need `self.tokenizer`) return the
         completion text, cut before the first of the `stop` strings.
+
+        `draft`: speculative decoding (docs/speculative.md) with a smaller model of the same tokenizer (a
+        NeoXModel) or "ngram" (prompt lookup), `num_draft_tokens` proposed per target pass. Greedy output is
+        the same tokens; sampled output has the same distribution.
         """
         sampling = Sampling.create(temperature, top_k, top_p, seed)
         prompts, single = prompt_batch(prompts)
@@ -113,17 +120,20 @@ class NeoXModel:
         if prompts and isinstance(prompts[0], str):
             texts = ["".join(parts) for parts in zip(*self.stream(
                 prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                stop_token=stop_token, stop=stop))]
+                stop_token=stop_token, stop=stop, draft=draft, num_draft_tokens=num_draft_tokens))]
             return texts[0] if single else texts
         if stop:
             raise ValueError("stop strings need text prompts (and a tokenizer): pass strings, not token ids")
-        return self.decoder.generate(prompts, max_new_tokens, sampling, stop_token=self.stop_id(stop_token)).tokens
+        decoder = self.decoder_for(draft, num_draft_tokens)
+        return decoder.generate(prompts, max_new_tokens, sampling, stop_token=self.stop_id(stop_token)).tokens
 
     def stream(self, prompts: Sequence[str], max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, seed: int = 0, stop_token: StopToken = TOKENIZER_EOS, stop: Sequence[str] = (),
-               chunk: int | None = STREAM_CHUNK, timing: Generation | None = None) -> Iterator[list[str]]:
-        """Yield the newly generated text of every prompt, `chunk` decode steps at a time; the sampling
-        keywords are generate()'s, and the chunks joined are exactly generate()'s text."""
+               chunk: int | None = STREAM_CHUNK, timing: Generation | None = None, draft=None,
+               num_draft_tokens: int = DEFAULT_DRAFT_TOKENS) -> Iterator[list[str]]:
+        """Yield the newly generated text of every prompt, `chunk` decode steps (with a draft: target passes)
+        at a time; the sampling and draft keywords are generate()'s, and the chunks joined are exactly
+        generate()'s text."""
         sampling = Sampling.create(temperature, top_k, top_p, seed)
         if self.tokenizer is None:
             raise ValueError("text prompts need a tokenizer: load(..., tokenizer=PATH) or set model.tokenizer")
@@ -133,12 +143,25 @@ class NeoXModel:
         ids = [self.tokenizer.encode(p) for p in prompts]
         stop = stop_strings(stop)
         streams = [TextStream(self.tokenizer, stop) for _ in prompts]
-        return stream_text(self.decoder, streams, ids, max_new_tokens, sampling=sampling,
+        decoder = self.decoder_for(draft, num_draft_tokens)
+        return stream_text(decoder, streams, ids, max_new_tokens, sampling=sampling,
                            stop_token=self.stop_id(stop_token), chunk=chunk, timing=timing)
 
     def generate_timed(self, prompts, max_new_tokens: int, sampling: Sampling | None = None,
-                       stop_token: StopToken = TOKENIZER_EOS) -> Generation:
-        return self.decoder.generate(prompts, max_new_tokens, sampling, stop_token=self.stop_id(stop_token))
+                       stop_token: StopToken = TOKENIZER_EOS, draft=None,
+                       num_draft_tokens: int = DEFAULT_DRAFT_TOKENS) -> Generation:
+        """Token ids in, a Generation out (with a draft: a SpeculativeGeneration, with the acceptance rate)."""
+        return self.decoder_for(draft, num_draft_tokens).generate(prompts, max_new_tokens, sampling,
+                                                                  stop_token=self.stop_id(stop_token))
+
+    def decoder_for(self, draft, num_draft_tokens: int):
+        """The plain decoder (no draft), or the speculative one for this draft and K, made once."""
+        if draft is None:
+            return self.decoder
+        key = (id(draft), num_draft_tokens)
+        if key not in self._speculators:
+            self._speculators[key] = (draft, Speculator(self, draft, num_draft_tokens))  # keeps `draft` alive
+        return self._speculators[key][1]
 
     def stop_id(self, stop_token: StopToken) -> int | None:
         """The token id that ends a row, or None for never: TOKENIZER_EOS is the tokenizer's <|endoftext|>."""

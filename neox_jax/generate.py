@@ -21,6 +21,8 @@ from .decode import Generation, GenerationError, NonFiniteLogitsError, check_sto
 from .dtypes import default_dtype, lookup
 from .sampling import Sampling, SamplingError
 from .sharding import ShardingError
+from .quantize import NAMES as QUANTIZE_NAMES
+from .speculative import DEFAULT_DRAFT_TOKENS, MAX_DRAFT_TOKENS, SpeculativeGeneration
 from .streaming import STREAM_CHUNK, TextStream, stream_text
 
 EPILOG = """examples:
@@ -29,6 +31,7 @@ EPILOG = """examples:
   python -m neox_jax.generate --model EleutherAI/pythia-410m --prompt "The Pile is"
   python -m neox_jax.generate --model ./slim_weights --tokenizer 20B_tokenizer.json --prompt-file prompts.txt --json
   python -m neox_jax.generate --model ./gpt-neox-20b --interactive --temperature 0.8 --top-p 0.95 --stop $'\\n\\n'
+  python -m neox_jax.generate --model ./gpt-neox-20b --draft EleutherAI/pythia-410m --prompt "Hi" --json
 
 --model takes a Hugging Face GPT-NeoX directory (config.json + safetensors, as written by
 `python -m neox_jax.convert`), GPT-NeoX DeepSpeed shards, merged while loading (converting once is faster),
@@ -63,8 +66,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--coordinator", help="with --distributed: HOST:PORT of process 0")
     p.add_argument("--num-processes", type=int, help="with --distributed: number of processes")
     p.add_argument("--process-id", type=int, help="with --distributed: this process's index")
-    p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
-    return p.parse_args(argv)
+    p.add_argument("--draft", metavar="PATH|ngram",
+                   help="speculative decoding (docs/speculative.md): a smaller model of the same tokenizer (any "
+                        "--model source, e.g. EleutherAI/pythia-160m for GPT-NeoX-20B) proposes tokens that the "
+                        "model checks several at a time, or 'ngram' to propose from the prompt itself; the output "
+                        "is the same (greedy) or identically distributed (sampled)")
+    p.add_argument("--num-draft-tokens", type=int, default=DEFAULT_DRAFT_TOKENS, metavar="K",
+                   help=f"with --draft: tokens proposed per pass of the model, 1 to {MAX_DRAFT_TOKENS} "
+                        f"(default {DEFAULT_DRAFT_TOKENS})")
+    p.add_argument("--draft-quantize", choices=QUANTIZE_NAMES,
+                   help="with --draft: the draft's weight-only quantization (default: --quantize's); "
+                        "--draft SAME_AS_MODEL --draft-quantize int8 drafts with the model's own int8 weights")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object per prompt (with --draft: its acceptance rate and target passes "
+                        "per token)")
+    args = p.parse_args(argv)
+    if not 1 <= args.num_draft_tokens <= MAX_DRAFT_TOKENS:
+        p.error(f"--num-draft-tokens must be in [1, {MAX_DRAFT_TOKENS}], got {args.num_draft_tokens}")
+    return args
 
 
 def read_prompts(args) -> list[str]:
@@ -126,6 +145,21 @@ def load_model(args, prompts: list[str]):
     return model, prompt_ids
 
 
+def load_draft(args, model):
+    """--draft: "ngram", or a model loaded like --model (same dtype, on the model's devices); None without it."""
+    if args.draft is None or args.draft == "ngram":
+        return args.draft
+    from .api import load_checkpoint
+    from .checkpoints import open_checkpoint
+
+    checkpoint = open_checkpoint(args.draft, None, None)
+    if checkpoint.config.max_position_embeddings < model.config.max_position_embeddings:
+        print(f"note: the draft's context ({checkpoint.config.max_position_embeddings}) is shorter than the "
+              f"model's ({model.config.max_position_embeddings})", file=sys.stderr)
+    return load_checkpoint(checkpoint, dtype=model.dtype, mesh=model.mesh,
+                           quantize=args.draft_quantize or args.quantize)
+
+
 def plan_devices(args, config, prompt_ids: list[list[int]], tp_ranks: int | None = None):
     """The mesh to load onto, after checking that weights and KV cache fit (before any weights load);
     `tp_ranks`: the ranks the exact tensor-parallel mode keeps (None: merged)."""
@@ -156,29 +190,35 @@ def encode(tokenizer, prompts: list[str], config, max_new_tokens: int) -> list[l
 def complete(model, args, sampling, stop_token, prompts: list[str], prompt_ids: list[list[int]]) -> Generation:
     """Generate for one batch, printing as the mode asks; returns the timings."""
     streams = [TextStream(model.tokenizer, args.stop) for _ in prompts]
-    timing = Generation()
+    timing = SpeculativeGeneration() if args.draft_model else Generation()
     single = len(prompts) == 1 and not args.json
     printed = 0
     if single:
         print(prompts[0], end="", flush=True)
-    for deltas in stream_text(model.decoder, streams, prompt_ids, args.max_new_tokens, sampling=sampling,
+    decoder = model.decoder_for(args.draft_model, args.num_draft_tokens)
+    for deltas in stream_text(decoder, streams, prompt_ids, args.max_new_tokens, sampling=sampling,
                               stop_token=stop_token, chunk=STREAM_CHUNK, timing=timing):
         if single:
             print(deltas[0], end="", flush=True)
             continue
         while printed < len(streams) and streams[printed].finished:  # in order, each once finished
-            show(args, prompts[printed], prompt_ids[printed], streams[printed], len(prompts))
+            show(args, prompts[printed], prompt_ids[printed], streams[printed], len(prompts),
+                 timing.row_summary(printed, args.num_draft_tokens) if args.draft_model else None)
             printed += 1
     if single:
         print(flush=True)
     return timing
 
 
-def show(args, prompt: str, ids: list[int], stream: TextStream, batch: int) -> None:
+def show(args, prompt: str, ids: list[int], stream: TextStream, batch: int, draft: dict | None = None) -> None:
+    """`draft`: the prompt's speculative decoding figures (acceptance rate, target passes per token)."""
     if args.json:
-        print(json.dumps({"prompt": prompt, "completion": stream.text, "prompt_tokens": len(ids),
-                          "completion_tokens": len(stream.tokens), "prompt_token_ids": ids,
-                          "completion_token_ids": stream.tokens}), flush=True)  # ASCII: safe for line-based readers
+        record = {"prompt": prompt, "completion": stream.text, "prompt_tokens": len(ids),
+                  "completion_tokens": len(stream.tokens), "prompt_token_ids": ids,
+                  "completion_token_ids": stream.tokens}
+        if draft is not None:
+            record["draft"] = draft
+        print(json.dumps(record), flush=True)  # ASCII: safe for line-based readers
     else:
         print(prompt + stream.text, flush=True)
         if batch > 1:
@@ -186,13 +226,23 @@ def show(args, prompt: str, ids: list[int], stream: TextStream, batch: int) -> N
 
 
 def report(model, timing: Generation, prompt_ids, load_seconds: float | None = None) -> None:
-    per_token = 1e3 * timing.decode_seconds / max(timing.decode_steps, 1)
+    # Per generated token of one row: with a draft a step (a target pass) yields one or more tokens per row.
+    steps = timing.new_tokens / len(prompt_ids) if isinstance(timing, SpeculativeGeneration) else timing.decode_steps
+    per_token = 1e3 * timing.decode_seconds / max(steps, 1)
     load = f"load {load_seconds:.2f}s | " if load_seconds is not None else ""
     quantized = f", {model.quantize}" if model.quantize else ""
     print(f"[{model.dtype}{quantized}] {load}compile {timing.compile_seconds:.2f}s | "
           f"prefill {sum(len(ids) for ids in prompt_ids)} tokens {1e3 * timing.prefill_seconds:.1f}ms | "
-          f"decode {timing.decode_steps} steps x batch {len(prompt_ids)}: {per_token:.2f} ms/token",
+          f"decode {timing.decode_steps} steps x batch {len(prompt_ids)}: {per_token:.2f} ms/token{drafted(timing)}",
           file=sys.stderr)
+
+
+def drafted(timing: Generation) -> str:
+    """The report's speculative decoding figures ('' without a draft)."""
+    if not isinstance(timing, SpeculativeGeneration):
+        return ""
+    return (f" | draft: {timing.acceptance_rate:.1%} of {timing.proposed} accepted, "
+            f"{timing.passes_per_token:.3f} passes/token")
 
 
 def interact(model, args, sampling, stop_token) -> None:
@@ -221,6 +271,7 @@ def run(args) -> None:
     prompts = [] if args.interactive else read_prompts(args)
     start = time.perf_counter()
     model, prompt_ids = load_model(args, prompts)
+    args.draft_model = load_draft(args, model)
     load_seconds = time.perf_counter() - start
     stop = stop_token(args, model.tokenizer)
     if args.interactive:

@@ -73,11 +73,16 @@ class Request:
     batch: int
     context: int
     mesh: dict[str, int]  # axis sizes
+    draft: NeoXConfig | None = None  # a speculative decoding draft, held beside the model (same dtype and mesh)
 
     def needed(self) -> tuple[int, int, int]:
-        """(weights, KV cache, prefill temporaries) bytes per device."""
+        """(weights, KV cache, prefill temporaries) bytes per device; a draft's weights and cache included."""
         weights, cache = planned_bytes(self.config, lookup(self.dtype).jax, self.mesh, self.batch, self.context,
                                        quantize=self.quantize)
+        if self.draft is not None:
+            draft_weights, draft_cache = planned_bytes(self.draft, lookup(self.dtype).jax, self.mesh, self.batch,
+                                                       self.context, quantize=self.quantize)
+            weights, cache = weights + draft_weights, cache + draft_cache
         rows = -(-self.batch // self.mesh[DATA])
         heads = self.config.num_heads // self.mesh[MODEL]
         return weights, cache, SCORE_BYTES * rows * heads * min(PREFILL_CHUNK, self.context) * self.context
@@ -140,7 +145,7 @@ def suggestions(request: Request, device: Device) -> list[dict]:
     context = max_fitting(lambda n: dataclasses.replace(request, context=n), request.context - 1, device)
     if context:
         offer(f"--context {context}", dataclasses.replace(request, context=context))
-    divides = split_sizes(request.config).values()
+    divides = [*split_sizes(request.config).values(), *(split_sizes(request.draft).values() if request.draft else ())]
     for model in (2 ** k for k in range(1, 11)):
         if model > request.mesh[MODEL] and all(size % model == 0 for size in divides):
             changed = dataclasses.replace(request, mesh={**request.mesh, MODEL: model})
@@ -185,8 +190,9 @@ def gib(n: int) -> str:
 
 def describe(request: Request, device: Device, result: dict) -> str:
     quantized = f", {request.quantize} weights" if request.quantize else ""
+    drafted = f", with a draft ({result['draft']})" if result.get("draft") else ""
     lines = [f"{request.dtype}{quantized}, batch {request.batch} x {request.context} tokens, "
-             f"mesh {request.mesh_text()}",
+             f"mesh {request.mesh_text()}{drafted}",
              f"device: {device.what}, {gib(device.total)}"
              + (f"; XLA may use {device.fraction:g} of it: {gib(device.available)}" if device.fraction else ""),
              f"per device: weights {gib(result['weights_per_device'])} + KV cache {gib(result['cache_per_device'])}"
@@ -218,6 +224,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--context", type=int, help="tokens per sequence, prompt + generated (default: the model's context)")
     p.add_argument("--mesh", default="model=1", help="model=N[,data=M]: the devices the model is split over")
     p.add_argument("--device-memory", help="one device's total memory, e.g. 24GiB or 80GB (default: this machine's)")
+    p.add_argument("--draft-preset", choices=sorted(PRESETS),
+                   help="count a speculative decoding draft too (generate --draft): its weights and its KV cache "
+                        "of the same batch and context, e.g. pythia-410m for gpt-neox-20b")
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     return p.parse_args(argv)
 
@@ -264,8 +273,14 @@ def plan(args) -> tuple[dict, str]:
         from .dtypes import default_dtype
 
         dtype = default_dtype()
-    request = Request(config, dtype, args.quantize, args.batch, context, mesh)
+    draft = PRESETS[args.draft_preset] if args.draft_preset else None
+    if draft is not None:
+        for field, size in split_sizes(draft).items():
+            if size % mesh[MODEL]:
+                raise PlanError(f"the draft's {field} {size} is not divisible by the mesh's model axis ({mesh[MODEL]})")
+    request = Request(config, dtype, args.quantize, args.batch, context, mesh, draft)
     result = verdict(request, device)
+    result["draft"] = args.draft_preset
     result["suggestions"] = [] if fits_somehow(result) else suggestions(request, device)
     report = {"model": args.preset or args.model, "dtype": dtype, "quantize": args.quantize, "batch": args.batch,
               "context": context, "mesh": mesh, "device": device.what, "device_memory": device.total,

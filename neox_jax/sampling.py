@@ -73,7 +73,9 @@ def select_token(logits: jax.Array, sampling: Sampling, step: jax.Array, salt: j
     return jnp.where(jnp.all(jnp.isfinite(logits), axis=-1), tokens, NONFINITE)
 
 
-def _sample(logits, sampling: Sampling, step, salt):
+def filtered_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
+    """[B, V] logits -> the sampler's logits over V: scaled by 1 / temperature, -inf outside the top-k and the
+    top-p nucleus. Their softmax is the distribution `select_token` samples from (for temperature > 0)."""
     vocab = logits.shape[-1]
     # Shifted so that the largest is 0 (sampling is shift-invariant): a tiny temperature then sends the others
     # to -inf, never inf - inf = NaN.
@@ -86,7 +88,15 @@ def _sample(logits, sampling: Sampling, step, salt):
     mass_before = jnp.cumsum(probs, axis=-1) - probs
     kept = jnp.sum(in_top_k & (mass_before < sampling.top_p), axis=-1, keepdims=True)  # [B, 1], >= 1
     cutoff = jnp.take_along_axis(descending, kept - 1, axis=-1)
-    masked = jnp.where(logits >= cutoff, logits, -jnp.inf)
+    return jnp.where(logits >= cutoff, logits, -jnp.inf)
+
+
+def row_keys(sampling: Sampling, step: jax.Array, salt: jax.Array) -> jax.Array:
+    """[B] typed PRNG keys: the seed's key, folded with `step` and then with each row's salt."""
     key = jax.random.fold_in(jax.random.wrap_key_data(sampling.key), step)
-    draw = lambda row, salt: jax.random.categorical(jax.random.fold_in(key, salt), row)  # noqa: E731
-    return jax.vmap(draw)(masked, salt).astype(jnp.int32)
+    return jax.vmap(lambda salt: jax.random.fold_in(key, salt))(salt)
+
+
+def _sample(logits, sampling: Sampling, step, salt):
+    draw = jax.vmap(jax.random.categorical)
+    return draw(row_keys(sampling, step, salt), filtered_logits(logits, sampling)).astype(jnp.int32)

@@ -31,15 +31,16 @@ def hf_reference(config: NeoXConfig, seed: int = 0):
     return model.eval()
 
 
-def peaked_model(vocab_size: int, seed: int, dtype: str = "float32"):
-    """A tiny NeoXModel whose next-token distributions are peaked but not one-hot (weights scaled up 4x)."""
+def peaked_model(vocab_size: int, seed: int, dtype: str = "float32", **changes):
+    """A tiny NeoXModel whose next-token distributions are peaked but not one-hot (weights scaled up 4x);
+    `changes` to its config (the `tiny` preset's)."""
     import jax.numpy as jnp
 
     from neox_jax.api import NeoXModel
     from neox_jax.checkpoints.synthetic import random_tensors
     from neox_jax.weights import build_params
 
-    config = tiny_config(vocab_size=vocab_size)
+    config = tiny_config(vocab_size=vocab_size, **changes)
     tensors = {k: v * (4.0 if "layernorm" not in k and "layer_norm" not in k else 1.0)
                for k, v in random_tensors(config, seed=seed).items()}
     return NeoXModel(config, build_params(config, tensors.items(), jnp.dtype(dtype), progress=False), dtype)

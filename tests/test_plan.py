@@ -115,3 +115,17 @@ def test_an_unknown_mode_or_preset_is_a_usage_error(capsys):
             main(argv)
         assert exit_info.value.code == 2
         assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_a_draft_preset_adds_its_weights_and_cache(capsys):
+    """`--draft-preset` (speculative decoding): the draft's own plan added to the model's."""
+    argv = ["--preset", "gpt-neox-20b", "--dtype", "float16", "--batch", "1", "--context", "2048",
+            "--device-memory", "80GB"]
+    _, alone = plan_json(capsys, *argv)
+    _, draft_alone = plan_json(capsys, *argv[:1], "pythia-410m", *argv[2:])
+    status, both = plan_json(capsys, *argv, "--draft-preset", "pythia-410m")
+    assert status == 0 and both["draft"] == "pythia-410m"
+    for key in ("weights_per_device", "cache_per_device"):
+        assert both[key] == alone[key] + draft_alone[key]
+    main(argv + ["--draft-preset", "pythia-410m"])
+    assert "with a draft (pythia-410m)" in capsys.readouterr().out
