@@ -28,7 +28,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--model", help="checkpoint directory (Hugging Face layout or DeepSpeed shards), or a Hugging "
                                      "Face hub id such as EleutherAI/pythia-410m (its cache: HF_HOME, HF_HUB_OFFLINE)")
     src.add_argument("--demo", action="store_true",
-                     help="no files needed: a tiny random model and an in-memory tokenizer run the whole path")
+                     help="no files needed: pydocs-target, a small GPT-NeoX trained here on the Python documentation and "
+                          "shipped in the package (docs/training.md)")
     p.add_argument("--revision", help="with a hub id: branch, tag or commit (e.g. Pythia's step143000; default main)")
     p.add_argument("--tokenizer", help="tokenizer JSON (default: the model's tokenizer.json, else its one "
                                        "*tokenizer*.json, e.g. 20B_tokenizer.json beside DeepSpeed shards)")

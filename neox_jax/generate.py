@@ -108,7 +108,9 @@ def read_prompts(args) -> list[str]:
             raise GenerationError(f"--prompt-file {args.prompt_file}: no prompts (one per line)")
         return prompts
     if args.demo:
-        return ["GPT-NeoX-20B is", "The quick brown fox"]
+        from .demo import PROMPTS
+
+        return PROMPTS
     raise GenerationError("give --prompt TEXT, --prompt-file FILE or --interactive")
 
 
@@ -125,7 +127,7 @@ def load_model(args, prompts: list[str]):
                                   "one merged model built in memory")
         from .demo import demo_model
 
-        print("demo: a tiny random model (2 layers, hidden 64) and tokenizer; the text is gibberish by design",
+        print("demo: pydocs-target, a 6-layer GPT-NeoX trained on the Python documentation (docs/training.md)",
               file=sys.stderr)
         from .sharding import make_mesh, parse_mesh
 
@@ -284,9 +286,9 @@ def run(args) -> None:
 
 def stop_token(args, tokenizer) -> int | None:
     """--stop-token as the decoder takes it (None: never). -1 is the command line's spelling of never; the
-    default is the tokenizer's <|endoftext|>, except with --demo, whose random model would stop at random."""
+    default is the tokenizer's <|endoftext|>."""
     if args.stop_token is None:
-        return None if args.demo else tokenizer.eos_id
+        return tokenizer.eos_id
     return None if args.stop_token == -1 else args.stop_token
 
 

@@ -71,11 +71,11 @@ def test_gpu_bench_runs_scaled_down_on_cpu():
 
 
 def test_benchmarks_demo_and_tests_share_the_presets():
-    from neox_jax.demo import demo_model
+    from neox_jax.demo import random_model
 
     assert SHAPES == {name: PRESETS[name] for name in ("tiny", "pythia-70m")}
     assert SHAPES["pythia-70m"].vocab_size == 50304  # the released Pythia-70M's, not the 20B tokenizer's 50432
-    assert demo_model().config == tiny_config() == PRESETS["tiny"]
+    assert random_model().config == tiny_config() == PRESETS["tiny"]
 
 
 def test_counts_match_the_model():

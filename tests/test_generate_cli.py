@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from neox_jax.checkpoints.synthetic import write_hf_checkpoint
+from neox_jax.demo import PROMPTS
 from neox_jax.generate import main
 from neox_jax.tokenizer import demo_tokenizer
 
@@ -17,7 +18,7 @@ def test_demo_runs_end_to_end_in_a_fresh_process():
     result = subprocess.run([sys.executable, "-m", "neox_jax.generate", "--demo", "--max-new-tokens", "8"],
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("GPT-NeoX-20B is")
+    assert result.stdout.startswith(PROMPTS[0])
     assert "ms/token" in result.stderr and "compile" in result.stderr
 
 
@@ -46,8 +47,8 @@ def test_json_output_one_object_per_prompt(model_dir, tmp_path, capsys):
 
 
 def test_stop_token_default_is_the_tokenizers_end_of_text_and_minus_one_is_never():
-    """--stop-token as the decoder gets it: the tokenizer's <|endoftext|> by default (none for --demo's random
-    model), -1 the command line's spelling of never (None), any other id as given."""
+    """--stop-token as the decoder gets it: the tokenizer's <|endoftext|> by default (--demo's trained model too),
+    -1 the command line's spelling of never (None), any other id as given."""
     from neox_jax.generate import parse_args, stop_token
 
     tokenizer = demo_tokenizer()
@@ -59,7 +60,7 @@ def test_stop_token_default_is_the_tokenizers_end_of_text_and_minus_one_is_never
     assert stop() == tokenizer.eos_id
     assert stop("--stop-token", "-1") is None
     assert stop("--stop-token", "7") == 7
-    assert stop_token(parse_args(["--demo"]), tokenizer) is None
+    assert stop_token(parse_args(["--demo"]), tokenizer) == tokenizer.eos_id
 
 
 def test_stop_token_outside_the_vocabulary_is_refused_before_loading(model_dir, capsys):

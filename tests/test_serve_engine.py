@@ -199,9 +199,9 @@ def exact_tensor_parallel_model(tmp_path):
 
 
 def int8_model(tmp_path):
-    from neox_jax.demo import demo_model
+    from neox_jax.demo import random_model
 
-    return demo_model(quantize="int8")
+    return random_model(quantize="int8")
 
 
 @pytest.mark.parametrize("build", [exact_tensor_parallel_model, int8_model])

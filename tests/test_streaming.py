@@ -110,8 +110,8 @@ def test_interactive_loop_through_a_pipe(model):
         [sys.executable, "-m", "neox_jax.generate", "--demo", "--interactive", "--max-new-tokens", "6"],
         input="The quick\n\nJAX compiles\n", cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    # Each prompt, then its greedy completion (the demo never stops early), as the Python API gives it.
-    completions = [model.generate(p, 6, stop_token=None) for p in ("The quick", "JAX compiles")]
+    # Each prompt, then its greedy completion (stopping at <|endoftext|>, as --demo does), as the Python API gives it.
+    completions = [model.generate(p, 6) for p in ("The quick", "JAX compiles")]
     assert result.stdout == f"The quick{completions[0]}\nJAX compiles{completions[1]}\n"
     assert all(len(model.tokenizer.encode(c)) >= 3 for c in completions)  # real text was generated
     assert result.stderr.count("ms/token") == 2  # one report per prompt, the blank line skipped

@@ -24,7 +24,7 @@ from ..dtypes import default_dtype, lookup
 from ..sharding import ShardingError
 
 EPILOG = """examples:
-  python -m neox_jax.serve --demo                       # a tiny random model: try the page at http://127.0.0.1:8000/
+  python -m neox_jax.serve --demo                       # the trained demo model: try the page at http://127.0.0.1:8000/
   python -m neox_jax.serve --model ./gpt-neox-20b --dtype float16 --max-batch 16
   python -m neox_jax.serve --model EleutherAI/pythia-410m --port 8080 --context 1024
 
