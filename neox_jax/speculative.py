@@ -252,7 +252,7 @@ class Speculator:
                                             sampling, stop, active, salt)
                 draft = rewind_cache(draft_first.cache.replace(length=per_row), per_row - 1)
             first_tokens = to_host(first.token)
-        _check_finite(first_tokens[:rows, None], 0)
+        _check_finite(first_tokens[:rows, None], 0, self.target.dtype)
         history = np.zeros((batch, slots + 1), np.int32)  # + 1: a finished row's unused write stays in bounds
         filled = np.full(batch, 2, np.int32)  # padding rows: a dummy token and their first
         for row, prompt in enumerate(prompts):
@@ -301,7 +301,7 @@ class Speculator:
                 take, pending[row] = pending[row][:n], pending[row][n:]
                 out[row, :len(take)] = take
             for row in np.flatnonzero((out == NONFINITE).any(axis=1)):
-                _check_finite(out[row:row + 1], int(sent[row]))
+                _check_finite(out[row:row + 1], int(sent[row]), self.target.dtype)
             sent += n
             yield out
 
