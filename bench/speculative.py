@@ -70,14 +70,14 @@ def random_model(preset: str, dtype: str, seed: int):
     return NeoXModel(config, jax.tree_util.tree_unflatten(treedef, values), dtype)
 
 
-def get_model(source: str, dtype: str, seed: int):
+def get_model(source: str, dtype: str, seed: int, tokenizer: str | None = None):
     from neox_jax.config import PRESETS
 
     if source in PRESETS:
         return random_model(source, dtype, seed), True
     import neox_jax
 
-    return neox_jax.load(source, dtype=dtype, progress=False), False
+    return neox_jax.load(source, dtype=dtype, progress=False, tokenizer=tokenizer), False
 
 
 def pass_ms(model, batch: int, prompt_len: int, tokens: int, reps: int) -> float:
@@ -150,7 +150,8 @@ def make_prompts(target, args, count: int | None = None) -> list[list[int]]:
         return [rng.integers(0, min(50000, target.config.vocab_size), args.prompt_len).tolist()
                 for _ in range(count)]
     if target.tokenizer is None:
-        raise SystemExit("error: --prompt-text needs the target's tokenizer (a checkpoint with tokenizer.json)")
+        raise SystemExit("error: --prompt-text needs the target's tokenizer (a checkpoint with tokenizer.json, "
+                         "or --tokenizer FILE)")
     with open(args.prompt_text, encoding="utf-8") as f:
         lines = f.read().splitlines()
     texts = [json.loads(line)["text"] for line in lines if line.strip()] if args.prompt_text.endswith(".jsonl") \
@@ -174,6 +175,8 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tokenizer", metavar="FILE", help="the target checkpoint's tokenizer JSON, where it has none "
+                        "of its own (neox_jax/models' pair: the 20B tokenizer)")
     parser.add_argument("--prompt-text", metavar="FILE",
                         help="prompts from this text (a .jsonl of {\"text\": ...} or plain text), tokenized with the "
                              "target's tokenizer: the first --prompt-len tokens of successive documents (default: "
@@ -189,7 +192,7 @@ def main(argv=None) -> int:
     started = utc_now()
     ks = parse_list(args.k, int)
 
-    target, target_random = get_model(args.target, args.dtype, args.seed)
+    target, target_random = get_model(args.target, args.dtype, args.seed, args.tokenizer)
     draft, draft_random = (args.draft, False) if args.draft == "ngram" else get_model(args.draft, args.dtype,
                                                                                        args.seed + 1)
     print(f"target {args.target}, draft {args.draft}, {args.dtype}, batch {args.batch}, prompt {args.prompt_len}, "
