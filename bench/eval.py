@@ -5,7 +5,7 @@ same weights and the same multiple-choice task, in one run.
                          [--json OUT] [--markdown docs/figures/eval.md]
 
 --model is a Hugging Face GPT-NeoX directory; without it, random fp32 weights of the Pythia-70M shape with the
-real GPT-NeoX-20B tokenizer (--tokenizer, else $NEOX_TOKENIZER, else ../shared/data/20B_tokenizer.json). The
+real GPT-NeoX-20B tokenizer (--tokenizer, else as --demo finds it: neox_jax.demo.trained_tokenizer). The
 task is a local lm-eval task (default: tests/data/hellaswag_local_tiny.yaml, HellaSwag-shaped: each context
 shared by 4 endings). Each engine runs in its own child process, fp32 on the CPU, with the same batch size:
 it loads the model (timed apart), then runs `lm_eval.simple_evaluate` on the task with its samples logged.
@@ -108,17 +108,13 @@ def render(result: dict, markdown: bool) -> str:
     return f"{title}\n{table(headers, rows)}\n" + "\n".join(verdicts)
 
 
-def default_tokenizer() -> Path:
-    return Path(os.environ.get("NEOX_TOKENIZER", REPO.parent / "shared" / "data" / "20B_tokenizer.json"))
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.eval", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="Hugging Face GPT-NeoX directory with its tokenizer.json (default: random "
                         "Pythia-70M-shaped weights)")
     parser.add_argument("--tokenizer", type=Path, default=None, help="tokenizer JSON for the random model (default: "
-                        "$NEOX_TOKENIZER, else ../shared/data/20B_tokenizer.json)")
+                        "as --demo finds it: $NEOX_TOKENIZER, ../shared/data/20B_tokenizer.json, the hub cache)")
     parser.add_argument("--task", default="hellaswag_local_tiny", help="a task of tests/data (default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=16, help="rows per forward pass, both engines")
     parser.add_argument("--json", metavar="OUT", help="also write the figures as JSON")
@@ -134,8 +130,10 @@ def main(argv=None) -> int:
     if args.model is not None and not (Path(args.model) / "config.json").is_file():
         parser.error(f"--model {args.model}: no config.json there (a Hugging Face GPT-NeoX directory is needed)")
     if args.model is None:
-        args.tokenizer = args.tokenizer or default_tokenizer()
-        if not args.tokenizer.is_file():
+        from neox_jax.demo import trained_tokenizer
+
+        args.tokenizer = args.tokenizer or trained_tokenizer()
+        if args.tokenizer is None or not args.tokenizer.is_file():
             parser.error(f"tokenizer {args.tokenizer} not found: pass --tokenizer FILE or --model DIR")
     if not (DATA / f"{args.task}.yaml").is_file():
         parser.error(f"--task {args.task}: no {DATA / (args.task + '.yaml')}")

@@ -1,6 +1,5 @@
 """Shared fixtures: tiny configs, reference models from Hugging Face transformers, the real tokenizer."""
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -61,10 +60,14 @@ def hf_model_dir(tmp_path):
 
 @pytest.fixture
 def tokenizer_path():
-    """The real GPT-NeoX-20B tokenizer: $NEOX_TOKENIZER or ../shared/data/20B_tokenizer.json."""
-    path = Path(os.environ.get("NEOX_TOKENIZER", REPO.parent / "shared" / "data" / "20B_tokenizer.json"))
-    if not path.is_file():
-        pytest.skip(f"real 20B tokenizer not found at {path} (set NEOX_TOKENIZER)")
+    """The real GPT-NeoX-20B tokenizer, found as --demo finds it: $NEOX_TOKENIZER, ../shared/data/20B_tokenizer.json
+    or the Hugging Face cache (neox_jax.demo.trained_tokenizer)."""
+    from neox_jax.demo import trained_tokenizer
+
+    path = trained_tokenizer()
+    if path is None or not path.is_file():
+        pytest.skip(f"real 20B tokenizer not found ({path or 'no NEOX_TOKENIZER, ../shared or hub cache'}; "
+                    f"set NEOX_TOKENIZER)")
     return path
 
 
