@@ -45,8 +45,10 @@ class _DeviceScorer:
     def compile_seconds(self) -> float:
         return sum(p.compile_seconds for p in self.programs)
 
-    def _run(self, program: int, *arrays):
-        return self.programs[program](self.params, *(self.decoder.place_rows(x) for x in arrays))
+    def _run(self, program: int, *rows, cache=None):
+        """Program `program` on the params, then `cache` (a device KVCache) if given, then host `rows` placed."""
+        leading = () if cache is None else (cache,)
+        return self.programs[program](self.params, *leading, *(self.decoder.place_rows(x) for x in rows))
 
 
 def _right_padded(rows: Sequence[Sequence[int]], batch: int, first_position: Sequence[int] | None = None):
@@ -132,9 +134,7 @@ class ContextScorer(_DeviceScorer):
         tokens, positions = _right_padded(rows, batch)
         last = np.zeros(batch, np.int32)
         last[:len(rows)] = [len(r) - 1 for r in rows]
-        empty = self.decoder.new_cache(*tokens.shape)
-        cache, last_lp = self.programs[0](self.params, empty, *(self.decoder.place_rows(x)
-                                                                 for x in (tokens, positions, last)))
+        cache, last_lp = self._run(0, tokens, positions, last, cache=self.decoder.new_cache(*tokens.shape))
         return cache, to_host(last_lp)
 
     def continuations(self, cache, context_row: Sequence[int], context_length: Sequence[int],
@@ -145,6 +145,5 @@ class ContextScorer(_DeviceScorer):
             targets[i, :len(continuation) - 1] = continuation[1:]
         index = np.zeros(batch, np.int32)
         index[:len(continuations)] = context_row
-        out = self.programs[1](self.params, cache, *(self.decoder.place_rows(x)
-                                                      for x in (index, tokens, positions, targets)))
+        out = self._run(1, index, tokens, positions, targets, cache=cache)
         return tuple(to_host(x) for x in out)
