@@ -57,6 +57,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from .api import NeoXModel, load
+from .decode import length_bucket
 from .quantize import QuantizedWeight
 from .scoring import ContextScorer, Scorer
 from .sharding import DATA
@@ -284,9 +285,10 @@ class NeoXLM(TemplateLM):
         """Each context once, batch_size contexts at a time; then their continuations against their cache."""
         batch = self.batch_size
         contexts = sorted(shared, key=lambda c: (-len(c), c))
+        slots = length_bucket(len(contexts[0])) if contexts else 0  # one cache size: fewer programs
         for start in range(0, len(contexts), batch):
             chunk = contexts[start:start + batch]
-            cache, last_lp = self.context_scorer.contexts(chunk, batch)  # last_lp scores each first token
+            cache, last_lp = self.context_scorer.contexts(chunk, batch, slots)  # last_lp scores each first token
             first_greedy = last_lp.argmax(-1)
             rest: dict[int, tuple[float, bool]] = {}  # request -> (log-prob, greedy) of its tokens after the first
             longer = sorted(((row, i) for row, context in enumerate(chunk) for i in shared[context]

@@ -9,6 +9,7 @@ once per bucket (or pair of buckets) it touches, whatever the number of requests
 
 from __future__ import annotations
 
+import time
 from typing import Sequence
 
 import jax
@@ -29,13 +30,15 @@ def _log_softmax_at(logits, targets):
 
 
 class _DeviceScorer:
-    """The loaded model's module, params and row placement, and the compile count of its programs."""
+    """The loaded model's module, params and row placement, the compile count of its programs, and the time
+    spent running each (`run_seconds`: placing the rows, computing, compilations not included)."""
 
     def __init__(self, model, *fns):
         self.module: NeoX = model.module
         self.params = model.params
         self.decoder = model.decoder  # rows split over the mesh's data axis, and the cache, as the decoder's
         self.programs = [Compiled(fn, donate_argnums=donate) for fn, donate in fns]
+        self.run_seconds = [0.0] * len(fns)
 
     @property
     def compiles(self) -> int:
@@ -48,7 +51,11 @@ class _DeviceScorer:
     def _run(self, program: int, *rows, cache=None):
         """Program `program` on the params, then `cache` (a device KVCache) if given, then host `rows` placed."""
         leading = () if cache is None else (cache,)
-        return self.programs[program](self.params, *leading, *(self.decoder.place_rows(x) for x in rows))
+        start, compiling = time.perf_counter(), self.programs[program].compile_seconds
+        out = jax.block_until_ready(self.programs[program](self.params, *leading,
+                                                           *(self.decoder.place_rows(x) for x in rows)))
+        self.run_seconds[program] += time.perf_counter() - start - (self.programs[program].compile_seconds - compiling)
+        return out
 
 
 def _right_padded(rows: Sequence[Sequence[int]], batch: int, first_position: Sequence[int] | None = None):
@@ -96,8 +103,9 @@ class ContextScorer(_DeviceScorer):
     """Contexts computed once, continuations scored against their cache (multiple choice: every answer of a
     question shares its context).
 
-    `contexts(rows, batch)` prefills up to `batch` contexts and returns their KV cache (on device, one row per
-    context, `length_bucket(longest)` slots) and each context's last-position log-probs [batch, V] (which score
+    `contexts(rows, batch, slots)` prefills up to `batch` contexts (each <= `slots` tokens, padded to
+    `length_bucket(longest)`) and returns their KV cache (on device, one row per context, `slots` slots: one
+    cache size for every batch of a task means one continuation program per continuation bucket) and each context's last-position log-probs [batch, V] (which score
     every continuation's first token). `continuations(cache, context_row, context_length, continuations, batch)`
     scores the rest of each continuation (>= 2 tokens) of context `context_row[i]` (of `context_length[i]`
     tokens): its tokens but the last are fed after the context's, and target_logprob, greedy [batch, T] score
@@ -130,11 +138,11 @@ class ContextScorer(_DeviceScorer):
         logits = self.module.apply({"params": params}, tokens, positions, rows).logits.astype(jnp.float32)
         return _log_softmax_at(logits, targets)[:2]
 
-    def contexts(self, rows: Sequence[Sequence[int]], batch: int):
+    def contexts(self, rows: Sequence[Sequence[int]], batch: int, slots: int):
         tokens, positions = _right_padded(rows, batch)
         last = np.zeros(batch, np.int32)
         last[:len(rows)] = [len(r) - 1 for r in rows]
-        cache, last_lp = self._run(0, tokens, positions, last, cache=self.decoder.new_cache(*tokens.shape))
+        cache, last_lp = self._run(0, tokens, positions, last, cache=self.decoder.new_cache(batch, slots))
         return cache, to_host(last_lp)
 
     def continuations(self, cache, context_row: Sequence[int], context_length: Sequence[int],
