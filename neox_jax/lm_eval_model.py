@@ -35,9 +35,9 @@ share their context (multiple choice: HellaSwag's 4 endings, PIQA's and Winogran
 continuation fit without truncation, compute the context once and score each continuation against its KV
 cache (`ContextScorer`), for any continuation length; only the context's last position goes through the
 output projection. Every other request is one right-padded row of context + continuation (`Scorer`). Both
-pad to a fixed batch size and to length buckets (`neox_jax.decode.length_bucket`: 16, 32, ..., 256, then
-multiples of 256), so a task compiles once per bucket (or context and continuation bucket pair) it touches,
-whatever the number of requests. The two ways give the same log-likelihoods up to the order of fp32 summation.
+pad to a fixed batch size and to length buckets (`neox_jax.scoring.score_bucket`: multiples of 16 up to 256,
+then of 256), and every shared context of a task to one cache size, so a task compiles once per bucket it
+touches, whatever the number of requests. The two ways give the same log-likelihoods up to the order of fp32 summation.
 """
 
 from __future__ import annotations
@@ -57,9 +57,8 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from .api import NeoXModel, load
-from .decode import length_bucket
 from .quantize import QuantizedWeight
-from .scoring import ContextScorer, Scorer
+from .scoring import ContextScorer, Scorer, score_bucket
 from .sharding import DATA
 from .tokenizer import END_OF_TEXT, Tokenizer, load_tokenizer
 
@@ -285,7 +284,7 @@ class NeoXLM(TemplateLM):
         """Each context once, batch_size contexts at a time; then their continuations against their cache."""
         batch = self.batch_size
         contexts = sorted(shared, key=lambda c: (-len(c), c))
-        slots = length_bucket(len(contexts[0])) if contexts else 0  # one cache size: fewer programs
+        slots = score_bucket(len(contexts[0])) if contexts else 0  # one cache size: fewer programs
         for start in range(0, len(contexts), batch):
             chunk = contexts[start:start + batch]
             cache, last_lp = self.context_scorer.contexts(chunk, batch, slots)  # last_lp scores each first token

@@ -3,8 +3,8 @@ once and its continuations scored against its cache.
 
 Both return log-probabilities from a log-softmax in fp32 over the full (padded) vocabulary, gathered on device,
 so no [B, T, V] array comes back to the host. Rows are right-padded (padding has position -1 and is never
-attended to) to a fixed batch size and to length buckets (`neox_jax.decode.length_bucket`), so a task compiles
-once per bucket (or pair of buckets) it touches, whatever the number of requests.
+attended to) to a fixed batch size and to length buckets (`score_bucket`), so a task compiles once per bucket
+(or pair of buckets) it touches, whatever the number of requests.
 """
 
 from __future__ import annotations
@@ -58,9 +58,16 @@ class _DeviceScorer:
         return out
 
 
+def score_bucket(n: int) -> int:
+    """Rows of up to 256 tokens pad to a multiple of 16, longer ones as the decoder's (multiples of 256).
+    Finer than the decoder's powers of two: a task touches few of them, and padded positions cost as much
+    as real ones (contexts of 65 to 80 tokens padded to 128 nearly double their prefill)."""
+    return -(-n // 16) * 16 if n <= 256 else length_bucket(n)
+
+
 def _right_padded(rows: Sequence[Sequence[int]], batch: int, first_position: Sequence[int] | None = None):
-    """rows -> tokens [batch, length_bucket(longest)], positions (from each row's first position; -1 pads)."""
-    length = length_bucket(max(len(r) for r in rows))
+    """rows -> tokens [batch, score_bucket(longest)], positions (from each row's first position; -1 pads)."""
+    length = score_bucket(max(len(r) for r in rows))
     tokens = np.zeros((batch, length), np.int32)
     positions = np.full((batch, length), -1, np.int32)
     for i, row in enumerate(rows):
@@ -89,7 +96,7 @@ class Scorer(_DeviceScorer):
         return target_lp, greedy, last_lp
 
     def __call__(self, rows: Sequence[Sequence[int]], batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Score up to `batch` token rows (each >= 1 token), padded to [batch, length_bucket(longest)]."""
+        """Score up to `batch` token rows (each >= 1 token), padded to [batch, score_bucket(longest)]."""
         tokens, positions = _right_padded(rows, batch)
         targets = np.zeros_like(tokens)
         last = np.zeros(batch, np.int32)
@@ -104,7 +111,7 @@ class ContextScorer(_DeviceScorer):
     question shares its context).
 
     `contexts(rows, batch, slots)` prefills up to `batch` contexts (each <= `slots` tokens, padded to
-    `length_bucket(longest)`) and returns their KV cache (on device, one row per context, `slots` slots: one
+    `score_bucket(longest)`) and returns their KV cache (on device, one row per context, `slots` slots: one
     cache size for every batch of a task means one continuation program per continuation bucket) and each context's last-position log-probs [batch, V] (which score
     every continuation's first token). `continuations(cache, context_row, context_length, continuations, batch)`
     scores the rest of each continuation (>= 2 tokens) of context `context_row[i]` (of `context_length[i]`
