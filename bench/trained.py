@@ -234,7 +234,8 @@ def main(argv=None) -> int:
                       f"Training curves: [training-curve.png]({args.plot.name}).", "",
                       "## lm-eval on held-out text: neox-jax against lm-eval's `hf` model", "",
                       "pydocs-target, as shipped (fp16 weights, computed in fp32), on the tasks of "
-                      "`tests/data/pydocs_*.yaml` (96 held-out paragraphs; `bench.eval`'s figures, run from here):",
+                      f"`tests/data/pydocs_*.yaml` ({len(PYDOCS_HELD_OUT.read_text().splitlines())} held-out "
+                      "paragraphs, `tools/pydocs_eval_data.py`; `bench.eval`'s figures, run from here):",
                       "", render(evaluated, markdown=True).replace("## ", "### "),
                       "## Prefix cache on a shared held-out prompt", "", *prefix_cache_section(prefix)])
     write_page(args.out, markdown_page("Trained models on held-out text", "bench.trained",

@@ -46,6 +46,7 @@ MODEL_ARGS_HELP = """neox-jax: lm-eval's CLI with --model neox-jax by default. n
   tp_exact=true          DeepSpeed shards only: compute as the tensor-parallel ranks did in training, each
                          rank's LayerNorm copies and row-parallel biases kept (also: --tp-exact)
   quantize=int8|fp8      weight-only quantization of the matmul weights (also: --quantize int8)
+Compiled programs are kept for later runs in $JAX_COMPILATION_CACHE_DIR, else ~/.cache/neox_jax/xla (<= 2 GiB).
 """
 
 
