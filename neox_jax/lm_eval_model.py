@@ -269,14 +269,15 @@ class NeoXLM(TemplateLM):
         order = Collator(list(enumerate(row_tokens)), sort_fn=lambda r: (-len(r[1]), r[1]))
         for chunk in order.get_batched(n=self.batch_size):
             # Always batch_size rows (padding rows are empty): one compilation per length bucket.
-            target_lp, greedy, last_lp = self.scorer([r for _, r in chunk], self.batch_size)
-            for b, (row, inp) in enumerate(chunk):
-                n = len(inp)
+            first = [min(len(inp) - len(requests[i][2]) for i in users[row]) for row, inp in chunk]
+            target_lp, greedy, last_lp = self.scorer([r for _, r in chunk], first, self.batch_size)
+            for b, ((row, inp), offset) in enumerate(zip(chunk, first)):
+                n = len(inp) - offset  # positions scored from `offset` on; the last is n - 1
                 for i in users[row]:
                     continuation = requests[i][2]
-                    start = n - len(continuation)  # first scored position
+                    start = n - len(continuation)  # first scored position of this request
                     logprob = math.fsum(target_lp[b, start:n - 1].tolist()) + float(last_lp[b, continuation[-1]])
-                    is_greedy = bool(np.array_equal(greedy[b, start:n - 1], inp[start + 1:n])
+                    is_greedy = bool(np.array_equal(greedy[b, start:n - 1], inp[offset + start + 1:offset + n])
                                      and greedy[b, n - 1] == continuation[-1])
                     record(i, logprob, is_greedy)
 

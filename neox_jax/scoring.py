@@ -78,32 +78,41 @@ def _right_padded(rows: Sequence[Sequence[int]], batch: int, first_position: Seq
 
 
 class Scorer(_DeviceScorer):
-    """Whole rows: (tokens, positions, targets, last) -> per-token log-prob, argmax, and the log-probs of each
-    row's last real position over the vocabulary.
+    """Whole rows, of which only the positions from each row's `first` on are scored (a LAMBADA row scores its
+    last word, not its passage): only those go through the output projection, the most costly matmul of a
+    small model.
 
-    tokens, positions, targets: [B, T] int32 (targets[b, t] is the token scored at position t);
-    last: [B] int32. Returns target_logprob [B, T] fp32, greedy [B, T] int32, last_logprobs [B, V] fp32.
+    (tokens, positions [B, T], first [B], targets [B, C], last [B]) -> target_logprob [B, C] fp32 and greedy
+    [B, C] int32 of positions first[b] + j (targets[b, j] the token scored there), and last_logprobs [B, V]
+    fp32 of position first[b] + last[b] (a row's last real position) over the vocabulary.
     """
 
     def __init__(self, model):
         super().__init__(model, (self._score, ()))
 
-    def _score(self, params, tokens, positions, targets, last):
-        logits = self.module.apply({"params": params}, tokens, positions).logits.astype(jnp.float32)  # [B, T, V]
-        target_lp, greedy, lse = _log_softmax_at(logits, targets)
+    def _score(self, params, tokens, positions, first, targets, last):
+        out = self.module.apply({"params": params}, tokens, positions, return_hidden_states=True)
         rows = jnp.arange(tokens.shape[0])
+        scored = jnp.minimum(first[:, None] + jnp.arange(targets.shape[1]), tokens.shape[1] - 1)  # [B, C]
+        final = out.hidden_states[-1][rows[:, None], scored]  # [B, C, D]; the unused [B, T, V] logits are dropped
+        logits = self.module.apply({"params": params}, final, method=NeoX.head).astype(jnp.float32)  # [B, C, V]
+        target_lp, greedy, lse = _log_softmax_at(logits, targets)
         last_lp = logits[rows, last] - lse[rows, last][:, None]  # [B, V]
         return target_lp, greedy, last_lp
 
-    def __call__(self, rows: Sequence[Sequence[int]], batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Score up to `batch` token rows (each >= 1 token), padded to [batch, score_bucket(longest)]."""
+    def __call__(self, rows: Sequence[Sequence[int]], first: Sequence[int], batch: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Score up to `batch` token rows (each >= 1 token), padded to [batch, score_bucket(longest)], from
+        position `first[i]` of row i on: target_logprob[i, j], greedy[i, j] are row i's position first[i] + j."""
         tokens, positions = _right_padded(rows, batch)
-        targets = np.zeros_like(tokens)
-        last = np.zeros(batch, np.int32)
-        for i, row in enumerate(rows):
-            targets[i, :len(row) - 1] = row[1:]  # the last position's target is read from last_logprobs instead
-            last[i] = len(row) - 1
-        return tuple(to_host(x) for x in self._run(0, tokens, positions, targets, last))
+        width = score_bucket(max(len(row) - start for row, start in zip(rows, first)))
+        targets = np.zeros((batch, width), np.int32)
+        starts, last = np.zeros(batch, np.int32), np.zeros(batch, np.int32)
+        for i, (row, start) in enumerate(zip(rows, first)):
+            # The last position's target is read from last_logprobs instead.
+            targets[i, :len(row) - 1 - start] = row[start + 1:]
+            starts[i], last[i] = start, len(row) - 1 - start
+        return tuple(to_host(x) for x in self._run(0, tokens, positions, starts, targets, last))
 
 
 class ContextScorer(_DeviceScorer):

@@ -163,10 +163,10 @@ def test_batch_sizes_agree_and_compiles_bounded(neox, checkpoint):
         lm = NeoXLM(pretrained=neox.model, tokenizer=str(checkpoint / "tokenizer.json"), batch_size=batch_size)
         results[batch_size] = lm.loglikelihood(requests, disable_tqdm=True)
         # One compilation per length bucket touched (16, 32, 48, 64 for a 64-token context), not per request:
-        # whole rows by their bucket, shared contexts by theirs, continuations by their own (every shared
-        # context's cache has one size).
+        # whole rows by their (row, scored positions) bucket pair, shared contexts by their bucket,
+        # continuations by their own (every shared context's cache has one size).
         whole_rows, (contexts, continuations) = lm.scorer.programs[0], lm.context_scorer.programs
-        assert 1 <= whole_rows.compiles <= 4 and 1 <= contexts.compiles <= 4 and continuations.compiles <= 4
+        assert 1 <= whole_rows.compiles <= 10 and 1 <= contexts.compiles <= 4 and continuations.compiles <= 4
         compiles = lm.compiles
         lm.loglikelihood(requests[::-1], disable_tqdm=True)
         lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (t,), 0) for t in _texts()],
