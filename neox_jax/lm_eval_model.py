@@ -34,9 +34,10 @@ Scoring runs on device (`neox_jax.scoring`), and no [B, T, V] logits come back t
 share their context (multiple choice: HellaSwag's 4 endings, PIQA's and Winogrande's 2), where context and
 continuation fit without truncation, compute the context once and score each continuation against its KV
 cache (`ContextScorer`), for any continuation length; only the context's last position goes through the
-output projection. Every other request is one right-padded row of context + continuation (`Scorer`). Both
-pad to a fixed batch size and to length buckets (`neox_jax.scoring.score_bucket`: multiples of 16 up to 256,
-then of 256), and every shared context of a task to one cache size, so a task compiles once per bucket it
+output projection. Every other request is one right-padded row of context + continuation (`Scorer`), of
+which only the continuation's positions go through the output projection. Both pad to a fixed batch size
+and to length buckets (`neox_jax.scoring.score_bucket`: multiples of 16 up to 256, then of 256), and every
+shared context of a task to one cache size, so a task compiles once per bucket (or pair of buckets) it
 touches, whatever the number of requests. The two ways give the same log-likelihoods up to the order of fp32 summation.
 """
 
