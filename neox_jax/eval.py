@@ -9,6 +9,9 @@ and by importing modules), so its `lm_eval` console script cannot see `neox-jax`
     python -m neox_jax.eval --model_args pretrained=DIR,tokenizer=FILE,dtype=float16 \\
         --tasks lambada_openai,piqa --batch_size 16 --output_path results/
 
+Compiled programs are kept on disk (JAX's persistent compilation cache, in $JAX_COMPILATION_CACHE_DIR, else
+~/.cache/neox_jax/xla; at most 2 GiB), so a second run of the same model and tasks does not compile again.
+
 Offline, with a task defined by local files:
 
     HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 python -m neox_jax.eval --model_args pretrained=DIR \\
@@ -23,10 +26,13 @@ if __name__ == "__main__":
     exit_on_interrupt()  # lm-eval writes its results at the end: an interrupted run has nothing to clean up
 
 import multiprocessing
+import os
 import signal
 import sys
+from pathlib import Path
 
 SUBCOMMANDS = ("run", "ls", "validate")
+COMPILATION_CACHE_BYTES = 2 * 2 ** 30  # least recently used programs are dropped beyond this
 
 MODEL_ARGS_HELP = """neox-jax: lm-eval's CLI with --model neox-jax by default. neox-jax model_args:
   pretrained=DIR         Hugging Face GPT-NeoX directory or GPT-NeoX DeepSpeed checkpoint (required)
@@ -40,6 +46,7 @@ MODEL_ARGS_HELP = """neox-jax: lm-eval's CLI with --model neox-jax by default. n
   tp_exact=true          DeepSpeed shards only: compute as the tensor-parallel ranks did in training, each
                          rank's LayerNorm copies and row-parallel biases kept (also: --tp-exact)
   quantize=int8|fp8      weight-only quantization of the matmul weights (also: --quantize int8)
+Compiled programs are kept for later runs in $JAX_COMPILATION_CACHE_DIR, else ~/.cache/neox_jax/xla (<= 2 GiB).
 """
 
 
@@ -90,6 +97,28 @@ def _add_model_arg(argv: list[str], arg: str) -> list[str]:
     return [*argv, "--model_args", arg]
 
 
+def compilation_cache_dir() -> Path:
+    """Where `use_compilation_cache` keeps compiled programs: $JAX_COMPILATION_CACHE_DIR, else
+    $XDG_CACHE_HOME/neox_jax/xla (default ~/.cache/neox_jax/xla)."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "neox_jax" / "xla"
+
+
+def use_compilation_cache() -> Path:
+    """JAX's persistent compilation cache on: a later run of the same model shapes and tasks reads its scoring
+    programs back from disk instead of compiling them (docs/figures/eval.md: cold and warm runs). Every
+    program is kept however quickly it compiled (the default keeps only those over 1 s), within
+    COMPILATION_CACHE_BYTES."""
+    import jax
+
+    path = compilation_cache_dir()
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_BYTES)
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or _has_option(argv, "--help", "-h"):
@@ -105,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     except (RuntimeError, ValueError):  # already set, or not available on this platform
         pass
 
+    use_compilation_cache()
     from . import lm_eval_model  # noqa: F401  (registers "neox-jax")
     from lm_eval.__main__ import cli_evaluate
 

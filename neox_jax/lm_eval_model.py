@@ -34,10 +34,11 @@ Scoring runs on device (`neox_jax.scoring`), and no [B, T, V] logits come back t
 share their context (multiple choice: HellaSwag's 4 endings, PIQA's and Winogrande's 2), where context and
 continuation fit without truncation, compute the context once and score each continuation against its KV
 cache (`ContextScorer`), for any continuation length; only the context's last position goes through the
-output projection. Every other request is one right-padded row of context + continuation (`Scorer`). Both
-pad to a fixed batch size and to length buckets (`neox_jax.decode.length_bucket`: 16, 32, ..., 256, then
-multiples of 256), so a task compiles once per bucket (or context and continuation bucket pair) it touches,
-whatever the number of requests. The two ways give the same log-likelihoods up to the order of fp32 summation.
+output projection. Every other request is one right-padded row of context + continuation (`Scorer`), of
+which only the continuation's positions go through the output projection. Both pad to a fixed batch size
+and to length buckets (`neox_jax.scoring.score_bucket`: multiples of 16 up to 256, then of 256), and every
+shared context of a task to one cache size, so a task compiles once per bucket (or pair of buckets) it
+touches, whatever the number of requests. The two ways give the same log-likelihoods up to the order of fp32 summation.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ from tqdm import tqdm
 
 from .api import NeoXModel, load
 from .quantize import QuantizedWeight
-from .scoring import ContextScorer, Scorer
+from .scoring import ContextScorer, Scorer, score_bucket
 from .sharding import DATA
 from .tokenizer import END_OF_TEXT, Tokenizer, load_tokenizer
 
@@ -269,14 +270,15 @@ class NeoXLM(TemplateLM):
         order = Collator(list(enumerate(row_tokens)), sort_fn=lambda r: (-len(r[1]), r[1]))
         for chunk in order.get_batched(n=self.batch_size):
             # Always batch_size rows (padding rows are empty): one compilation per length bucket.
-            target_lp, greedy, last_lp = self.scorer([r for _, r in chunk], self.batch_size)
-            for b, (row, inp) in enumerate(chunk):
-                n = len(inp)
+            first = [min(len(inp) - len(requests[i][2]) for i in users[row]) for row, inp in chunk]
+            target_lp, greedy, last_lp = self.scorer([r for _, r in chunk], first, self.batch_size)
+            for b, ((row, inp), offset) in enumerate(zip(chunk, first)):
+                n = len(inp) - offset  # positions scored from `offset` on; the last is n - 1
                 for i in users[row]:
                     continuation = requests[i][2]
-                    start = n - len(continuation)  # first scored position
+                    start = n - len(continuation)  # first scored position of this request
                     logprob = math.fsum(target_lp[b, start:n - 1].tolist()) + float(last_lp[b, continuation[-1]])
-                    is_greedy = bool(np.array_equal(greedy[b, start:n - 1], inp[start + 1:n])
+                    is_greedy = bool(np.array_equal(greedy[b, start:n - 1], inp[offset + start + 1:offset + n])
                                      and greedy[b, n - 1] == continuation[-1])
                     record(i, logprob, is_greedy)
 
@@ -284,9 +286,10 @@ class NeoXLM(TemplateLM):
         """Each context once, batch_size contexts at a time; then their continuations against their cache."""
         batch = self.batch_size
         contexts = sorted(shared, key=lambda c: (-len(c), c))
+        slots = score_bucket(len(contexts[0])) if contexts else 0  # one cache size: fewer programs
         for start in range(0, len(contexts), batch):
             chunk = contexts[start:start + batch]
-            cache, last_lp = self.context_scorer.contexts(chunk, batch)  # last_lp scores each first token
+            cache, last_lp = self.context_scorer.contexts(chunk, batch, slots)  # last_lp scores each first token
             first_greedy = last_lp.argmax(-1)
             rest: dict[int, tuple[float, bool]] = {}  # request -> (log-prob, greedy) of its tokens after the first
             longer = sorted(((row, i) for row, context in enumerate(chunk) for i in shared[context]

@@ -3,12 +3,13 @@ once and its continuations scored against its cache.
 
 Both return log-probabilities from a log-softmax in fp32 over the full (padded) vocabulary, gathered on device,
 so no [B, T, V] array comes back to the host. Rows are right-padded (padding has position -1 and is never
-attended to) to a fixed batch size and to length buckets (`neox_jax.decode.length_bucket`), so a task compiles
-once per bucket (or pair of buckets) it touches, whatever the number of requests.
+attended to) to a fixed batch size and to length buckets (`score_bucket`), so a task compiles once per bucket
+(or pair of buckets) it touches, whatever the number of requests.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Sequence
 
 import jax
@@ -29,13 +30,15 @@ def _log_softmax_at(logits, targets):
 
 
 class _DeviceScorer:
-    """The loaded model's module, params and row placement, and the compile count of its programs."""
+    """The loaded model's module, params and row placement, the compile count of its programs, and the time
+    spent running each (`run_seconds`: placing the rows, computing, compilations not included)."""
 
     def __init__(self, model, *fns):
         self.module: NeoX = model.module
         self.params = model.params
         self.decoder = model.decoder  # rows split over the mesh's data axis, and the cache, as the decoder's
         self.programs = [Compiled(fn, donate_argnums=donate) for fn, donate in fns]
+        self.run_seconds = [0.0] * len(fns)
 
     @property
     def compiles(self) -> int:
@@ -48,12 +51,23 @@ class _DeviceScorer:
     def _run(self, program: int, *rows, cache=None):
         """Program `program` on the params, then `cache` (a device KVCache) if given, then host `rows` placed."""
         leading = () if cache is None else (cache,)
-        return self.programs[program](self.params, *leading, *(self.decoder.place_rows(x) for x in rows))
+        start, compiling = time.perf_counter(), self.programs[program].compile_seconds
+        out = jax.block_until_ready(self.programs[program](self.params, *leading,
+                                                           *(self.decoder.place_rows(x) for x in rows)))
+        self.run_seconds[program] += time.perf_counter() - start - (self.programs[program].compile_seconds - compiling)
+        return out
+
+
+def score_bucket(n: int) -> int:
+    """Rows of up to 256 tokens pad to a multiple of 16, longer ones as the decoder's (multiples of 256).
+    Finer than the decoder's powers of two: a task touches few of them, and padded positions cost as much
+    as real ones (contexts of 65 to 80 tokens padded to 128 nearly double their prefill)."""
+    return -(-n // 16) * 16 if n <= 256 else length_bucket(n)
 
 
 def _right_padded(rows: Sequence[Sequence[int]], batch: int, first_position: Sequence[int] | None = None):
-    """rows -> tokens [batch, length_bucket(longest)], positions (from each row's first position; -1 pads)."""
-    length = length_bucket(max(len(r) for r in rows))
+    """rows -> tokens [batch, score_bucket(longest)], positions (from each row's first position; -1 pads)."""
+    length = score_bucket(max(len(r) for r in rows))
     tokens = np.zeros((batch, length), np.int32)
     positions = np.full((batch, length), -1, np.int32)
     for i, row in enumerate(rows):
@@ -64,40 +78,50 @@ def _right_padded(rows: Sequence[Sequence[int]], batch: int, first_position: Seq
 
 
 class Scorer(_DeviceScorer):
-    """Whole rows: (tokens, positions, targets, last) -> per-token log-prob, argmax, and the log-probs of each
-    row's last real position over the vocabulary.
+    """Whole rows, of which only the positions from each row's `first` on are scored (a LAMBADA row scores its
+    last word, not its passage): only those go through the output projection, the most costly matmul of a
+    small model.
 
-    tokens, positions, targets: [B, T] int32 (targets[b, t] is the token scored at position t);
-    last: [B] int32. Returns target_logprob [B, T] fp32, greedy [B, T] int32, last_logprobs [B, V] fp32.
+    (tokens, positions [B, T], first [B], targets [B, C], last [B]) -> target_logprob [B, C] fp32 and greedy
+    [B, C] int32 of positions first[b] + j (targets[b, j] the token scored there), and last_logprobs [B, V]
+    fp32 of position first[b] + last[b] (a row's last real position) over the vocabulary.
     """
 
     def __init__(self, model):
         super().__init__(model, (self._score, ()))
 
-    def _score(self, params, tokens, positions, targets, last):
-        logits = self.module.apply({"params": params}, tokens, positions).logits.astype(jnp.float32)  # [B, T, V]
-        target_lp, greedy, lse = _log_softmax_at(logits, targets)
+    def _score(self, params, tokens, positions, first, targets, last):
+        out = self.module.apply({"params": params}, tokens, positions, return_hidden_states=True)
         rows = jnp.arange(tokens.shape[0])
+        scored = jnp.minimum(first[:, None] + jnp.arange(targets.shape[1]), tokens.shape[1] - 1)  # [B, C]
+        final = out.hidden_states[-1][rows[:, None], scored]  # [B, C, D]; the unused [B, T, V] logits are dropped
+        logits = self.module.apply({"params": params}, final, method=NeoX.head).astype(jnp.float32)  # [B, C, V]
+        target_lp, greedy, lse = _log_softmax_at(logits, targets)
         last_lp = logits[rows, last] - lse[rows, last][:, None]  # [B, V]
         return target_lp, greedy, last_lp
 
-    def __call__(self, rows: Sequence[Sequence[int]], batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Score up to `batch` token rows (each >= 1 token), padded to [batch, length_bucket(longest)]."""
+    def __call__(self, rows: Sequence[Sequence[int]], first: Sequence[int], batch: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Score up to `batch` token rows (each >= 1 token), padded to [batch, score_bucket(longest)], from
+        position `first[i]` of row i on: target_logprob[i, j], greedy[i, j] are row i's position first[i] + j."""
         tokens, positions = _right_padded(rows, batch)
-        targets = np.zeros_like(tokens)
-        last = np.zeros(batch, np.int32)
-        for i, row in enumerate(rows):
-            targets[i, :len(row) - 1] = row[1:]  # the last position's target is read from last_logprobs instead
-            last[i] = len(row) - 1
-        return tuple(to_host(x) for x in self._run(0, tokens, positions, targets, last))
+        width = score_bucket(max(len(row) - start for row, start in zip(rows, first)))
+        targets = np.zeros((batch, width), np.int32)
+        starts, last = np.zeros(batch, np.int32), np.zeros(batch, np.int32)
+        for i, (row, start) in enumerate(zip(rows, first)):
+            # The last position's target is read from last_logprobs instead.
+            targets[i, :len(row) - 1 - start] = row[start + 1:]
+            starts[i], last[i] = start, len(row) - 1 - start
+        return tuple(to_host(x) for x in self._run(0, tokens, positions, starts, targets, last))
 
 
 class ContextScorer(_DeviceScorer):
     """Contexts computed once, continuations scored against their cache (multiple choice: every answer of a
     question shares its context).
 
-    `contexts(rows, batch)` prefills up to `batch` contexts and returns their KV cache (on device, one row per
-    context, `length_bucket(longest)` slots) and each context's last-position log-probs [batch, V] (which score
+    `contexts(rows, batch, slots)` prefills up to `batch` contexts (each <= `slots` tokens, padded to
+    `score_bucket(longest)`) and returns their KV cache (on device, one row per context, `slots` slots: one
+    cache size for every batch of a task means one continuation program per continuation bucket) and each context's last-position log-probs [batch, V] (which score
     every continuation's first token). `continuations(cache, context_row, context_length, continuations, batch)`
     scores the rest of each continuation (>= 2 tokens) of context `context_row[i]` (of `context_length[i]`
     tokens): its tokens but the last are fed after the context's, and target_logprob, greedy [batch, T] score
@@ -130,11 +154,11 @@ class ContextScorer(_DeviceScorer):
         logits = self.module.apply({"params": params}, tokens, positions, rows).logits.astype(jnp.float32)
         return _log_softmax_at(logits, targets)[:2]
 
-    def contexts(self, rows: Sequence[Sequence[int]], batch: int):
+    def contexts(self, rows: Sequence[Sequence[int]], batch: int, slots: int):
         tokens, positions = _right_padded(rows, batch)
         last = np.zeros(batch, np.int32)
         last[:len(rows)] = [len(r) - 1 for r in rows]
-        cache, last_lp = self._run(0, tokens, positions, last, cache=self.decoder.new_cache(*tokens.shape))
+        cache, last_lp = self._run(0, tokens, positions, last, cache=self.decoder.new_cache(batch, slots))
         return cache, to_host(last_lp)
 
     def continuations(self, cache, context_row: Sequence[int], context_length: Sequence[int],

@@ -162,10 +162,11 @@ def test_batch_sizes_agree_and_compiles_bounded(neox, checkpoint):
     for batch_size in (1, 8):
         lm = NeoXLM(pretrained=neox.model, tokenizer=str(checkpoint / "tokenizer.json"), batch_size=batch_size)
         results[batch_size] = lm.loglikelihood(requests, disable_tqdm=True)
-        # One compilation per length bucket touched (16, 32, 64 for a 64-token context), not per request:
-        # whole rows by their bucket, shared contexts by theirs, continuations by (context, own) bucket pair.
+        # One compilation per length bucket touched (16, 32, 48, 64 for a 64-token context), not per request:
+        # whole rows by their (row, scored positions) bucket pair, shared contexts by their bucket,
+        # continuations by their own (every shared context's cache has one size).
         whole_rows, (contexts, continuations) = lm.scorer.programs[0], lm.context_scorer.programs
-        assert 1 <= whole_rows.compiles <= 3 and 1 <= contexts.compiles <= 3 and continuations.compiles <= 9
+        assert 1 <= whole_rows.compiles <= 10 and 1 <= contexts.compiles <= 4 and continuations.compiles <= 4
         compiles = lm.compiles
         lm.loglikelihood(requests[::-1], disable_tqdm=True)
         lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (t,), 0) for t in _texts()],
@@ -192,7 +193,7 @@ def test_shared_contexts_equal_whole_rows(neox):
     requests = _multiple_choice(neox)
     scored = []
     original = neox.context_scorer.contexts
-    neox.context_scorer.contexts = lambda rows, batch: scored.extend(rows) or original(rows, batch)
+    neox.context_scorer.contexts = lambda rows, batch, slots: scored.extend(rows) or original(rows, batch, slots)
     try:
         together = neox._loglikelihood_tokens(requests, disable_tqdm=True)
     finally:
@@ -246,7 +247,7 @@ def test_task_metrics_match_hf(checkpoint, hf, monkeypatch):
     from lm_eval.tasks import TaskManager
 
     monkeypatch.chdir(REPO)  # the task YAMLs name their data files relative to the repository root
-    manager = TaskManager(include_path=str(DATA))
+    manager = TaskManager(include_path=str(DATA), include_defaults=False)  # only the local tasks: fast
     common = dict(tasks=TASKS, task_manager=manager, bootstrap_iters=0, log_samples=False)
     ours = lm_eval.simple_evaluate(model="neox-jax", model_args=f"pretrained={checkpoint},dtype=float32",
                                    batch_size=8, **common)
@@ -269,11 +270,12 @@ def test_cli_help():
 
 
 def test_cli_run_writes_results(checkpoint, tmp_path):
-    out_dir = tmp_path / "out"
+    out_dir, programs = tmp_path / "out", tmp_path / "xla"
     cmd = [sys.executable, "-m", "neox_jax.eval", "--model_args", f"pretrained={checkpoint},dtype=float32",
            "--tasks", "mc_local_tiny,lambada_local_tiny", "--include_path", str(DATA),
            "--batch_size", "4", "--output_path", str(out_dir)]
-    out = subprocess.run(cmd, cwd=REPO, env=OFFLINE_ENV, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(cmd, cwd=REPO, env={**OFFLINE_ENV, "JAX_COMPILATION_CACHE_DIR": str(programs)},
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "mc_local_tiny" in out.stdout and "neox-jax" in out.stdout  # the results table and its header
     assert "os.fork() was called" not in out.stderr  # LAMBADA's bootstrapped stderr runs under forkserver
@@ -283,6 +285,17 @@ def test_cli_run_writes_results(checkpoint, tmp_path):
     assert set(results["results"]) == {"mc_local_tiny", "lambada_local_tiny"}
     assert results["config"]["model"] == "neox-jax"
     assert 0.0 <= results["results"]["mc_local_tiny"]["acc,none"] <= 1.0
+    assert len(list(programs.iterdir())) >= 3  # the scoring programs, kept for the next run
+
+
+def test_compilation_cache_folder(monkeypatch, tmp_path):
+    from neox_jax.eval import compilation_cache_dir
+
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "given"))
+    assert compilation_cache_dir() == tmp_path / "given"
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert compilation_cache_dir() == tmp_path / "neox_jax" / "xla"
 
 
 def test_tokenization_matches_transformers_on_20b_tokenizer(tokenizer_path, tmp_path):
