@@ -24,6 +24,7 @@ from ..dtypes import default_dtype, lookup
 from ..quantize import NAMES as QUANTIZE_NAMES
 from ..sharding import ShardingError
 from ..speculative import DEFAULT_DRAFT_TOKENS, MAX_DRAFT_TOKENS
+from .engine import DECODE_CHUNK
 
 EPILOG = """examples:
   python -m neox_jax.serve --demo                       # the trained demo model: try the page at http://127.0.0.1:8000/
@@ -62,6 +63,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="compute every slot at every step, so that a request's tokens and log-probabilities are bit "
                         "for bit those it gives alone, whatever else runs (default: only the slots in use, 1, 2, "
                         "4, ... up to --max-batch, which can change the last bits of the logits with the batch)")
+    p.add_argument("--decode-chunk", type=int, default=DECODE_CHUNK, metavar="N",
+                   help=f"decode steps the device runs per turn while no request waits for a slot (default "
+                        f"{DECODE_CHUNK}): the host's work per step is paid once per N tokens, and a stream's tokens "
+                        f"come N at a time; 1: a turn per token")
     p.add_argument("--draft", metavar="PATH|ngram",
                    help="speculative decoding (docs/speculative.md) for every request: a smaller model of the same "
                         "tokenizer (any --model source) proposes tokens that the model checks several at a time, or "
@@ -79,6 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="server log level (default info: startup, compilation, one line per request)")
     args = p.parse_args(argv)
     for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 1),
+                             ("--decode-chunk", args.decode_chunk, 1),
                              ("--context", args.context, 1), ("--port", args.port, 0),
                              ("--prefix-cache-gib", args.prefix_cache_gib, 0)):
         if value is not None and value < low:
@@ -175,12 +181,13 @@ def serve(args) -> int:
                                              f" and the draft {args.draft}" if draft is not None else "",
                                              time.perf_counter() - start)
     return run(model, name, stop_token, sock, args.max_batch, args.context, args.max_queue, args.log_level,
-               int(args.prefix_cache_gib * 2 ** 30), args.exact_batching, draft, args.num_draft_tokens)
+               int(args.prefix_cache_gib * 2 ** 30), args.exact_batching, draft, args.num_draft_tokens,
+               args.decode_chunk)
 
 
 def run(model, name: str, stop_token: int | None, sock: socket.socket, max_batch: int, context: int | None,
         max_queue: int, log_level: str = "info", prefix_cache_bytes: int = 0, exact_batching: bool = False,
-        draft=None, num_draft_tokens: int = DEFAULT_DRAFT_TOKENS) -> int:
+        draft=None, num_draft_tokens: int = DEFAULT_DRAFT_TOKENS, decode_chunk: int = DECODE_CHUNK) -> int:
     """Compile, then serve `model` on the bound `sock` until SIGINT or SIGTERM (with `draft`: speculative
     decoding, `neox_jax.speculative`'s draft argument); -> the exit status."""
     import uvicorn
@@ -191,7 +198,8 @@ def run(model, name: str, stop_token: int | None, sock: socket.socket, max_batch
 
     log = logging.getLogger("neox_jax.serve")
     engine = Engine(model, max_batch, context, max_queue, prefix_cache_bytes=prefix_cache_bytes,
-                    exact_batching=exact_batching, draft=draft, num_draft_tokens=num_draft_tokens)
+                    exact_batching=exact_batching, draft=draft, num_draft_tokens=num_draft_tokens,
+                    decode_chunk=decode_chunk)
     app = create_app(engine, model.tokenizer, name, stop_token)
     engine.start()
 

@@ -1,9 +1,14 @@
-"""Continuous batching: a fixed set of decode slots over one KV cache; requests join and leave between steps.
+"""Continuous batching: a fixed set of decode slots over one KV cache; requests join and leave between turns.
 
 One thread owns the model. Each loop turn it admits waiting requests into free slots (each prefilled on its
 own, a row of the cache at a time; while others decode, about one prefill chunk of prompt tokens a turn),
-then runs one decode step for every slot at once, hands each active request its token, and frees at once the
-slots whose requests finished, stopped or were cancelled.
+then decodes every slot at once, hands each active request its tokens, and frees at once the slots whose
+requests finished, stopped or were cancelled. A turn decodes `decode_chunk` steps in one on-device loop while
+no request waits for a slot (one while some do, so that they are admitted at the next step): the host's part
+of a step (dispatching the program, copying a slot bucket's rows in and out, handing out tokens) is paid once
+per chunk, not per token. The device ends a row at its stop token, a non-finite token or its token budget;
+stop strings and cancellations are seen by the host after the chunk, and a row's tokens past its end are
+dropped. So a stream's tokens come in bursts: the first of a chunk waits for the chunk's last.
 
 The cache: every row has its own write index (`KVCache.length` [B], see neox_jax/model.py) and holds one
 request laid out from slot 0, at slot = position. So a request's keys and values lie in the same slots, and
@@ -25,14 +30,14 @@ max_batch one. A matmul over b rows need not round as one over 8 does (XLA:CPU p
 Pythia-70M's logits moved by up to 2.5e-6 between batch 1 and 8), so with buckets a request's tokens can
 depend, in near-ties, on how many others run with it, as `generate`'s depend on its batch bucket.
 `exact_batching=True` (`serve --exact-batching`) computes every slot at every step instead, and a request
-then gives bit for bit the tokens and log-probabilities it gives alone. A step over b < max_batch rows copies
+then gives bit for bit the tokens and log-probabilities it gives alone. A turn over b < max_batch rows copies
 those rows of the cache out and back (XLA does not update a slice of the donated cache in place): 2 x b rows'
-keys and values more moved per step, against max_batch - b rows' weights-sized work saved.
+keys and values more moved per turn, against max_batch - b rows' weights-sized work saved per step.
 
-Programs are compiled for fixed shapes when the engine is built, before the first request: the decode step
-for each slot bucket ([b] tokens over the cache's first b rows) and one prefill per prompt-length bucket
-(16, 32, ..., 256; longer prompts are prefilled 256 tokens at a time, as `decode.Decoder` does). Requests
-coming and going never recompile; `compiles` counts compilations so tests can check that.
+Programs are compiled for fixed shapes when the engine is built, before the first request: the decode loop
+for each slot bucket ([b] tokens over the cache's first b rows, up to `decode_chunk` steps) and one prefill per
+prompt-length bucket (16, 32, ..., 256; longer prompts are prefilled 256 tokens at a time, as `decode.Decoder`
+does). Requests coming and going never recompile; `compiles` counts compilations so tests can check that.
 
 Prefix caching (`prefix_cache.py`): each full prefill chunk of a prompt is kept, after it is computed, as a block
 of keys and values named by a digest of its tokens and every token before them; a later prompt that starts with
@@ -86,6 +91,7 @@ from .prefix_cache import PrefixCache, block_digests
 logger = logging.getLogger("neox_jax.serve")
 
 MAX_LOGPROBS = 5  # alternatives per token, as OpenAI's completions API allows
+DECODE_CHUNK = 4  # decode steps per host turn while no request waits (the first token of a chunk waits 3 steps)
 
 
 class QueueFull(RuntimeError):
@@ -140,7 +146,8 @@ class Request:
 class Engine:
     def __init__(self, model, max_batch: int = 8, context: int | None = None, max_queue: int = 64,
                  on_first_token=None, on_step=None, prefix_cache_bytes: int = 0, exact_batching: bool = False,
-                 draft=None, num_draft_tokens: int = DEFAULT_DRAFT_TOKENS, on_pass=None):
+                 draft=None, num_draft_tokens: int = DEFAULT_DRAFT_TOKENS, on_pass=None,
+                 decode_chunk: int = DECODE_CHUNK):
         """`model`: a NeoXModel. `context`: the most tokens (prompt + new) of one request, at most the model's
         context (default). `max_queue`: requests waiting for a slot before `submit` raises QueueFull.
         `prefix_cache_bytes`: the prefix cache's budget on device (0: no prefix cache; prompts longer than one
@@ -149,8 +156,10 @@ class Engine:
         `draft`: speculative decoding (see the module's docstring) with a NeoXModel of the same tokenizer or
         "ngram", `num_draft_tokens` (K) proposed per pass; `on_pass(rows, accepted, tokens)` is called after
         each pass with the rows it served, the drafts they accepted and the tokens handed out.
+        `decode_chunk`: decode steps per turn on the device while no request waits (1: a turn per token).
         `on_first_token(seconds)`: called with each request's time from submission to its first token;
-        `on_step(seconds)` with each decode step's time (the device's, and handing out its tokens)."""
+        `on_step(seconds)` with each decode step's time (the device's, and handing out its tokens; a turn of
+        several steps counts each as its share)."""
         config = model.config
         context = context or config.max_position_embeddings
         if not 1 <= context <= config.max_position_embeddings:
@@ -161,6 +170,8 @@ class Engine:
             raise GenerationError(f"max batch {max_batch} must be a positive multiple of the mesh's data axis ({data})")
         if max_queue < 1:
             raise GenerationError(f"max queue {max_queue} must be >= 1")
+        if decode_chunk < 1:
+            raise GenerationError(f"the decode chunk must be >= 1 step, got {decode_chunk}")
         if prefix_cache_bytes < 0:
             raise GenerationError(f"the prefix cache's budget must be >= 0 bytes, got {prefix_cache_bytes}")
         self.model, self.module, self.params, self.mesh = model, model.module, model.params, model.mesh
@@ -177,7 +188,7 @@ class Engine:
         self.prefill_buckets = tuple(b for b in (16, 32, 64, 128, 256)
                                      if b <= min(length_bucket(context), PREFILL_CHUNK))
         self.on_first_token, self.on_step, self.on_pass = on_first_token, on_step, on_pass
-        self.exact_batching = exact_batching
+        self.exact_batching, self.decode_chunk = exact_batching, decode_chunk
         # Slot buckets the data axis divides: each is split over it as the full batch is.
         buckets = {max_batch} if exact_batching else {1 << i for i in range(max_batch.bit_length())} | {max_batch}
         self.slot_buckets = tuple(sorted(b for b in buckets if b % data == 0 and b <= max_batch))
@@ -185,7 +196,7 @@ class Engine:
         # The cache comes back in the shards it went in with, so each program's output is its next input.
         placed = self._cache_shardings()
         self._prefill = Compiled(self._prefill_fn, donate_argnums=(1,), out_shardings=(placed,) + (None,) * 7)
-        self._step = Compiled(self._step_fn, donate_argnums=(1,), out_shardings=(placed,) + (None,) * 4)
+        self._step = Compiled(self._step_fn, donate_argnums=(1,), out_shardings=(placed,) + (None,) * 5)
         itemsize = jnp.dtype(self.module.dtype).itemsize
         block_bytes = 2 * config.num_layers * config.hidden_size * PREFILL_CHUNK * itemsize
         # Only a prompt longer than a chunk has a chunk before its last token's.
@@ -308,33 +319,45 @@ class Engine:
                        length=move(cache.length))
 
     def _step_fn(self, params, cache: KVCache, tokens, positions, active, sampling: Sampling, steps, salts,
-                 want_logprobs):
-        """One decode step for the first b slots: tokens, positions, active, steps, salts [b]; `sampling` holds
-        [b] settings. -> the cache, the chosen tokens [b], their log-probabilities [b] and alternatives [b, K]."""
-        b = tokens.shape[0]
+                 want_logprobs, stop_tokens, budgets, count):
+        """Up to `count` decode steps (at most `decode_chunk`) for the first b slots, fewer once every row has
+        ended: tokens, positions, active, steps, salts, stop_tokens (-1: none), budgets (tokens each row may
+        still make) [b]; `sampling` holds [b] settings. A row ends at its stop token, a non-finite token or its
+        budget, and is then masked as an empty slot is. -> the cache, the steps run, the chosen tokens [b, N],
+        their log-probabilities [b, N] and alternatives [b, N, MAX_LOGPROBS] (N = `decode_chunk`; column i is
+        step i, valid while the row had not ended)."""
+        b, n = tokens.shape[0], self.decode_chunk
         first = lambda x: x[:b]  # noqa: E731
-        rows = KVCache(k=tuple(map(first, cache.k)), v=tuple(map(first, cache.v)), positions=first(cache.positions),
-                       length=first(cache.length))
-        out = self.module.apply({"params": params}, tokens[:, None], jnp.where(active, positions, -1)[:, None], rows)
-        logits = out.logits[:, -1]  # [B, V]
-        greedy = (sampling.temperature <= 0) | (sampling.top_k == 1) | ~active
         per_row = jax.vmap(lambda l, s, step, salt: select_token(l[None], s, step, salt[None])[0])  # noqa: E741
-        chosen = jax.lax.cond(jnp.all(greedy), lambda: select_token(logits, Sampling.create(), jnp.int32(0), salts),
-                              lambda: per_row(logits, sampling, steps, salts))
+        all_greedy = jnp.all((sampling.temperature <= 0) | (sampling.top_k == 1) | ~active)
 
-        def scores():
-            logprobs = jax.nn.log_softmax(logits)
-            top_lp, top_ids = jax.lax.top_k(logprobs, MAX_LOGPROBS)
-            return jnp.take_along_axis(logprobs, jnp.maximum(chosen, 0)[:, None], axis=-1)[:, 0], \
-                top_ids.astype(jnp.int32), top_lp
+        def step(carry):
+            i, rows, token, position, live, out = carry
+            forward = self.module.apply({"params": params}, token[:, None], jnp.where(live, position, -1)[:, None],
+                                        rows)
+            logits = forward.logits[:, -1]  # [b, V]
+            chosen = jax.lax.cond(all_greedy, lambda: select_token(logits, Sampling.create(), jnp.int32(0), salts),
+                                  lambda: per_row(logits, sampling, steps + i, salts))
 
-        nothing = (jnp.zeros(b), jnp.zeros((b, MAX_LOGPROBS), jnp.int32), jnp.zeros((b, MAX_LOGPROBS)))
-        chosen_lp, top_ids, top_lp = jax.lax.cond(jnp.any(want_logprobs & active), scores, lambda: nothing)
-        written = out.cache.replace(length=jnp.where(active, out.cache.length, rows.length))
+            def scores():
+                logprobs = jax.nn.log_softmax(logits)
+                top_lp, top_ids = jax.lax.top_k(logprobs, MAX_LOGPROBS)
+                return jnp.take_along_axis(logprobs, jnp.maximum(chosen, 0)[:, None], axis=-1)[:, 0], \
+                    top_ids.astype(jnp.int32), top_lp
+
+            nothing = (jnp.zeros(b), jnp.zeros((b, MAX_LOGPROBS), jnp.int32), jnp.zeros((b, MAX_LOGPROBS)))
+            scored = jax.lax.cond(jnp.any(want_logprobs & live), scores, lambda: nothing)
+            out = tuple(jax.lax.dynamic_update_index_in_dim(o, x, i, axis=1) for o, x in zip(out, (chosen,) + scored))
+            rows = forward.cache.replace(length=jnp.where(live, forward.cache.length, rows.length))
+            live = live & (chosen != stop_tokens) & (chosen != NONFINITE) & (i + 1 < budgets)
+            return i + 1, rows, jnp.maximum(chosen, 0), position + 1, live, out
+
+        out = (jnp.zeros((b, n), jnp.int32), jnp.zeros((b, n)), jnp.zeros((b, n, MAX_LOGPROBS), jnp.int32),
+               jnp.zeros((b, n, MAX_LOGPROBS)))
+        carry = (jnp.int32(0), jax.tree.map(first, cache), tokens, positions, active, out)
+        ran, rows, _, _, _, out = jax.lax.while_loop(lambda c: (c[0] < count) & jnp.any(c[4]), step, carry)
         back = lambda full, part: jax.lax.dynamic_update_slice_in_dim(full, part, 0, axis=0)  # noqa: E731
-        cache = KVCache(k=tuple(map(back, cache.k, written.k)), v=tuple(map(back, cache.v, written.v)),
-                        positions=back(cache.positions, written.positions), length=back(cache.length, written.length))
-        return cache, chosen, chosen_lp, top_ids, top_lp
+        return (jax.tree.map(back, cache, rows), ran) + out
 
     def _speculate_fn(self, params, draft_params, cache: KVCache, draft_cache, prev, token, position, active,
                       history, filled, sampling: Sampling, steps, salts, want_logprobs):
@@ -413,13 +436,15 @@ class Engine:
         self._cache, self._draft_cache = out[:2]
         return tuple(to_host(x) for x in out[2:])
 
-    def _run_step(self, active: np.ndarray, steps: np.ndarray, want_logprobs: np.ndarray):
-        """A decode step over the first len(active) slots (a slot bucket)."""
+    def _run_step(self, active: np.ndarray, steps: np.ndarray, want_logprobs: np.ndarray, stop_tokens: np.ndarray,
+                  budgets: np.ndarray, count: int):
+        """Up to `count` decode steps over the first len(active) slots (a slot bucket)."""
         b = len(active)
         sampling = Sampling(self._temperature[:b], self._top_k[:b], self._top_p[:b], self._key[:b])
         rows = lambda x: put(x[:b], self._rows)  # noqa: E731
         out = self._step(self.params, self._cache, rows(self._token), rows(self._position), rows(active),
-                         jax.tree.map(rows, sampling), rows(steps), rows(self._salt), rows(want_logprobs))
+                         jax.tree.map(rows, sampling), rows(steps), rows(self._salt), rows(want_logprobs),
+                         rows(stop_tokens), rows(budgets), np.int32(count))
         self._cache = out[0]
         return tuple(to_host(x) for x in out[1:])
 
@@ -441,7 +466,8 @@ class Engine:
             off = np.zeros(bucket, bool)
             for want in (off, ~off):
                 if self.draft is None:
-                    self._run_step(off, np.zeros(bucket, np.int32), want)
+                    none = np.zeros(bucket, np.int32)
+                    self._run_step(off, none, want, none - 1, none, 1)
                 else:
                     self._run_speculate(off, want)
         if self.draft_model is not None:
@@ -636,14 +662,13 @@ class Engine:
         requests = self._requests[:next(b for b in self.slot_buckets if b >= used)]
         active = np.array([r is not None for r in requests])
         want = np.array([r is not None and r.wants_logprobs for r in requests])
-        if self.draft is not None:
-            self._speculative_turn(requests, active, want)
-        else:
-            self._plain_turn(requests, active, want)
+        turn = self._speculative_turn if self.draft is not None else self._plain_turn
+        steps = turn(requests, active, want)
         if self.on_step is not None:
-            self.on_step(time.perf_counter() - start)
+            for _ in range(steps):  # a chunk of steps: each its share of the turn
+                self.on_step((time.perf_counter() - start) / steps)
 
-    def _speculative_turn(self, requests: list[Request | None], active: np.ndarray, want: np.ndarray) -> None:
+    def _speculative_turn(self, requests: list[Request | None], active: np.ndarray, want: np.ndarray) -> int:
         """One pass; each row's accepted drafts and the target's next token are handed out in order, until the
         row ends (the tokens after its end are dropped, as plain decoding would never have made them)."""
         emitted, accepted, chosen_lp, top_ids, top_lp = self._run_speculate(active, want)
@@ -653,14 +678,9 @@ class Engine:
                 continue
             served, kept, before = served + 1, kept + int(accepted[row]), request.generated
             new = emitted[row, :accepted[row] + 1]
-            for j, token in enumerate(new):
-                lp = TokenLogprobs(float(chosen_lp[row, j]), _top(top_ids[row, j], top_lp[row, j], request.logprobs)) \
-                    if request.wants_logprobs else None
-                self._guarded(request, self._deliver, row, int(token), lp)
-                if self._requests[row] is not request:
-                    break
+            running = self._hand_out(row, request, new, chosen_lp[row], top_ids[row], top_lp[row])
             handed_out += request.generated - before
-            if self._requests[row] is request:  # still running: its caches hold everything before new[-1]
+            if running:  # its caches hold everything before new[-1]
                 self._prev[row] = new[-2] if len(new) > 1 else self._token[row]
                 self._token[row], self._position[row] = new[-1], self._position[row] + len(new)
                 self._passes[row] += 1
@@ -669,19 +689,33 @@ class Engine:
                 self._filled[row] += len(new)
         if self.on_pass is not None:
             self.on_pass(served, kept, handed_out)
+        return 1
 
-    def _plain_turn(self, requests: list[Request | None], active: np.ndarray, want: np.ndarray) -> None:
+    def _plain_turn(self, requests: list[Request | None], active: np.ndarray, want: np.ndarray) -> int:
+        """`decode_chunk` steps when no request waits for a slot, else one (a newcomer is admitted next turn);
+        each row's tokens are handed out in order until it ends."""
         steps = np.array([r.generated if r is not None else 0 for r in requests], np.int32)
-        chosen, chosen_lp, top_ids, top_lp = self._run_step(active, steps, want)
+        stops = np.array([-1 if r is None or r.stop_token is None else r.stop_token for r in requests], np.int32)
+        budgets = np.array([r.max_tokens - r.generated if r is not None else 0 for r in requests], np.int32)
+        count = 1 if self._pending else self.decode_chunk
+        ran, chosen, chosen_lp, top_ids, top_lp = self._run_step(active, steps, want, stops, budgets, count)
+        ran = int(ran)
         for row, request in enumerate(requests):
-            if request is None:
-                continue
-            token = int(chosen[row])
-            lp = TokenLogprobs(float(chosen_lp[row]), _top(top_ids[row], top_lp[row], request.logprobs)) \
+            if request is not None and self._hand_out(row, request, chosen[row, :ran], chosen_lp[row], top_ids[row],
+                                                      top_lp[row]):
+                self._token[row], self._position[row] = chosen[row, ran - 1], self._position[row] + ran
+        return ran
+
+    def _hand_out(self, row: int, request: Request, tokens: np.ndarray, logprobs, top_ids, top_lp) -> bool:
+        """Hand a row's new tokens [n] (and their log-probabilities [>= n], alternatives [>= n, MAX_LOGPROBS])
+        to its request in order, until one ends it. -> whether it is still running."""
+        for i, token in enumerate(tokens):
+            lp = TokenLogprobs(float(logprobs[i]), _top(top_ids[i], top_lp[i], request.logprobs)) \
                 if request.wants_logprobs else None
-            self._position[row] += 1
-            self._token[row] = max(token, 0)
-            self._guarded(request, self._deliver, row, token, lp)
+            self._guarded(request, self._deliver, row, int(token), lp)
+            if self._requests[row] is not request:
+                return False
+        return True
 
     def _deliver(self, row: int, token: int, logprobs: TokenLogprobs | None) -> None:
         """Hand a slot's new token to its request; free the slot if that ends it."""
