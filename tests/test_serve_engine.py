@@ -1,7 +1,8 @@
 """The continuous-batching engine (neox_jax/serve/engine.py), in process: with exact batching, requests joining a
 running batch give exactly their tokens alone and `Decoder.generate`'s; with slot buckets, a step computes only
-the rows in use and requests moved to lower rows keep their tokens; slots free at once; nothing recompiles; the
-decode step updates the cache in place; prompt log-probabilities equal a full forward pass's."""
+the rows in use and requests moved to lower rows keep their tokens; a turn decodes a chunk of steps unless a
+request waits; slots free at once; nothing recompiles; the decode loop updates the cache in place; prompt
+log-probabilities equal a full forward pass's."""
 
 import threading
 

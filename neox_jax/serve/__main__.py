@@ -66,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decode-chunk", type=int, default=DECODE_CHUNK, metavar="N",
                    help=f"decode steps the device runs per turn while no request waits for a slot (default "
                         f"{DECODE_CHUNK}): the host's work per step is paid once per N tokens, and a stream's tokens "
-                        f"come N at a time; 1: a turn per token")
+                        f"come N at a time; 1: a turn per token (with --draft: a turn is one pass)")
     p.add_argument("--draft", metavar="PATH|ngram",
                    help="speculative decoding (docs/speculative.md) for every request: a smaller model of the same "
                         "tokenizer (any --model source) proposes tokens that the model checks several at a time, or "
