@@ -38,6 +38,24 @@ def greedy_settings(sampling: Sampling) -> jax.Array:
     return (sampling.temperature <= 0) | (sampling.top_k == 1)
 
 
+def rowwise(fn, sampling: Sampling, step, salt, *rows):
+    """fn(*rows, sampling, step, salt) where every row has its own settings and step (the server's slots:
+    `sampling`'s fields and `step` [B]; rows [B, ...]) -> fn's outputs [B, ...]. One batched call when every
+    row is greedy (an argmax, no sort); else row by row (vmapped), each row with its own settings and key,
+    so a row's result is the one it gets decoded alone with scalar settings."""
+    def together():
+        return fn(*rows, Sampling.create(), jnp.int32(0), salt)  # greedy: no random draw reads the step
+
+    def one_by_one():
+        def one(settings, row_step, row_salt, *row):
+            out = fn(*(x[None] for x in row), settings, row_step, row_salt[None])
+            return jax.tree.map(lambda x: x[0], out)
+
+        return jax.vmap(one)(sampling, step, salt, *rows)
+
+    return jax.lax.cond(jnp.all(greedy_settings(sampling)), together, one_by_one)
+
+
 def point_masses(tokens: jax.Array, vocab: int) -> jax.Array:
     """[B, K] tokens -> [B, K, V] fp32 distributions all on those tokens (a deterministic proposal)."""
     return jax.nn.one_hot(tokens, vocab, dtype=jnp.float32)
@@ -77,7 +95,10 @@ class ModelDraft:
         return jnp.pad(kept, ((0, 0), (0, self.target_vocab - self.shared_vocab)), constant_values=MASKED)
 
     def _choose(self, logits, sampling: Sampling, step, salt):
-        """-> tokens [B] and their distribution [B, V] (a point mass where the draft's logits were not finite)."""
+        """-> tokens [B] and their distribution [B, V] (a point mass where the draft's logits were not finite).
+        `sampling` and `step` per row ([B] fields) are taken row by row (`rowwise`)."""
+        if jnp.ndim(sampling.temperature):
+            return rowwise(self._choose, sampling, step, salt, logits)
         logits = self._logits(logits)
         token = select_token(logits, sampling, step, salt)
         failed = token == NONFINITE  # a draft's failure is only a bad guess: propose token 0

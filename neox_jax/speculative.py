@@ -36,7 +36,7 @@ import numpy as np
 
 from .decode import (FINISHED, Compiled, Decoder, Generation, _check_finite, completion_tokens, left_pad,
                      length_bucket, validate_request, PREFILL_CHUNK)
-from .drafts import ModelDraft, PromptLookup, greedy_settings, probabilities, rewind_cache
+from .drafts import ModelDraft, PromptLookup, greedy_settings, probabilities, rewind_cache, rowwise
 from .model import KVCache, write_slots
 from .sampling import NONFINITE, Sampling, row_keys, row_salt, select_token
 from .sharding import to_host
@@ -91,7 +91,9 @@ class SpeculativeState:
 def verify(logits, draft_tokens, draft_probs, sampling: Sampling, step, salt):
     """The target's logits after each prefix [B, K + 1, V], the drafts [B, K] and their distributions
     [B, K, V] -> (drafts accepted [B], the target's token after them [B]; NONFINITE where the target's
-    logits there were not finite)."""
+    logits there were not finite). `sampling` and `step` per row ([B] fields) are taken row by row."""
+    if jnp.ndim(sampling.temperature):
+        return rowwise(verify, sampling, step, salt, logits, draft_tokens, draft_probs)
     batch, k = draft_tokens.shape
     vocab = logits.shape[-1]
     finite = jnp.all(jnp.isfinite(logits), axis=-1)  # [B, K + 1]
@@ -182,22 +184,14 @@ class Speculator:
     "ngram" for prompt lookup), K = `num_draft_tokens` drafts per target pass. Same interface as `Decoder`."""
 
     def __init__(self, target, draft, num_draft_tokens: int):
-        if (isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, (int, np.integer))
-                or not 1 <= num_draft_tokens <= MAX_DRAFT_TOKENS):
-            raise ValueError(f"num_draft_tokens must be an integer in [1, {MAX_DRAFT_TOKENS}], "
-                             f"got {num_draft_tokens!r}")
-        self.k = int(num_draft_tokens)
+        self.k = check_num_draft_tokens(num_draft_tokens)
         self.target = target
         self.decoder: Decoder = target.decoder
-        vocab = target.config.vocab_size
+        self.draft, self.draft_params = draft_for(target, draft)
         if isinstance(draft, str):
-            if draft != "ngram":
-                raise ValueError(f"draft {draft!r}: give a model (neox_jax.load(...)) or \"ngram\"")
-            self.draft, self.draft_params, self.draft_decoder = PromptLookup(vocab), None, None
+            self.draft_decoder = None
         else:
-            self.draft = ModelDraft(draft.module, shared_vocab(target, draft), vocab)
             # A draft of the target's shape (the target itself, another seed) shares its prefill program.
-            self.draft_params = draft.params
             self.draft_decoder = target.decoder if draft.module == target.module else draft.decoder
             self.draft_context = draft.config.max_position_embeddings
         self._loop = loop_program(target.module, self.draft, self.k)
@@ -311,6 +305,23 @@ class Speculator:
         chunks = list(self.stream(prompts, max_new_tokens, sampling, stop_token=stop_token, timing=timing))
         timing.tokens = [completion_tokens(row, stop_token) for row in np.concatenate(chunks, axis=1)]
         return timing
+
+
+def check_num_draft_tokens(k) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_DRAFT_TOKENS:
+        raise ValueError(f"num_draft_tokens must be an integer in [1, {MAX_DRAFT_TOKENS}], got {k!r}")
+    return int(k)
+
+
+def draft_for(target, draft):
+    """`draft`: a NeoXModel of the target's tokenizer, or "ngram" -> (its ModelDraft or PromptLookup, the
+    params its proposals take: None for prompt lookup). Raises ValueError for anything else."""
+    vocab = target.config.vocab_size
+    if isinstance(draft, str):
+        if draft != "ngram":
+            raise ValueError(f"draft {draft!r}: give a model (neox_jax.load(...)) or \"ngram\"")
+        return PromptLookup(vocab), None
+    return ModelDraft(draft.module, shared_vocab(target, draft), vocab), draft.params
 
 
 def shared_vocab(target, draft) -> int:

@@ -123,7 +123,8 @@ def test_serve_bench_measures_the_server_against_generate(tmp_path):
             "--max-batch", "2", "--cached-prefix", "0", "--markdown", str(page)]
     out = run("bench.serve", *argv, timeout=300)
     assert len(rows(out, "generate, one at a time")) == 1 and len(rows(out, "server")) == 2, out
-    assert "TTFT ms" in out and "per token p50 ms" in out and "concurrency 1 TTFT" in out and "x a bare generate" in out
+    assert "TTFT ms" in out and "per token ms" in out and "gap p99 ms" in out
+    assert "concurrency 1 TTFT" in out and "x a bare generate" in out
     assert_page(page.read_text(), "Serving benchmark", "python -m bench.serve " + " ".join(argv))
 
 

@@ -393,11 +393,37 @@ def test_a_second_server_on_the_same_port_says_so_and_exits_2(server):
 
 @pytest.mark.parametrize("argv, message", [(["--max-batch", "0"], "--max-batch must be >= 1"),
                                            (["--port", "70000"], "--port must be at most 65535"),
-                                           (["--context", "999"], "context 999 must be in [1, 256]")])
+                                           (["--context", "999"], "context 999 must be in [1, 256]"),
+                                           (["--decode-chunk", "0"], "--decode-chunk must be >= 1")])
 def test_bad_flags_are_one_error_line(argv, message):
     out = subprocess.run([sys.executable, "-m", "neox_jax.serve", "--demo", "--port", "0", *argv], cwd=REPO,
                          env=ENV, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_a_server_with_a_draft_gives_the_same_completions_and_reports_its_acceptance(server, checkpoint):
+    """`--draft ngram`: greedy completions (with log-probabilities, streaming or not) are those of the server without
+    a draft; /metrics has the acceptance rate and target passes per token."""
+    drafted = Server(["--model", str(checkpoint), "--port", "0", "--max-batch", str(SLOTS), "--context", str(CONTEXT),
+                      "--dtype", "float32", "--exact-batching", "--draft", "ngram", "--num-draft-tokens", "3"])
+    try:
+        body = {"prompt": ["The quick brown fox", "a a a a a a"], "max_tokens": 16, "temperature": 0, "logprobs": 2}
+        want, got = server.post(body).json()["choices"], drafted.post(body).json()["choices"]
+        assert [c["text"] for c in got] == [c["text"] for c in want]
+        for a, b in zip(want, got):
+            assert a["logprobs"]["tokens"] == b["logprobs"]["tokens"]
+            np.testing.assert_allclose(b["logprobs"]["token_logprobs"], a["logprobs"]["token_logprobs"], atol=1e-5)
+        events = drafted.post({**body, "prompt": body["prompt"][0], "stream": True}, stream=True).iter_lines()
+        streamed = [json.loads(e[6:]) for e in events if e.startswith(b"data: {")]
+        assert "".join(e["choices"][0]["text"] for e in streamed) == want[0]["text"]
+        m = drafted.metrics()
+        assert m["neox_target_passes_total"] > 0 and m["neox_draft_tokens_proposed_total"] == 3 * m[
+            "neox_target_passes_total"]
+        assert m["neox_draft_acceptance_rate"] == m["neox_draft_tokens_accepted_total"] / m[
+            "neox_draft_tokens_proposed_total"]
+        assert 0 < m["neox_target_passes_per_token"] <= 1
+    finally:
+        assert drafted.stop() == 0
 
 
 def test_a_context_beyond_the_model_is_refused_before_the_weights_load(checkpoint):

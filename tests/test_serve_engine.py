@@ -1,7 +1,8 @@
 """The continuous-batching engine (neox_jax/serve/engine.py), in process: with exact batching, requests joining a
 running batch give exactly their tokens alone and `Decoder.generate`'s; with slot buckets, a step computes only
-the rows in use and requests moved to lower rows keep their tokens; slots free at once; nothing recompiles; the
-decode step updates the cache in place; prompt log-probabilities equal a full forward pass's."""
+the rows in use and requests moved to lower rows keep their tokens; a turn decodes a chunk of steps unless a
+request waits; slots free at once; nothing recompiles; the decode loop updates the cache in place; prompt
+log-probabilities equal a full forward pass's."""
 
 import threading
 
@@ -181,6 +182,30 @@ def test_slot_buckets_step_only_the_rows_in_use(bucketed, engine, model):
     for step in bucketed._step._executables.values():
         moved = large_arrays_moved(step.as_text(), cache_layer)
         assert [line for line in moved if "scatter" not in line] == [], moved
+
+
+def test_turns_decode_a_chunk_of_steps_unless_a_request_waits(bucketed, model):
+    """While requests wait for a slot each turn decodes one step (they are admitted at the next); once none
+    waits, `decode_chunk` steps on the device. Budgets and stop tokens inside a chunk end their rows there."""
+    counts = []
+    run_step = bucketed._run_step
+
+    def counting(*args):
+        counts.append((args[-1], bucketed.queue_depth))
+        return run_step(*args)
+
+    bucketed._run_step = counting
+    try:
+        ref = model.generate(PROMPTS, 11, stop_token=None)
+        budgets = [11, 11, 11, 11, 2, 7]  # 6 requests on 4 slots: two wait until the first ones end
+        served = run(bucketed, [request(p, n) for p, n in zip(PROMPTS, budgets)])
+        (stopped,) = run(bucketed, [request(PROMPTS[1], 11, stop_token=ref[1][6])])
+    finally:
+        del bucketed._run_step
+    assert [s.tokens for s in served] == [r[:n] for r, n in zip(ref, budgets)]
+    assert stopped.reason == "stop" and stopped.tokens == ref[1][:ref[1].index(ref[1][6])]
+    assert all(count == (1 if waiting else bucketed.decode_chunk) for count, waiting in counts)
+    assert (1, 2) in counts and (bucketed.decode_chunk, 0) in counts
 
 
 def exact_tensor_parallel_model(tmp_path):

@@ -21,12 +21,16 @@ from ..checkpoints import CheckpointError
 from ..config import PRESETS, ConfigError
 from ..decode import GenerationError
 from ..dtypes import default_dtype, lookup
+from ..quantize import NAMES as QUANTIZE_NAMES
 from ..sharding import ShardingError
+from ..speculative import DEFAULT_DRAFT_TOKENS, MAX_DRAFT_TOKENS
+from .engine import DECODE_CHUNK
 
 EPILOG = """examples:
   python -m neox_jax.serve --demo                       # the trained demo model: try the page at http://127.0.0.1:8000/
   python -m neox_jax.serve --model ./gpt-neox-20b --dtype float16 --max-batch 16
   python -m neox_jax.serve --model EleutherAI/pythia-410m --port 8080 --context 1024
+  python -m neox_jax.serve --model ./gpt-neox-20b --dtype float16 --draft EleutherAI/pythia-160m --num-draft-tokens 4
 
   curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
        -d '{"prompt": "GPT-NeoX-20B is", "max_tokens": 32, "temperature": 0}'
@@ -59,18 +63,41 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="compute every slot at every step, so that a request's tokens and log-probabilities are bit "
                         "for bit those it gives alone, whatever else runs (default: only the slots in use, 1, 2, "
                         "4, ... up to --max-batch, which can change the last bits of the logits with the batch)")
+    p.add_argument("--decode-chunk", type=int, default=DECODE_CHUNK, metavar="N",
+                   help=f"decode steps the device runs per turn while no request waits for a slot (default "
+                        f"{DECODE_CHUNK}): the host's work per step is paid once per N tokens, and a stream's tokens "
+                        f"come N at a time; 1: a turn per token (with --draft: a turn is one pass)")
+    p.add_argument("--draft", metavar="PATH|ngram",
+                   help="speculative decoding (docs/speculative.md) for every request: a smaller model of the same "
+                        "tokenizer (any --model source) proposes tokens that the model checks several at a time, or "
+                        "'ngram' to propose from each prompt itself; the output is the same (greedy) or identically "
+                        "distributed (sampled); /metrics reports the acceptance rate")
+    p.add_argument("--num-draft-tokens", type=int, metavar="K",
+                   help=f"with --draft: tokens proposed per pass of the model, 1 to {MAX_DRAFT_TOKENS} "
+                        f"(default {DEFAULT_DRAFT_TOKENS})")
+    p.add_argument("--draft-quantize", choices=QUANTIZE_NAMES,
+                   help="with --draft: the draft's weight-only quantization (default: --quantize's); "
+                        "--draft SAME_AS_MODEL --draft-quantize int8 drafts with the model's own int8 weights")
     p.add_argument("--model-name", help="the model's id in /v1/models and responses (default: the --model path's "
                                         "last part, or neox-jax-demo)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="server log level (default info: startup, compilation, one line per request)")
     args = p.parse_args(argv)
     for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 1),
+                             ("--decode-chunk", args.decode_chunk, 1),
                              ("--context", args.context, 1), ("--port", args.port, 0),
                              ("--prefix-cache-gib", args.prefix_cache_gib, 0)):
         if value is not None and value < low:
             p.error(f"{flag} must be >= {low}, got {value}")
     if args.port > 65535:
         p.error(f"--port must be at most 65535, got {args.port}")
+    for flag, value in (("--num-draft-tokens", args.num_draft_tokens), ("--draft-quantize", args.draft_quantize)):
+        if value is not None and args.draft is None:
+            p.error(f"{flag} needs --draft")
+    if args.num_draft_tokens is None:
+        args.num_draft_tokens = DEFAULT_DRAFT_TOKENS
+    if not 1 <= args.num_draft_tokens <= MAX_DRAFT_TOKENS:
+        p.error(f"--num-draft-tokens must be in [1, {MAX_DRAFT_TOKENS}], got {args.num_draft_tokens}")
     return args
 
 
@@ -146,15 +173,23 @@ def serve(args) -> int:
     sock = bind(args.host, args.port)
     start = time.perf_counter()
     model, name, stop_token = load_model(args)
-    logging.getLogger("neox_jax.serve").info("loaded %s (%s%s) in %.1fs", name, model.dtype,
-                                             f", {model.quantize}" if model.quantize else "", time.perf_counter() - start)
+    from ..generate import load_draft  # as generate loads --draft: "ngram", or a model on the model's devices
+
+    draft = load_draft(args, model)
+    logging.getLogger("neox_jax.serve").info("loaded %s (%s%s)%s in %.1fs", name, model.dtype,
+                                             f", {model.quantize}" if model.quantize else "",
+                                             f" and the draft {args.draft}" if draft is not None else "",
+                                             time.perf_counter() - start)
     return run(model, name, stop_token, sock, args.max_batch, args.context, args.max_queue, args.log_level,
-               int(args.prefix_cache_gib * 2 ** 30), args.exact_batching)
+               int(args.prefix_cache_gib * 2 ** 30), args.exact_batching, draft, args.num_draft_tokens,
+               args.decode_chunk)
 
 
 def run(model, name: str, stop_token: int | None, sock: socket.socket, max_batch: int, context: int | None,
-        max_queue: int, log_level: str = "info", prefix_cache_bytes: int = 0, exact_batching: bool = False) -> int:
-    """Compile, then serve `model` on the bound `sock` until SIGINT or SIGTERM; -> the exit status."""
+        max_queue: int, log_level: str = "info", prefix_cache_bytes: int = 0, exact_batching: bool = False,
+        draft=None, num_draft_tokens: int = DEFAULT_DRAFT_TOKENS, decode_chunk: int = DECODE_CHUNK) -> int:
+    """Compile, then serve `model` on the bound `sock` until SIGINT or SIGTERM (with `draft`: speculative
+    decoding, `neox_jax.speculative`'s draft argument); -> the exit status."""
     import uvicorn
 
     from .app import create_app
@@ -163,7 +198,8 @@ def run(model, name: str, stop_token: int | None, sock: socket.socket, max_batch
 
     log = logging.getLogger("neox_jax.serve")
     engine = Engine(model, max_batch, context, max_queue, prefix_cache_bytes=prefix_cache_bytes,
-                    exact_batching=exact_batching)
+                    exact_batching=exact_batching, draft=draft, num_draft_tokens=num_draft_tokens,
+                    decode_chunk=decode_chunk)
     app = create_app(engine, model.tokenizer, name, stop_token)
     engine.start()
 

@@ -58,6 +58,33 @@ class Metrics:
                 ("evictions", "Blocks evicted from the prefix cache to stay within its budget", lambda: pool.evictions),
                 ("bytes", "Bytes of keys and values the prefix cache holds", lambda: pool.bytes_held)):
             Gauge(f"neox_prefix_cache_{name}", doc, registry=registry).set_function(value if pool is not None else lambda: 0)
+        if engine.draft is not None:
+            self._speculation(engine.k)
+
+    def _speculation(self, k: int) -> None:
+        """Speculative decoding's counters, and the two ratios since the server started."""
+        registry, totals = self.registry, {"passes": 0, "accepted": 0, "tokens": 0}
+        passes = Counter("neox_target_passes", "Target passes of speculative decoding, once per request each serves",
+                         registry=registry)
+        proposed = Counter("neox_draft_tokens_proposed", f"Draft tokens proposed ({k} per request per pass)",
+                           registry=registry)
+        accepted = Counter("neox_draft_tokens_accepted", "Draft tokens the target kept", registry=registry)
+        tokens = Counter("neox_speculative_tokens", "Tokens the target passes handed out", registry=registry)
+        Gauge("neox_draft_acceptance_rate", "Draft tokens accepted / proposed since the start", registry=registry
+              ).set_function(lambda: totals["accepted"] / (k * totals["passes"]) if totals["passes"] else 0)
+        Gauge("neox_target_passes_per_token", "Target passes per token handed out since the start (plain decoding: 1)",
+              registry=registry).set_function(lambda: totals["passes"] / totals["tokens"] if totals["tokens"] else 0)
+
+        def on_pass(rows: int, kept: int, handed_out: int) -> None:
+            totals["passes"] += rows
+            totals["accepted"] += kept
+            totals["tokens"] += handed_out
+            passes.inc(rows)
+            proposed.inc(k * rows)
+            accepted.inc(kept)
+            tokens.inc(handed_out)
+
+        self.on_pass = on_pass
 
 
 class Choice:
@@ -98,6 +125,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, stop_token: int | Non
     """The app; `stop_token` ends every completion (the tokenizer's <|endoftext|>; None: never)."""
     metrics = Metrics(engine)
     engine.on_first_token, engine.on_step = metrics.ttft.observe, metrics.step.observe
+    engine.on_pass = getattr(metrics, "on_pass", None)
     state = {"created": int(time.time()), "draining": False}
     page_html = resources.files(__package__).joinpath("static/index.html").read_text()
     # No token is longer than this, so a longer text cannot fit in the context: refused before it is tokenized.
