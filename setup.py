@@ -28,6 +28,7 @@ def extensions() -> list[Extension]:
     sources = ["cpu_kernels.cc", "thread_pool.cc", "kernels_avx512.cc", "kernels_avx2.cc", "kernels_portable.cc"]
     return [Extension(
         "neox_jax._cpu_kernels", [f"neox_jax/csrc/{name}" for name in sources], include_dirs=[include],
+        depends=[f"neox_jax/csrc/{name}" for name in ("matmul.h", "thread_pool.h", "tiles.h")],
         language="c++", optional=True,
         # No -march: each ISA's kernels carry their own target attribute and are chosen at run time, so one
         # build runs on every x86-64 CPU (and the portable kernels elsewhere).
