@@ -24,6 +24,8 @@ NEOX_TARGET __attribute__((always_inline)) inline void accumulate(const float* x
   }
 }
 
+constexpr int64_t kPrefetchTiles = 2;
+
 // y[b, r] = scale[r] * sum_i x[b, i] * w[r, i] for b < BB, r < R; x rows and w rows are k long.
 template <class W, int R, int BB>
 NEOX_TARGET void tile(const float* x, const W* w, int64_t k, const float* scale, float* y, int64_t ldy) {
@@ -31,8 +33,16 @@ NEOX_TARGET void tile(const float* x, const W* w, int64_t k, const float* scale,
   typename Isa::V acc[R][BB];
   for (int r = 0; r < R; ++r)
     for (int b = 0; b < BB; ++b) acc[r][b] = Isa::zero();
+  // The tile's weights are R contiguous rows; the next tiles' follow them. The hardware prefetchers do not
+  // cross a page and a decode tile is about one page, so the kernel prefetches kPrefetchTiles tiles ahead,
+  // spread over its own steps (prefetching past the array is harmless: it never faults).
+  constexpr int64_t kStepBytes = int64_t{R} * L * sizeof(W), kStepLines = (kStepBytes + 63) / 64;
+  const char* ahead = reinterpret_cast<const char*>(w) + kPrefetchTiles * R * k * int64_t{sizeof(W)};
   int64_t i = 0;
-  for (; i + L <= k; i += L) accumulate<W, R, BB>(x + i, k, w + i, k, acc);
+  for (; i + L <= k; i += L, ahead += kStepBytes) {
+    for (int64_t line = 0; line < kStepLines; ++line) __builtin_prefetch(ahead + 64 * line, 0, 3);
+    accumulate<W, R, BB>(x + i, k, w + i, k, acc);
+  }
   if (i < k) {  // the last partial vector, zero-padded (a zero weight adds nothing)
     float x_tail[BB][L] = {};
     W w_tail[R][L] = {};
