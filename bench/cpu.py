@@ -48,13 +48,13 @@ from .common import (SHAPES, PeakRSS, decode_weight_bytes, load_average, machine
                      write_page)
 
 ENGINES = ("neox-jax", "neox-jax-int8", "parity", "transformers", "ctranslate2", "ctranslate2-int8", "llama.cpp",
-           "llama.cpp-q8_0")
+           "llama.cpp-q8_0", "neox-jax-xla", "neox-jax-int8-xla")
 DEFAULT_ENGINES = ENGINES[:4]  # the peers need the `peers` extra (and llama.cpp its converter): named when wanted
-PEERS = ENGINES[4:]
+PEERS = ENGINES[4:8]
 MEMORY_READ = "memory-read"  # the worker that measures the machine's memory-read limit
 # How each engine stores its matmul weights (the others: fp32). llama.cpp's q8_0 is counted as int8: it reads
 # 34 bytes per 32 weights (an fp16 scale per block) where int8 with per-channel scales reads ~32.
-QUANTIZE = {"neox-jax-int8": "int8", "ctranslate2-int8": "int8", "llama.cpp-q8_0": "int8"}
+QUANTIZE = {"neox-jax-int8": "int8", "neox-jax-int8-xla": "int8", "ctranslate2-int8": "int8", "llama.cpp-q8_0": "int8"}
 
 
 # ---- engines: each returns per-run (prefill_s, decode_s, decode_steps, tokens) ----
@@ -93,6 +93,26 @@ class NeoXJaxInt8Engine(NeoXJaxEngine):
 
     name = "neox-jax-int8"
     quantize = "int8"
+
+
+class NeoXJaxXlaEngine(NeoXJaxEngine):
+    """neox-jax with its native CPU kernels switched off (NEOX_JAX_CPU_KERNELS=0): XLA's matmuls, for comparison."""
+
+    name = "neox-jax-xla"
+
+    @staticmethod
+    def prepare():
+        from neox_jax import cpu_kernels
+
+        os.environ[cpu_kernels.SWITCH] = "0"
+        NeoXJaxEngine.prepare()
+
+
+class NeoXJaxInt8XlaEngine(NeoXJaxInt8Engine):
+    """neox-jax-int8 on XLA's blocked path (NEOX_JAX_CPU_KERNELS=0)."""
+
+    name = "neox-jax-int8-xla"
+    prepare = NeoXJaxXlaEngine.prepare
 
 
 class ParityEngine:
@@ -373,7 +393,8 @@ LLAMA_CPP_CONVERT = "LLAMA_CPP_CONVERT"  # how --llama-cpp-convert reaches the w
 ENGINE_CLASSES = {"neox-jax": NeoXJaxEngine, "neox-jax-int8": NeoXJaxInt8Engine, "parity": ParityEngine,
                   "transformers": TransformersEngine, "ctranslate2": CTranslate2Engine,
                   "ctranslate2-int8": CTranslate2Int8Engine, "llama.cpp": LlamaCppEngine,
-                  "llama.cpp-q8_0": LlamaCppQ8Engine}
+                  "llama.cpp-q8_0": LlamaCppQ8Engine, "neox-jax-xla": NeoXJaxXlaEngine,
+                  "neox-jax-int8-xla": NeoXJaxInt8XlaEngine}
 
 
 def make_prompts(config, batch: int, prompt_len: int, seed: int) -> np.ndarray:

@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-TARGET = "neox_jax_weight_matmul"  # the FFI target's name, as the compiled program's custom call names it
+TARGET = "neox_jax_weight_matmul"  # the FFI targets' names, as the compiled program's custom calls name them
+FP32_TARGET = "neox_jax_matmul"
 ISAS = ("avx512", "avx2", "portable")  # the kernels' instruction sets, fastest first
 VECTORISED = ISAS[:2]  # those the model uses; on a CPU with neither, XLA's path is as fast as plain C++
 WEIGHT_DTYPES = (np.dtype(np.int8), np.dtype(ml_dtypes.float8_e4m3fn))
@@ -45,6 +46,7 @@ def _extension():
     except ImportError:
         return None
     jax.ffi.register_ffi_target(TARGET, _cpu_kernels.weight_matmul_handler(), platform="cpu")
+    jax.ffi.register_ffi_target(FP32_TARGET, _cpu_kernels.matmul_handler(), platform="cpu")
     return _cpu_kernels
 
 
@@ -90,12 +92,50 @@ def weight_matmul(x, values, scale, *, isa: str | None = None, threads: int = 0)
     if x.dtype != jnp.float32 or scale.dtype != jnp.float32 or values.dtype not in WEIGHT_DTYPES:
         raise ValueError(f"weight_matmul takes fp32 x and scale and int8 or float8_e4m3fn values, got {x.dtype}, "
                          f"{scale.dtype} and {values.dtype}")
+    return _call(TARGET, x, (values, scale), values.shape[0], isa, threads)
+
+
+def matmul(x, w, *, isa: str | None = None, threads: int = 0):
+    """`x @ w.T` by the native kernel, in fp32: x [m, k], w [n, k] (a weight as stored) -> [m, n]; isa and
+    threads as `weight_matmul`'s."""
+    if jnp.ndim(x) != 2 or jnp.ndim(w) != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"matmul takes x [m, k] and w [n, k], got {jnp.shape(x)} and {jnp.shape(w)}")
+    if x.dtype != jnp.float32 or w.dtype != jnp.float32:
+        raise ValueError(f"matmul takes fp32 x and w, got {x.dtype} and {w.dtype}")
+    return _call(FP32_TARGET, x, (w,), w.shape[0], isa, threads)
+
+
+def _call(target: str, x, weight_operands: tuple, n: int, isa: str | None, threads: int):
     if isa is not None and isa not in ISAS:
         raise ValueError(f"isa must be one of {', '.join(ISAS)}, got {isa!r}")
     if threads < 0:
         raise ValueError(f"threads must be >= 0, got {threads}")
     if _extension() is None:
         raise RuntimeError(unavailable_reason())
-    result = jax.ShapeDtypeStruct((x.shape[0], values.shape[0]), jnp.float32)
-    call = jax.ffi.ffi_call(TARGET, result, vmap_method="sequential")
-    return call(x, values, scale, isa=isa or best_isa(), threads=np.int64(threads))
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32), vmap_method="sequential")
+    return call(x, *weight_operands, isa=isa or best_isa(), threads=np.int64(threads))
+
+
+FP32_MAX_ROWS = 64  # rows of x up to which the fp32 kernel beats XLA's matmul (a decode step's; prefill's are XLA's)
+
+
+def rows_form(spec: str, x, w_shape) -> bool:
+    """Whether `einsum(spec, x, w)` is `x` as rows `[m, in]` against a 2-D `[out, in]` weight: x's last axis
+    contracted with the weight's second, the result x's other axes then the output channel."""
+    operands, result = spec.split("->")
+    x_axes, w_axes = operands.split(",")
+    return len(w_shape) == 2 and x_axes[-1] == w_axes[1] and result == x_axes[:-1] + w_axes[0]
+
+
+def rows_product(kernel, x, *weight_operands):
+    """`kernel` over x's leading axes flattened into rows, the result shaped back: [..., in] -> [..., out]."""
+    lead, n = x.shape[:-1], weight_operands[0].shape[0]
+    return kernel(x.reshape(-1, x.shape[-1]), *weight_operands).reshape(*lead, n)
+
+
+def takes_fp32(spec: str, x, w) -> bool:
+    """Whether an unquantized matmul lowered for CPU runs the fp32 kernel: fp32 operands in the rows form, few
+    enough rows (decode), and the kernels enabled."""
+    rows = int(np.prod(x.shape[:-1]))
+    return (x.dtype == w.dtype == jnp.float32 and rows_form(spec, x, w.shape) and rows <= FP32_MAX_ROWS
+            and enabled())

@@ -62,6 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import cpu_kernels
 from .config import NeoXConfig
 from .params import Kind, spec_at
 from .quantize import QuantizedWeight, quantized_contract
@@ -110,10 +111,17 @@ def _precision(dtype):
 
 
 def contract(spec: str, x, w, dtype):
-    """einsum `x` with a weight (an array or a QuantizedWeight) accumulated in fp32, not rounded."""
+    """einsum `x` with a weight (an array or a QuantizedWeight) accumulated in fp32, not rounded. On CPU a
+    decode step's fp32 matmuls run the native kernel (`cpu_kernels.takes_fp32`), faster than XLA's there."""
     if isinstance(w, QuantizedWeight):
         return quantized_contract(spec, x, w, _precision(dtype))
-    return jnp.einsum(spec, x, w, preferred_element_type=F32, precision=_precision(dtype))
+
+    def xla():
+        return jnp.einsum(spec, x, w, preferred_element_type=F32, precision=_precision(dtype))
+
+    if cpu_kernels.takes_fp32(spec, x, w):
+        return jax.lax.platform_dependent(cpu=lambda: cpu_kernels.rows_product(cpu_kernels.matmul, x, w), default=xla)
+    return xla()
 
 
 def matmul(spec: str, x, w, dtype):

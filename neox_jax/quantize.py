@@ -219,12 +219,9 @@ def quantized_contract(spec: str, x, w: QuantizedWeight, precision):
     rows = max(1, CPU_BLOCK // inner)
 
     def native():
-        lead = x.shape[:-1]  # the kernel takes [m, in] rows: x's other axes flattened, as the result keeps them
-        product = cpu_kernels.weight_matmul(x.reshape(-1, inner).astype(jnp.float32), w.values, w.scale)
-        return product.reshape(*lead, out)
+        return cpu_kernels.rows_product(cpu_kernels.weight_matmul, x.astype(jnp.float32), w.values, w.scale)
 
-    x_axes, w_axes = operands.split(",")
-    if x_axes[-1] == w_axes[1] and result == x_axes[:-1] + w_axes[0] and cpu_kernels.enabled():
+    if cpu_kernels.rows_form(spec, x, w.values.shape) and cpu_kernels.enabled():
         return jax.lax.platform_dependent(cpu=native, default=plain)
     if out <= rows:
         return plain()

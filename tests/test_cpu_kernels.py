@@ -60,6 +60,14 @@ def test_kernel_equals_xla_over_shapes(isa, mode, m, n, k):
     assert_matches_xla(cpu_kernels.weight_matmul(x, values, scale, isa=isa, threads=2), x, values, scale)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m, n, k", [(1, 1, 1), (1, 37, 19), (3, 300, 512), (8, 129, 100), (64, 50, 257)])
+def test_fp32_kernel_equals_xla_over_shapes(isa, m, n, k):
+    rng = np.random.default_rng(m * n * k)
+    x, w = rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((n, k)).astype(np.float32)
+    assert_matches_xla(cpu_kernels.matmul(x, w, isa=isa, threads=2), x, w, np.ones(n, np.float32))
+
+
 @settings(max_examples=30, deadline=None)
 @given(m=st.integers(1, 64), n=st.integers(1, 96), k=st.integers(1, 96), threads=st.integers(1, 4),
        isa=st.sampled_from(ISAS or ["portable"]), mode=st.sampled_from(sorted(DTYPES)), seed=st.integers(0, 99))
@@ -109,6 +117,16 @@ def test_concurrent_calls_each_get_their_own_result():
 def test_bad_operands_are_refused_with_what_was_expected(x, values, scale, message):
     with pytest.raises(ValueError, match=message):
         cpu_kernels.weight_matmul(x, values, scale)
+
+
+@pytest.mark.parametrize("x, w, message", [
+    (np.ones((2, 8), np.float16), np.ones((4, 8), np.float32), "fp32 x and w"),
+    (np.ones((2, 8), np.float32), np.ones((4, 8), np.int8), "fp32 x and w"),
+    (np.ones((2, 8), np.float32), np.ones((4, 7), np.float32), r"x \[m, k\] and w \[n, k\]"),
+])
+def test_bad_fp32_operands_are_refused(x, w, message):
+    with pytest.raises(ValueError, match=message):
+        cpu_kernels.matmul(x, w)
 
 
 def test_bad_isa_and_threads_are_refused():
@@ -161,6 +179,29 @@ def test_the_decode_program_calls_the_kernel_and_switched_off_xla_s_path_with_th
     xla, hlo = decode(int8_params)
     assert cpu_kernels.TARGET not in hlo and "while" in hlo  # XLA's blocked loop
     assert native == xla
+
+
+def test_an_fp32_model_decodes_with_the_fp32_kernel_and_prefills_with_xla(monkeypatch):
+    """The decode step's matmuls (one row per sequence) call the fp32 kernel, the prefill's layers (more rows
+    than FP32_MAX_ROWS) XLA's; greedy tokens equal XLA's own."""
+    monkeypatch.setattr(cpu_kernels, "FP32_MAX_ROWS", 4)
+    params = build_params(CONFIG, random_tensors(CONFIG, seed=3).items(), jnp.float32, progress=False)
+    prompts = [[1, 2, 3, 4, 5], [5, 6, 7, 8, 9]]  # a prefill of 10 rows
+
+    def run():
+        model = NeoXModel(CONFIG, params)
+        decoder = Decoder(model.module, model.params)
+        tokens = decoder.generate(prompts, 6, stop_token=None).tokens
+        (decode_step,) = decoder._decode._executables.values()
+        (prefill,) = decoder._prefill._executables.values()
+        return tokens, decode_step.as_text(), prefill.as_text()
+
+    native, decode_step, prefill = run()
+    assert decode_step.count(f'custom_call_target="{cpu_kernels.FP32_TARGET}"') == 4 * CONFIG.num_layers + 1
+    assert prefill.count(f'custom_call_target="{cpu_kernels.FP32_TARGET}"') == 1  # the head: each row's last token
+    monkeypatch.setenv(cpu_kernels.SWITCH, "0")
+    xla, decode_step, _ = run()
+    assert cpu_kernels.FP32_TARGET not in decode_step and native == xla
 
 
 def test_without_the_extension_the_model_falls_back_and_says_so_once(int8_params, monkeypatch, caplog):

@@ -1,7 +1,8 @@
-// neox_jax._cpu_kernels: the weight-only matmul as an XLA FFI handler for the CPU platform, and the Python
-// module that hands it to jax.ffi.register_ffi_target (neox_jax/cpu_kernels.py).
+// neox_jax._cpu_kernels: the matmuls as XLA FFI handlers for the CPU platform, and the Python module that hands
+// them to jax.ffi.register_ffi_target (neox_jax/cpu_kernels.py).
 //
 //   weight_matmul(x f32[m, k], w s8|f8e4m3fn[n, k], scale f32[n]; isa: str, threads: i64) -> f32[m, n]
+//   matmul(x f32[m, k], w f32[n, k]; isa: str, threads: i64) -> f32[m, n]
 //
 // isa names the kernels ("avx512", "avx2", "portable"); threads 0 means the pool's default.
 #include <Python.h>
@@ -77,13 +78,33 @@ std::string shape(ffi::Span<const int64_t> dims) {
   return s + "]";
 }
 
+// Checks the operands' shapes, the instruction set and thread count, then runs the kernels.
+ffi::Error run_checked(const char* name, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, WeightType type,
+                       const float* scale, ffi::Span<const int64_t> scale_dims, ffi::Result<ffi::Buffer<ffi::F32>> y,
+                       std::string_view isa, int64_t threads) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2 || xd[1] != wd[1] || yd[0] != xd[0] || yd[1] != wd[0] ||
+      (scale && (scale_dims.size() != 1 || scale_dims[0] != wd[0])))
+    return ffi::Error::InvalidArgument(std::string(name) + ": expected x [m, k], w [n, k]" +
+                                       (scale ? ", scale [n]" : "") + " -> [m, n], got x " + shape(xd) + ", w " +
+                                       shape(wd) + (scale ? ", scale " + shape(scale_dims) : "") + " -> " + shape(yd));
+  const RowsKernel kernel = kernel_for(isa);
+  if (kernel == nullptr || !cpu_has(isa))
+    return ffi::Error::InvalidArgument(std::string(name) + ": isa '" + std::string(isa) +
+                                       "' is not one of avx512, avx2, portable available on this CPU");
+  if (threads < 0) return ffi::Error::InvalidArgument(std::string(name) + ": threads must be >= 0");
+  const Matmul p{x.typed_data(), w.untyped_data(), type, scale, y->typed_data(), xd[0], wd[0], xd[1]};
+  if (p.m == 0 || p.n == 0) return ffi::Error::Success();
+  if (p.k == 0) {
+    std::fill(p.y, p.y + p.m * p.n, 0.0f);
+    return ffi::Error::Success();
+  }
+  run_matmul(p, kernel, threads ? static_cast<int>(threads) : ThreadPool::instance().threads());
+  return ffi::Error::Success();
+}
+
 ffi::Error weight_matmul(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> scale,
                          ffi::ResultBuffer<ffi::F32> y, std::string_view isa, int64_t threads) {
-  const auto xd = x.dimensions(), wd = w.dimensions(), sd = scale.dimensions(), yd = y->dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || sd.size() != 1 || yd.size() != 2 || xd[1] != wd[1] || sd[0] != wd[0] ||
-      yd[0] != xd[0] || yd[1] != wd[0])
-    return ffi::Error::InvalidArgument("neox weight_matmul: expected x [m, k], w [n, k], scale [n] -> [m, n], got x " +
-                                       shape(xd) + ", w " + shape(wd) + ", scale " + shape(sd) + " -> " + shape(yd));
   WeightType type;
   if (w.element_type() == ffi::DataType::S8) {
     type = WeightType::kInt8;
@@ -92,19 +113,14 @@ ffi::Error weight_matmul(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<
   } else {
     return ffi::Error::InvalidArgument("neox weight_matmul: weights must be int8 or float8_e4m3fn");
   }
-  const RowsKernel kernel = kernel_for(isa);
-  if (kernel == nullptr || !cpu_has(isa))
-    return ffi::Error::InvalidArgument("neox weight_matmul: isa '" + std::string(isa) +
-                                       "' is not one of avx512, avx2, portable available on this CPU");
-  if (threads < 0) return ffi::Error::InvalidArgument("neox weight_matmul: threads must be >= 0");
-  const Matmul p{x.typed_data(), w.untyped_data(), type, scale.typed_data(), y->typed_data(), xd[0], wd[0], xd[1]};
-  if (p.m == 0 || p.n == 0) return ffi::Error::Success();
-  if (p.k == 0) {
-    std::fill(p.y, p.y + p.m * p.n, 0.0f);
-    return ffi::Error::Success();
-  }
-  run_matmul(p, kernel, threads ? static_cast<int>(threads) : ThreadPool::instance().threads());
-  return ffi::Error::Success();
+  return run_checked("neox weight_matmul", x, w, type, scale.typed_data(), scale.dimensions(), y, isa, threads);
+}
+
+ffi::Error matmul(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::ResultBuffer<ffi::F32> y, std::string_view isa,
+                  int64_t threads) {
+  if (w.element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument("neox matmul: weights must be float32");
+  return run_checked("neox matmul", x, w, WeightType::kFp32, nullptr, {}, y, isa, threads);
 }
 
 }  // namespace
@@ -119,10 +135,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NeoxWeightMatmul, neox::weight_matmul,
                                   .Attr<std::string_view>("isa")
                                   .Attr<int64_t>("threads"));
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NeoxMatmul, neox::matmul,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<std::string_view>("isa")
+                                  .Attr<int64_t>("threads"));
+
 // ---- the Python module ----
 
-static PyObject* handler(PyObject*, PyObject*) {
+static PyObject* weight_matmul_handler(PyObject*, PyObject*) {
   return PyCapsule_New(reinterpret_cast<void*>(NeoxWeightMatmul), nullptr, nullptr);
+}
+
+static PyObject* matmul_handler(PyObject*, PyObject*) {
+  return PyCapsule_New(reinterpret_cast<void*>(NeoxMatmul), nullptr, nullptr);
 }
 
 static PyObject* best_isa(PyObject*, PyObject*) { return PyUnicode_FromString(neox::best_isa()); }
@@ -132,7 +160,8 @@ static PyObject* default_threads(PyObject*, PyObject*) {
 }
 
 static PyMethodDef methods[] = {
-    {"weight_matmul_handler", handler, METH_NOARGS, "The FFI handler of the weight-only matmul, as a capsule."},
+    {"weight_matmul_handler", weight_matmul_handler, METH_NOARGS, "The weight-only matmul's FFI handler (a capsule)."},
+    {"matmul_handler", matmul_handler, METH_NOARGS, "The fp32 matmul's FFI handler (a capsule)."},
     {"best_isa", best_isa, METH_NOARGS, "The fastest kernels this CPU runs: avx512, avx2 or portable."},
     {"default_threads", default_threads, METH_NOARGS, "Threads a call uses (NEOX_JAX_CPU_THREADS or the CPUs)."},
     {nullptr, nullptr, 0, nullptr}};

@@ -32,6 +32,7 @@ struct Isa {
     const __m256 value = _mm256_blendv_ps(subnormal, _mm256_castsi256_ps(normal), is_normal);
     return _mm256_castsi256_ps(_mm256_or_si256(_mm256_castps_si256(value), sign));
   }
+  NEOX_TARGET static V load_w(const float* p) { return _mm256_loadu_ps(p); }
   NEOX_TARGET static V fma(V a, V b, V acc) { return _mm256_fmadd_ps(a, b, acc); }
   NEOX_TARGET static float sum(V v) {
     const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

@@ -35,6 +35,7 @@ struct Isa {
     const __m512 value = _mm512_mask_blend_ps(is_normal, subnormal, _mm512_castsi512_ps(normal));
     return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(value), sign));
   }
+  NEOX_TARGET static V load_w(const float* p) { return _mm512_loadu_ps(p); }
   NEOX_TARGET static V fma(V a, V b, V acc) { return _mm512_fmadd_ps(a, b, acc); }
   NEOX_TARGET static float sum(V v) {
     const __m256 eight = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));

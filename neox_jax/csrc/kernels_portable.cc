@@ -26,6 +26,7 @@ struct Isa {
                                  : std::ldexp(static_cast<float>(mantissa), -9);
     return (p->bits & 0x80) ? -value : value;
   }
+  static V load_w(const float* p) { return *p; }
   static V fma(V a, V b, V acc) { return std::fma(a, b, acc); }
   static float sum(V v) { return v; }
 };

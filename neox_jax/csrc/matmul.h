@@ -6,7 +6,7 @@
 
 namespace neox {
 
-enum class WeightType { kInt8, kFp8E4M3 };
+enum class WeightType { kInt8, kFp8E4M3, kFp32 };
 
 // An fp8 e4m3fn value (1 sign, 4 exponent bits biased by 7, 3 mantissa bits; finite values only: quantized
 // weights are clipped to +-448).
@@ -14,12 +14,13 @@ struct Fp8 {
   uint8_t bits;
 };
 
-// y[m, n] = scale[n] * sum_k x[m, k] * w[n, k]: x fp32 [m, k], w [n, k] (row-major, as stored), y fp32 [m, n].
+// y[m, n] = scale[n] * sum_k x[m, k] * w[n, k]: x fp32 [m, k], w [n, k] (row-major, as stored), y fp32 [m, n];
+// no scale (nullptr) for fp32 weights.
 struct Matmul {
   const float* x;
   const void* w;
   WeightType w_type;
-  const float* scale;
+  const float* scale;  // nullptr: none
   float* y;
   int64_t m, n, k;
 };

@@ -4,7 +4,8 @@
 // Included by each ISA's translation unit inside its own namespace, after it defines NEOX_TARGET (the
 // function attribute that enables its instructions) and `struct Isa`:
 //   V, kWidth             a vector of kWidth floats
-//   zero(), load_x(const float*), load_w(const int8_t*), load_w(const Fp8*)   (kWidth elements each)
+//   zero(), load_x(const float*), load_w(const int8_t*), load_w(const Fp8*), load_w(const float*)
+//   (kWidth elements each)
 //   fma(a, b, acc), sum(v)
 // and kTileR1 (channels per tile when x has one row: the decode step) and kTileR, kTileB (otherwise).
 // Weight values meet x exactly (int8 and e4m3 convert to fp32 without rounding); the products accumulate in
@@ -53,7 +54,7 @@ NEOX_TARGET void tile(const float* x, const W* w, int64_t k, const float* scale,
     accumulate<W, R, BB>(&x_tail[0][0], L, &w_tail[0][0], L, acc);
   }
   for (int r = 0; r < R; ++r)
-    for (int b = 0; b < BB; ++b) y[b * ldy + r] = Isa::sum(acc[r][b]) * scale[r];
+    for (int b = 0; b < BB; ++b) y[b * ldy + r] = scale ? Isa::sum(acc[r][b]) * scale[r] : Isa::sum(acc[r][b]);
 }
 
 // Rows [m_begin, m_end) of x against R channels from `n`: full tiles of kTileB rows, then one smaller tile.
@@ -61,12 +62,13 @@ template <class W, int R, int BB>
 NEOX_TARGET void channel_block(const Matmul& p, const W* w, int64_t n, int64_t m_begin, int64_t m_end) {
   const float* x = p.x + m_begin * p.k;
   float* y = p.y + m_begin * p.n + n;
+  const float* scale = p.scale ? p.scale + n : nullptr;
   int64_t b = m_begin;
-  for (; b + BB <= m_end; b += BB, x += BB * p.k, y += BB * p.n) tile<W, R, BB>(x, w, p.k, p.scale + n, y, p.n);
+  for (; b + BB <= m_end; b += BB, x += BB * p.k, y += BB * p.n) tile<W, R, BB>(x, w, p.k, scale, y, p.n);
   if constexpr (BB > 1) {
     switch (m_end - b) {
       case 0: break;
-#define NEOX_CASE(c) case c: if constexpr (c < BB) tile<W, R, c>(x, w, p.k, p.scale + n, y, p.n); break;
+#define NEOX_CASE(c) case c: if constexpr (c < BB) tile<W, R, c>(x, w, p.k, scale, y, p.n); break;
       NEOX_CASE(1) NEOX_CASE(2) NEOX_CASE(3) NEOX_CASE(4) NEOX_CASE(5) NEOX_CASE(6) NEOX_CASE(7)
 #undef NEOX_CASE
     }
@@ -102,5 +104,6 @@ void rows(const Matmul& p, int64_t n_begin, int64_t n_end) {
   switch (p.w_type) {
     case WeightType::kInt8: return rows_typed<int8_t>(p, n_begin, n_end);
     case WeightType::kFp8E4M3: return rows_typed<Fp8>(p, n_begin, n_end);
+    case WeightType::kFp32: return rows_typed<float>(p, n_begin, n_end);
   }
 }
