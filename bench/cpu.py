@@ -1,9 +1,10 @@
-"""CPU benchmark: neox-jax greedy generation against the parity/ PyTorch model and transformers' generate.
+"""CPU benchmark: neox-jax greedy generation against the parity/ PyTorch model, transformers' generate, and the
+engines a CPU user would pick instead (CTranslate2, llama.cpp).
 
     python -m bench.cpu [--shapes tiny,pythia-70m] [--batch 1,8] [--new-tokens 32] [--prompt-len 64]
-                        [--reps 3] [--json OUT] [--markdown docs/figures/cpu.md]
+                        [--reps 3] [--engines ...] [--llama-cpp-convert PY] [--json OUT] [--markdown FILE]
 
-One run compares three engines in fp32 on the same random weights (`random_tensors(config, seed)`), the
+One run compares the engines on the same random weights (`random_tensors(config, seed)`), the
 same prompts (random token ids, every row the same length, so nobody pads) and the same number of new
 tokens (no stop token: each decodes exactly `--new-tokens`, greedy, with a KV cache). The shapes are
 `PRESETS` entries. Each engine runs in a child process of its own (`common.run_worker`), generates once to warm up (neox-jax compiles then), then
@@ -20,6 +21,14 @@ tokens (no stop token: each decodes exactly `--new-tokens`, greedy, with a KV ca
 
 `neox-jax-int8` is neox-jax with `quantize="int8"` (docs/quantization.md): each case then also reports its
 decode against neox-jax fp32 and transformers fp32 from the same run, and the bytes it reads per step.
+`neox-jax-xla` and `neox-jax-int8-xla` are the two with the native CPU kernels switched off (XLA's matmuls).
+
+The peers (`pip install -e .[peers]`) convert the same weights, written as a Hugging Face directory with the
+GPT-NeoX-20B tokenizer: `ctranslate2` (float32) and `ctranslate2-int8` (int8_float32) through CTranslate2's
+TransformersConverter; `llama.cpp` (f32) and `llama.cpp-q8_0` through llama.cpp's convert_hf_to_gguf.py, run by
+llama-cpp-python's low-level API with one sequence per row. Each uses a thread per core. 'same tokens'
+compares every engine's greedy tokens with neox-jax fp32's: the fp32 engines must agree; the 8-bit ones
+compute something else (llama.cpp's q8_0 also quantizes the activations), so theirs is information.
 
 Every engine's decode is also reported as the weight bytes it reads per second (bytes of parameters one
 step must read: every layer and the output head, the input embedding only for the gathered rows, int8's

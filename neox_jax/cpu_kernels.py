@@ -20,6 +20,7 @@ process may run on. The XLA thread that makes the call works too, so a call keep
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import os
 
@@ -41,8 +42,8 @@ logger = logging.getLogger(__name__)
 @functools.cache
 def _extension():
     """The compiled module, its FFI target registered with XLA's CPU platform; None if it was not built."""
-    try:
-        from . import _cpu_kernels
+    try:  # by name: the compiled module, not a Python file of the package (which a relative import would name)
+        _cpu_kernels = importlib.import_module(f"{__package__}._cpu_kernels")
     except ImportError:
         return None
     jax.ffi.register_ffi_target(TARGET, _cpu_kernels.weight_matmul_handler(), platform="cpu")
