@@ -33,7 +33,8 @@ def extensions() -> list[Extension]:
         # No -march: each ISA's kernels carry their own target attribute and are chosen at run time, so one
         # build runs on every x86-64 CPU (and the portable kernels elsewhere).
         # -Wno-*uninitialized: GCC 12's own intrinsics headers trip them.
-        extra_compile_args=["-std=c++20", "-O3", "-fvisibility=hidden", "-Wno-uninitialized", "-Wno-maybe-uninitialized"])]
+        extra_compile_args=["-std=c++20", "-O3", "-fvisibility=hidden", "-Wno-uninitialized",
+                            "-Wno-maybe-uninitialized"])]
 
 
 setup(ext_modules=extensions())
