@@ -1,9 +1,10 @@
-"""CPU benchmark: neox-jax greedy generation against the parity/ PyTorch model and transformers' generate.
+"""CPU benchmark: neox-jax greedy generation against the parity/ PyTorch model, transformers' generate, and the
+engines a CPU user would pick instead (CTranslate2, llama.cpp).
 
     python -m bench.cpu [--shapes tiny,pythia-70m] [--batch 1,8] [--new-tokens 32] [--prompt-len 64]
-                        [--reps 3] [--json OUT] [--markdown docs/figures/cpu.md]
+                        [--reps 3] [--engines ...] [--llama-cpp-convert PY] [--json OUT] [--markdown FILE]
 
-One run compares three engines in fp32 on the same random weights (`random_tensors(config, seed)`), the
+One run compares the engines on the same random weights (`random_tensors(config, seed)`), the
 same prompts (random token ids, every row the same length, so nobody pads) and the same number of new
 tokens (no stop token: each decodes exactly `--new-tokens`, greedy, with a KV cache). The shapes are
 `PRESETS` entries. Each engine runs in a child process of its own (`common.run_worker`), generates once to warm up (neox-jax compiles then), then
@@ -20,6 +21,14 @@ tokens (no stop token: each decodes exactly `--new-tokens`, greedy, with a KV ca
 
 `neox-jax-int8` is neox-jax with `quantize="int8"` (docs/quantization.md): each case then also reports its
 decode against neox-jax fp32 and transformers fp32 from the same run, and the bytes it reads per step.
+`neox-jax-xla` and `neox-jax-int8-xla` are the two with the native CPU kernels switched off (XLA's matmuls).
+
+The peers (`pip install -e .[peers]`) convert the same weights, written as a Hugging Face directory with the
+GPT-NeoX-20B tokenizer: `ctranslate2` (float32) and `ctranslate2-int8` (int8_float32) through CTranslate2's
+TransformersConverter; `llama.cpp` (f32) and `llama.cpp-q8_0` through llama.cpp's convert_hf_to_gguf.py, run by
+llama-cpp-python's low-level API with one sequence per row. Each uses a thread per core. 'same tokens'
+compares every engine's greedy tokens with neox-jax fp32's: the fp32 engines must agree; the 8-bit ones
+compute something else (llama.cpp's q8_0 also quantizes the activations), so theirs is information.
 
 Every engine's decode is also reported as the weight bytes it reads per second (bytes of parameters one
 step must read: every layer and the output head, the input embedding only for the gathered rows, int8's
@@ -34,7 +43,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,9 +56,14 @@ from .common import (SHAPES, PeakRSS, decode_weight_bytes, load_average, machine
                      median, param_count, parse_list, release_memory, rss_mb, run_worker, sig, table, utc_now,
                      write_page)
 
-ENGINES = ("neox-jax", "neox-jax-int8", "parity", "transformers")
+ENGINES = ("neox-jax", "neox-jax-int8", "parity", "transformers", "ctranslate2", "ctranslate2-int8", "llama.cpp",
+           "llama.cpp-q8_0", "neox-jax-xla", "neox-jax-int8-xla")
+DEFAULT_ENGINES = ENGINES[:4]  # the peers need the `peers` extra (and llama.cpp its converter): named when wanted
+PEERS = ENGINES[4:8]
 MEMORY_READ = "memory-read"  # the worker that measures the machine's memory-read limit
-QUANTIZE = {"neox-jax-int8": "int8"}  # how each engine stores its matmul weights (the others: fp32)
+# How each engine stores its matmul weights (the others: fp32). llama.cpp's q8_0 is counted as int8: it reads
+# 34 bytes per 32 weights (an fp16 scale per block) where int8 with per-channel scales reads ~32.
+QUANTIZE = {"neox-jax-int8": "int8", "neox-jax-int8-xla": "int8", "ctranslate2-int8": "int8", "llama.cpp-q8_0": "int8"}
 
 
 # ---- engines: each returns per-run (prefill_s, decode_s, decode_steps, tokens) ----
@@ -85,6 +102,26 @@ class NeoXJaxInt8Engine(NeoXJaxEngine):
 
     name = "neox-jax-int8"
     quantize = "int8"
+
+
+class NeoXJaxXlaEngine(NeoXJaxEngine):
+    """neox-jax with its native CPU kernels switched off (NEOX_JAX_CPU_KERNELS=0): XLA's matmuls, for comparison."""
+
+    name = "neox-jax-xla"
+
+    @staticmethod
+    def prepare():
+        from neox_jax import cpu_kernels
+
+        os.environ[cpu_kernels.SWITCH] = "0"
+        NeoXJaxEngine.prepare()
+
+
+class NeoXJaxInt8XlaEngine(NeoXJaxInt8Engine):
+    """neox-jax-int8 on XLA's blocked path (NEOX_JAX_CPU_KERNELS=0)."""
+
+    name = "neox-jax-int8-xla"
+    prepare = NeoXJaxXlaEngine.prepare
 
 
 class ParityEngine:
@@ -191,8 +228,182 @@ class TransformersEngine:
         return times[0] - start, times[-1] - times[0], new_tokens - 1, new.tolist()
 
 
+def peer_checkpoint(config, tensors, folder: Path) -> Path:
+    """The Hugging Face directory the peers convert from: the same random tensors, and the GPT-NeoX-20B tokenizer
+    (their converters take the vocabulary from it; the prompts are token ids, so its merges are not used)."""
+    from neox_jax.checkpoints.synthetic import write_hf_checkpoint
+    from neox_jax.demo import trained_tokenizer
+
+    tokenizer = trained_tokenizer()
+    if tokenizer is None:
+        raise RuntimeError("the peers' converters need the GPT-NeoX-20B tokenizer.json: set NEOX_TOKENIZER")
+    path = write_hf_checkpoint(folder / "hf", config, tensors)
+    shutil.copy(tokenizer, path / "tokenizer.json")
+    return path
+
+
+class CTranslate2Engine:
+    """CTranslate2's Generator on the HF directory converted by its TransformersConverter: greedy
+    (sampling_topk=1), the prompt forwarded at once (include_prompt_in_result=False), no end token. A step
+    callback records when each new token exists, as the transformers engine's stopping criterion does."""
+
+    name = "ctranslate2"
+    compute_type = "float32"
+    quantization = None
+
+    @staticmethod
+    def prepare():
+        import ctranslate2  # noqa: F401
+
+    def __init__(self, config, tensors):
+        import ctranslate2
+        import ctranslate2.converters.transformers as converters
+
+        self.folder = tempfile.TemporaryDirectory()
+        folder = Path(self.folder.name)
+        # CTranslate2 4.8's GPT-NeoX loader reads transformers 4's names: `rotary_pct` and `embed_out`
+        # (transformers 5: `rope_parameters["partial_rotary_factor"]` and `lm_head`).
+        loader = converters._MODEL_LOADERS["GPTNeoXConfig"]
+        spec = type(loader).get_model_spec
+
+        def get_model_spec(model):
+            if not hasattr(model.config, "rotary_pct"):
+                model.config.rotary_pct = model.config.rope_parameters["partial_rotary_factor"]
+            if not hasattr(model, "embed_out"):
+                model.embed_out = model.lm_head
+            return spec(loader, model)
+
+        loader.get_model_spec = get_model_spec
+        out = folder / "ct2"
+        converters.TransformersConverter(str(peer_checkpoint(config, tensors, folder))).convert(
+            str(out), quantization=self.quantization)
+        self.vocabulary = json.loads((out / "vocabulary.json").read_text())
+        self.generator = ctranslate2.Generator(str(out), device="cpu", compute_type=self.compute_type,
+                                               intra_threads=os.cpu_count() or 1)
+        self.compile_seconds = None
+
+    def run(self, prompts: np.ndarray, new_tokens: int):
+        times: list[float] = []
+
+        def step(result):
+            if result.batch_id == 0:
+                times.append(time.perf_counter())
+
+        start = time.perf_counter()
+        results = self.generator.generate_batch([[self.vocabulary[i] for i in row] for row in prompts],
+                                                max_length=new_tokens, include_prompt_in_result=False,
+                                                sampling_topk=1, end_token=[], callback=step)
+        tokens = [r.sequences_ids[0] for r in results]
+        if len(times) != new_tokens or any(len(row) != new_tokens for row in tokens):
+            raise RuntimeError(f"ctranslate2 generated {len(times)} steps, expected {new_tokens}")
+        return times[0] - start, times[-1] - times[0], new_tokens - 1, tokens
+
+
+class CTranslate2Int8Engine(CTranslate2Engine):
+    """CTranslate2 with int8 weights (a scale per output channel) and fp32 activations (`int8_float32`)."""
+
+    name = "ctranslate2-int8"
+    compute_type = quantization = "int8_float32"
+
+
+class LlamaCppEngine:
+    """llama.cpp (llama-cpp-python's low-level API) on a GGUF converted from the HF directory by llama.cpp's own
+    convert_hf_to_gguf.py (--llama-cpp-convert): every row a sequence of one batch per step, greedy argmax of
+    each row's logits, one thread per core."""
+
+    name = "llama.cpp"
+    outtype = "f32"
+
+    @staticmethod
+    def prepare():
+        import llama_cpp
+
+        llama_cpp.llama_backend_init()
+
+    def __init__(self, config, tensors):
+        import llama_cpp
+
+        converter = os.environ.get(LLAMA_CPP_CONVERT)
+        if not converter or not Path(converter).is_file():
+            raise RuntimeError(f"llama.cpp engines need --llama-cpp-convert (convert_hf_to_gguf.py), got {converter!r}")
+        self.folder = tempfile.TemporaryDirectory()
+        folder = Path(self.folder.name)
+        gguf = folder / f"model-{self.outtype}.gguf"
+        # The converter reads config.json through transformers' AutoConfig when it can; transformers 5 drops
+        # GPT-NeoX's `rotary_pct` from that dict, so it is made to read the file as written.
+        script = ("import os, runpy, sys, transformers\n"
+                  "def as_written(*args, **kwargs): raise ValueError('read config.json')\n"
+                  "transformers.AutoConfig.from_pretrained = as_written\n"
+                  "sys.path.insert(0, os.path.dirname(sys.argv[1]))\n"
+                  "sys.argv = sys.argv[1:]\n"
+                  "runpy.run_path(sys.argv[0], run_name='__main__')")
+        subprocess.run([sys.executable, "-c", script, converter, str(peer_checkpoint(config, tensors, folder)),
+                        "--outtype", self.outtype, "--outfile", str(gguf)], check=True, capture_output=True)
+        self.llama = llama_cpp
+        self.quiet = llama_cpp.llama_log_callback(lambda level, text, data: None)  # kept: C holds the pointer
+        llama_cpp.llama_log_set(self.quiet, None)
+        self.model = llama_cpp.llama_model_load_from_file(str(gguf).encode(), llama_cpp.llama_model_default_params())
+        self.vocab_size = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
+        self.context = None
+        self.compile_seconds = None
+
+    def open(self, batch: int, tokens: int):
+        """A context for `batch` sequences of `tokens` positions (a new one when the batch size changes)."""
+        llama = self.llama
+        if self.context is None or self.context[0] != (batch, tokens):
+            params = llama.llama_context_default_params()
+            params.n_ctx, params.n_seq_max = batch * tokens, batch
+            params.n_batch = params.n_ubatch = batch * tokens
+            params.n_threads = params.n_threads_batch = os.cpu_count() or 1
+            self.context = ((batch, tokens), llama.llama_init_from_model(self.model, params),
+                            llama.llama_batch_init(batch * tokens, 0, batch))
+        _, context, batch_buffer = self.context
+        llama.llama_memory_clear(llama.llama_get_memory(context), True)
+        return context, batch_buffer
+
+    def step(self, context, buffer, rows, start: int) -> list[int]:
+        """Feeds each row's tokens (row i as sequence i, from position `start`) -> each row's greedy next token."""
+        n = 0
+        for seq, row in enumerate(rows):
+            for j, token in enumerate(row):
+                buffer.token[n], buffer.pos[n], buffer.n_seq_id[n] = int(token), start + j, 1
+                buffer.seq_id[n][0], buffer.logits[n] = seq, j == len(row) - 1
+                n += 1
+        buffer.n_tokens = n
+        if self.llama.llama_decode(context, buffer) != 0:
+            raise RuntimeError("llama_decode failed")
+        last = np.cumsum([len(row) for row in rows]) - 1
+        return [int(np.argmax(np.ctypeslib.as_array(self.llama.llama_get_logits_ith(context, int(i)),
+                                                    shape=(self.vocab_size,)))) for i in last]
+
+    def run(self, prompts: np.ndarray, new_tokens: int):
+        context, buffer = self.open(*prompts.shape[:1], prompts.shape[1] + new_tokens)
+        start = time.perf_counter()
+        token = self.step(context, buffer, prompts.tolist(), 0)
+        out = [token]
+        prefill = time.perf_counter() - start
+        start = time.perf_counter()
+        for i in range(new_tokens - 1):
+            token = self.step(context, buffer, [[t] for t in token], prompts.shape[1] + i)
+            out.append(token)
+        decode = time.perf_counter() - start
+        return prefill, decode, new_tokens - 1, np.array(out).T.tolist()
+
+
+class LlamaCppQ8Engine(LlamaCppEngine):
+    """llama.cpp's q8_0: int8 weights with an fp16 scale per block of 32, and int8 activations quantized per
+    block on the fly (integer dot products): a different numerics from the weight-only engines."""
+
+    name = "llama.cpp-q8_0"
+    outtype = "q8_0"
+
+
+LLAMA_CPP_CONVERT = "LLAMA_CPP_CONVERT"  # how --llama-cpp-convert reaches the workers
 ENGINE_CLASSES = {"neox-jax": NeoXJaxEngine, "neox-jax-int8": NeoXJaxInt8Engine, "parity": ParityEngine,
-                  "transformers": TransformersEngine}
+                  "transformers": TransformersEngine, "ctranslate2": CTranslate2Engine,
+                  "ctranslate2-int8": CTranslate2Int8Engine, "llama.cpp": LlamaCppEngine,
+                  "llama.cpp-q8_0": LlamaCppQ8Engine, "neox-jax-xla": NeoXJaxXlaEngine,
+                  "neox-jax-int8-xla": NeoXJaxInt8XlaEngine}
 
 
 def make_prompts(config, batch: int, prompt_len: int, seed: int) -> np.ndarray:
@@ -313,6 +524,8 @@ def engine_results(engine: str, shape: str, args) -> list[dict]:
             str(args.prompt_len), "--reps", str(args.reps), "--seed", str(args.seed), "--bandwidth-mib",
             str(args.bandwidth_mib)]
     env = dict(os.environ)
+    if args.llama_cpp_convert:
+        env[LLAMA_CPP_CONVERT] = str(Path(args.llama_cpp_convert).resolve())
     if args.omp_wait_policy:
         env["OMP_WAIT_POLICY"] = args.omp_wait_policy
     return run_worker("bench.cpu", engine, argv, env, capture=True)
@@ -400,7 +613,14 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions after one warm-up (median shown)")
-    parser.add_argument("--engines", default=",".join(ENGINES), help=f"comma list of {', '.join(ENGINES)}")
+    parser.add_argument("--engines", default=",".join(DEFAULT_ENGINES),
+                        help=f"comma list of {', '.join(ENGINES)} (default: {', '.join(DEFAULT_ENGINES)}). The peers "
+                             f"({', '.join(PEERS)}) need `pip install -e .[peers]` and the GPT-NeoX-20B tokenizer "
+                             f"(NEOX_TOKENIZER), and convert the same random weights written as a Hugging Face "
+                             f"directory; their shapes need vocab_size >= the tokenizer's (Pythia's)")
+    parser.add_argument("--llama-cpp-convert", metavar="PY",
+                        help="llama.cpp's convert_hf_to_gguf.py, for the llama.cpp engines (not in the "
+                             "llama-cpp-python wheel: in its sdist, vendor/llama.cpp/)")
     parser.add_argument("--bandwidth-mib", type=int, default=1024,
                         help="size of the array the memory-read limit is measured on (0: do not measure it)")
     parser.add_argument("--omp-wait-policy", choices=("active", "passive"),
@@ -425,6 +645,10 @@ def main(argv=None) -> int:
     unknown = [s for s in shapes if s not in SHAPES] + [e for e in engines if e not in ENGINES]
     if unknown:
         parser.error(f"unknown shape or engine: {', '.join(unknown)}")
+    if any(e.startswith("llama.cpp") for e in engines) and not (args.llama_cpp_convert
+                                                               and Path(args.llama_cpp_convert).is_file()):
+        parser.error(f"the llama.cpp engines need --llama-cpp-convert, llama.cpp's convert_hf_to_gguf.py; got "
+                     f"{args.llama_cpp_convert!r}")
     if args.new_tokens < 2 or args.prompt_len < 1 or args.reps < 1 or not parse_list(args.batch, int):
         parser.error("need --new-tokens >= 2, --prompt-len >= 1, --reps >= 1 and at least one batch size")
     for shape in shapes:

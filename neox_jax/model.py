@@ -30,6 +30,10 @@ Numerics (the one place they are decided):
   (it factors out of the contraction), before the single rounding to `dtype`. Activations, the input
   embedding (a gather), LayerNorms, biases and softmax stay as above. Merged mode only: the exact
   tensor-parallel mode below keeps the checkpoint's own per-rank numbers, which quantizing would not.
+- On CPU the quantized matmuls, and an fp32 model's decode-step matmuls, run native kernels
+  (`neox_jax.cpu_kernels`) with the same numerics: values converted to fp32 exactly, fp32 accumulation, the
+  scale on the fp32 result. Their fp32 additions come in another order than XLA's, so the two agree to fp32
+  rounding, not bit for bit. Programs lowered for GPU keep XLA's matmuls.
 - Rotary angle tables are rounded to `rotary_dtype`, by default the model dtype except for bf16
   (`default_rotary_dtype`). With fp16 this reproduces GPT-NeoX's training code, whose `inv_freq` buffer,
   positions and angle products were fp16 (an angle between 512 and 1024 radians is rounded to a multiple
@@ -62,6 +66,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import cpu_kernels
 from .config import NeoXConfig
 from .params import Kind, spec_at
 from .quantize import QuantizedWeight, quantized_contract
@@ -110,10 +115,17 @@ def _precision(dtype):
 
 
 def contract(spec: str, x, w, dtype):
-    """einsum `x` with a weight (an array or a QuantizedWeight) accumulated in fp32, not rounded."""
+    """einsum `x` with a weight (an array or a QuantizedWeight) accumulated in fp32, not rounded. On CPU a
+    decode step's fp32 matmuls run the native kernel (`cpu_kernels.takes_fp32`), faster than XLA's there."""
     if isinstance(w, QuantizedWeight):
         return quantized_contract(spec, x, w, _precision(dtype))
-    return jnp.einsum(spec, x, w, preferred_element_type=F32, precision=_precision(dtype))
+
+    def xla():
+        return jnp.einsum(spec, x, w, preferred_element_type=F32, precision=_precision(dtype))
+
+    if cpu_kernels.takes_fp32(spec, x, w):
+        return jax.lax.platform_dependent(cpu=lambda: cpu_kernels.rows_product(cpu_kernels.matmul, x, w), default=xla)
+    return xla()
 
 
 def matmul(spec: str, x, w, dtype):

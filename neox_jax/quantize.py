@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from . import cpu_kernels
 from .config import NeoXConfig
 from .params import Kind, ParamSpec, axis_size
 
@@ -195,9 +196,10 @@ def quantized_contract(spec: str, x, w: QuantizedWeight, precision):
     How the values reach the matmul differs by platform. XLA:GPU is expected to fuse the conversion into the
     matmul's operand loads (not yet run on a GPU; tests/test_quantize.py checks it there). XLA:CPU does not:
     `einsum(x, values.astype(f32))` writes a converted fp32 copy of the whole weight every step (4 bytes
-    written and read again per 1 byte stored), and so does a mixed-type `dot_general`. On CPU the weight is
-    therefore converted and multiplied `CPU_BLOCK` elements at a time in a loop over row blocks: each
-    converted block is cache-sized and reused by the next, so no weight-sized float buffer exists
+    written and read again per 1 byte stored), and so does a mixed-type `dot_general`. On CPU the product is
+    therefore the native kernel's (`neox_jax.cpu_kernels`: x as fp32 rows against the stored values, when
+    `cpu_kernels.enabled()`), or else XLA's converting `CPU_BLOCK` elements at a time in a loop over row blocks:
+    each converted block is cache-sized and reused by the next, so no weight-sized float buffer exists
     (tests/test_quantize.py reads it from the compiled program).
 
     The form is chosen by the platform the program is lowered for (`jax.lax.platform_dependent`), not by
@@ -215,6 +217,12 @@ def quantized_contract(spec: str, x, w: QuantizedWeight, precision):
 
     out, inner = w.values.shape
     rows = max(1, CPU_BLOCK // inner)
+
+    def native():
+        return cpu_kernels.rows_product(cpu_kernels.weight_matmul, x.astype(jnp.float32), w.values, w.scale)
+
+    if cpu_kernels.rows_form(spec, x, w.values.shape) and cpu_kernels.enabled():
+        return jax.lax.platform_dependent(cpu=native, default=plain)
     if out <= rows:
         return plain()
 

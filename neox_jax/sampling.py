@@ -68,9 +68,18 @@ def select_token(logits: jax.Array, sampling: Sampling, step: jax.Array, salt: j
 
     `salt` [B] uint32 (`row_salt` of each row's prompt) and `step` make each row's draw at each step its own."""
     greedy = (sampling.temperature <= 0) | (sampling.top_k == 1)
-    tokens = jax.lax.cond(greedy, lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32),
-                          lambda: _sample(logits, sampling, step, salt))
+    tokens = jax.lax.cond(greedy, lambda: first_max(logits), lambda: _sample(logits, sampling, step, salt))
     return jnp.where(jnp.all(jnp.isfinite(logits), axis=-1), tokens, NONFINITE)
+
+
+def first_max(logits: jax.Array) -> jax.Array:
+    """[B, V] finite logits -> [B] int32: `argmax`'s answer (the first of equal maxima) as two plain reductions.
+    XLA:CPU runs argmax's (value, index) reduction ~10x slower than a max and a min over the vocabulary (Pythia's
+    50304 at batch 8: ~3-4.6 ms against ~0.5 ms, a third of a decode step); rows with non-finite logits are
+    NONFINITE whatever this returns."""
+    vocab = logits.shape[-1]
+    at_max = logits == jnp.max(logits, axis=-1, keepdims=True)
+    return jnp.min(jnp.where(at_max, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
 
 
 def filtered_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:

@@ -24,13 +24,14 @@ DOT = re.compile(r"stablehlo\.dot_general .*?(precision = \[(\w+), (\w+)\])? : "
 
 
 def lowered_dots(dtype) -> list[tuple[str, ...]]:
-    """(precision, lhs type, rhs type, result type) of every matmul of a cached forward pass."""
+    """(precision, lhs type, rhs type, result type) of every matmul of a cached forward pass, lowered for CUDA
+    (where the precision matters; on CPU fp32 decode matmuls are native kernels, tests/test_cpu_kernels.py)."""
     module = NeoX(CONFIG, dtype)
     tokens, positions = jnp.zeros((1, 4), jnp.int32), jnp.arange(4)[None]
     params = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), tokens, positions))["params"]
     cache = KVCache.init(CONFIG, 1, 8, dtype)
-    text = jax.jit(lambda p, t, q, c: module.apply({"params": p}, t, q, c)).lower(
-        params, tokens, positions, cache).as_text()
+    text = jax.jit(lambda p, t, q, c: module.apply({"params": p}, t, q, c)).trace(
+        params, tokens, positions, cache).lower(lowering_platforms=("cuda",)).as_text()
     lines = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
     matches = [DOT.search(line) for line in lines]
     assert all(matches), [line for line, m in zip(lines, matches) if not m][:1]  # the pattern reads every line

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import neox_jax
+from neox_jax import cpu_kernels
 from neox_jax import quantize as quantization
 from neox_jax.api import NeoXModel
 from neox_jax.checkpoints.synthetic import decisive_tensors, random_tensors, write_hf_checkpoint
@@ -134,6 +135,7 @@ def test_the_decode_step_reads_the_int8_weights_not_a_dequantized_copy(monkeypat
         assert float_buffers(decode_program(NeoXModel(CONFIG, params, "float16", quantize="int8")),
                              smallest_weight) == []
         return
+    monkeypatch.setenv(cpu_kernels.SWITCH, "0")  # XLA's path (tests/test_cpu_kernels.py: the native kernel's)
     monkeypatch.setattr(quantization, "CPU_BLOCK", 1024)
     blocked = decode_program(NeoXModel(CONFIG, params, quantize="int8"))
     assert float_buffers(blocked, smallest_weight) == []
@@ -148,7 +150,9 @@ def test_the_decode_step_reads_the_int8_weights_not_a_dequantized_copy(monkeypat
 def test_the_blocked_cpu_form_is_chosen_by_the_platform_lowered_for(monkeypatch):
     """A program lowered for CUDA from this CPU process holds the plain product of the whole int8 weight, and
     the one lowered for CPU the blocked loop: the form follows the lowering platform, not the process's
-    default backend (an exported or cross-compiled program would otherwise carry the CPU loop to the GPU)."""
+    default backend (an exported or cross-compiled program would otherwise carry the CPU loop to the GPU).
+    With the native kernels on, the CPU program calls them instead (tests/test_cpu_kernels.py)."""
+    monkeypatch.setenv(cpu_kernels.SWITCH, "0")
     monkeypatch.setattr(quantization, "CPU_BLOCK", 1024)
     out, inner = 256, 64  # four blocks of 16 rows on CPU
     w = QuantizedWeight(jnp.ones((out, inner), jnp.int8), jnp.ones((out,), jnp.float32))

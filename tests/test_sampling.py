@@ -3,8 +3,10 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, strategies as st
+from hypothesis import settings as examples
 
-from neox_jax.sampling import NONFINITE, Sampling, SamplingError, select_token
+from neox_jax.sampling import NONFINITE, Sampling, SamplingError, first_max, select_token
 
 from conftest import peaked_model
 
@@ -142,3 +144,11 @@ def test_a_tiny_temperature_is_greedy_not_nan():
     for temperature in (1e-30, 1e-40):  # logits / T alone would overflow to +-inf (1e-40: subnormal in fp32)
         drawn = select_token(logits, Sampling.create(temperature, seed=1), jnp.int32(0), salt)
         assert np.array_equal(drawn, np.argmax(logits, -1)), temperature
+
+
+@examples(max_examples=50, deadline=None)
+@given(rows=st.integers(1, 8), vocab=st.integers(1, 300), levels=st.integers(1, 5), seed=st.integers(0, 2 ** 32 - 1))
+def test_greedy_picks_argmax_s_token_ties_included(rows, vocab, levels, seed):
+    """`first_max` answers as numpy's argmax, the first of equal maxima when logits tie (few distinct levels)."""
+    logits = np.random.default_rng(seed).integers(0, levels, (rows, vocab)).astype(np.float32)
+    assert np.array_equal(first_max(jnp.asarray(logits)), np.argmax(logits, -1))

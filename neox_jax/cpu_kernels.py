@@ -1,0 +1,142 @@
+"""Native CPU kernels for the quantized matmuls, called from jitted programs through XLA's FFI.
+
+XLA:CPU does not fuse a weight's int8 -> fp32 conversion into its matmul (see `neox_jax.quantize`), so on CPU the
+weight-only matmul `[m, k] x [n, k] -> [m, n]` runs as a custom call to C++ kernels (neox_jax/csrc, compiled by
+`pip install -e .`, setup.py): each weight vector is converted in registers and multiplied into fp32
+accumulators, a register tile of output channels by rows of x at a time, the scale applied once to each
+channel's fp32 sum; the output channels are split across a small thread pool. Numerics as the XLA path's
+(docs/design.md): the values meet the activations exactly, fp32 accumulation (in another order: the two agree
+to fp32 rounding, tests/test_cpu_kernels.py), the scale on the fp32 result.
+
+Which runs where: `neox_jax.quantize.quantized_contract` calls `weight_matmul` in the CPU branch of its
+`platform_dependent` when `enabled()`: the extension is built, the CPU has AVX2 with FMA or AVX-512 (the
+vectorised kernels, chosen at run time), and NEOX_JAX_CPU_KERNELS is not "0". Otherwise the program keeps the XLA
+path, and one log line says why. The GPU branch is XLA's in every case.
+
+Threads: NEOX_JAX_CPU_THREADS (a positive integer), read once when the first kernel runs; by default the CPUs this
+process may run on. The XLA thread that makes the call works too, so a call keeps at most that many busy.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+TARGET = "neox_jax_weight_matmul"  # the FFI targets' names, as the compiled program's custom calls name them
+FP32_TARGET = "neox_jax_matmul"
+ISAS = ("avx512", "avx2", "portable")  # the kernels' instruction sets, fastest first
+VECTORISED = ISAS[:2]  # those the model uses; on a CPU with neither, XLA's path is as fast as plain C++
+WEIGHT_DTYPES = (np.dtype(np.int8), np.dtype(ml_dtypes.float8_e4m3fn))
+SWITCH = "NEOX_JAX_CPU_KERNELS"  # "0": the model runs XLA's path on CPU (the fallback, also for comparison)
+
+logger = logging.getLogger(__name__)
+
+
+@functools.cache
+def _extension():
+    """The compiled module, its FFI target registered with XLA's CPU platform; None if it was not built."""
+    try:  # by name: the compiled module, not a Python file of the package (which a relative import would name)
+        _cpu_kernels = importlib.import_module(f"{__package__}._cpu_kernels")
+    except ImportError:
+        return None
+    jax.ffi.register_ffi_target(TARGET, _cpu_kernels.weight_matmul_handler(), platform="cpu")
+    jax.ffi.register_ffi_target(FP32_TARGET, _cpu_kernels.matmul_handler(), platform="cpu")
+    return _cpu_kernels
+
+
+def unavailable_reason() -> str | None:
+    """Why the model cannot use the kernels here, or None if it can."""
+    extension = _extension()
+    if extension is None:
+        return "neox_jax._cpu_kernels is not built (`pip install -e .` compiles it with the C++ compiler)"
+    if extension.best_isa() not in VECTORISED:
+        return "this CPU has neither AVX2 with FMA nor AVX-512"
+    return None
+
+
+@functools.cache
+def _log_fallback(reason: str) -> None:
+    logger.warning("neox-jax: native CPU kernels unavailable: %s; quantized matmuls on CPU run XLA's path", reason)
+
+
+def enabled() -> bool:
+    """Whether quantized matmuls lowered for CPU call the kernels (decided when a program is traced)."""
+    if os.environ.get(SWITCH) == "0":
+        return False
+    reason = unavailable_reason()
+    if reason is not None:
+        _log_fallback(reason)
+    return reason is None
+
+
+def best_isa() -> str:
+    return _extension().best_isa()
+
+
+def weight_matmul(x, values, scale, *, isa: str | None = None, threads: int = 0):
+    """`(x @ values.T) * scale` by the native kernel: x fp32 [m, k], values int8 or float8_e4m3fn [n, k] (a
+    weight as stored, `[out, in]`), scale fp32 [n] -> fp32 [m, n].
+
+    isa: one of ISAS this CPU runs (default: the fastest); threads: how many threads the call may use (0:
+    NEOX_JAX_CPU_THREADS or the CPUs). Raises ValueError for operands of other shapes or dtypes."""
+    if jnp.ndim(x) != 2 or jnp.ndim(values) != 2 or jnp.ndim(scale) != 1 or x.shape[1] != values.shape[1] \
+            or scale.shape[0] != values.shape[0]:
+        raise ValueError(f"weight_matmul takes x [m, k], values [n, k] and scale [n], got {jnp.shape(x)}, "
+                         f"{jnp.shape(values)} and {jnp.shape(scale)}")
+    if x.dtype != jnp.float32 or scale.dtype != jnp.float32 or values.dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_matmul takes fp32 x and scale and int8 or float8_e4m3fn values, got {x.dtype}, "
+                         f"{scale.dtype} and {values.dtype}")
+    return _call(TARGET, x, (values, scale), values.shape[0], isa, threads)
+
+
+def matmul(x, w, *, isa: str | None = None, threads: int = 0):
+    """`x @ w.T` by the native kernel, in fp32: x [m, k], w [n, k] (a weight as stored) -> [m, n]; isa and
+    threads as `weight_matmul`'s."""
+    if jnp.ndim(x) != 2 or jnp.ndim(w) != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"matmul takes x [m, k] and w [n, k], got {jnp.shape(x)} and {jnp.shape(w)}")
+    if x.dtype != jnp.float32 or w.dtype != jnp.float32:
+        raise ValueError(f"matmul takes fp32 x and w, got {x.dtype} and {w.dtype}")
+    return _call(FP32_TARGET, x, (w,), w.shape[0], isa, threads)
+
+
+def _call(target: str, x, weight_operands: tuple, n: int, isa: str | None, threads: int):
+    if isa is not None and isa not in ISAS:
+        raise ValueError(f"isa must be one of {', '.join(ISAS)}, got {isa!r}")
+    if threads < 0:
+        raise ValueError(f"threads must be >= 0, got {threads}")
+    if _extension() is None:
+        raise RuntimeError(unavailable_reason())
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32), vmap_method="sequential")
+    return call(x, *weight_operands, isa=isa or best_isa(), threads=np.int64(threads))
+
+
+FP32_MAX_ROWS = 64  # rows of x up to which the fp32 kernel beats XLA's matmul (a decode step's; prefill's are XLA's)
+
+
+def rows_form(spec: str, x, w_shape) -> bool:
+    """Whether `einsum(spec, x, w)` is `x` as rows `[m, in]` against a 2-D `[out, in]` weight: x's last axis
+    contracted with the weight's second, the result x's other axes then the output channel."""
+    operands, result = spec.split("->")
+    x_axes, w_axes = operands.split(",")
+    return len(w_shape) == 2 and x_axes[-1] == w_axes[1] and result == x_axes[:-1] + w_axes[0]
+
+
+def rows_product(kernel, x, *weight_operands):
+    """`kernel` over x's leading axes flattened into rows, the result shaped back: [..., in] -> [..., out]."""
+    lead, n = x.shape[:-1], weight_operands[0].shape[0]
+    return kernel(x.reshape(-1, x.shape[-1]), *weight_operands).reshape(*lead, n)
+
+
+def takes_fp32(spec: str, x, w) -> bool:
+    """Whether an unquantized matmul lowered for CPU runs the fp32 kernel: fp32 operands in the rows form, few
+    enough rows (decode), and the kernels enabled."""
+    rows = int(np.prod(x.shape[:-1]))
+    return (x.dtype == w.dtype == jnp.float32 and rows_form(spec, x, w.shape) and rows <= FP32_MAX_ROWS
+            and enabled())

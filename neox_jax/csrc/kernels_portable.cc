@@ -1,0 +1,38 @@
+// The row kernels in plain C++ (any CPU): one float per "vector". The model does not choose them (the XLA
+// path is as fast); they keep the kernel's contract testable and usable everywhere.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "matmul.h"
+
+#define NEOX_TARGET
+
+namespace neox::portable {
+namespace {
+
+struct Isa {
+  using V = float;
+  static constexpr int kWidth = 1;
+  static constexpr int kTileR1 = 4;
+  static constexpr int kTileR = 2, kTileB = 2;
+
+  static V zero() { return 0.0f; }
+  static V load_x(const float* p) { return *p; }
+  static V load_w(const int8_t* p) { return static_cast<float>(*p); }
+  static V load_w(const Fp8* p) {
+    const int magnitude = p->bits & 0x7F, exponent = magnitude >> 3, mantissa = magnitude & 7;
+    const float value = exponent ? std::ldexp(static_cast<float>(8 + mantissa), exponent - 10)
+                                 : std::ldexp(static_cast<float>(mantissa), -9);
+    return (p->bits & 0x80) ? -value : value;
+  }
+  static V load_w(const float* p) { return *p; }
+  static V fma(V a, V b, V acc) { return std::fma(a, b, acc); }
+  static float sum(V v) { return v; }
+};
+
+}  // namespace
+
+#include "tiles.h"
+
+}  // namespace neox::portable

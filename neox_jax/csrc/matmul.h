@@ -1,0 +1,38 @@
+// The weight-only matmul's problem and the per-ISA row kernels (one translation unit each, compiled for its
+// instruction set; cpu_kernels.cc picks one at run time).
+#pragma once
+
+#include <cstdint>
+
+namespace neox {
+
+enum class WeightType { kInt8, kFp8E4M3, kFp32 };
+
+// An fp8 e4m3fn value (1 sign, 4 exponent bits biased by 7, 3 mantissa bits; finite values only: quantized
+// weights are clipped to +-448).
+struct Fp8 {
+  uint8_t bits;
+};
+
+// y[m, n] = scale[n] * sum_k x[m, k] * w[n, k]: x fp32 [m, k], w [n, k] (row-major, as stored), y fp32 [m, n];
+// no scale (nullptr) for fp32 weights.
+struct Matmul {
+  const float* x;
+  const void* w;
+  WeightType w_type;
+  const float* scale;  // nullptr: none
+  float* y;
+  int64_t m, n, k;
+};
+
+// Computes output channels [n_begin, n_end) of every row of `p.y`.
+using RowsKernel = void (*)(const Matmul& p, int64_t n_begin, int64_t n_end);
+
+namespace avx512 { void rows(const Matmul& p, int64_t n_begin, int64_t n_end); }
+namespace avx2 { void rows(const Matmul& p, int64_t n_begin, int64_t n_end); }
+namespace portable { void rows(const Matmul& p, int64_t n_begin, int64_t n_end); }
+
+// Output channels handled together by every kernel (a task's channel range is a multiple of it, but the last).
+constexpr int64_t kChannelBlock = 8;
+
+}  // namespace neox

@@ -1,0 +1,226 @@
+"""The native CPU matmul kernels (neox_jax.cpu_kernels): each instruction set's kernels against XLA's product over
+shapes, weight dtypes and thread counts; bad operands refused with a message; the compiled decode program calling
+the kernel when it is built, and XLA's path (with one log line) when it is not or is switched off."""
+
+import logging
+import threading
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from neox_jax import cpu_kernels
+from neox_jax import quantize as quantization
+from neox_jax.api import NeoXModel
+from neox_jax.checkpoints.synthetic import random_tensors
+from neox_jax.decode import Decoder
+from neox_jax.quantize import QuantizedWeight
+from neox_jax.weights import build_params
+
+from conftest import tiny_config
+
+pytestmark = pytest.mark.skipif(cpu_kernels.unavailable_reason() is not None,
+                                reason=f"native CPU kernels: {cpu_kernels.unavailable_reason()}")
+
+# The fastest instruction set this CPU runs and every one below it (a CPU with AVX-512 runs the AVX2 kernels too).
+ISAS = list(cpu_kernels.ISAS[cpu_kernels.ISAS.index(cpu_kernels.best_isa()):]) \
+    if cpu_kernels.unavailable_reason() is None else []
+DTYPES = {"int8": np.dtype(np.int8), "fp8": np.dtype(ml_dtypes.float8_e4m3fn)}
+
+
+def operands(rng, m: int, n: int, k: int, dtype):
+    """x, stored values over the whole of the dtype's range (e4m3's subnormals included) and scales."""
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    if dtype == np.int8:
+        values = rng.integers(-128, 128, (n, k)).astype(np.int8)
+    else:
+        values = (rng.standard_normal((n, k)) * 10.0 ** rng.uniform(-3, 2.6, (n, k))).clip(-448, 448).astype(dtype)
+    return x, values, rng.uniform(1e-3, 1, n).astype(np.float32)
+
+
+def assert_matches_xla(got, x, values, scale):
+    """XLA's product (fp32 values in an fp32 matmul at full precision, scaled after), to fp32 rounding: two
+    summation orders of k products differ by at most ~2k ulps of the sum of their magnitudes."""
+    want = jnp.einsum("mk,nk->mn", x, values.astype(np.float32), precision="highest") * scale
+    bound = 2 * x.shape[1] * np.finfo(np.float32).eps * (np.abs(x) @ np.abs(values.astype(np.float32)).T) * scale
+    np.testing.assert_array_less(np.abs(np.asarray(got) - np.asarray(want)), bound + 1e-30)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("mode", DTYPES)
+@pytest.mark.parametrize("m, n, k", [(1, 1, 1), (1, 37, 19), (1, 300, 512), (2, 17, 16), (5, 64, 33),
+                                     (8, 129, 100), (13, 8, 7), (64, 50, 257)])
+def test_kernel_equals_xla_over_shapes(isa, mode, m, n, k):
+    """Out not a multiple of the vector width or of the channel tile, k with a partial last vector, 1..64 rows
+    (full and partial row tiles)."""
+    x, values, scale = operands(np.random.default_rng(m * n * k), m, n, k, DTYPES[mode])
+    assert_matches_xla(cpu_kernels.weight_matmul(x, values, scale, isa=isa, threads=2), x, values, scale)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m, n, k", [(1, 1, 1), (1, 37, 19), (3, 300, 512), (8, 129, 100), (64, 50, 257)])
+def test_fp32_kernel_equals_xla_over_shapes(isa, m, n, k):
+    rng = np.random.default_rng(m * n * k)
+    x, w = rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((n, k)).astype(np.float32)
+    assert_matches_xla(cpu_kernels.matmul(x, w, isa=isa, threads=2), x, w, np.ones(n, np.float32))
+
+
+@settings(max_examples=30, deadline=None)
+@given(m=st.integers(1, 64), n=st.integers(1, 96), k=st.integers(1, 96), threads=st.integers(1, 4),
+       isa=st.sampled_from(ISAS or ["portable"]), mode=st.sampled_from(sorted(DTYPES)), seed=st.integers(0, 99))
+def test_kernel_equals_xla_for_any_shape_and_thread_count(m, n, k, threads, isa, mode, seed):
+    x, values, scale = operands(np.random.default_rng(seed), m, n, k, DTYPES[mode])
+    assert_matches_xla(cpu_kernels.weight_matmul(x, values, scale, isa=isa, threads=threads), x, values, scale)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 7])
+def test_thread_counts_split_the_channels_without_gaps_or_overlap(threads):
+    """A product large enough to be split into tasks, every channel's scale distinct: a channel computed twice
+    with the wrong scale, or left unwritten, would show."""
+    x, values, scale = operands(np.random.default_rng(threads), 8, 1037, 512, np.int8)
+    assert_matches_xla(cpu_kernels.weight_matmul(x, values, scale, threads=threads), x, values, scale)
+
+
+def test_concurrent_calls_each_get_their_own_result():
+    """Two threads calling at once (XLA running two programs or devices): the second runs on its own thread."""
+    rng = np.random.default_rng(0)
+    cases = [operands(rng, 4, 777, 256, np.int8) for _ in range(2)]
+    product = jax.jit(cpu_kernels.weight_matmul)
+    wants = [np.asarray(product(*case)) for case in cases]
+    failures = []
+
+    def call(case, want):
+        for _ in range(50):
+            if not np.array_equal(np.asarray(product(*case)), want):
+                failures.append(case)
+
+    workers = [threading.Thread(target=call, args=pair) for pair in zip(cases, wants)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert not failures
+
+
+@pytest.mark.parametrize("x, values, scale, message", [
+    (np.ones((2, 8), np.float16), np.ones((4, 8), np.int8), np.ones(4, np.float32), "fp32 x and scale"),
+    (np.ones((2, 8), np.float32), np.ones((4, 8), np.float32), np.ones(4, np.float32), "int8 or float8_e4m3fn"),
+    (np.ones((2, 8), np.float32), np.ones((4, 8), np.int16), np.ones(4, np.float32), "int8 or float8_e4m3fn"),
+    (np.ones((2, 8), np.float32), np.ones((4, 8), np.int8), np.ones(4, np.float64), "fp32 x and scale"),
+    (np.ones((2, 8), np.float32), np.ones((4, 9), np.int8), np.ones(4, np.float32), r"x \[m, k\], values \[n, k\]"),
+    (np.ones((2, 8), np.float32), np.ones((4, 8), np.int8), np.ones(5, np.float32), r"scale \[n\]"),
+    (np.ones((1, 2, 8), np.float32), np.ones((4, 8), np.int8), np.ones(4, np.float32), r"x \[m, k\]"),
+])
+def test_bad_operands_are_refused_with_what_was_expected(x, values, scale, message):
+    with pytest.raises(ValueError, match=message):
+        cpu_kernels.weight_matmul(x, values, scale)
+
+
+@pytest.mark.parametrize("x, w, message", [
+    (np.ones((2, 8), np.float16), np.ones((4, 8), np.float32), "fp32 x and w"),
+    (np.ones((2, 8), np.float32), np.ones((4, 8), np.int8), "fp32 x and w"),
+    (np.ones((2, 8), np.float32), np.ones((4, 7), np.float32), r"x \[m, k\] and w \[n, k\]"),
+])
+def test_bad_fp32_operands_are_refused(x, w, message):
+    with pytest.raises(ValueError, match=message):
+        cpu_kernels.matmul(x, w)
+
+
+def test_bad_isa_and_threads_are_refused():
+    x, values, scale = operands(np.random.default_rng(0), 1, 4, 4, np.int8)
+    with pytest.raises(ValueError, match="isa must be one of avx512, avx2, portable"):
+        cpu_kernels.weight_matmul(x, values, scale, isa="neon")
+    with pytest.raises(ValueError, match="threads must be >= 0"):
+        cpu_kernels.weight_matmul(x, values, scale, threads=-1)
+
+
+def test_the_kernel_checks_its_operands_itself():
+    """Called past the Python checks (another program naming the target), the handler refuses mismatched
+    shapes with its own message rather than reading out of bounds."""
+    cpu_kernels.best_isa()  # registers the target
+    call = jax.ffi.ffi_call(cpu_kernels.TARGET, jax.ShapeDtypeStruct((2, 4), jnp.float32))
+    with pytest.raises(Exception, match=r"expected x \[m, k\], w \[n, k\], scale \[n\]"):
+        call(np.ones((2, 8), np.float32), np.ones((4, 8), np.int8), np.ones(3, np.float32), isa="avx2",
+             threads=np.int64(0))
+    with pytest.raises(Exception, match="weights must be int8 or float8_e4m3fn"):
+        call(np.ones((2, 8), np.float32), np.ones((4, 8), np.uint8), np.ones(4, np.float32), isa="portable",
+             threads=np.int64(0))
+
+
+# ---- the model: the kernel in the decode program, and the fallback ----
+
+CONFIG = tiny_config(vocab_size=64)
+
+
+@pytest.fixture(scope="module")
+def int8_params():
+    return build_params(CONFIG, random_tensors(CONFIG, seed=3).items(), jnp.float32, progress=False, quantize="int8")
+
+
+def decode(params) -> tuple[list, str]:
+    """Greedy tokens of two prompts and the compiled decode program that made them."""
+    model = NeoXModel(CONFIG, params, quantize="int8")
+    decoder = Decoder(model.module, model.params)
+    tokens = decoder.generate([[1, 2, 3, 4], [5, 6, 7, 8]], 8, stop_token=None).tokens
+    (executable,) = decoder._decode._executables.values()
+    return tokens, executable.as_text()
+
+
+def test_the_decode_program_calls_the_kernel_and_switched_off_xla_s_path_with_the_same_tokens(int8_params,
+                                                                                                monkeypatch):
+    """Every quantized matmul of a decode step is a custom call (4 per layer and the head); with
+    NEOX_JAX_CPU_KERNELS=0 none is, and the greedy tokens are the same."""
+    native, hlo = decode(int8_params)
+    assert hlo.count(f'custom_call_target="{cpu_kernels.TARGET}"') == 4 * CONFIG.num_layers + 1, hlo
+    monkeypatch.setenv(cpu_kernels.SWITCH, "0")
+    xla, hlo = decode(int8_params)
+    assert cpu_kernels.TARGET not in hlo and "while" in hlo  # XLA's blocked loop
+    assert native == xla
+
+
+def test_an_fp32_model_decodes_with_the_fp32_kernel_and_prefills_with_xla(monkeypatch):
+    """The decode step's matmuls (one row per sequence) call the fp32 kernel, the prefill's layers (more rows
+    than FP32_MAX_ROWS) XLA's; greedy tokens equal XLA's own."""
+    monkeypatch.setattr(cpu_kernels, "FP32_MAX_ROWS", 4)
+    params = build_params(CONFIG, random_tensors(CONFIG, seed=3).items(), jnp.float32, progress=False)
+    prompts = [[1, 2, 3, 4, 5], [5, 6, 7, 8, 9]]  # a prefill of 10 rows
+
+    def run():
+        model = NeoXModel(CONFIG, params)
+        decoder = Decoder(model.module, model.params)
+        tokens = decoder.generate(prompts, 6, stop_token=None).tokens
+        (decode_step,) = decoder._decode._executables.values()
+        (prefill,) = decoder._prefill._executables.values()
+        return tokens, decode_step.as_text(), prefill.as_text()
+
+    native, decode_step, prefill = run()
+    assert decode_step.count(f'custom_call_target="{cpu_kernels.FP32_TARGET}"') == 4 * CONFIG.num_layers + 1
+    assert prefill.count(f'custom_call_target="{cpu_kernels.FP32_TARGET}"') == 1  # the head: each row's last token
+    monkeypatch.setenv(cpu_kernels.SWITCH, "0")
+    xla, decode_step, _ = run()
+    assert cpu_kernels.FP32_TARGET not in decode_step and native == xla
+
+
+def test_without_the_extension_the_model_falls_back_and_says_so_once(int8_params, monkeypatch, caplog):
+    monkeypatch.setattr(cpu_kernels, "_extension", lambda: None)
+    cpu_kernels._log_fallback.cache_clear()
+    with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
+        _, hlo = decode(int8_params)
+        assert not cpu_kernels.enabled()
+    assert cpu_kernels.TARGET not in hlo
+    lines = [r.getMessage() for r in caplog.records if r.name == cpu_kernels.__name__]
+    assert len(lines) == 1 and "not built" in lines[0] and "XLA's path" in lines[0], lines
+    cpu_kernels._log_fallback.cache_clear()
+
+
+def test_a_program_lowered_for_cuda_keeps_xla_s_matmul():
+    """The platform the program is lowered for picks the branch: the custom call is the CPU program's only."""
+    w = QuantizedWeight(jnp.ones((256, 64), jnp.int8), jnp.ones((256,), jnp.float32))
+    traced = jax.jit(lambda x, w: quantization.quantized_contract("btd,fd->btf", x, w, None)).trace(
+        jnp.ones((2, 3, 64), jnp.float32), w)
+    cpu, cuda = (traced.lower(lowering_platforms=(platform,)).as_text() for platform in ("cpu", "cuda"))
+    assert cpu_kernels.TARGET in cpu
+    assert cpu_kernels.TARGET not in cuda and "tensor<256x64xi8>) -> tensor<256x64xf32>" in cuda
