@@ -128,6 +128,15 @@ def rows_form(spec: str, x, w_shape) -> bool:
     return len(w_shape) == 2 and x_axes[-1] == w_axes[1] and result == x_axes[:-1] + w_axes[0]
 
 
+def with_xla_derivative(native, xla):
+    """`native(*operands)`, differentiated as `xla(*operands)`: an FFI call has no derivative rule of its own,
+    and `jax.grad` (neox_jax.train, whose small batches are decode-sized) needs one; `xla` computes the same
+    product with ops JAX can differentiate and transpose."""
+    call = jax.custom_jvp(native)
+    call.defjvp(lambda primals, tangents: (call(*primals), jax.jvp(xla, primals, tangents)[1]))
+    return call
+
+
 def rows_product(kernel, x, *weight_operands):
     """`kernel` over x's leading axes flattened into rows, the result shaped back: [..., in] -> [..., out]."""
     lead, n = x.shape[:-1], weight_operands[0].shape[0]

@@ -120,12 +120,15 @@ def contract(spec: str, x, w, dtype):
     if isinstance(w, QuantizedWeight):
         return quantized_contract(spec, x, w, _precision(dtype))
 
-    def xla():
+    def xla(x, w):
         return jnp.einsum(spec, x, w, preferred_element_type=F32, precision=_precision(dtype))
 
+    def native(x, w):
+        return cpu_kernels.rows_product(cpu_kernels.matmul, x, w)
+
     if cpu_kernels.takes_fp32(spec, x, w):
-        return jax.lax.platform_dependent(cpu=lambda: cpu_kernels.rows_product(cpu_kernels.matmul, x, w), default=xla)
-    return xla()
+        return jax.lax.platform_dependent(x, w, cpu=cpu_kernels.with_xla_derivative(native, xla), default=xla)
+    return xla(x, w)
 
 
 def matmul(spec: str, x, w, dtype):

@@ -209,32 +209,32 @@ def quantized_contract(spec: str, x, w: QuantizedWeight, precision):
     if w.values.ndim != 2 or operands.split(",")[1][0] != result[-1]:
         raise ValueError(f"{spec}: a quantized weight must be [out, in], its output channel the result's last axis")
 
-    def block_product(values):
+    def product(x, values):
         return jnp.einsum(spec, x, values.astype(x.dtype), preferred_element_type=jnp.float32, precision=precision)
 
-    def plain():
-        return block_product(w.values) * w.scale
+    def plain(x, values, scale):
+        return product(x, values) * scale
 
+    def native(x, values, scale):
+        return cpu_kernels.rows_product(cpu_kernels.weight_matmul, x.astype(jnp.float32), values, scale)
+
+    operands = (x, w.values, w.scale)
+    if cpu_kernels.rows_form(spec, x, w.values.shape) and cpu_kernels.enabled():
+        return jax.lax.platform_dependent(*operands, cpu=cpu_kernels.with_xla_derivative(native, plain), default=plain)
     out, inner = w.values.shape
     rows = max(1, CPU_BLOCK // inner)
-
-    def native():
-        return cpu_kernels.rows_product(cpu_kernels.weight_matmul, x.astype(jnp.float32), w.values, w.scale)
-
-    if cpu_kernels.rows_form(spec, x, w.values.shape) and cpu_kernels.enabled():
-        return jax.lax.platform_dependent(cpu=native, default=plain)
     if out <= rows:
-        return plain()
+        return plain(*operands)
 
-    def add_block(i, acc):
-        # The last block is shifted back to end at `out` (dynamic_slice clamps its start the same way), so it
-        # recomputes a few rows of its neighbour with the same result instead of padding the weight.
-        start = jnp.minimum(i * rows, out - rows)
-        block = jax.lax.dynamic_slice_in_dim(w.values, start, rows)
-        return jax.lax.dynamic_update_slice_in_dim(acc, block_product(block), start, acc.ndim - 1)
+    def blocked(x, values, scale):
+        def add_block(i, acc):
+            # The last block is shifted back to end at `out` (dynamic_slice clamps its start the same way), so it
+            # recomputes a few rows of its neighbour with the same result instead of padding the weight.
+            start = jnp.minimum(i * rows, out - rows)
+            block = jax.lax.dynamic_slice_in_dim(values, start, rows)
+            return jax.lax.dynamic_update_slice_in_dim(acc, product(x, block), start, acc.ndim - 1)
 
-    def blocked():
         acc = jnp.zeros((*x.shape[:-1], out), jnp.float32)
-        return jax.lax.fori_loop(0, -(-out // rows), add_block, acc) * w.scale
+        return jax.lax.fori_loop(0, -(-out // rows), add_block, acc) * scale
 
-    return jax.lax.platform_dependent(cpu=blocked, default=plain)
+    return jax.lax.platform_dependent(*operands, cpu=blocked, default=plain)
