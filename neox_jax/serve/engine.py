@@ -81,7 +81,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from ..decode import PREFILL_CHUNK, Compiled, GenerationError, length_bucket
-from ..drafts import ModelDraft, rewind_cache
+from ..drafts import ModelDraft, rewind_cache, rowwise
 from ..model import KVCache, NeoX
 from ..sampling import NONFINITE, Sampling, row_salt, select_token
 from ..speculative import DEFAULT_DRAFT_TOKENS, check_num_draft_tokens, draft_for, verify
@@ -328,16 +328,15 @@ class Engine:
         step i, valid while the row had not ended)."""
         b, n = tokens.shape[0], self.decode_chunk
         first = lambda x: x[:b]  # noqa: E731
-        per_row = jax.vmap(lambda l, s, step, salt: select_token(l[None], s, step, salt[None])[0])  # noqa: E741
-        all_greedy = jnp.all((sampling.temperature <= 0) | (sampling.top_k == 1) | ~active)
+        # Empty slots count as greedy, so a batch whose active rows all are takes one batched argmax (`rowwise`).
+        sampling = sampling.replace(temperature=jnp.where(active, sampling.temperature, 0.0))
 
         def step(carry):
             i, rows, token, position, live, out = carry
             forward = self.module.apply({"params": params}, token[:, None], jnp.where(live, position, -1)[:, None],
                                         rows)
             logits = forward.logits[:, -1]  # [b, V]
-            chosen = jax.lax.cond(all_greedy, lambda: select_token(logits, Sampling.create(), jnp.int32(0), salts),
-                                  lambda: per_row(logits, sampling, steps + i, salts))
+            chosen = rowwise(select_token, sampling, steps + i, salts, logits)
 
             def scores():
                 logprobs = jax.nn.log_softmax(logits)
