@@ -172,9 +172,21 @@ def plan_devices(args, config, prompt_ids: list[list[int]], tp_ranks: int | None
     check_model_axis_divides(config, mesh, tp_ranks)
     batch = max(len(prompt_ids), 1)
     context = min(max((len(p) for p in prompt_ids), default=0) + args.max_new_tokens, config.max_position_embeddings)
-    require_fit(plan_memory(config, dtype, mesh, batch, context, tp_ranks, args.quantize), config, mesh, batch,
-                context)
+    plan = plan_memory(config, dtype, mesh, batch, context, tp_ranks, args.quantize)
+    require_fit(with_draft(plan, args, dtype, mesh, batch, context), config, mesh, batch, context)
     return mesh
+
+
+def with_draft(plan, args, dtype, mesh, batch: int, context: int):
+    """`plan` plus --draft's weights and KV cache (a model draft keeps its own cache of the same rows), so that
+    the check before loading counts both models; the draft checkpoint's config is read, not its weights."""
+    if args.draft is None or args.draft == "ngram":
+        return plan
+    from .checkpoints import open_checkpoint
+    from .sharding import plan_memory
+
+    draft = open_checkpoint(args.draft, None, None).config
+    return plan.plus(plan_memory(draft, dtype, mesh, batch, context, None, args.draft_quantize or args.quantize))
 
 
 def encode(tokenizer, prompts: list[str], config, max_new_tokens: int) -> list[list[int]]:

@@ -122,6 +122,11 @@ class MemoryPlan:
     def needed_per_device(self) -> int:
         return self.weights_per_device + self.cache_per_device
 
+    def plus(self, other: "MemoryPlan") -> "MemoryPlan":
+        """This plan and `other`'s on the same devices (a model and its draft): their bytes summed."""
+        return dataclasses.replace(self, weights_per_device=self.weights_per_device + other.weights_per_device,
+                                   cache_per_device=self.cache_per_device + other.cache_per_device)
+
     def fits(self) -> bool:
         return self.available_per_device is None or self.needed_per_device <= self.available_per_device
 

@@ -255,6 +255,34 @@ def test_command_line_draft(model_dir, capsys):
     assert exit_.value.code == 2 and "--num-draft-tokens must be in [1, 16]" in capsys.readouterr().err
 
 
+def test_the_memory_check_counts_the_draft(model_dir, capsys, monkeypatch):
+    """Before anything loads, `generate` and `serve` check the model and its draft together: with room for the
+    model and its cache but not twice that, the model alone is taken and the model with a draft of its own
+    size is refused in one line (naming both models' bytes), its weights never read."""
+    import jax.numpy as jnp
+
+    from neox_jax import api, sharding
+    from neox_jax.checkpoints import open_checkpoint
+    from neox_jax.generate import main
+    from neox_jax.serve.__main__ import load_model, parse_args
+
+    config = open_checkpoint(model_dir, None, None).config
+    weights = sharding.plan_memory(config, jnp.float32, sharding.make_mesh(1, 1)).weights_per_device
+    monkeypatch.setattr(sharding, "host_memory", lambda: int(1.5 * weights))  # the caches here are a few KiB
+    base = ["--model", str(model_dir), "--prompt", "Hi", "--max-new-tokens", "3", "--stop-token", "-1",
+            "--dtype", "float32"]
+    assert main(base) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(api, "build_params", lambda *a, **k: pytest.fail("weights read"))
+    assert main(base + ["--draft", str(model_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: does not fit in host memory"), err
+    serve_args = parse_args(["--model", str(model_dir), "--max-batch", "1", "--context", "16", "--dtype",
+                             "float32", "--draft", str(model_dir)])
+    with pytest.raises(sharding.ShardingError, match="does not fit in host memory"):
+        load_model(serve_args)
+
+
 def test_a_draft_of_another_tokenizer_is_refused(tokenizer_path):
     """The 20B tokenizer against the demo one: refused, naming the rule; the 20B tokenizer's 50277 ids bound
     what a Pythia draft of GPT-NeoX-20B may propose."""

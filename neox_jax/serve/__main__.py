@@ -134,6 +134,7 @@ def load_model(args):
         return model, args.model_name or "neox-jax-demo", None
     from ..api import exact_ranks, load_checkpoint
     from ..checkpoints import open_checkpoint
+    from ..generate import with_draft
     from ..sharding import check_model_axis_divides, default_mesh, plan_memory, require_fit
     from ..tokenizer import check_vocabulary, load_tokenizer, require_tokenizer
 
@@ -148,8 +149,8 @@ def load_model(args):
     mesh = mesh or default_mesh(config, dtype, args.quantize)
     check_model_axis_divides(config, mesh, tp_ranks)
     context = args.context or config.max_position_embeddings
-    require_fit(plan_memory(config, dtype, mesh, args.max_batch, context, tp_ranks, args.quantize), config, mesh,
-                args.max_batch, context)
+    plan = plan_memory(config, dtype, mesh, args.max_batch, context, tp_ranks, args.quantize)
+    require_fit(with_draft(plan, args, dtype, mesh, args.max_batch, context), config, mesh, args.max_batch, context)
     model = load_checkpoint(checkpoint, dtype=args.dtype, rotary_dtype=args.rotary_dtype, tokenizer=tokenizer,
                             mesh=mesh, tp_ranks=tp_ranks, quantize=args.quantize)
     name = args.model_name or str(args.model).rstrip("/").rsplit("/", 1)[-1]
