@@ -29,6 +29,8 @@ NEOX_TARGET __attribute__((always_inline)) inline void w8a8_accumulate(const int
     for (int b = 0; b < BB; ++b) acc[r][b] = Isa8::dot(acc[r][b], w[r], xv[b]);
 }
 
+constexpr int64_t kW8A8PrefetchTiles = 2;
+
 // y[b, r] for b < BB, r < R: qx rows are ldq apart, weight rows k apart, y rows ldy apart.
 template <int R, int BB>
 NEOX_TARGET void w8a8_tile(const W8A8& p, const int8_t* qx, int64_t row, const int8_t* w, int64_t channel) {
@@ -37,8 +39,15 @@ NEOX_TARGET void w8a8_tile(const W8A8& p, const int8_t* qx, int64_t row, const i
   for (int r = 0; r < R; ++r)
     for (int b = 0; b < BB; ++b) acc[r][b] = Isa8::zero();
   typename Isa8::W wv[R];
+  // The tile's weights are R contiguous rows, the next tiles' follow them: as the weight-only kernel does
+  // (tiles.h), prefetch kW8A8PrefetchTiles tiles ahead, spread over the steps, since the hardware prefetchers
+  // stop at each page (a decode tile of k = 512 is one page). Prefetching past the array never faults.
+  constexpr int64_t kStepBytes = int64_t{R} * L, kStepLines = (kStepBytes + 63) / 64;
+  const int8_t* ahead = w + kW8A8PrefetchTiles * R * p.k;
   int64_t i = 0;
-  for (; i + L <= p.k; i += L) {
+  for (; i + L <= p.k; i += L, ahead += kStepBytes) {
+    if constexpr (L >= 16)
+      for (int64_t line = 0; line < kStepLines; ++line) __builtin_prefetch(ahead + 64 * line, 0, 3);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) wv[r] = Isa8::load_w(w + r * p.k + i);
     w8a8_accumulate<R, BB>(qx + i, p.ldq, wv, acc);

@@ -77,8 +77,8 @@ int32_t quantize_scaled(const float* x, int64_t k, float inv, int8_t* q) {
 
 // Row b of x quantized symmetrically by its absolute maximum (neox_jax.quantize's XLA formulation is the same
 // definition): scale = amax * fp32(1 / 127), q = round((x * (1 / amax)) * 127) when amax is a normal number;
-// a row of zeros
-// or denormals gets q = 0 (so y = 0), a row holding inf or NaN gets q = 0 and scale inf or NaN (so y = NaN).
+// a row of zeros or denormals gets q = 0 (so y = 0), a row holding inf or NaN q = 0 and scale inf or NaN (so
+// y = NaN).
 struct QuantizedX {
   std::vector<int8_t> q;
   std::vector<int32_t> sum;
