@@ -269,7 +269,9 @@ def by_row_blocks(product, x, values):
 
 # ---- int8-dynamic: activations quantized per row when the matmul runs ----
 
-FP32_MIN_NORMAL = np.finfo(np.float32).tiny
+# A row whose largest magnitude is below this quantizes to zeros: 127 / amax must be a finite fp32 (these are
+# ~1e-36 and below, which XLA:CPU's flushed denormals are anyway).
+MIN_ROW_MAX = np.float32(2.0 ** -120)
 # A multiply, not `amax / 127`: XLA rewrites a division by a constant into this multiply (not the same rounding),
 # so the definition is the multiply, which every compiler keeps.
 INVERSE_127 = np.float32(1 / 127)
@@ -277,17 +279,16 @@ INVERSE_127 = np.float32(1 / 127)
 
 def quantize_activations(x):
     """x [..., in] -> (q int8 [..., in], scale fp32 [..., 1]), each row (the last axis) symmetric by its
-    absolute maximum: `scale = amax * fp32(1 / 127)`, `q = round((x * (1 / amax)) * 127)`, ties to even, so
-    |q| <= 127.
+    absolute maximum: `scale = amax * fp32(1 / 127)`, `q = round(x * (127 / amax))`, ties to even, so |q| <= 127.
 
-    Computed in fp32 whatever x's dtype. A row whose amax is not a normal fp32 number gets q = 0: all zeros or
-    denormals (which XLA:CPU flushes anyway) give a zero product, a row holding inf or NaN a NaN one (its scale
-    is inf or NaN). Each step is one IEEE operation, so the native kernel (csrc/w8a8.cc) reproduces it exactly."""
+    Computed in fp32 whatever x's dtype. A row with amax below MIN_ROW_MAX (zeros among them) gets q = 0 and so a
+    zero product; a row holding inf or NaN gets q = 0 and scale inf or NaN, so a NaN product. Each step is one
+    IEEE operation, so the native kernel (csrc/w8a8.cc) reproduces it exactly."""
     x = x.astype(jnp.float32)
     amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
-    normal = (amax >= FP32_MIN_NORMAL) & (amax <= np.finfo(np.float32).max)
-    inverse = 1 / jnp.where(normal, amax, 1)
-    return jnp.where(normal, jnp.round(x * inverse * 127), 0).astype(jnp.int8), amax * INVERSE_127
+    quantized = (amax >= MIN_ROW_MAX) & (amax <= np.finfo(np.float32).max)
+    inverse = 127 / jnp.where(quantized, amax, 1)
+    return jnp.where(quantized, jnp.round(x * inverse), 0).astype(jnp.int8), amax * INVERSE_127
 
 
 def dynamic_int8_product(spec: str, x, values, scale):

@@ -137,6 +137,8 @@ QUANTIZED_TOLERANCES = {  # with --quantize, whatever the dtype (see the module 
                        hidden_rel_l2=0.1),
     "fp8": Tolerances(rel_l2=0.4, max_abs_rel=None, mean_kl=0.2, max_kl=1.5, top1=0.97, tie=0.3,
                       hidden_rel_l2=0.4),
+    "int8-dynamic": Tolerances(rel_l2=0.15, max_abs_rel=None, mean_kl=3e-2, max_kl=0.25, top1=0.99, tie=0.1,
+                               hidden_rel_l2=0.15),
 }
 
 

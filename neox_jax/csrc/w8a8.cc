@@ -42,16 +42,16 @@ float abs_max(const float* x, int64_t k) {
   return amax;
 }
 
-// q[i] = round((x[i] * inv) * 127), ties to even (the thread's rounding mode, which XLA leaves at its default);
-// returns sum_i q[i]. |x[i] * inv| <= 1 up to one rounding, so |q| <= 127.
+// q[i] = round(x[i] * inv), ties to even (the thread's rounding mode, which XLA leaves at its default); returns
+// sum_i q[i]. inv = 127 / max |x|, so |q| <= 127.
 int32_t quantize_scaled(const float* x, int64_t k, float inv, int8_t* q) {
   int32_t total = 0;
   int64_t i = 0;
 #if defined(__x86_64__) || defined(__i386__)
-  const __m128 inv4 = _mm_set1_ps(inv), max4 = _mm_set1_ps(127.0f);
+  const __m128 inv4 = _mm_set1_ps(inv);
   __m128i total4 = _mm_setzero_si128();
   for (; i + 4 <= k; i += 4) {
-    const __m128i v = _mm_cvtps_epi32(_mm_mul_ps(_mm_mul_ps(_mm_loadu_ps(x + i), inv4), max4));
+    const __m128i v = _mm_cvtps_epi32(_mm_mul_ps(_mm_loadu_ps(x + i), inv4));
     total4 = _mm_add_epi32(total4, v);
     const __m128i bytes = _mm_packs_epi16(_mm_packs_epi32(v, v), _mm_setzero_si128());
     const int32_t packed = _mm_cvtsi128_si32(bytes);
@@ -61,13 +61,13 @@ int32_t quantize_scaled(const float* x, int64_t k, float inv, int8_t* q) {
   _mm_store_si128(reinterpret_cast<__m128i*>(lanes), total4);
   total = lanes[0] + lanes[1] + lanes[2] + lanes[3];
   for (; i < k; ++i) {
-    const int32_t v = _mm_cvtss_si32(_mm_set_ss(x[i] * inv * 127.0f));
+    const int32_t v = _mm_cvtss_si32(_mm_set_ss(x[i] * inv));
     q[i] = static_cast<int8_t>(v);
     total += v;
   }
 #else
   for (; i < k; ++i) {
-    const int32_t v = static_cast<int32_t>(std::nearbyint(x[i] * inv * 127.0f));
+    const int32_t v = static_cast<int32_t>(std::nearbyint(x[i] * inv));
     q[i] = static_cast<int8_t>(v);
     total += v;
   }
@@ -76,9 +76,11 @@ int32_t quantize_scaled(const float* x, int64_t k, float inv, int8_t* q) {
 }
 
 // Row b of x quantized symmetrically by its absolute maximum (neox_jax.quantize's XLA formulation is the same
-// definition): scale = amax * fp32(1 / 127), q = round((x * (1 / amax)) * 127) when amax is a normal number;
-// a row of zeros or denormals gets q = 0 (so y = 0), a row holding inf or NaN q = 0 and scale inf or NaN (so
-// y = NaN).
+// definition): scale = amax * fp32(1 / 127), q = round(x * (127 / amax)) when kMinRowMax <= amax <= FLT_MAX;
+// a row below (zeros among them) gets q = 0 (so y = 0), a row holding inf or NaN q = 0 and scale inf or NaN
+// (so y = NaN).
+constexpr float kMinRowMax = 0x1p-120f;  // neox_jax.quantize.MIN_ROW_MAX: 127 / amax stays finite above it
+
 struct QuantizedX {
   std::vector<int8_t> q;
   std::vector<int32_t> sum;
@@ -94,7 +96,8 @@ void quantize_rows(const float* x, int64_t m, int64_t k, QuantizedX& out) {
   for (int64_t b = 0; b < m; ++b) {
     const float amax = abs_max(x + b * k, k);
     out.scale[b] = amax * (1.0f / 127);  // as neox_jax.quantize.INVERSE_127 (XLA turns `/ 127` into this multiply)
-    if (amax >= FLT_MIN && amax <= FLT_MAX) out.sum[b] = quantize_scaled(x + b * k, k, 1.0f / amax, &out.q[b * out.ldq]);
+    if (amax >= kMinRowMax && amax <= FLT_MAX)
+      out.sum[b] = quantize_scaled(x + b * k, k, 127.0f / amax, &out.q[b * out.ldq]);
   }
 }
 
