@@ -115,9 +115,9 @@ W8A8Kernel w8a8_kernel_for(std::string_view isa) {
   return nullptr;
 }
 
-// Multiply-adds below which splitting across threads costs more than it saves: an int8 multiply-add costs about
-// a quarter of the weight-only kernel's convert-and-FMA, so ~4x its threshold for the same ~10 us.
-constexpr int64_t kMinTaskWork = int64_t{1} << 19;
+// Multiply-adds below which splitting across threads costs more than it saves: the weight-only kernel's
+// threshold, since a decode step's calls with one row are bound by reading the weights in both.
+constexpr int64_t kMinTaskWork = int64_t{1} << 17;
 constexpr int64_t kTasksPerThread = 4;  // so that a slow (descheduled) thread's share is taken by the others
 constexpr int64_t kChannels = 8;  // a task's channels are a multiple of it (every tile's channel count divides it)
 
