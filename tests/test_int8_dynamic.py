@@ -221,6 +221,17 @@ def test_the_decode_program_calls_the_kernel_and_switched_off_xla_s_path_with_th
     np.testing.assert_allclose(native_logits, xla_logits, rtol=0, atol=1e-5 * np.abs(xla_logits).max())
 
 
+def test_xla_s_cpu_fallback_takes_the_weight_in_row_blocks_with_the_same_bits(monkeypatch):
+    """Kernels switched off: XLA:CPU's path converts `CPU_BLOCK` weights at a time (no weight-sized buffer), as
+    int8's fallback does, and the int32 sums do not depend on the blocking."""
+    monkeypatch.setenv(cpu_kernels.SWITCH, "0")
+    x, values, scale = operands(np.random.default_rng(0), 3, 301, 512)  # 301 channels: a partial last block
+    w = QuantizedWeight(jnp.asarray(values), jnp.asarray(scale), dynamic_activations=True)
+    blocked = jax.jit(lambda x, w: quantization.quantized_contract("bd,fd->bf", x, w, None))
+    assert "stablehlo.while" in blocked.lower(x, w).as_text()
+    assert_equal_bits(blocked(x, w), xla_product(x, values, scale))
+
+
 def test_a_program_lowered_for_cuda_holds_the_int8_dot():
     """On GPU the XLA formulation: an s8 x s8 dot accumulated in s32, no custom call."""
     w = QuantizedWeight(jnp.ones((256, 64), jnp.int8), jnp.ones((256,), jnp.float32), dynamic_activations=True)
