@@ -22,6 +22,9 @@ tokens (no stop token: each decodes exactly `--new-tokens`, greedy, with a KV ca
 `neox-jax-int8` is neox-jax with `quantize="int8"` (docs/quantization.md): each case then also reports its
 decode against neox-jax fp32 and transformers fp32 from the same run, and the bytes it reads per step.
 `neox-jax-xla` and `neox-jax-int8-xla` are the two with the native CPU kernels switched off (XLA's matmuls).
+`neox-jax-int8-dynamic` is `quantize="int8-dynamic"`: int8's weights, and the activations quantized per row in
+each matmul (int8 x int8 sums, as llama.cpp's q8_0 and CTranslate2's int8 do); beside neox-jax-int8, each case
+reports its decode against int8's and how many rows' tokens equal int8's.
 
 The peers (`pip install -e .[peers]`) convert the same weights, written as a Hugging Face directory with the
 GPT-NeoX-20B tokenizer: `ctranslate2` (float32) and `ctranslate2-int8` (int8_float32) through CTranslate2's
@@ -57,13 +60,14 @@ from .common import (SHAPES, PeakRSS, decode_weight_bytes, load_average, machine
                      write_page)
 
 ENGINES = ("neox-jax", "neox-jax-int8", "parity", "transformers", "ctranslate2", "ctranslate2-int8", "llama.cpp",
-           "llama.cpp-q8_0", "neox-jax-xla", "neox-jax-int8-xla")
+           "llama.cpp-q8_0", "neox-jax-xla", "neox-jax-int8-xla", "neox-jax-int8-dynamic")
 DEFAULT_ENGINES = ENGINES[:4]  # the peers need the `peers` extra (and llama.cpp its converter): named when wanted
 PEERS = ENGINES[4:8]
 MEMORY_READ = "memory-read"  # the worker that measures the machine's memory-read limit
 # How each engine stores its matmul weights (the others: fp32). llama.cpp's q8_0 is counted as int8: it reads
 # 34 bytes per 32 weights (an fp16 scale per block) where int8 with per-channel scales reads ~32.
-QUANTIZE = {"neox-jax-int8": "int8", "neox-jax-int8-xla": "int8", "ctranslate2-int8": "int8", "llama.cpp-q8_0": "int8"}
+QUANTIZE = {"neox-jax-int8": "int8", "neox-jax-int8-xla": "int8", "ctranslate2-int8": "int8", "llama.cpp-q8_0": "int8",
+            "neox-jax-int8-dynamic": "int8-dynamic"}
 
 
 # ---- engines: each returns per-run (prefill_s, decode_s, decode_steps, tokens) ----
@@ -102,6 +106,13 @@ class NeoXJaxInt8Engine(NeoXJaxEngine):
 
     name = "neox-jax-int8"
     quantize = "int8"
+
+
+class NeoXJaxInt8DynamicEngine(NeoXJaxEngine):
+    """neox-jax with int8 weights and each matmul's activations quantized per row (int8 x int8 sums)."""
+
+    name = "neox-jax-int8-dynamic"
+    quantize = "int8-dynamic"
 
 
 class NeoXJaxXlaEngine(NeoXJaxEngine):
@@ -403,7 +414,7 @@ ENGINE_CLASSES = {"neox-jax": NeoXJaxEngine, "neox-jax-int8": NeoXJaxInt8Engine,
                   "transformers": TransformersEngine, "ctranslate2": CTranslate2Engine,
                   "ctranslate2-int8": CTranslate2Int8Engine, "llama.cpp": LlamaCppEngine,
                   "llama.cpp-q8_0": LlamaCppQ8Engine, "neox-jax-xla": NeoXJaxXlaEngine,
-                  "neox-jax-int8-xla": NeoXJaxInt8XlaEngine}
+                  "neox-jax-int8-xla": NeoXJaxInt8XlaEngine, "neox-jax-int8-dynamic": NeoXJaxInt8DynamicEngine}
 
 
 def make_prompts(config, batch: int, prompt_len: int, seed: int) -> np.ndarray:
@@ -582,6 +593,18 @@ def quantized_lines(case, config) -> list[str]:
             f"  decode tok/s: {', '.join(ratios) or 'no fp32 engine in this run'} (issue 14's targets: 1.8x and 2.5x)"]
 
 
+def dynamic_lines(case) -> list[str]:
+    """int8-dynamic against weight-only int8 in the same case: decode speed, and rows with int8's tokens."""
+    engines = case["engines"]
+    dynamic, int8 = engines.get("neox-jax-int8-dynamic"), engines.get("neox-jax-int8")
+    if dynamic is None or int8 is None:
+        return []
+    same = sum(a == b for a, b in zip(int8["tokens"], dynamic["tokens"]))
+    return [f"neox-jax-int8-dynamic decode: {dynamic['decode_tokens_per_s'] / int8['decode_tokens_per_s']:.2f}x "
+            f"neox-jax-int8 ({dynamic['ms_per_step']:.2f} vs {int8['ms_per_step']:.2f} ms/step); the same tokens as "
+            f"int8 in {same}/{len(int8['tokens'])} rows"]
+
+
 def limit_lines(case) -> list[str]:
     limit = case.get("read_limit")
     if not limit:
@@ -596,13 +619,13 @@ def limit_lines(case) -> list[str]:
 def print_case(case, config) -> None:
     print(f"\n== {case_title(case, config)} ==")
     print(table(*case_table(case, config)))
-    for line in limit_lines(case) + quantized_lines(case, config):
+    for line in limit_lines(case) + quantized_lines(case, config) + dynamic_lines(case):
         print(line)
 
 
 def markdown_case(case, config) -> str:
     lines = [f"## {case_title(case, config)}", "", markdown_table(*case_table(case, config)), ""]
-    extra = limit_lines(case) + quantized_lines(case, config)
+    extra = limit_lines(case) + quantized_lines(case, config) + dynamic_lines(case)
     return "\n".join(lines + [f"- {line.strip().removeprefix('= ')}" for line in extra]) + "\n"
 
 

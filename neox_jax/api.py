@@ -216,7 +216,8 @@ def load(path: str | os.PathLike, dtype: str | None = None, rotary_dtype: str | 
     one model; the mesh's model axis must divide the rank count. A 1-rank checkpoint has nothing to merge:
     its model is the same either way. Raises CheckpointError for a Hugging Face directory or hub id.
 
-    `quantize` ("int8" or "fp8") stores every matmul weight in that format with a scale per output channel,
+    `quantize` ("int8", "fp8" or "int8-dynamic") stores every matmul weight in that format (int8-dynamic: int8,
+    its matmuls quantizing their activations too) with a scale per output channel,
     quantized tensor by tensor while loading (docs/quantization.md); merged mode only.
     """
     quantization.lookup(quantize)  # an unknown mode fails before the checkpoint is opened

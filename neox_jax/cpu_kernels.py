@@ -13,6 +13,11 @@ Which runs where: `neox_jax.quantize.quantized_contract` calls `weight_matmul` i
 vectorised kernels, chosen at run time), and NEOX_JAX_CPU_KERNELS is not "0". Otherwise the program keeps the XLA
 path, and one log line says why. The GPU branch is XLA's in every case.
 
+`int8_dynamic_matmul` is the activation-quantized product of `--quantize int8-dynamic` (csrc/w8a8.cc): each row of
+x quantized to int8 by its absolute maximum inside the call, int8 x int8 products summed exactly in int32 (AVX-512
+VNNI's vpdpbusd, AVX2's vpmaddubsw), two fp32 multiplies per output. Its numerics are
+`neox_jax.quantize.dynamic_int8_product`'s, bit for bit.
+
 Threads: NEOX_JAX_CPU_THREADS (a positive integer), read once when the first kernel runs; by default the CPUs this
 process may run on. The XLA thread that makes the call works too, so a call keeps at most that many busy.
 """
@@ -31,6 +36,7 @@ import numpy as np
 
 TARGET = "neox_jax_weight_matmul"  # the FFI targets' names, as the compiled program's custom calls name them
 FP32_TARGET = "neox_jax_matmul"
+INT8_DYNAMIC_TARGET = "neox_jax_int8_dynamic_matmul"
 ISAS = ("avx512", "avx2", "portable")  # the kernels' instruction sets, fastest first
 VECTORISED = ISAS[:2]  # those the model uses; on a CPU with neither, XLA's path is as fast as plain C++
 WEIGHT_DTYPES = (np.dtype(np.int8), np.dtype(ml_dtypes.float8_e4m3fn))
@@ -48,6 +54,7 @@ def _extension():
         return None
     jax.ffi.register_ffi_target(TARGET, _cpu_kernels.weight_matmul_handler(), platform="cpu")
     jax.ffi.register_ffi_target(FP32_TARGET, _cpu_kernels.matmul_handler(), platform="cpu")
+    jax.ffi.register_ffi_target(INT8_DYNAMIC_TARGET, _cpu_kernels.int8_dynamic_matmul_handler(), platform="cpu")
     return _cpu_kernels
 
 
@@ -80,6 +87,11 @@ def best_isa() -> str:
     return _extension().best_isa()
 
 
+def best_int8_dynamic_isa() -> str:
+    """The fastest activation-quantized kernels this CPU runs: avx512 needs VNNI too (without it, avx2's)."""
+    return _extension().best_int8_dynamic_isa()
+
+
 def weight_matmul(x, values, scale, *, isa: str | None = None, threads: int = 0):
     """`(x @ values.T) * scale` by the native kernel: x fp32 [m, k], values int8 or float8_e4m3fn [n, k] (a
     weight as stored, `[out, in]`), scale fp32 [n] -> fp32 [m, n].
@@ -93,7 +105,30 @@ def weight_matmul(x, values, scale, *, isa: str | None = None, threads: int = 0)
     if x.dtype != jnp.float32 or scale.dtype != jnp.float32 or values.dtype not in WEIGHT_DTYPES:
         raise ValueError(f"weight_matmul takes fp32 x and scale and int8 or float8_e4m3fn values, got {x.dtype}, "
                          f"{scale.dtype} and {values.dtype}")
-    return _call(TARGET, x, (values, scale), values.shape[0], isa, threads)
+    return _call(TARGET, x, (values, scale), values.shape[0], isa, threads, best_isa)
+
+
+def int8_dynamic_matmul(x, values, scale, *, isa: str | None = None, threads: int = 0):
+    """`neox_jax.quantize.dynamic_int8_product(x, values, scale)` by the native kernel: x fp32 [m, k], values int8
+    [n, k] (a weight as stored), scale fp32 [n] -> fp32 [m, n]; x's rows are quantized inside the call.
+
+    isa: one of ISAS this CPU runs for it (default: `best_int8_dynamic_isa()`); threads as `weight_matmul`'s.
+    Raises ValueError for operands of other shapes or dtypes, or k over MAX_INT8_DYNAMIC_K."""
+    if jnp.ndim(x) != 2 or jnp.ndim(values) != 2 or jnp.ndim(scale) != 1 or x.shape[1] != values.shape[1] \
+            or scale.shape[0] != values.shape[0]:
+        raise ValueError(f"int8_dynamic_matmul takes x [m, k], values [n, k] and scale [n], got {jnp.shape(x)}, "
+                         f"{jnp.shape(values)} and {jnp.shape(scale)}")
+    if x.dtype != jnp.float32 or scale.dtype != jnp.float32 or values.dtype != jnp.int8:
+        raise ValueError(f"int8_dynamic_matmul takes fp32 x and scale and int8 values, got {x.dtype}, {scale.dtype} "
+                         f"and {values.dtype}")
+    if x.shape[1] > MAX_INT8_DYNAMIC_K:
+        raise ValueError(f"int8_dynamic_matmul: k = {x.shape[1]} is over {MAX_INT8_DYNAMIC_K}, where the int32 sums "
+                         f"could overflow")
+    return _call(INT8_DYNAMIC_TARGET, x, (values, scale), values.shape[0], isa, threads,
+                 best_int8_dynamic_isa)
+
+
+MAX_INT8_DYNAMIC_K = 2 ** 17  # |sum_k q_x q_w| <= 127 * 128 * k < 2^31 (csrc/w8a8.h's kMaxW8A8K)
 
 
 def matmul(x, w, *, isa: str | None = None, threads: int = 0):
@@ -103,10 +138,10 @@ def matmul(x, w, *, isa: str | None = None, threads: int = 0):
         raise ValueError(f"matmul takes x [m, k] and w [n, k], got {jnp.shape(x)} and {jnp.shape(w)}")
     if x.dtype != jnp.float32 or w.dtype != jnp.float32:
         raise ValueError(f"matmul takes fp32 x and w, got {x.dtype} and {w.dtype}")
-    return _call(FP32_TARGET, x, (w,), w.shape[0], isa, threads)
+    return _call(FP32_TARGET, x, (w,), w.shape[0], isa, threads, best_isa)
 
 
-def _call(target: str, x, weight_operands: tuple, n: int, isa: str | None, threads: int):
+def _call(target: str, x, weight_operands: tuple, n: int, isa: str | None, threads: int, default_isa):
     if isa is not None and isa not in ISAS:
         raise ValueError(f"isa must be one of {', '.join(ISAS)}, got {isa!r}")
     if threads < 0:
@@ -114,7 +149,7 @@ def _call(target: str, x, weight_operands: tuple, n: int, isa: str | None, threa
     if _extension() is None:
         raise RuntimeError(unavailable_reason())
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32), vmap_method="sequential")
-    return call(x, *weight_operands, isa=isa or best_isa(), threads=np.int64(threads))
+    return call(x, *weight_operands, isa=isa or default_isa(), threads=np.int64(threads))
 
 
 FP32_MAX_ROWS = 64  # rows of x up to which the fp32 kernel beats XLA's matmul (a decode step's; prefill's are XLA's)

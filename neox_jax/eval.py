@@ -45,7 +45,7 @@ MODEL_ARGS_HELP = """neox-jax: lm-eval's CLI with --model neox-jax by default. n
   model_parallel=N,data_parallel=M   device mesh (default: one device, or all on the model axis if needed)
   tp_exact=true          DeepSpeed shards only: compute as the tensor-parallel ranks did in training, each
                          rank's LayerNorm copies and row-parallel biases kept (also: --tp-exact)
-  quantize=int8|fp8      weight-only quantization of the matmul weights (also: --quantize int8)
+  quantize=int8|fp8|int8-dynamic   quantized matmul weights, int8-dynamic's activations too (also: --quantize int8)
 Compiled programs are kept for later runs in $JAX_COMPILATION_CACHE_DIR, else ~/.cache/neox_jax/xla (<= 2 GiB).
 """
 
@@ -64,7 +64,7 @@ def take_quantize(argv: list[str]) -> tuple[list[str], str | None]:
         if a == "--quantize" or a.startswith("--quantize="):
             mode = a.partition("=")[2] if "=" in a else next(args, None)
             if mode is None:
-                raise ValueError("--quantize needs a mode: int8 or fp8")
+                raise ValueError("--quantize needs a mode: int8, fp8 or int8-dynamic")
             lookup(mode)
         else:
             rest.append(a)

@@ -13,7 +13,8 @@ model_args:
   tokenizer    a tokenizer JSON (default: the model's `tokenizer.json`, else its one `*tokenizer*.json`).
   dtype        float16 | bfloat16 | float32 (default: float16 on accelerators, float32 on CPU).
   rotary_dtype rotary table dtype (default as `neox_jax.load`: the model dtype, fp32 for bf16).
-  quantize     int8 | fp8: weight-only quantization of the matmul weights (docs/quantization.md).
+  quantize     int8 | fp8 | int8-dynamic: quantized matmul weights; int8-dynamic quantizes the activations too
+               (docs/quantization.md).
   max_length   context used for scoring (default and maximum: max_position_embeddings).
   max_gen_toks default generation budget of generate_until (256, as lm-eval's `hf` model).
   prefix_token_id  token conditioning an empty context and the first rolling window (default <|endoftext|>).

@@ -30,6 +30,8 @@ Numerics (the one place they are decided):
   (it factors out of the contraction), before the single rounding to `dtype`. Activations, the input
   embedding (a gather), LayerNorms, biases and softmax stay as above. Merged mode only: the exact
   tensor-parallel mode below keeps the checkpoint's own per-rank numbers, which quantizing would not.
+  int8-dynamic (`QuantizedWeight.dynamic_activations`) quantizes each matmul's input rows to int8 as well, the
+  products summed exactly in int32 and scaled in fp32 (`quantize.dynamic_int8_product`).
 - On CPU the quantized matmuls, and an fp32 model's decode-step matmuls, run native kernels
   (`neox_jax.cpu_kernels`) with the same numerics: values converted to fp32 exactly, fp32 accumulation, the
   scale on the fp32 result. Their fp32 additions come in another order than XLA's, so the two agree to fp32

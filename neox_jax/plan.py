@@ -219,7 +219,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      "config is read")
     p.add_argument("--dtype", choices=NAMES,
                    help="model dtype (default: float16 with --device-memory, a GPU card; else this machine's default)")
-    p.add_argument("--quantize", choices=QUANTIZE_NAMES, help="weight-only quantization of the matmul weights")
+    p.add_argument("--quantize", choices=QUANTIZE_NAMES, help="quantized matmul weights (int8-dynamic stores int8's)")
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
     p.add_argument("--context", type=int, help="tokens per sequence, prompt + generated (default: the model's context)")
     p.add_argument("--mesh", default="model=1", help="model=N[,data=M]: the devices the model is split over")

@@ -21,6 +21,13 @@ Modes:
   has none (CPU, GPUs before Hopper/Ada): the same program and the same bytes stored everywhere, so its
   quality can be checked on any machine.
 
+- int8-dynamic: int8's stored weights, and the activations quantized too, when the matmul runs: each row of x
+  (one token's input to the matmul) to int8 by its absolute maximum, `s_x = max_i |x_i| / 127`, the int8 x int8
+  products summed exactly in int32, then `float(sum) * s_x * s_o` in fp32 (`dynamic_int8_product`; PyTorch's
+  "dynamic quantization", CTranslate2's int8). It adds the activations' rounding to the weights' (another ~1/254
+  of each row's largest value), so it is its own mode with its own parity thresholds, never a default; on CPU its
+  integer dot products are cheaper than int8's convert-and-FMA, which matters when a step computes many rows.
+
 The input embedding is a gather, not a matmul: a decode step reads one row per sequence, so int8 rows
 would save no time per step, only memory (GPT-NeoX-20B: 0.3 GB of ~21 GB in int8). It stays in the model
 dtype (exact), and a model with tied embeddings keeps its head in the model dtype too.
@@ -46,6 +53,7 @@ class Mode:
     name: str
     storage: np.dtype  # what the values are stored in
     max_value: float  # the largest magnitude `storage` holds; a channel's maximum maps to it
+    dynamic_activations: bool = False  # the matmuls quantize their activations too (`dynamic_int8_product`)
 
     def quantize(self, scaled: np.ndarray) -> np.ndarray:
         """fp32 weights divided by their scale (in [-max, max]) -> values in `storage`."""
@@ -57,6 +65,7 @@ class Mode:
 MODES: dict[str, Mode] = {m.name: m for m in (
     Mode("int8", np.dtype(np.int8), 127.0),
     Mode("fp8", np.dtype(ml_dtypes.float8_e4m3fn), 448.0),
+    Mode("int8-dynamic", np.dtype(np.int8), 127.0, dynamic_activations=True),
 )}
 NAMES = tuple(MODES)  # the choices of every --quantize
 SCALE_DTYPE = np.dtype(np.float32)  # one per output channel: negligible bytes, and exact for the fp32 product
@@ -84,6 +93,8 @@ class QuantizedWeight:
 
     values: jax.Array  # the weight's params shape, in the mode's storage dtype
     scale: jax.Array  # fp32, the weight's output-channel axes (its first dim group)
+    # Static (part of the tree's structure, not a leaf): its matmuls quantize their activations (int8-dynamic).
+    dynamic_activations: bool = flax.struct.field(pytree_node=False, default=False)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -98,10 +109,11 @@ class QuantizedWeight:
                              f"exact tensor-parallel mode do not combine")
         out, inner = shape
         values = self.values.reshape(out, inner)
-        return QuantizedWeight(values, self.scale.reshape(values.shape[0]))
+        return QuantizedWeight(values, self.scale.reshape(values.shape[0]), self.dynamic_activations)
 
 
-QUANTIZED_FIELDS = tuple(f.name for f in dataclasses.fields(QuantizedWeight))  # ("values", "scale")
+QUANTIZED_FIELDS = tuple(f.name for f in dataclasses.fields(QuantizedWeight)
+                         if f.metadata.get("pytree_node", True))  # ("values", "scale")
 
 
 def quantizes(spec: ParamSpec) -> bool:
@@ -162,7 +174,7 @@ def abstract_param(spec: ParamSpec, config: NeoXConfig, dtype, mode: Mode | None
     if mode is None or not quantizes(spec):
         return array
     return QuantizedWeight(jax.ShapeDtypeStruct(array.shape, mode.storage),
-                           jax.ShapeDtypeStruct(scale_shape(spec, config), SCALE_DTYPE))
+                           jax.ShapeDtypeStruct(scale_shape(spec, config), SCALE_DTYPE), mode.dynamic_activations)
 
 
 def abstract_leaves(spec: ParamSpec, config: NeoXConfig, dtype, mode: Mode | None,
@@ -191,7 +203,8 @@ def quantized_contract(spec: str, x, w: QuantizedWeight, precision):
     """`einsum(spec, x, dequantized w)` accumulated in fp32, computed from the stored values: they meet `x` in
     its dtype (int8 and e4m3 values are exact in fp16, bf16 and fp32) and the per-channel scale multiplies
     the fp32 result. `w` is a 2-D `[out, in]` weight (the model's matmuls flatten head axes first); its
-    output channel is the result's last axis.
+    output channel is the result's last axis. A weight of int8-dynamic (`w.dynamic_activations`) computes
+    `dynamic_int8_product` instead.
 
     How the values reach the matmul differs by platform. XLA:GPU is expected to fuse the conversion into the
     matmul's operand loads (not yet run on a GPU; tests/test_quantize.py checks it there). XLA:CPU does not:
@@ -208,6 +221,8 @@ def quantized_contract(spec: str, x, w: QuantizedWeight, precision):
     operands, result = spec.split("->")
     if w.values.ndim != 2 or operands.split(",")[1][0] != result[-1]:
         raise ValueError(f"{spec}: a quantized weight must be [out, in], its output channel the result's last axis")
+    if w.dynamic_activations:
+        return dynamic_contract(spec, x, w)
 
     def product(x, values):
         return jnp.einsum(spec, x, values.astype(x.dtype), preferred_element_type=jnp.float32, precision=precision)
@@ -221,20 +236,95 @@ def quantized_contract(spec: str, x, w: QuantizedWeight, precision):
     operands = (x, w.values, w.scale)
     if cpu_kernels.rows_form(spec, x, w.values.shape) and cpu_kernels.enabled():
         return jax.lax.platform_dependent(*operands, cpu=cpu_kernels.with_xla_derivative(native, plain), default=plain)
-    out, inner = w.values.shape
-    rows = max(1, CPU_BLOCK // inner)
-    if out <= rows:
+    if not row_blocks_needed(w.values.shape):
         return plain(*operands)
 
     def blocked(x, values, scale):
-        def add_block(i, acc):
-            # The last block is shifted back to end at `out` (dynamic_slice clamps its start the same way), so it
-            # recomputes a few rows of its neighbour with the same result instead of padding the weight.
-            start = jnp.minimum(i * rows, out - rows)
-            block = jax.lax.dynamic_slice_in_dim(values, start, rows)
-            return jax.lax.dynamic_update_slice_in_dim(acc, product(x, block), start, acc.ndim - 1)
+        return by_row_blocks(product, x, values) * scale
 
-        acc = jnp.zeros((*x.shape[:-1], out), jnp.float32)
-        return jax.lax.fori_loop(0, -(-out // rows), add_block, acc) * scale
+    return jax.lax.platform_dependent(*operands, cpu=blocked, default=plain)
+
+
+def row_blocks_needed(shape) -> bool:
+    """Whether XLA:CPU's path takes an `[out, in]` weight in more than one block of `CPU_BLOCK` elements."""
+    out, inner = shape
+    return out > max(1, CPU_BLOCK // inner)
+
+
+def by_row_blocks(product, x, values):
+    """`product(x, values)` (fp32, the output channel last) computed `CPU_BLOCK` weights at a time."""
+    out, inner = values.shape
+    rows = max(1, CPU_BLOCK // inner)
+
+    def add_block(i, acc):
+        # The last block is shifted back to end at `out` (dynamic_slice clamps its start the same way), so it
+        # recomputes a few rows of its neighbour with the same result instead of padding the weight.
+        start = jnp.minimum(i * rows, out - rows)
+        block = jax.lax.dynamic_slice_in_dim(values, start, rows)
+        return jax.lax.dynamic_update_slice_in_dim(acc, product(x, block), start, acc.ndim - 1)
+
+    acc = jnp.zeros((*x.shape[:-1], out), jnp.float32)
+    return jax.lax.fori_loop(0, -(-out // rows), add_block, acc)
+
+
+# ---- int8-dynamic: activations quantized per row when the matmul runs ----
+
+# A row whose largest magnitude is below this quantizes to zeros: 127 / amax must be a finite fp32 (these are
+# ~1e-36 and below, which XLA:CPU's flushed denormals are anyway).
+MIN_ROW_MAX = np.float32(2.0 ** -120)
+# A multiply, not `amax / 127`: XLA rewrites a division by a constant into this multiply (not the same rounding),
+# so the definition is the multiply, which every compiler keeps.
+INVERSE_127 = np.float32(1 / 127)
+
+
+def quantize_activations(x):
+    """x [..., in] -> (q int8 [..., in], scale fp32 [..., 1]), each row (the last axis) symmetric by its
+    absolute maximum: `scale = amax * fp32(1 / 127)`, `q = round(x * (127 / amax))`, ties to even, so |q| <= 127.
+
+    Computed in fp32 whatever x's dtype. A row with amax below MIN_ROW_MAX (zeros among them) gets q = 0 and so a
+    zero product; a row holding inf or NaN gets q = 0 and scale inf or NaN, so a NaN product. Each step is one
+    IEEE operation, so the native kernel (csrc/w8a8.cc) reproduces it exactly."""
+    x = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+    quantized = (amax >= MIN_ROW_MAX) & (amax <= np.finfo(np.float32).max)
+    inverse = 127 / jnp.where(quantized, amax, 1)
+    return jnp.where(quantized, jnp.round(x * inverse), 0).astype(jnp.int8), amax * INVERSE_127
+
+
+def dynamic_int8_product(spec: str, x, values, scale):
+    """int8-dynamic's matmul, its definition on every platform: x quantized by `quantize_activations`, the int8
+    x int8 products summed in int32 (exact for in <= 2^17: |sum| <= 127 * 128 * in), then
+    `(float(sum) * x_scale) * scale`, two fp32 roundings. `spec` contracts x's last axis."""
+    q, x_scale = quantize_activations(x)
+    return int8_product(spec, q, values) * x_scale * scale
+
+
+def int8_product(spec: str, q, values):
+    return jnp.einsum(spec, q, values, preferred_element_type=jnp.int32).astype(jnp.float32)
+
+
+def dynamic_contract(spec: str, x, w: QuantizedWeight):
+    """`dynamic_int8_product` of x and `w`: on CPU by the native kernel (one custom call: it quantizes x
+    itself), else XLA's, on CPU `CPU_BLOCK` weights at a time as `quantized_contract`'s fallback. Its derivative
+    is XLA's formulation's: zero through the rounding of x."""
+    if not cpu_kernels.rows_form(spec, x, w.values.shape):
+        raise ValueError(f"{spec}: int8-dynamic quantizes x's rows, so x's last axis must be the contracted one "
+                         f"and the result x's other axes then the output channel")
+
+    def plain(x, values, scale):
+        return dynamic_int8_product(spec, x, values, scale)
+
+    def native(x, values, scale):
+        return cpu_kernels.rows_product(cpu_kernels.int8_dynamic_matmul, x.astype(jnp.float32), values, scale)
+
+    operands = (x, w.values, w.scale)
+    if cpu_kernels.enabled():
+        return jax.lax.platform_dependent(*operands, cpu=cpu_kernels.with_xla_derivative(native, plain), default=plain)
+    if not row_blocks_needed(w.values.shape):
+        return plain(*operands)
+
+    def blocked(x, values, scale):
+        q, x_scale = quantize_activations(x)
+        return by_row_blocks(lambda q, block: int8_product(spec, q, block), q, values) * x_scale * scale
 
     return jax.lax.platform_dependent(*operands, cpu=blocked, default=plain)

@@ -48,7 +48,7 @@ def build_params(config: NeoXConfig, tensors: Iterable[tuple[str, np.ndarray]], 
                  quantize: str | None = None) -> dict:
     """Consume a canonical stream into a params pytree of `dtype`, each tensor placed in its shards on `mesh`
     (default: one device). `tp_ranks`: the stream is `DeepSpeedCheckpoint.per_rank_tensors` of that many
-    ranks, for the exact tensor-parallel mode (per-rank tensors `[ranks, ...]`). `quantize` ("int8", "fp8"):
+    ranks, for the exact tensor-parallel mode (per-rank tensors `[ranks, ...]`). `quantize` ("int8", "fp8", "int8-dynamic"):
     each matmul weight is quantized on the host first and its values and scales placed in their shards."""
     mesh = mesh or make_mesh(1, 1)
     check_model_axis_divides(config, mesh, tp_ranks)
@@ -70,7 +70,7 @@ def build_params(config: NeoXConfig, tensors: Iterable[tuple[str, np.ndarray]], 
             # The params layout names the head axes of the stored tensor: a reshape, never a transpose.
             value = np.asarray(array).reshape(spec.shape(config, tp_ranks))
             if mode is not None and quantizes(spec):
-                value = QuantizedWeight(*quantize_weight(value, spec, config, mode))
+                value = QuantizedWeight(*quantize_weight(value, spec, config, mode), mode.dynamic_activations)
             else:
                 with np.errstate(over="ignore"):  # an overflow is reported below, by name
                     value = value.astype(np_dtype, copy=False)

@@ -42,6 +42,7 @@ def test_cpu_bench_prints_a_table_for_each_case(tmp_path):
     assert out.count("== tiny  batch") == 2
     for engine in ("neox-jax", "neox-jax-int8", "parity", "transformers"):
         assert len(rows(out, engine)) == 2, out
+    assert "neox-jax-int8-dynamic decode" not in out  # an engine only when named
     assert "prefill tok/s" in out and "ms/step" in out and "peak MB" in out
     assert "1/1 rows" in out and "2/2 rows" in out  # the same greedy tokens from the fp32 engines
     assert out.count("memory-read limit") == 2 and "the best of: numpy, " in out and "torch, " in out
@@ -145,3 +146,11 @@ def test_eval_bench_runs_neox_jax_and_lm_eval_hf_on_the_same_task(tmp_path):
     assert len(rows(out, "neox-jax cold")) == len(rows(out, "neox-jax warm")) == len(rows(out, "hf")) == 1, out
     assert "same requests: True; same metrics: True" in out and "lm-eval `hf` eval time" in out, out
     assert_page(page.read_text(), "Evaluation benchmark", "python -m bench.eval " + " ".join(argv))
+
+
+def test_cpu_bench_compares_int8_dynamic_with_int8():
+    out = run("bench.cpu", "--shapes", "tiny", "--batch", "2", "--new-tokens", "4", "--prompt-len", "8", "--reps", "1",
+              "--bandwidth-mib", "16", "--engines", "neox-jax-int8,neox-jax-int8-dynamic", timeout=300)
+    assert len(rows(out, "neox-jax-int8-dynamic")) == 1, out
+    assert re.search(r"neox-jax-int8-dynamic decode: [\d.]+x neox-jax-int8 \([\d.]+ vs [\d.]+ ms/step\); the same "
+                     r"tokens as int8 in \d/2 rows", out), out

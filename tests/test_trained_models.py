@@ -64,9 +64,10 @@ def test_transformers_reads_the_shipped_target_as_neox_jax_does(target):
     np.testing.assert_allclose(target.logits(ids)[..., :expected.shape[-1]], expected, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("mode, bound", [("int8", 0.98), ("fp8", 0.97)])
+@pytest.mark.parametrize("mode, bound", [("int8", 0.98), ("fp8", 0.97), ("int8-dynamic", 0.98)])
 def test_quantized_weights_keep_the_models_choices_on_held_out_text(target, mode, bound):
-    """docs/figures/trained.md, over 24,576 held-out positions: int8 99.9%, fp8 99.7%; one flip here is 0.7%."""
+    """docs/figures/trained.md, over 24,576 held-out positions: int8 99.9%, fp8 99.7%; one flip here is 0.7%.
+    int8-dynamic, over tests/data/pydocs_heldout.jsonl's 4,199 positions: 99.4% (int8 there: 99.9%)."""
     ids = np.asarray([target.tokenizer.encode(HELD_OUT)])
     reference = target.logits(ids)[0]
     quantized = demo_model(quantize=mode).logits(ids)[0]

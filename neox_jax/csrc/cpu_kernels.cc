@@ -3,6 +3,7 @@
 //
 //   weight_matmul(x f32[m, k], w s8|f8e4m3fn[n, k], scale f32[n]; isa: str, threads: i64) -> f32[m, n]
 //   matmul(x f32[m, k], w f32[n, k]; isa: str, threads: i64) -> f32[m, n]
+//   int8_dynamic_matmul(x f32[m, k], w s8[n, k], scale f32[n]; isa: str, threads: i64) -> f32[m, n] (w8a8.cc)
 //
 // isa names the kernels ("avx512", "avx2", "portable"); threads 0 means the pool's default.
 #include <Python.h>
@@ -14,12 +15,12 @@
 
 #include "matmul.h"
 #include "thread_pool.h"
+#include "w8a8.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace neox {
-namespace {
 
 bool cpu_has(std::string_view isa) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -31,6 +32,8 @@ bool cpu_has(std::string_view isa) {
 #endif
   return isa == "portable";
 }
+
+namespace {
 
 RowsKernel kernel_for(std::string_view isa) {
   if (isa == "avx512") return avx512::rows;
@@ -153,6 +156,12 @@ static PyObject* matmul_handler(PyObject*, PyObject*) {
   return PyCapsule_New(reinterpret_cast<void*>(NeoxMatmul), nullptr, nullptr);
 }
 
+static PyObject* int8_dynamic_matmul_handler(PyObject*, PyObject*) {
+  return PyCapsule_New(reinterpret_cast<void*>(NeoxInt8DynamicMatmul), nullptr, nullptr);
+}
+
+static PyObject* best_int8_dynamic_isa(PyObject*, PyObject*) { return PyUnicode_FromString(neox::best_w8a8_isa()); }
+
 static PyObject* best_isa(PyObject*, PyObject*) { return PyUnicode_FromString(neox::best_isa()); }
 
 static PyObject* default_threads(PyObject*, PyObject*) {
@@ -162,6 +171,10 @@ static PyObject* default_threads(PyObject*, PyObject*) {
 static PyMethodDef methods[] = {
     {"weight_matmul_handler", weight_matmul_handler, METH_NOARGS, "The weight-only matmul's FFI handler (a capsule)."},
     {"matmul_handler", matmul_handler, METH_NOARGS, "The fp32 matmul's FFI handler (a capsule)."},
+    {"int8_dynamic_matmul_handler", int8_dynamic_matmul_handler, METH_NOARGS,
+     "The activation-quantized matmul's FFI handler (a capsule)."},
+    {"best_int8_dynamic_isa", best_int8_dynamic_isa, METH_NOARGS,
+     "The fastest activation-quantized kernels this CPU runs: avx512 (with VNNI), avx2 or portable."},
     {"best_isa", best_isa, METH_NOARGS, "The fastest kernels this CPU runs: avx512, avx2 or portable."},
     {"default_threads", default_threads, METH_NOARGS, "Threads a call uses (NEOX_JAX_CPU_THREADS or the CPUs)."},
     {nullptr, nullptr, 0, nullptr}};

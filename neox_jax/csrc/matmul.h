@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string_view>
 
 namespace neox {
 
@@ -31,6 +32,9 @@ using RowsKernel = void (*)(const Matmul& p, int64_t n_begin, int64_t n_end);
 namespace avx512 { void rows(const Matmul& p, int64_t n_begin, int64_t n_end); }
 namespace avx2 { void rows(const Matmul& p, int64_t n_begin, int64_t n_end); }
 namespace portable { void rows(const Matmul& p, int64_t n_begin, int64_t n_end); }
+
+// Whether this CPU runs the kernels of `isa` ("avx512", "avx2" or "portable").
+bool cpu_has(std::string_view isa);
 
 // Output channels handled together by every kernel (a task's channel range is a multiple of it, but the last).
 constexpr int64_t kChannelBlock = 8;

@@ -1,0 +1,110 @@
+// The ISA-independent part of the activation-quantized matmul (w8a8.h): register tiles of R output channels x
+// BB rows of qx, each a set of int32 dot products over k, then reduced and scaled once.
+//
+// Included by each ISA's w8a8 translation unit inside its own namespace, after it defines NEOX_TARGET and
+// `struct Isa8`:
+//   Acc, W, X            an int32 accumulator vector, a loaded weight vector and a loaded qx vector
+//   kBytes               int8 values per vector
+//   zero(), load_x(const int8_t*), load_w(const int8_t*), load_w_tail(const int8_t*, count) (the lanes past
+//   count zero), dot(acc, w, x) (acc plus the lanes' products, exact modulo 2^32), sum(acc) (modulo 2^32)
+//   kWeightOffset        what dot adds to each weight (sum_k qx * (w + offset)), corrected once per row here
+// and kTileR1 (channels per tile when x has one row: the decode step) and kTileR, kTileB (otherwise).
+//
+// Exactness: every lane sum is an integer computed modulo 2^32, and the true result sum_k qx * w fits in int32
+// (w8a8.h's kMaxW8A8K), so the reduced, offset-corrected sum is exact whatever wrapped on the way. The fp32
+// epilogue is the same two roundings as neox_jax.quantize's XLA formulation: float(sum) * x_scale, then * w_scale.
+
+namespace {
+
+template <int R, int BB>
+NEOX_TARGET __attribute__((always_inline)) inline void w8a8_accumulate(const int8_t* x, int64_t ldx,
+                                                                       const typename Isa8::W (&w)[R],
+                                                                       typename Isa8::Acc (&acc)[R][BB]) {
+  typename Isa8::X xv[BB];
+#pragma GCC unroll 16
+  for (int b = 0; b < BB; ++b) xv[b] = Isa8::load_x(x + b * ldx);
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+    for (int b = 0; b < BB; ++b) acc[r][b] = Isa8::dot(acc[r][b], w[r], xv[b]);
+}
+
+// 2, as tiles.h's; 64 KiB ahead instead measured no better (the 50304 x 512 head, interleaved runs).
+constexpr int64_t kW8A8PrefetchTiles = 2;
+
+// y[b, r] for b < BB, r < R: qx rows are ldq apart, weight rows k apart, y rows ldy apart.
+template <int R, int BB>
+NEOX_TARGET void w8a8_tile(const W8A8& p, const int8_t* qx, int64_t row, const int8_t* w, int64_t channel) {
+  constexpr int L = Isa8::kBytes;
+  typename Isa8::Acc acc[R][BB];
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < BB; ++b) acc[r][b] = Isa8::zero();
+  typename Isa8::W wv[R];
+  // The tile's weights are R contiguous rows, the next tiles' follow them: as the weight-only kernel does
+  // (tiles.h), prefetch kW8A8PrefetchTiles tiles ahead, spread over the steps, since the hardware prefetchers
+  // stop at each page (a decode tile of k = 512 is one page). Prefetching past the array never faults.
+  constexpr int64_t kStepBytes = int64_t{R} * L, kStepLines = (kStepBytes + 63) / 64;
+  const int8_t* ahead = w + kW8A8PrefetchTiles * R * p.k;
+  int64_t i = 0;
+  for (; i + L <= p.k; i += L, ahead += kStepBytes) {
+    if constexpr (L >= 16)
+      for (int64_t line = 0; line < kStepLines; ++line) __builtin_prefetch(ahead + 64 * line, 0, 3);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) wv[r] = Isa8::load_w(w + r * p.k + i);
+    w8a8_accumulate<R, BB>(qx + i, p.ldq, wv, acc);
+  }
+  if (i < p.k) {  // the last partial vector: weights past k read as zero, qx is zero-padded past k
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) wv[r] = Isa8::load_w_tail(w + r * p.k + i, p.k - i);
+    w8a8_accumulate<R, BB>(qx + i, p.ldq, wv, acc);
+  }
+  for (int b = 0; b < BB; ++b) {
+    const uint32_t offset = static_cast<uint32_t>(Isa8::kWeightOffset) * static_cast<uint32_t>(p.qx_sum[row + b]);
+    float* y = p.y + (row + b) * p.n + channel;
+    for (int r = 0; r < R; ++r) {
+      const int32_t dot = static_cast<int32_t>(static_cast<uint32_t>(Isa8::sum(acc[r][b])) - offset);
+      y[r] = static_cast<float>(dot) * p.x_scale[row + b] * p.w_scale[channel + r];
+    }
+  }
+}
+
+// Rows [m_begin, m_end) against R channels from `channel`: full tiles of BB rows, then one smaller tile.
+template <int R, int BB>
+NEOX_TARGET void w8a8_channel_block(const W8A8& p, int64_t channel, int64_t m_begin, int64_t m_end) {
+  const int8_t* w = p.w + channel * p.k;
+  int64_t b = m_begin;
+  for (; b + BB <= m_end; b += BB) w8a8_tile<R, BB>(p, p.qx + b * p.ldq, b, w, channel);
+  if constexpr (BB > 1) {
+    switch (m_end - b) {
+      case 0: break;
+#define NEOX_CASE(c) case c: if constexpr (c < BB) w8a8_tile<R, c>(p, p.qx + b * p.ldq, b, w, channel); break;
+      NEOX_CASE(1) NEOX_CASE(2) NEOX_CASE(3) NEOX_CASE(4) NEOX_CASE(5) NEOX_CASE(6) NEOX_CASE(7)
+#undef NEOX_CASE
+    }
+  }
+}
+
+// Bytes of qx rows kept in cache while a task's channels pass over them (prefill: qx is reread per channel block).
+constexpr int64_t kQxBlockBytes = 128 * 1024;
+
+template <int R, int BB>
+NEOX_TARGET void w8a8_rows_tiled(const W8A8& p, int64_t n_begin, int64_t n_end) {
+  static_assert(BB <= 8, "w8a8_channel_block's remainder cases go up to 7 rows");
+  const int64_t m_block = std::max<int64_t>(BB, kQxBlockBytes / p.ldq / BB * BB);
+  for (int64_t m0 = 0; m0 < p.m; m0 += m_block) {
+    const int64_t m1 = std::min(p.m, m0 + m_block);
+    int64_t n = n_begin;
+    for (; n + R <= n_end; n += R) w8a8_channel_block<R, BB>(p, n, m0, m1);
+    for (; n < n_end; ++n) w8a8_channel_block<1, BB>(p, n, m0, m1);
+  }
+}
+
+}  // namespace
+
+void w8a8_rows(const W8A8& p, int64_t n_begin, int64_t n_end) {
+  if (p.m == 1) {
+    w8a8_rows_tiled<Isa8::kTileR1, 1>(p, n_begin, n_end);
+  } else {
+    w8a8_rows_tiled<Isa8::kTileR, Isa8::kTileB>(p, n_begin, n_end);
+  }
+}
