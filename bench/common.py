@@ -24,7 +24,8 @@ import numpy as np
 
 from neox_jax.config import PRESETS, NeoXConfig
 
-SHAPES: dict[str, NeoXConfig] = {name: PRESETS[name] for name in ("tiny", "pythia-70m")}
+# pythia-410m: the shape where reading the weights dominates a decode step (bench.cpu's bandwidth figures).
+SHAPES: dict[str, NeoXConfig] = {name: PRESETS[name] for name in ("tiny", "pythia-70m", "pythia-410m")}
 
 
 def parse_list(text: str, cast=str) -> list:

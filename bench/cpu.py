@@ -459,26 +459,34 @@ def memory_read_limit(mib: int, reps: int = 5) -> dict:
     * XLA matvec: a jitted fp32 `[n, 512] @ [512]`, the decode step's own kind of read.
 
     A decode step that reads its weights once cannot beat the best of these, so every engine's decode is
-    reported as a fraction of it. The machine's other jobs slow every reader: measured in the same run."""
+    reported as a fraction of it. The machine's other jobs slow every reader: measured in the same run.
+
+    Then neox-jax's native kernels alone, in the same process (`kernels`): a batch-1 product with an fp32
+    weight of `mib` and an int8 weight of `mib` / 4 (both `[n, 512]`, in huge pages as `build_params` places
+    weights), counted the same way: how close the kernels come to the limit, apart from a decode step's
+    other work."""
     import concurrent.futures
 
     import jax
     import jax.numpy as jnp
     import torch
 
+    from neox_jax import cpu_kernels
+    from neox_jax.huge_pages import back_with_huge_pages
+
     threads = os.cpu_count() or 1
     n = mib * 2 ** 20 // 4
     host = np.full(n, 0.5, np.float32)
     slices = np.array_split(host, threads)
 
-    def timed(read) -> float:
+    def timed(read, nbytes: int = n * 4) -> float:
         read()
         runs = []
         for _ in range(reps):
             t = time.perf_counter()
             read()
             runs.append(time.perf_counter() - t)
-        return n * 4 / median(runs) / 1e9
+        return nbytes / median(runs) / 1e9
 
     readers = {}
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
@@ -493,10 +501,22 @@ def memory_read_limit(mib: int, reps: int = 5) -> dict:
     vector = jnp.ones((512,), jnp.float32)
     matvec = jax.jit(lambda w, x: jnp.dot(w, x, precision="highest"))
     readers["XLA matvec"] = timed(lambda: matvec(matrix, vector).block_until_ready())
+    kernels = {}
+    if cpu_kernels.unavailable_reason() is None:
+        x = jnp.ones((1, 512), jnp.float32)
+        back_with_huge_pages(matrix)
+        fp32 = jax.jit(cpu_kernels.matmul)
+        kernels["fp32"] = timed(lambda: fp32(x, matrix).block_until_ready())
+        values = jnp.asarray(np.ones((n // 4 // 512, 512), np.int8))
+        scale = jnp.ones((values.shape[0],), jnp.float32)
+        back_with_huge_pages(values)
+        int8 = jax.jit(cpu_kernels.weight_matmul)
+        kernels["int8"] = timed(lambda: int8(x, values, scale).block_until_ready(), values.nbytes)
+        del values
     del host, slices, shared, device, matrix
     release_memory()
     best = max(readers, key=readers.get)
-    return {"mib": mib, "reps": reps, "readers": readers, "best": best, "gbps": readers[best]}
+    return {"mib": mib, "reps": reps, "readers": readers, "best": best, "gbps": readers[best], "kernels": kernels}
 
 
 # ---- worker: one engine, one shape, every batch size ----
@@ -613,7 +633,17 @@ def limit_lines(case) -> list[str]:
     return [f"memory-read limit {limit['gbps']:.1f} GB/s, the best of: {readers} GB/s ({limit['mib']} MiB fp32 "
             f"read, median of {limit['reps']}, after this shape's engines); 'weights GB/s' is the weight bytes "
             f"each engine's decode step reads (int8 as stored) over its step time, 'of read limit' its fraction "
-            f"of the best reader's rate ({limit['best']})"]
+            f"of the best reader's rate ({limit['best']})"] + kernel_lines(limit)
+
+
+def kernel_lines(limit) -> list[str]:
+    """The native kernels alone against the limit (`memory_read_limit`'s `kernels`), if they were measured."""
+    kernels = limit.get("kernels")
+    if not kernels:
+        return []
+    rates = ", ".join(f"{name} {gbps:.1f} GB/s = {gbps / limit['gbps']:.2f}" for name, gbps in kernels.items())
+    return [f"neox-jax's kernels alone, batch 1 (fp32 weight of {limit['mib']} MiB, int8 of {limit['mib'] // 4} "
+            f"MiB, [n, 512] in huge pages), as a fraction of the limit: {rates}"]
 
 
 def print_case(case, config) -> None:

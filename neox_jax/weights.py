@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .checkpoints import CheckpointError, check_finite
 from .config import NeoXConfig
+from .huge_pages import back_with_huge_pages
 from .params import model_params
 from .quantize import QuantizedWeight, abstract_param, lookup, quantize as quantize_weight, quantizes
 from .sharding import check_model_axis_divides, make_mesh, param_shardings, put
@@ -48,8 +49,9 @@ def build_params(config: NeoXConfig, tensors: Iterable[tuple[str, np.ndarray]], 
                  quantize: str | None = None) -> dict:
     """Consume a canonical stream into a params pytree of `dtype`, each tensor placed in its shards on `mesh`
     (default: one device). `tp_ranks`: the stream is `DeepSpeedCheckpoint.per_rank_tensors` of that many
-    ranks, for the exact tensor-parallel mode (per-rank tensors `[ranks, ...]`). `quantize` ("int8", "fp8", "int8-dynamic"):
-    each matmul weight is quantized on the host first and its values and scales placed in their shards."""
+    ranks, for the exact tensor-parallel mode (per-rank tensors `[ranks, ...]`). `quantize` ("int8", "fp8",
+    "int8-dynamic"): each matmul weight is quantized on the host first and its values and scales placed in their
+    shards. Arrays placed in host memory are moved into huge pages (`neox_jax.huge_pages`)."""
     mesh = mesh or make_mesh(1, 1)
     check_model_axis_divides(config, mesh, tp_ranks)
     mode = lookup(quantize)
@@ -82,4 +84,6 @@ def build_params(config: NeoXConfig, tensors: Iterable[tuple[str, np.ndarray]], 
             node[spec.tree_path[-1]] = jax.tree.map(put, value, sharding[spec.tree_path[-1]])
     if remaining:
         raise CheckpointError(f"checkpoint stream ended without tensor {sorted(remaining)[0]!r}")
+    # Once all are placed: small weights share pages with the ones placed after them.
+    jax.tree.map(back_with_huge_pages, params)
     return params

@@ -74,7 +74,7 @@ def test_gpu_bench_runs_scaled_down_on_cpu():
 def test_benchmarks_demo_and_tests_share_the_presets():
     from neox_jax.demo import random_model
 
-    assert SHAPES == {name: PRESETS[name] for name in ("tiny", "pythia-70m")}
+    assert SHAPES == {name: PRESETS[name] for name in ("tiny", "pythia-70m", "pythia-410m")}
     assert SHAPES["pythia-70m"].vocab_size == 50304  # the released Pythia-70M's, not the 20B tokenizer's 50432
     assert random_model().config == tiny_config() == PRESETS["tiny"]
 
@@ -154,3 +154,15 @@ def test_cpu_bench_compares_int8_dynamic_with_int8():
     assert len(rows(out, "neox-jax-int8-dynamic")) == 1, out
     assert re.search(r"neox-jax-int8-dynamic decode: [\d.]+x neox-jax-int8 \([\d.]+ vs [\d.]+ ms/step\); the same "
                      r"tokens as int8 in \d/2 rows", out), out
+
+
+def test_the_kernels_alone_are_reported_as_fractions_of_the_read_limit():
+    from bench.cpu import kernel_lines, limit_lines
+
+    limit = {"mib": 1024, "reps": 5, "readers": {"torch, 2 threads": 50.0}, "best": "torch, 2 threads", "gbps": 50.0,
+             "kernels": {"fp32": 40.0, "int8": 45.5}}
+    [line] = kernel_lines(limit)
+    assert "fp32 weight of 1024 MiB, int8 of 256 MiB" in line
+    assert "fp32 40.0 GB/s = 0.80, int8 45.5 GB/s = 0.91" in line
+    assert line in limit_lines({"read_limit": limit})
+    assert kernel_lines({**limit, "kernels": {}}) == []  # not built: no line

@@ -52,16 +52,17 @@ def assert_matches_xla(got, x, values, scale):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("mode", DTYPES)
 @pytest.mark.parametrize("m, n, k", [(1, 1, 1), (1, 37, 19), (1, 300, 512), (2, 17, 16), (5, 64, 33),
-                                     (8, 129, 100), (13, 8, 7), (64, 50, 257)])
+                                     (8, 129, 100), (13, 8, 7), (64, 50, 257), (1, 20, 4101), (3, 9, 4101)])
 def test_kernel_equals_xla_over_shapes(isa, mode, m, n, k):
     """Out not a multiple of the vector width or of the channel tile, k with a partial last vector, 1..64 rows
-    (full and partial row tiles)."""
+    (full and partial row tiles), rows long enough that the kernel prefetches into L2 rather than L1."""
     x, values, scale = operands(np.random.default_rng(m * n * k), m, n, k, DTYPES[mode])
     assert_matches_xla(cpu_kernels.weight_matmul(x, values, scale, isa=isa, threads=2), x, values, scale)
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("m, n, k", [(1, 1, 1), (1, 37, 19), (3, 300, 512), (8, 129, 100), (64, 50, 257)])
+@pytest.mark.parametrize("m, n, k", [(1, 1, 1), (1, 37, 19), (3, 300, 512), (8, 129, 100), (64, 50, 257),
+                                     (1, 20, 1030)])
 def test_fp32_kernel_equals_xla_over_shapes(isa, m, n, k):
     rng = np.random.default_rng(m * n * k)
     x, w = rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((n, k)).astype(np.float32)
