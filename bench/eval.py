@@ -106,8 +106,9 @@ def phases(lm) -> dict:
     and scoring (continuations and whole rows); nothing for lm-eval's `hf` model."""
     if not hasattr(lm, "context_scorer"):
         return {}
-    prefill, continuations = lm.context_scorer.run_seconds
-    return dict(compile_s=lm.compile_seconds, prefill_s=prefill, scoring_s=continuations + lm.scorer.run_seconds[0])
+    prefill, *continuations = lm.context_scorer.run_seconds  # continuations, then their positions' head
+    return dict(compile_s=lm.compile_seconds, prefill_s=prefill,
+                scoring_s=sum(continuations) + lm.scorer.run_seconds[0])
 
 
 def compare(runs: dict) -> dict:
