@@ -128,7 +128,7 @@ class ContextScorer(_DeviceScorer):
     `contexts(rows, batch, slots)` prefills up to `batch` contexts (each <= `slots` tokens, padded to
     `score_bucket(longest)`) and returns their KV cache (on device, one row per context, `slots` slots: one
     cache size for every batch of a task means one continuation program per continuation bucket) and each
-    context's last-position log-probs [batch, V] (which score every continuation's first token).
+    context's last-position log-probs [contexts, V] (which score every continuation's first token).
     `continuations(cache, context_row, context_length, continuations, batch)` feeds each continuation (>= 2
     tokens) but its last token after the cached context `context_row[i]` (of `context_length[i]` tokens) and
     returns the final hidden state of each fed position, [len - 1, D] per continuation: position t scores the
@@ -142,13 +142,18 @@ class ContextScorer(_DeviceScorer):
         super().__init__(model, (self._prefill, (1,)), (self._continue, ()), (self._head, ()))
 
     def _prefill(self, params, cache, tokens, positions, last):
+        # A task's last batch of contexts may have fewer rows than the cache: they fill its first rows.
         batch = tokens.shape[0]
-        out = self.module.apply({"params": params}, tokens, positions, cache, return_hidden_states=True)
+        rows = KVCache(k=tuple(k[:batch] for k in cache.k), v=tuple(v[:batch] for v in cache.v),
+                       positions=cache.positions[:batch], length=cache.length)
+        out = self.module.apply({"params": params}, tokens, positions, rows, return_hidden_states=True)
+        filled = jax.tree.map(lambda whole, part: whole.at[:batch].set(part) if whole.ndim else part, cache,
+                              out.cache)
         # Only the last real position's logits are needed: the head runs on [B, 1, D] (the full [B, T, V]
         # logits are unused, so XLA drops them).
         final = out.hidden_states[-1][jnp.arange(batch), last][:, None]  # [B, 1, D]
         logits = self.module.apply({"params": params}, final, method=NeoX.head)[:, 0].astype(jnp.float32)
-        return out.cache, jax.nn.log_softmax(logits, axis=-1)  # [B, V]
+        return filled, jax.nn.log_softmax(logits, axis=-1)  # [B, V]
 
     def _continue(self, params, cache, context_row, tokens, positions):
         extra = tokens.shape[1]
@@ -168,8 +173,10 @@ class ContextScorer(_DeviceScorer):
         return _log_softmax_at(logits, targets)[:2]
 
     def contexts(self, rows: Sequence[Sequence[int]], batch: int, slots: int):
-        tokens, positions = _right_padded(rows, batch)
-        last = np.zeros(batch, np.int32)
+        # Fewer contexts than `batch` (a task's last ones) run as fewer rows, a power of two: a program more
+        # at most, and not half a batch of padding computed.
+        tokens, positions = _right_padded(rows, min(batch, self.decoder.batch_size(len(rows))))
+        last = np.zeros(len(tokens), np.int32)
         last[:len(rows)] = [len(r) - 1 for r in rows]
         cache, last_lp = self._run(0, tokens, positions, last, cache=self.decoder.new_cache(batch, slots))
         return cache, to_host(last_lp)
