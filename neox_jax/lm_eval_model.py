@@ -33,9 +33,10 @@ the full (padded) vocabulary, `is_greedy` as "argmax equals the continuation tok
 Scoring runs on device (`neox_jax.scoring`), and no [B, T, V] logits come back to the host. Requests that
 share their context (multiple choice: HellaSwag's 4 endings, PIQA's and Winogrande's 2), where context and
 continuation fit without truncation, compute the context once and score each continuation against its KV
-cache (`ContextScorer`), for any continuation length; only the context's last position goes through the
-output projection. Every other request is one right-padded row of context + continuation (`Scorer`), of
-which only the continuation's positions go through the output projection. Both pad to a fixed batch size
+cache (`ContextScorer`), for any continuation length; only the context's last position and the
+continuations' real positions (queued across calls, `HeadQueue`) go through the output projection. Every
+other request is one right-padded row of context + continuation (`Scorer`), of which only the continuation's
+positions go through the output projection. Both pad to a fixed batch size
 and to length buckets (`neox_jax.scoring.score_bucket`: multiples of 16 up to 256, then of 256), and every
 shared context of a task to one cache size, so a task compiles once per bucket (or pair of buckets) it
 touches, whatever the number of requests. The two ways give the same log-likelihoods up to the order of fp32 summation.
@@ -278,8 +279,7 @@ class NeoXLM(TemplateLM):
                     continuation = requests[i][2]
                     start = n - len(continuation)  # first scored position of this request
                     logprob = math.fsum(target_lp[b, start:n - 1].tolist()) + float(last_lp[b, continuation[-1]])
-                    is_greedy = bool(np.array_equal(greedy[b, start:n - 1], inp[offset + start + 1:offset + n])
-                                     and greedy[b, n - 1] == continuation[-1])
+                    is_greedy = bool(greedy[b, start:n - 1].all() and last_lp[b].argmax() == continuation[-1])
                     record(i, logprob, is_greedy)
 
     def _score_shared_contexts(self, requests, shared: dict[tuple[int, ...], list[int]], record) -> None:
