@@ -16,8 +16,9 @@ warm (reading back what the cold run wrote: any later run of the same model and 
 * eval s: the wall time of `simple_evaluate` (lm-eval's building of the requests included; its indexing of
   its own task folder, ~10 s, is not: only tests/data is indexed, before the clock starts); requests/s: the
   task's requests (documents x answers) over that time. neox-jax's split: compile s (compiling, or reading
-  compiled programs back), prefill s (shared contexts), scoring s (continuations and whole rows: placing
-  the rows, computing, waiting for the result) and host s (the rest: lm-eval, tokenising, bookkeeping).
+  compiled programs back), prefill s (shared contexts), scoring s (continuations, their positions' output
+  projection, and whole rows: placing the rows, computing, waiting for the result) and host s (the rest:
+  lm-eval, tokenising, bookkeeping).
 * The check: both engines' metrics equal (accuracies exactly; others within 1e-4, relative above 1), and the
   largest difference between their log-likelihoods of the same request (target: <= 1e-4).
 * The ratio: lm-eval `hf`'s eval time over neox-jax's (target on a multiple-choice task: >= 2).
@@ -106,8 +107,9 @@ def phases(lm) -> dict:
     and scoring (continuations and whole rows); nothing for lm-eval's `hf` model."""
     if not hasattr(lm, "context_scorer"):
         return {}
-    prefill, continuations = lm.context_scorer.run_seconds
-    return dict(compile_s=lm.compile_seconds, prefill_s=prefill, scoring_s=continuations + lm.scorer.run_seconds[0])
+    prefill, *continuations = lm.context_scorer.run_seconds  # continuations, then their positions' head
+    return dict(compile_s=lm.compile_seconds, prefill_s=prefill,
+                scoring_s=sum(continuations) + lm.scorer.run_seconds[0])
 
 
 def compare(runs: dict) -> dict:

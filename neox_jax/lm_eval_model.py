@@ -34,9 +34,10 @@ the full (padded) vocabulary, `is_greedy` as "argmax equals the continuation tok
 Scoring runs on device (`neox_jax.scoring`), and no [B, T, V] logits come back to the host. Requests that
 share their context (multiple choice: HellaSwag's 4 endings, PIQA's and Winogrande's 2), where context and
 continuation fit without truncation, compute the context once and score each continuation against its KV
-cache (`ContextScorer`), for any continuation length; only the context's last position goes through the
-output projection. Every other request is one right-padded row of context + continuation (`Scorer`), of
-which only the continuation's positions go through the output projection. Both pad to a fixed batch size
+cache (`ContextScorer`), for any continuation length; only the context's last position and the
+continuations' real positions (queued across calls, `HeadQueue`) go through the output projection. Every
+other request is one right-padded row of context + continuation (`Scorer`), of which only the continuation's
+positions go through the output projection. Both pad to a fixed batch size
 and to length buckets (`neox_jax.scoring.score_bucket`: multiples of 16 up to 256, then of 256), and every
 shared context of a task to one cache size, so a task compiles once per bucket (or pair of buckets) it
 touches, whatever the number of requests. The two ways give the same log-likelihoods up to the order of fp32 summation.
@@ -60,7 +61,7 @@ from tqdm import tqdm
 
 from .api import NeoXModel, load
 from .quantize import QuantizedWeight
-from .scoring import ContextScorer, Scorer, score_bucket
+from .scoring import ContextScorer, HeadQueue, Scorer, score_bucket
 from .sharding import DATA
 from .tokenizer import END_OF_TEXT, Tokenizer, load_tokenizer
 
@@ -279,36 +280,44 @@ class NeoXLM(TemplateLM):
                     continuation = requests[i][2]
                     start = n - len(continuation)  # first scored position of this request
                     logprob = math.fsum(target_lp[b, start:n - 1].tolist()) + float(last_lp[b, continuation[-1]])
-                    is_greedy = bool(np.array_equal(greedy[b, start:n - 1], inp[offset + start + 1:offset + n])
-                                     and greedy[b, n - 1] == continuation[-1])
+                    is_greedy = bool(greedy[b, start:n - 1].all() and last_lp[b].argmax() == continuation[-1])
                     record(i, logprob, is_greedy)
 
     def _score_shared_contexts(self, requests, shared: dict[tuple[int, ...], list[int]], record) -> None:
-        """Each context once, batch_size contexts at a time; then their continuations against their cache."""
+        """Each context once, batch_size contexts at a time; then their continuations against their cache, and
+        the positions these score through the head, HEAD_ROWS at a time."""
         batch = self.batch_size
         contexts = sorted(shared, key=lambda c: (-len(c), c))
         slots = score_bucket(len(contexts[0])) if contexts else 0  # one cache size: fewer programs
+        queue = HeadQueue(self.context_scorer)
+        first: dict[int, tuple[float, bool]] = {}  # request -> (log-prob, greedy) of its first token
+
+        def record_scored(flush: bool = False):
+            for i, logprob, greedy in queue.scored(flush):
+                first_lp, first_greedy = first.pop(i)
+                record(i, first_lp + logprob, first_greedy and greedy)
+
         for start in range(0, len(contexts), batch):
             chunk = contexts[start:start + batch]
             cache, last_lp = self.context_scorer.contexts(chunk, batch, slots)  # last_lp scores each first token
             first_greedy = last_lp.argmax(-1)
-            rest: dict[int, tuple[float, bool]] = {}  # request -> (log-prob, greedy) of its tokens after the first
+            for row, context in enumerate(chunk):
+                for i in shared[context]:
+                    token = requests[i][2][0]
+                    if len(requests[i][2]) == 1:
+                        record(i, float(last_lp[row, token]), bool(first_greedy[row] == token))
+                    else:
+                        first[i] = (float(last_lp[row, token]), bool(first_greedy[row] == token))
             longer = sorted(((row, i) for row, context in enumerate(chunk) for i in shared[context]
                              if len(requests[i][2]) > 1), key=lambda r: -len(requests[r[1]][2]))
             for part in (longer[s:s + batch] for s in range(0, len(longer), batch)):
-                target_lp, greedy = self.context_scorer.continuations(
+                hidden = self.context_scorer.continuations(
                     cache, [row for row, _ in part], [len(chunk[row]) for row, _ in part],
                     [requests[i][2] for _, i in part], batch)
-                for b, (_, i) in enumerate(part):
-                    continuation = requests[i][2]
-                    m = len(continuation)
-                    rest[i] = (math.fsum(target_lp[b, :m - 1].tolist()),
-                               bool(np.array_equal(greedy[b, :m - 1], continuation[1:])))
-            for row, context in enumerate(chunk):
-                for i in shared[context]:
-                    first = requests[i][2][0]
-                    logprob, greedy_rest = rest.get(i, (0.0, True))
-                    record(i, float(last_lp[row, first]) + logprob, bool(first_greedy[row] == first) and greedy_rest)
+                for (_, i), positions in zip(part, hidden):
+                    queue.add(i, positions, requests[i][2][1:])
+                record_scored()
+        record_scored(flush=True)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Whole-document log-likelihood over disjoint windows of max_length, the first conditioned on the

@@ -9,6 +9,8 @@ attended to) to a fixed batch size and to length buckets (`score_bucket`), so a 
 
 from __future__ import annotations
 
+import collections
+import math
 import time
 from typing import Sequence
 
@@ -18,15 +20,19 @@ import numpy as np
 
 from .decode import Compiled, length_bucket
 from .model import KVCache, NeoX
-from .sharding import to_host
+from .sharding import DATA, to_host
 
 
 def _log_softmax_at(logits, targets):
-    """fp32 logits [B, T, V], targets [B, T] -> log-prob of each target [B, T], argmax [B, T] int32, and the
-    logsumexp [B, T] (log_softmax = logits - logsumexp, never materialised)."""
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    target_lp = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - lse
-    return target_lp, jnp.argmax(logits, axis=-1).astype(jnp.int32), lse
+    """fp32 logits [..., V], targets [...] -> log-prob of each target [...], whether it is the argmax (the first
+    largest logit, as torch's argmax has it) [...] bool, and the logsumexp [...] (log_softmax = logits -
+    logsumexp, never materialised). No argmax is taken: XLA:CPU's is a scalar loop (measured on the shared
+    2-core CPU, a [256, 50304] block: argmax 80 ms, max 5 ms, the log-softmax's exponentials 40 ms)."""
+    top = logits.max(axis=-1, keepdims=True)
+    lse = top[..., 0] + jnp.log(jnp.exp(logits - top).sum(axis=-1))
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    earlier_top = ((logits == top) & (jnp.arange(logits.shape[-1]) < targets[..., None])).any(axis=-1)
+    return target_logit - lse, (target_logit == top[..., 0]) & ~earlier_top, lse
 
 
 class _DeviceScorer:
@@ -83,8 +89,9 @@ class Scorer(_DeviceScorer):
     small model.
 
     (tokens, positions [B, T], first [B], targets [B, C], last [B]) -> target_logprob [B, C] fp32 and greedy
-    [B, C] int32 of positions first[b] + j (targets[b, j] the token scored there), and last_logprobs [B, V]
-    fp32 of position first[b] + last[b] (a row's last real position) over the vocabulary.
+    [B, C] bool (targets[b, j] is the argmax) of positions first[b] + j (targets[b, j] the token scored there),
+    and last_logprobs [B, V] fp32 of position first[b] + last[b] (a row's last real position) over the
+    vocabulary.
     """
 
     def __init__(self, model):
@@ -103,7 +110,8 @@ class Scorer(_DeviceScorer):
     def __call__(self, rows: Sequence[Sequence[int]], first: Sequence[int], batch: int
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Score up to `batch` token rows (each >= 1 token), padded to [batch, score_bucket(longest)], from
-        position `first[i]` of row i on: target_logprob[i, j], greedy[i, j] are row i's position first[i] + j."""
+        position `first[i]` of row i on: target_logprob[i, j], greedy[i, j] are row i's position first[i] + j
+        (the last position's are in last_logprobs[i] instead)."""
         tokens, positions = _right_padded(rows, batch)
         width = score_bucket(max(len(row) - start for row, start in zip(rows, first)))
         targets = np.zeros((batch, width), np.int32)
@@ -121,28 +129,35 @@ class ContextScorer(_DeviceScorer):
 
     `contexts(rows, batch, slots)` prefills up to `batch` contexts (each <= `slots` tokens, padded to
     `score_bucket(longest)`) and returns their KV cache (on device, one row per context, `slots` slots: one
-    cache size for every batch of a task means one continuation program per continuation bucket) and each context's last-position log-probs [batch, V] (which score
-    every continuation's first token). `continuations(cache, context_row, context_length, continuations, batch)`
-    scores the rest of each continuation (>= 2 tokens) of context `context_row[i]` (of `context_length[i]`
-    tokens): its tokens but the last are fed after the context's, and target_logprob, greedy [batch, T] score
-    continuation[t + 1] at its position t.
+    cache size for every batch of a task means one continuation program per continuation bucket) and each
+    context's last-position log-probs [contexts, V] (which score every continuation's first token).
+    `continuations(cache, context_row, context_length, continuations, batch)` feeds each continuation (>= 2
+    tokens) but its last token after the cached context `context_row[i]` (of `context_length[i]` tokens) and
+    returns the final hidden state of each fed position, [len - 1, D] per continuation: position t scores the
+    continuation's token t + 1. `HeadQueue` sends those through the output projection, `HEAD_ROWS` at a time
+    whatever call they came from, so that the most costly matmul computes no padding.
     The values are today's whole-row ones up to the order of fp32 summation (keys and values are the same; the
     softmax over the cached and the new keys is taken part by part, as in decoding).
     """
 
     def __init__(self, model):
-        super().__init__(model, (self._prefill, (1,)), (self._score, ()))
+        super().__init__(model, (self._prefill, (1,)), (self._continue, ()), (self._head, ()))
 
     def _prefill(self, params, cache, tokens, positions, last):
+        # A task's last batch of contexts may have fewer rows than the cache: they fill its first rows.
         batch = tokens.shape[0]
-        out = self.module.apply({"params": params}, tokens, positions, cache, return_hidden_states=True)
+        rows = KVCache(k=tuple(k[:batch] for k in cache.k), v=tuple(v[:batch] for v in cache.v),
+                       positions=cache.positions[:batch], length=cache.length)
+        out = self.module.apply({"params": params}, tokens, positions, rows, return_hidden_states=True)
+        filled = jax.tree.map(lambda whole, part: whole.at[:batch].set(part) if whole.ndim else part, cache,
+                              out.cache)
         # Only the last real position's logits are needed: the head runs on [B, 1, D] (the full [B, T, V]
         # logits are unused, so XLA drops them).
         final = out.hidden_states[-1][jnp.arange(batch), last][:, None]  # [B, 1, D]
         logits = self.module.apply({"params": params}, final, method=NeoX.head)[:, 0].astype(jnp.float32)
-        return out.cache, jax.nn.log_softmax(logits, axis=-1)  # [B, V]
+        return filled, jax.nn.log_softmax(logits, axis=-1)  # [B, V]
 
-    def _score(self, params, cache, context_row, tokens, positions, targets):
+    def _continue(self, params, cache, context_row, tokens, positions):
         extra = tokens.shape[1]
         # Each row reads its context's keys and values, plus empty slots for the model to write its own tokens
         # into (a write nothing reads afterwards, so XLA drops it).
@@ -151,23 +166,84 @@ class ContextScorer(_DeviceScorer):
                        v=tuple(jnp.pad(v[context_row], pad) for v in cache.v),
                        positions=jnp.pad(cache.positions[context_row], ((0, 0), (0, extra)), constant_values=-1),
                        length=jnp.asarray(cache.positions.shape[1], jnp.int32))
-        logits = self.module.apply({"params": params}, tokens, positions, rows).logits.astype(jnp.float32)
+        # The [B, T, V] logits are unused (the head runs on the real positions only), so XLA drops them.
+        return self.module.apply({"params": params}, tokens, positions, rows, return_hidden_states=True
+                                 ).hidden_states[-1]
+
+    def _head(self, params, hidden, targets):
+        logits = self.module.apply({"params": params}, hidden[None], method=NeoX.head)[0].astype(jnp.float32)
         return _log_softmax_at(logits, targets)[:2]
 
     def contexts(self, rows: Sequence[Sequence[int]], batch: int, slots: int):
-        tokens, positions = _right_padded(rows, batch)
-        last = np.zeros(batch, np.int32)
+        # Fewer contexts than `batch` (a task's last ones) run as fewer rows, a power of two: a program more
+        # at most, and not half a batch of padding computed.
+        tokens, positions = _right_padded(rows, min(batch, self.decoder.batch_size(len(rows))))
+        last = np.zeros(len(tokens), np.int32)
         last[:len(rows)] = [len(r) - 1 for r in rows]
         cache, last_lp = self._run(0, tokens, positions, last, cache=self.decoder.new_cache(batch, slots))
         return cache, to_host(last_lp)
 
     def continuations(self, cache, context_row: Sequence[int], context_length: Sequence[int],
-                      continuations: Sequence[Sequence[int]], batch: int) -> tuple[np.ndarray, np.ndarray]:
+                      continuations: Sequence[Sequence[int]], batch: int) -> list[np.ndarray]:
         tokens, positions = _right_padded([c[:-1] for c in continuations], batch, context_length)
-        targets = np.zeros_like(tokens)
-        for i, continuation in enumerate(continuations):
-            targets[i, :len(continuation) - 1] = continuation[1:]
         index = np.zeros(batch, np.int32)
         index[:len(continuations)] = context_row
-        out = self._run(1, index, tokens, positions, targets, cache=cache)
-        return tuple(to_host(x) for x in out)
+        hidden = to_host(self._run(1, index, tokens, positions, cache=cache))
+        return [hidden[i, :len(c) - 1] for i, c in enumerate(continuations)]
+
+    def head(self, hidden: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """hidden [HEAD_ROWS, D] final hidden states, targets [HEAD_ROWS] -> log-prob of each target and whether
+        it is the argmax."""
+        return tuple(to_host(x) for x in self._run(2, hidden, targets))
+
+
+HEAD_ROWS = 256  # positions per output projection (XLA:CPU, Pythia-70M: 128 cost 30% more a row, 512 no less)
+
+
+class HeadQueue:
+    """Scored positions (final hidden states and the tokens they score), queued from any number of continuation
+    calls, one owner's positions after another, and sent through `ContextScorer.head` `HEAD_ROWS` at a time:
+    only a task's last block is padded. `add(owner, hidden, targets)`; `scored(flush)` -> [(owner, summed
+    log-prob, greedy at every position)] of the owners whose positions are all through (with `flush`, all)."""
+
+    def __init__(self, scorer: ContextScorer):
+        self.scorer = scorer
+        data = scorer.decoder.mesh.shape[DATA]
+        self.rows = -(-HEAD_ROWS // data) * data
+        self._hidden: list[np.ndarray] = []  # queued, not yet through the head
+        self._targets: list[np.ndarray] = []
+        self._owners: collections.deque = collections.deque()  # (owner, positions) not yet handed back
+        self._logprob = np.zeros(0, np.float32)  # through the head, not yet handed back
+        self._greedy = np.zeros(0, bool)
+
+    def add(self, owner, hidden: np.ndarray, targets: Sequence[int]) -> None:
+        self._hidden.append(hidden)
+        self._targets.append(np.asarray(targets, np.int32))
+        self._owners.append((owner, len(self._targets[-1])))
+
+    def scored(self, flush: bool = False) -> list[tuple[object, float, bool]]:
+        self._run_blocks(flush)
+        out = []
+        while self._owners and self._owners[0][1] <= len(self._logprob):
+            owner, n = self._owners.popleft()
+            out.append((owner, math.fsum(self._logprob[:n].tolist()), bool(self._greedy[:n].all())))
+            self._logprob, self._greedy = self._logprob[n:], self._greedy[n:]
+        return out
+
+    def _run_blocks(self, flush: bool) -> None:
+        """The queued positions through the head in whole blocks; with `flush`, the rest in a padded one."""
+        queued = sum(len(t) for t in self._targets)
+        blocks = -(-queued // self.rows) if flush else queued // self.rows
+        if not blocks:
+            return
+        hidden, targets = np.concatenate(self._hidden), np.concatenate(self._targets)
+        for start in range(0, blocks * self.rows, self.rows):
+            n = min(self.rows, queued - start)
+            block_hidden = np.zeros((self.rows, hidden.shape[1]), hidden.dtype)
+            block_targets = np.zeros(self.rows, np.int32)
+            block_hidden[:n], block_targets[:n] = hidden[start:start + n], targets[start:start + n]
+            target_lp, greedy = self.scorer.head(block_hidden, block_targets)
+            self._logprob = np.concatenate([self._logprob, target_lp[:n]])
+            self._greedy = np.concatenate([self._greedy, greedy[:n]])
+        done = min(blocks * self.rows, queued)
+        self._hidden, self._targets = [hidden[done:]], [targets[done:]]

@@ -15,6 +15,7 @@ import sys
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 lm_eval = pytest.importorskip("lm_eval")
@@ -24,6 +25,7 @@ from lm_eval.utils import get_rolling_token_windows  # noqa: E402
 
 from neox_jax.checkpoints.synthetic import random_tensors, write_hf_checkpoint  # noqa: E402
 from neox_jax.config import PRESETS, NeoXConfig  # noqa: E402
+from neox_jax import scoring  # noqa: E402
 from neox_jax.lm_eval_model import NeoXLM  # noqa: E402
 from neox_jax.tokenizer import END_OF_TEXT, demo_tokenizer  # noqa: E402
 
@@ -164,9 +166,10 @@ def test_batch_sizes_agree_and_compiles_bounded(neox, checkpoint):
         results[batch_size] = lm.loglikelihood(requests, disable_tqdm=True)
         # One compilation per length bucket touched (16, 32, 48, 64 for a 64-token context), not per request:
         # whole rows by their (row, scored positions) bucket pair, shared contexts by their bucket,
-        # continuations by their own (every shared context's cache has one size).
-        whole_rows, (contexts, continuations) = lm.scorer.programs[0], lm.context_scorer.programs
+        # continuations by their own (every shared context's cache has one size), their positions' head once.
+        whole_rows, (contexts, continuations, head) = lm.scorer.programs[0], lm.context_scorer.programs
         assert 1 <= whole_rows.compiles <= 10 and 1 <= contexts.compiles <= 4 and continuations.compiles <= 4
+        assert head.compiles == 1
         compiles = lm.compiles
         lm.loglikelihood(requests[::-1], disable_tqdm=True)
         lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (t,), 0) for t in _texts()],
@@ -187,10 +190,17 @@ def _multiple_choice(neox) -> list[tuple[None, list[int], list[int]]]:
     return requests
 
 
-def test_shared_contexts_equal_whole_rows(neox):
+@pytest.fixture(scope="module")
+def multiple_choice(neox):
+    """The requests of `_multiple_choice` and each scored alone (one whole row, nothing shared)."""
+    requests = _multiple_choice(neox)
+    return requests, [neox._loglikelihood_tokens([r], disable_tqdm=True)[0] for r in requests]
+
+
+def test_shared_contexts_equal_whole_rows(neox, multiple_choice):
     """Scored together, requests sharing a context compute it once; alone, each is one whole row. Equal to
     1e-5 (fp32), greedy flags identical, and each context went through the context pass once."""
-    requests = _multiple_choice(neox)
+    requests, alone = multiple_choice
     scored = []
     original = neox.context_scorer.contexts
     neox.context_scorer.contexts = lambda rows, batch, slots: scored.extend(rows) or original(rows, batch, slots)
@@ -199,10 +209,50 @@ def test_shared_contexts_equal_whole_rows(neox):
     finally:
         neox.context_scorer.contexts = original
     assert sorted(scored) == sorted({tuple(c) for _, c, _ in requests})
-    alone = [neox._loglikelihood_tokens([r], disable_tqdm=True)[0] for r in requests]
     _close([x for x, _ in together], [x for x, _ in alone], 1e-5)
     assert [g for _, g in together] == [g for _, g in alone]
     assert sum(g for _, g in together) >= 6  # the generated endings are greedy
+
+
+def test_shared_contexts_split_over_calls_and_head_blocks(neox, checkpoint, multiple_choice, monkeypatch):
+    """Batches of 3 rows split contexts' endings (3 to 5 each) over continuation calls and contexts of different
+    lengths share a call; head blocks of 8 positions split an ending's positions over blocks. Still equal to
+    whole rows to 1e-5, greedy flags identical."""
+    monkeypatch.setattr(scoring, "HEAD_ROWS", 8)
+    requests, alone = multiple_choice
+    assert max(len(c) for _, _, c in requests) > 2 * 8 and min(len(c) for _, _, c in requests) == 1
+    lm = NeoXLM(pretrained=neox.model, tokenizer=str(checkpoint / "tokenizer.json"), batch_size=3)
+    together = lm._loglikelihood_tokens(requests, disable_tqdm=True)
+    _close([x for x, _ in together], [x for x, _ in alone], 1e-5)
+    assert [g for _, g in together] == [g for _, g in alone]
+    assert lm.context_scorer.programs[2].compiles == 1
+
+
+def test_head_queue_hands_back_each_owner_once_complete(monkeypatch):
+    """Owners' positions straddling blocks of 4 are summed in order, each owner handed back once all its
+    positions went through the head; only a flush runs a partial block."""
+    monkeypatch.setattr(scoring, "HEAD_ROWS", 4)
+    blocks = []
+
+    class FakeScorer:  # log-prob of a target = the target; greedy = even target
+        decoder = type("Decoder", (), {"mesh": type("Mesh", (), {"shape": {scoring.DATA: 1}})()})()
+
+        def head(self, hidden, targets):
+            blocks.append(targets.copy())
+            assert hidden.shape == (4, 2) and (hidden[:, 0] == targets).all()
+            return targets.astype(np.float32), targets % 2 == 0
+
+    queue = scoring.HeadQueue(FakeScorer())
+    owners = {"a": [2, 4, 6], "b": [1], "c": [8, 10, 12, 14, 16], "d": [3, 4]}
+    handed = []
+    for owner, targets in owners.items():
+        hidden = np.stack([np.asarray(targets, np.float32)] * 2, axis=1)
+        queue.add(owner, hidden, targets)
+        handed += queue.scored()
+    assert [len(b) for b in blocks] == [4, 4] and [o for o, _, _ in handed] == ["a", "b"]
+    handed += queue.scored(flush=True)
+    assert len(blocks) == 3 and list(blocks[2]) == [16, 3, 4, 0]
+    assert handed == [(o, float(sum(t)), all(x % 2 == 0 for x in t)) for o, t in owners.items()]
 
 
 def test_loglikelihood_rolling_matches_hf(neox, hf):
