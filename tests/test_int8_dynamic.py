@@ -68,10 +68,12 @@ def test_the_error_is_the_activation_rounding():
 @needs_kernels
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("m, n, k", [(1, 1, 1), (1, 37, 19), (1, 300, 512), (2, 17, 64), (5, 64, 33),
-                                     (8, 129, 100), (13, 8, 7), (64, 50, 257), (8, 1037, 512)])
+                                     (8, 129, 100), (13, 8, 7), (64, 50, 257), (8, 1037, 512), (1, 20, 4101),
+                                     (3, 9, 4101)])
 def test_kernel_equals_xla_bit_for_bit(isa, m, n, k):
     """k off the vector widths and the activation rows' padding, n off the channel tiles, full and partial row
-    tiles: the int32 sums are exact and the fp32 epilogue the same two roundings, so every ISA equals XLA."""
+    tiles, rows long enough that the kernel prefetches into L2 rather than L1: the int32 sums are exact and the
+    fp32 epilogue the same two roundings, so every ISA equals XLA."""
     x, values, scale = operands(np.random.default_rng(m * n * k), m, n, k)
     assert_equal_bits(cpu_kernels.int8_dynamic_matmul(x, values, scale, isa=isa, threads=2),
                       xla_product(x, values, scale))

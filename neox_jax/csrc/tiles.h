@@ -26,10 +26,6 @@ NEOX_TARGET __attribute__((always_inline)) inline void accumulate(const float* x
 }
 
 constexpr int64_t kPrefetchTiles = 2;
-// Prefetch distance up to which the lines go into L1 (its size); beyond, into L2. Lines prefetched into L1 that
-// far ahead evict the tile's own before it has used them: int8 [8192, 8192] at batch 1 (tiles of 64 KiB)
-// streamed 12.8 GB/s on one core prefetching into L1, 25.6 into L2; [50304, 512] (tiles of 4 KiB) 24.1 and 20.3.
-constexpr int64_t kL1PrefetchBytes = 32 * 1024;
 
 // acc[r][b] += sum over whole vectors i of x[b, i] * w[r, i]; returns the first i not done. The tile's weights
 // are R contiguous rows; the next tiles' follow them. The hardware prefetchers do not cross a page and a decode

@@ -29,30 +29,42 @@ NEOX_TARGET __attribute__((always_inline)) inline void w8a8_accumulate(const int
     for (int b = 0; b < BB; ++b) acc[r][b] = Isa8::dot(acc[r][b], w[r], xv[b]);
 }
 
-// 2, as tiles.h's; 64 KiB ahead instead measured no better (the 50304 x 512 head, interleaved runs).
+// 2, as tiles.h's; 64 KiB ahead instead measured no better (the 50304 x 512 head, interleaved runs). Into L1
+// while that distance fits in it, else into L2, for the reason tiles.h gives (kL1PrefetchBytes).
 constexpr int64_t kW8A8PrefetchTiles = 2;
 
-// y[b, r] for b < BB, r < R: qx rows are ldq apart, weight rows k apart, y rows ldy apart.
-template <int R, int BB>
-NEOX_TARGET void w8a8_tile(const W8A8& p, const int8_t* qx, int64_t row, const int8_t* w, int64_t channel) {
+// acc[r][b] += the int32 dot products over whole vectors of k; returns the first i not done. The tile's weights
+// are R contiguous rows, the next tiles' follow them: as the weight-only kernel does (tiles.h), prefetch
+// kW8A8PrefetchTiles tiles ahead with locality kHint, spread over the steps, since the hardware prefetchers stop
+// at each page (a decode tile of k = 512 is one page). Prefetching past the array never faults.
+template <int R, int BB, int kHint>
+NEOX_TARGET __attribute__((always_inline)) inline int64_t w8a8_whole_vectors(const W8A8& p, const int8_t* qx,
+                                                                             const int8_t* w,
+                                                                             typename Isa8::Acc (&acc)[R][BB]) {
   constexpr int L = Isa8::kBytes;
-  typename Isa8::Acc acc[R][BB];
-  for (int r = 0; r < R; ++r)
-    for (int b = 0; b < BB; ++b) acc[r][b] = Isa8::zero();
   typename Isa8::W wv[R];
-  // The tile's weights are R contiguous rows, the next tiles' follow them: as the weight-only kernel does
-  // (tiles.h), prefetch kW8A8PrefetchTiles tiles ahead, spread over the steps, since the hardware prefetchers
-  // stop at each page (a decode tile of k = 512 is one page). Prefetching past the array never faults.
   constexpr int64_t kStepBytes = int64_t{R} * L, kStepLines = (kStepBytes + 63) / 64;
   const int8_t* ahead = w + kW8A8PrefetchTiles * R * p.k;
   int64_t i = 0;
   for (; i + L <= p.k; i += L, ahead += kStepBytes) {
     if constexpr (L >= 16)
-      for (int64_t line = 0; line < kStepLines; ++line) __builtin_prefetch(ahead + 64 * line, 0, 3);
+      for (int64_t line = 0; line < kStepLines; ++line) __builtin_prefetch(ahead + 64 * line, 0, kHint);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) wv[r] = Isa8::load_w(w + r * p.k + i);
     w8a8_accumulate<R, BB>(qx + i, p.ldq, wv, acc);
   }
+  return i;
+}
+
+// y[b, r] for b < BB, r < R: qx rows are ldq apart, weight rows k apart, y rows ldy apart.
+template <int R, int BB>
+NEOX_TARGET void w8a8_tile(const W8A8& p, const int8_t* qx, int64_t row, const int8_t* w, int64_t channel) {
+  typename Isa8::Acc acc[R][BB];
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < BB; ++b) acc[r][b] = Isa8::zero();
+  typename Isa8::W wv[R];
+  const int64_t i = kW8A8PrefetchTiles * R * p.k <= kL1PrefetchBytes ? w8a8_whole_vectors<R, BB, 3>(p, qx, w, acc)
+                                                                      : w8a8_whole_vectors<R, BB, 2>(p, qx, w, acc);
   if (i < p.k) {  // the last partial vector: weights past k read as zero, qx is zero-padded past k
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) wv[r] = Isa8::load_w_tail(w + r * p.k + i, p.k - i);

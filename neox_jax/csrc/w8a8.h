@@ -9,6 +9,7 @@
 
 #include <cstdint>
 
+#include "matmul.h"
 #include "xla/ffi/api/c_api.h"
 
 namespace neox {
