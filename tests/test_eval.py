@@ -180,13 +180,15 @@ def test_batch_sizes_agree_and_compiles_bounded(neox, checkpoint):
 
 
 def _multiple_choice(neox) -> list[tuple[None, list[int], list[int]]]:
-    """Contexts of several lengths, 2 to 4 endings each of 1 to ~30 tokens, one of them the greedy one."""
+    """Contexts of several lengths, 3 to 5 endings each of 1 to ~30 tokens, one of them the greedy one. Every
+    other context's endings are cut to share the 64-token context (their packed row fits), the others' not."""
     tok, requests = neox.tok_encode, []
     for k, text in enumerate(_texts()[:6]):
         context = tok(text)[:5 + 7 * k]
         endings = [tok(" " + e) for e in _texts()[k + 1].split(".")[:1 + k % 3]] + [[(7 * k) % 320]]
         endings.append(neox.model.generate([context], 6, stop_token=None)[0])
-        requests += [(None, context, e[:CONTEXT - len(context)]) for e in endings]
+        room = CONTEXT - len(context) if k % 2 else (CONTEXT - len(context)) // len(endings)
+        requests += [(None, context, e[:room]) for e in endings]
     return requests
 
 
