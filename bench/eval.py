@@ -16,7 +16,8 @@ warm (reading back what the cold run wrote: any later run of the same model and 
 * eval s: the wall time of `simple_evaluate` (lm-eval's building of the requests included; its indexing of
   its own task folder, ~10 s, is not: only tests/data is indexed, before the clock starts); requests/s: the
   task's requests (documents x answers) over that time. neox-jax's split: compile s (compiling, or reading
-  compiled programs back), prefill s (shared contexts), scoring s (continuations, their positions' output
+  compiled programs back), prefill s (shared contexts: packed rows of a context and its continuations, or
+  contexts into a cache), scoring s (continuations against a cache, the scored positions' output
   projection, and whole rows: placing the rows, computing, waiting for the result) and host s (the rest:
   lm-eval, tokenising, bookkeeping).
 * The check: both engines' metrics equal (accuracies exactly; others within 1e-4, relative above 1), and the
@@ -103,13 +104,13 @@ def worker(args) -> int:
 
 
 def phases(lm) -> dict:
-    """neox-jax's seconds so far: compiling (or reading compiled programs back), computing contexts (prefill)
-    and scoring (continuations and whole rows); nothing for lm-eval's `hf` model."""
+    """neox-jax's seconds so far: compiling (or reading compiled programs back), computing contexts (prefill:
+    packed rows or into a cache) and scoring (continuations, the head, whole rows); nothing for `hf`."""
     if not hasattr(lm, "context_scorer"):
         return {}
-    prefill, *continuations = lm.context_scorer.run_seconds  # continuations, then their positions' head
-    return dict(compile_s=lm.compile_seconds, prefill_s=prefill,
-                scoring_s=sum(continuations) + lm.scorer.run_seconds[0])
+    prefill, continuations, head, packed = lm.context_scorer.run_seconds
+    return dict(compile_s=lm.compile_seconds, prefill_s=prefill + packed,
+                scoring_s=continuations + head + lm.scorer.run_seconds[0])
 
 
 def compare(runs: dict) -> dict:

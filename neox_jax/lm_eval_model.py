@@ -33,9 +33,10 @@ the full (padded) vocabulary, `is_greedy` as "argmax equals the continuation tok
 
 Scoring runs on device (`neox_jax.scoring`), and no [B, T, V] logits come back to the host. Requests that
 share their context (multiple choice: HellaSwag's 4 endings, PIQA's and Winogrande's 2), where context and
-continuation fit without truncation, compute the context once and score each continuation against its KV
-cache (`ContextScorer`), for any continuation length; only the context's last position and the
-continuations' real positions (queued across calls, `HeadQueue`) go through the output projection. Every
+continuation fit without truncation, compute the context once (`ContextScorer`): packed in one row with every
+continuation but its last token, each continuation masked to see the context and itself only, when that row
+fits in `max_length`; else prefilled into a KV cache that each continuation is scored against. Only the
+positions that score a continuation token (queued across calls, `HeadQueue`) go through the output projection. Every
 other request is one right-padded row of context + continuation (`Scorer`), of which only the continuation's
 positions go through the output projection. Both pad to a fixed batch size
 and to length buckets (`neox_jax.scoring.score_bucket`: multiples of 16 up to 256, then of 256), and every
@@ -61,7 +62,7 @@ from tqdm import tqdm
 
 from .api import NeoXModel, load
 from .quantize import QuantizedWeight
-from .scoring import ContextScorer, HeadQueue, Scorer, score_bucket
+from .scoring import ContextScorer, HeadQueue, Scorer, packed_length, score_bucket
 from .sharding import DATA
 from .tokenizer import END_OF_TEXT, Tokenizer, load_tokenizer
 
@@ -213,7 +214,8 @@ class NeoXLM(TemplateLM):
         [(log-prob of the continuation, whether greedy decoding produces it)], in the original order.
 
         Requests that share their context (multiple choice), when it fits without truncation, compute it once
-        (`ContextScorer`); the others are scored as whole rows (`Scorer`)."""
+        (`ContextScorer`: packed with their continuations when the row fits in max_length, else cached); the others
+        are scored as whole rows (`Scorer`)."""
         limit = self.max_length
         by_context: dict[tuple[int, ...], list[int]] = {}
         for i, (_, context, continuation) in enumerate(requests):
@@ -226,6 +228,8 @@ class NeoXLM(TemplateLM):
                 by_context.setdefault(tuple(context), []).append(i)
         shared = {context: users for context, users in by_context.items() if len(users) > 1}
         in_shared = {i for users in shared.values() for i in users}
+        packed = {context: users for context, users in shared.items()
+                  if packed_length(context, [requests[i][2] for i in users]) <= limit}
 
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc=desc)
@@ -240,7 +244,8 @@ class NeoXLM(TemplateLM):
             pbar.update(1)
 
         self._score_rows(requests, [i for i in range(len(requests)) if i not in in_shared], record)
-        self._score_shared_contexts(requests, shared, record)
+        self._score_packed(requests, packed, record)
+        self._score_shared_contexts(requests, {c: users for c, users in shared.items() if c not in packed}, record)
         pbar.close()
         logger.debug("neox-jax scorers: %d compilations, %.1fs", self.compiles, self.compile_seconds)
         return results
@@ -282,6 +287,23 @@ class NeoXLM(TemplateLM):
                     logprob = math.fsum(target_lp[b, start:n - 1].tolist()) + float(last_lp[b, continuation[-1]])
                     is_greedy = bool(greedy[b, start:n - 1].all() and last_lp[b].argmax() == continuation[-1])
                     record(i, logprob, is_greedy)
+
+    def _score_packed(self, requests, groups: dict[tuple[int, ...], list[int]], record) -> None:
+        """Each context with its continuations in one row, batch_size rows at a time (longest first: rows of a
+        batch have similar lengths); the positions these score through the head, HEAD_ROWS at a time."""
+        continuations = {context: [requests[i][2] for i in users] for context, users in groups.items()}
+        contexts = sorted(groups, key=lambda c: (-packed_length(c, continuations[c]), c))
+        queue = HeadQueue(self.context_scorer)
+        for start in range(0, len(contexts), self.batch_size):
+            chunk = contexts[start:start + self.batch_size]
+            hidden = self.context_scorer.packed(chunk, [continuations[c] for c in chunk], self.batch_size)
+            for context, states in zip(chunk, hidden):
+                for i, positions in zip(groups[context], states):
+                    queue.add(i, positions, requests[i][2])
+            for i, logprob, greedy in queue.scored():
+                record(i, logprob, greedy)
+        for i, logprob, greedy in queue.scored(flush=True):
+            record(i, logprob, greedy)
 
     def _score_shared_contexts(self, requests, shared: dict[tuple[int, ...], list[int]], record) -> None:
         """Each context once, batch_size contexts at a time; then their continuations against their cache, and

@@ -248,13 +248,14 @@ class Attention(nn.Module):
         self.qkv_w, self.qkv_b, self.out_w, self.out_b = (declared_param(self, name, self.config, self.dtype)
                                                           for name in names)
 
-    def __call__(self, x, positions, rotary, cache_kv, cache_positions, write_index):
+    def __call__(self, x, positions, rotary, cache_kv, cache_positions, write_index, segments=None):
         """x [B, T, D], positions [B, T], rotary (cos, sin) [B, T, rotary_dim // 2] -> [B, T, D], cache_kv.
         Exact mode: x [R, B, T, D] -> each rank's output [R, B, T, D] (see `row_parallel_output`).
 
         The tokens attend causally to each other and, with `cache_kv` (this layer's keys and values,
         [B, N, S, H] each, holding `cache_positions` [B, S]), to the cached slots; their keys and values
-        are then written at slot `write_index`.
+        are then written at slot `write_index`. With `segments` [B, T] (no cache), only to tokens of
+        segment 0 or of their own segment (`scores`).
         """
         c = self.config
         n, h, d = c.num_heads, c.head_dim, c.hidden_size
@@ -281,7 +282,7 @@ class Attention(nn.Module):
         # (concatenated scores would be copied) and normalised after the product with the values, as flash
         # attention does, so that each [B, N, T, S] array is made once: the fp32 scores, then the
         # unnormalised weights (in (0, 1], safe in fp16). Prefill temporaries: ~14 -> ~6 bytes a score (fp32).
-        scores = [self.scores(q, keys, positions, key_positions) for keys, _, key_positions in parts]
+        scores = [self.scores(q, keys, positions, key_positions, segments) for keys, _, key_positions in parts]
         top = functools.reduce(jnp.maximum, [s.max(-1, keepdims=True) for s in scores])  # [B, N, T, 1]
         weights = [jnp.exp(s - top) for s in scores]
         total = sum(w.sum(-1, keepdims=True) for w in weights)  # [B, N, T, 1]
@@ -301,11 +302,14 @@ class Attention(nn.Module):
         out = matmul(f"BT{r}E,D{r}E->{r}BTD", attended, self.out_w.reshape(d, *ranks, -1), self.dtype)
         return row_parallel_output(out, self.out_b, c, self.tp_ranks), cache_kv
 
-    def scores(self, q, keys, positions, key_positions):
-        """fp32 q.k / sqrt(H), [B, N, T, S]; a key is visible from its own position on, padding (-1) never."""
+    def scores(self, q, keys, positions, key_positions, segments=None):
+        """fp32 q.k / sqrt(H), [B, N, T, S]; a key is visible from its own position on, padding (-1) never,
+        and with `segments` [B, T] (the keys are the tokens', S = T) only from segment 0 or the query's own."""
         scores = jnp.einsum("BNTH,BNSH->BNTS", q, keys, preferred_element_type=F32,
                             precision=_precision(self.dtype)) / np.sqrt(q.shape[-1]).astype(np.float32)
         visible = (key_positions[:, None, :] <= positions[:, :, None]) & (key_positions[:, None, :] >= 0)
+        if segments is not None:
+            visible &= (segments[:, None, :] == 0) | (segments[:, None, :] == segments[:, :, None])
         return jnp.where(visible[:, None], scores, MASKED)
 
 
@@ -341,9 +345,10 @@ class Layer(nn.Module):
         self.attention = Attention(c, self.dtype, ranks)
         self.mlp = MLP(c, self.dtype, ranks)
 
-    def __call__(self, x, positions, rotary, cache_kv, cache_positions, write_index):  # [B, T, D] -> same, cache_kv
+    def __call__(self, x, positions, rotary, cache_kv, cache_positions, write_index, segments=None):
+        # [B, T, D] -> same, cache_kv
         attn_out, cache_kv = self.attention(self.input_layernorm(x), positions, rotary, cache_kv, cache_positions,
-                                            write_index)
+                                            write_index, segments)
         if self.config.parallel_residual:  # GPT-NeoX sums both branches (and all-reduces them) before the residual
             x = x + all_reduce(attn_out + self.mlp(self.post_attention_layernorm(x)), self.tp_ranks)
         else:
@@ -377,15 +382,20 @@ class NeoX(nn.Module):
         if not c.tie_word_embeddings:
             self.embed_out = declared_param(self, "embed_out", c, self.dtype)  # [V, D]
 
-    def __call__(self, tokens, positions, cache: KVCache | None = None, *, last_token_only: bool = False,
-                 return_hidden_states: bool = False) -> NeoXOutput:
+    def __call__(self, tokens, positions, cache: KVCache | None = None, *, segments=None,
+                 last_token_only: bool = False, return_hidden_states: bool = False) -> NeoXOutput:
         """tokens, positions [B, T] (position -1 marks padding) -> logits fp32 [B, T or 1, V] and the cache.
 
         With a cache, the tokens are written at slots `cache.length ...` and attend to everything
-        cached; without one, they attend causally among themselves. `return_hidden_states` adds the
+        cached; without one, they attend causally (by position) among themselves. `segments` [B, T] int
+        (no cache) packs several sequences sharing a prefix in one row: a token attends to the earlier
+        positions of segment 0 (the prefix) and of its own segment only, so a segment whose positions
+        continue the prefix's computes as prefix + segment alone would. `return_hidden_states` adds the
         residual stream after the embedding and after each layer, [L + 1, B, T, D].
         """
         c = self.config
+        if segments is not None and cache is not None:
+            raise ValueError("segments are for rows computed without a cache")
         # Looked up once for every layer: [B, T, rotary_dim // 2] each.
         rotary = rotary_cos_sin(positions, *rotary_tables(c.max_position_embeddings, c.rotary_dim, c.rotary_base,
                                                           self.rotary_table_dtype))
@@ -399,7 +409,7 @@ class NeoX(nn.Module):
         layer_caches = [None] * len(self.layers) if cache is None else list(zip(cache.k, cache.v))
         hidden = [x]
         for i, (layer, layer_cache) in enumerate(zip(self.layers, layer_caches)):
-            x, layer_caches[i] = layer(x, positions, rotary, layer_cache, cache_positions, write_index)
+            x, layer_caches[i] = layer(x, positions, rotary, layer_cache, cache_positions, write_index, segments)
             hidden.append(x)
         if cache is not None:
             k, v = zip(*layer_caches)

@@ -1,5 +1,5 @@
 """Log-likelihood scoring on device, for lm-eval (`neox_jax.lm_eval_model`): whole rows, or a context computed
-once and its continuations scored against its cache.
+once for all its continuations (packed with them in one row, or cached and continued).
 
 Both return log-probabilities from a log-softmax in fp32 over the full (padded) vocabulary, gathered on device,
 so no [B, T, V] array comes back to the host. Rows are right-padded (padding has position -1 and is never
@@ -123,10 +123,26 @@ class Scorer(_DeviceScorer):
         return tuple(to_host(x) for x in self._run(0, tokens, positions, starts, targets, last))
 
 
-class ContextScorer(_DeviceScorer):
-    """Contexts computed once, continuations scored against their cache (multiple choice: every answer of a
-    question shares its context).
+def packed_length(context: Sequence[int], continuations: Sequence[Sequence[int]]) -> int:
+    """Tokens in the packed row of a context and its continuations (each but its last token)."""
+    return len(context) + sum(len(c) - 1 for c in continuations)
 
+
+def _segment_spans(context_length: int, continuations: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
+    """Where each continuation's tokens but its last lie in its context's packed row: [(start, end)]."""
+    ends = context_length + np.cumsum([0] + [len(c) - 1 for c in continuations])
+    return list(zip(ends[:-1].tolist(), ends[1:].tolist()))
+
+
+class ContextScorer(_DeviceScorer):
+    """Contexts computed once for all their continuations (multiple choice: every answer of a question shares
+    its context).
+
+    `packed(contexts, continuations, batch)` computes each context and its continuations but their last tokens
+    in one row, each continuation a segment (`NeoX` `segments`) that sees the context and itself only, at the
+    positions it has after the context alone; it returns, per continuation, the final hidden states of the
+    positions that score its tokens (the context's last, then its own but last), [len, D]. Rows pad to
+    `score_bucket(longest)`. No cache, no second pass: the way for packed rows that fit in the context; else
     `contexts(rows, batch, slots)` prefills up to `batch` contexts (each <= `slots` tokens, padded to
     `score_bucket(longest)`) and returns their KV cache (on device, one row per context, `slots` slots: one
     cache size for every batch of a task means one continuation program per continuation bucket) and each
@@ -136,12 +152,12 @@ class ContextScorer(_DeviceScorer):
     returns the final hidden state of each fed position, [len - 1, D] per continuation: position t scores the
     continuation's token t + 1. `HeadQueue` sends those through the output projection, `HEAD_ROWS` at a time
     whatever call they came from, so that the most costly matmul computes no padding.
-    The values are today's whole-row ones up to the order of fp32 summation (keys and values are the same; the
-    softmax over the cached and the new keys is taken part by part, as in decoding).
+    Both give the whole-row values up to the order of fp32 summation (keys and values are the same; masked keys
+    weigh exactly 0; the softmax over the cached and the new keys is taken part by part, as in decoding).
     """
 
     def __init__(self, model):
-        super().__init__(model, (self._prefill, (1,)), (self._continue, ()), (self._head, ()))
+        super().__init__(model, (self._prefill, (1,)), (self._continue, ()), (self._head, ()), (self._packed, ()))
 
     def _prefill(self, params, cache, tokens, positions, last):
         # A task's last batch of contexts may have fewer rows than the cache: they fill its first rows.
@@ -170,6 +186,11 @@ class ContextScorer(_DeviceScorer):
         return self.module.apply({"params": params}, tokens, positions, rows, return_hidden_states=True
                                  ).hidden_states[-1]
 
+    def _packed(self, params, tokens, positions, segments):
+        # The [B, T, V] logits are unused (the head runs on the scored positions only), so XLA drops them.
+        return self.module.apply({"params": params}, tokens, positions, segments=segments, return_hidden_states=True
+                                 ).hidden_states[-1]
+
     def _head(self, params, hidden, targets):
         logits = self.module.apply({"params": params}, hidden[None], method=NeoX.head)[0].astype(jnp.float32)
         return _log_softmax_at(logits, targets)[:2]
@@ -191,6 +212,25 @@ class ContextScorer(_DeviceScorer):
         hidden = to_host(self._run(1, index, tokens, positions, cache=cache))
         return [hidden[i, :len(c) - 1] for i, c in enumerate(continuations)]
 
+    def packed(self, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[Sequence[int]]],
+               batch: int) -> list[list[np.ndarray]]:
+        # Fewer contexts than `batch` run as fewer rows, a power of two (as `contexts`).
+        rows = min(batch, self.decoder.batch_size(len(contexts)))
+        length = score_bucket(max(packed_length(c, conts) for c, conts in zip(contexts, continuations)))
+        tokens = np.zeros((rows, length), np.int32)
+        positions = np.full((rows, length), -1, np.int32)
+        segments = np.zeros((rows, length), np.int32)
+        for row, (context, conts) in enumerate(zip(contexts, continuations)):
+            n = len(context)
+            tokens[row, :n], positions[row, :n] = context, np.arange(n)
+            for segment, (continuation, (start, end)) in enumerate(zip(conts, _segment_spans(n, conts)), 1):
+                tokens[row, start:end], positions[row, start:end] = continuation[:-1], np.arange(n, n + end - start)
+                segments[row, start:end] = segment
+        hidden = to_host(self._run(3, tokens, positions, segments))
+        return [[np.concatenate([hidden[row, len(context) - 1:len(context)], hidden[row, start:end]])
+                 for start, end in _segment_spans(len(context), conts)]
+                for row, (context, conts) in enumerate(zip(contexts, continuations))]
+
     def head(self, hidden: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """hidden [HEAD_ROWS, D] final hidden states, targets [HEAD_ROWS] -> log-prob of each target and whether
         it is the argmax."""
@@ -201,9 +241,9 @@ HEAD_ROWS = 256  # positions per output projection (XLA:CPU, Pythia-70M: 128 cos
 
 
 class HeadQueue:
-    """Scored positions (final hidden states and the tokens they score), queued from any number of continuation
-    calls, one owner's positions after another, and sent through `ContextScorer.head` `HEAD_ROWS` at a time:
-    only a task's last block is padded. `add(owner, hidden, targets)`; `scored(flush)` -> [(owner, summed
+    """Scored positions (final hidden states and the tokens they score), queued from any number of packed or
+    continuation calls, one owner's positions after another, and sent through `ContextScorer.head` `HEAD_ROWS`
+    at a time: only a task's last block is padded. `add(owner, hidden, targets)`; `scored(flush)` -> [(owner, summed
     log-prob, greedy at every position)] of the owners whose positions are all through (with `flush`, all)."""
 
     def __init__(self, scorer: ContextScorer):

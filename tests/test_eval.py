@@ -165,11 +165,11 @@ def test_batch_sizes_agree_and_compiles_bounded(neox, checkpoint):
         lm = NeoXLM(pretrained=neox.model, tokenizer=str(checkpoint / "tokenizer.json"), batch_size=batch_size)
         results[batch_size] = lm.loglikelihood(requests, disable_tqdm=True)
         # One compilation per length bucket touched (16, 32, 48, 64 for a 64-token context), not per request:
-        # whole rows by their (row, scored positions) bucket pair, shared contexts by their bucket,
-        # continuations by their own (every shared context's cache has one size), their positions' head once.
-        whole_rows, (contexts, continuations, head) = lm.scorer.programs[0], lm.context_scorer.programs
-        assert 1 <= whole_rows.compiles <= 10 and 1 <= contexts.compiles <= 4 and continuations.compiles <= 4
-        assert head.compiles == 1
+        # whole rows by their (row, scored positions) bucket pair, shared contexts by their bucket (packed
+        # rows by theirs), continuations by their own (every shared context's cache has one size), the head once.
+        whole_rows, (contexts, continuations, head, packed) = lm.scorer.programs[0], lm.context_scorer.programs
+        assert 1 <= whole_rows.compiles <= 10 and contexts.compiles <= 4 and continuations.compiles <= 4
+        assert 1 <= packed.compiles <= 4 and head.compiles == 1
         compiles = lm.compiles
         lm.loglikelihood(requests[::-1], disable_tqdm=True)
         lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (t,), 0) for t in _texts()],
@@ -180,13 +180,15 @@ def test_batch_sizes_agree_and_compiles_bounded(neox, checkpoint):
 
 
 def _multiple_choice(neox) -> list[tuple[None, list[int], list[int]]]:
-    """Contexts of several lengths, 2 to 4 endings each of 1 to ~30 tokens, one of them the greedy one."""
+    """Contexts of several lengths, 3 to 5 endings each of 1 to ~30 tokens, one of them the greedy one. Every
+    other context's endings are cut to share the 64-token context (their packed row fits), the others' not."""
     tok, requests = neox.tok_encode, []
     for k, text in enumerate(_texts()[:6]):
         context = tok(text)[:5 + 7 * k]
         endings = [tok(" " + e) for e in _texts()[k + 1].split(".")[:1 + k % 3]] + [[(7 * k) % 320]]
         endings.append(neox.model.generate([context], 6, stop_token=None)[0])
-        requests += [(None, context, e[:CONTEXT - len(context)]) for e in endings]
+        room = CONTEXT - len(context) if k % 2 else (CONTEXT - len(context)) // len(endings)
+        requests += [(None, context, e[:room]) for e in endings]
     return requests
 
 
@@ -197,18 +199,31 @@ def multiple_choice(neox):
     return requests, [neox._loglikelihood_tokens([r], disable_tqdm=True)[0] for r in requests]
 
 
-def test_shared_contexts_equal_whole_rows(neox, multiple_choice):
-    """Scored together, requests sharing a context compute it once; alone, each is one whole row. Equal to
-    1e-5 (fp32), greedy flags identical, and each context went through the context pass once."""
+def _scored_contexts(lm, requests, monkeypatch) -> tuple[list, list, list]:
+    """lm's results for `requests`, the contexts it packed with their continuations, those it cached."""
+    packed, cached = [], []
+    scorer = lm.context_scorer
+    for name, seen in (("packed", packed), ("contexts", cached)):
+        def spy(rows, *args, original=getattr(scorer, name), seen=seen):
+            seen.extend(rows)
+            return original(rows, *args)
+
+        monkeypatch.setattr(scorer, name, spy)
+    results = lm._loglikelihood_tokens(requests, disable_tqdm=True)
+    monkeypatch.undo()
+    return results, packed, cached
+
+
+def test_shared_contexts_equal_whole_rows(neox, multiple_choice, monkeypatch):
+    """Scored together, requests sharing a context compute it once (packed with its endings where that row fits
+    in the 64-token context, else cached: both happen here, contexts of different lengths in one batch, endings
+    of 1 to ~30 tokens); alone, each is one whole row. Equal to 1e-5 (fp32), greedy flags identical."""
     requests, alone = multiple_choice
-    scored = []
-    original = neox.context_scorer.contexts
-    neox.context_scorer.contexts = lambda rows, batch, slots: scored.extend(rows) or original(rows, batch, slots)
-    try:
-        together = neox._loglikelihood_tokens(requests, disable_tqdm=True)
-    finally:
-        neox.context_scorer.contexts = original
-    assert sorted(scored) == sorted({tuple(c) for _, c, _ in requests})
+    together, packed, cached = _scored_contexts(neox, requests, monkeypatch)
+    assert sorted(packed + cached) == sorted({tuple(c) for _, c, _ in requests})
+    assert len(set(map(len, packed))) > 1 and cached
+    for context in packed:
+        assert scoring.packed_length(context, [c for _, x, c in requests if tuple(x) == context]) <= CONTEXT
     _close([x for x, _ in together], [x for x, _ in alone], 1e-5)
     assert [g for _, g in together] == [g for _, g in alone]
     assert sum(g for _, g in together) >= 6  # the generated endings are greedy
@@ -226,6 +241,21 @@ def test_shared_contexts_split_over_calls_and_head_blocks(neox, checkpoint, mult
     _close([x for x, _ in together], [x for x, _ in alone], 1e-5)
     assert [g for _, g in together] == [g for _, g in alone]
     assert lm.context_scorer.programs[2].compiles == 1
+
+
+def test_packed_row_longer_than_the_context_falls_back_to_the_cache(neox, monkeypatch):
+    """4 endings of 12 tokens after a 30-token context: each fits (42 <= 64), their packed row (30 + 4 x 11)
+    does not, so the context is cached instead; a 2-ending question beside it is packed. Equal to whole rows."""
+    tok = neox.tok_encode
+    long_context, short_context = tok(" ".join(_texts()))[:30], tok(_texts()[1])[:9]
+    endings = [tok(" ".join(_texts()[k].split(" ")[:20]))[:12] for k in range(2, 6)]
+    assert all(len(e) == 12 for e in endings)
+    requests = [(None, long_context, e) for e in endings] + [(None, short_context, e) for e in endings[:2]]
+    together, packed, cached = _scored_contexts(neox, requests, monkeypatch)
+    assert packed == [tuple(short_context)] and cached == [tuple(long_context)]
+    alone = [neox._loglikelihood_tokens([r], disable_tqdm=True)[0] for r in requests]
+    _close([x for x, _ in together], [x for x, _ in alone], 1e-5)
+    assert [g for _, g in together] == [g for _, g in alone]
 
 
 def test_head_queue_hands_back_each_owner_once_complete(monkeypatch):

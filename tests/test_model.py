@@ -68,6 +68,48 @@ def test_cached_decoding_equals_full_forward(parallel):
     np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, atol=2e-5, rtol=0)
 
 
+def test_packed_segments_compute_as_prefix_plus_segment_alone():
+    """One row holding a prefix and three continuations of 1, 4 and 2 tokens, each a segment whose positions
+    continue the prefix's, then padding: each continuation's logits (and the prefix's) equal those of prefix +
+    continuation alone, fp32. A second row, a shorter prefix, shares the batch."""
+    config = tiny_config()
+    module = NeoX(config)
+    params = random_params(config)
+    rng = np.random.default_rng(3)
+
+    def draw(n):
+        return list(rng.integers(0, config.vocab_size, n))
+
+    rows = [(draw(7), [draw(n) for n in (1, 4, 2)]), (draw(3), [draw(n) for n in (2, 5)])]
+    tokens, positions, segments = (np.zeros((2, 16), np.int32), np.full((2, 16), -1, np.int32),
+                                   np.zeros((2, 16), np.int32))
+    spans = []  # per row: (start, continuation) of each segment
+    for b, (prefix, continuations) in enumerate(rows):
+        n = len(prefix)
+        tokens[b, :n], positions[b, :n], start, spans_b = prefix, np.arange(n), n, []
+        for k, c in enumerate(continuations, 1):
+            tokens[b, start:start + len(c)], segments[b, start:start + len(c)] = c, k
+            positions[b, start:start + len(c)] = np.arange(n, n + len(c))
+            spans_b.append((start, c))
+            start += len(c)
+        spans.append(spans_b)
+    packed = module.apply({"params": params}, tokens, positions, segments=segments).logits
+    for b, (prefix, continuations) in enumerate(rows):
+        n = len(prefix)
+        for start, c in spans[b]:
+            whole = np.asarray(prefix + c)[None]
+            alone = module.apply({"params": params}, whole, np.arange(whole.shape[1])[None]).logits
+            np.testing.assert_allclose(packed[b, :n], alone[0, :n], atol=1e-5, rtol=0)
+            np.testing.assert_allclose(packed[b, start:start + len(c)], alone[0, n:], atol=1e-5, rtol=0)
+    # Without segments the continuations would see each other: the mask is what makes them equal.
+    unmasked = module.apply({"params": params}, tokens, positions).logits
+    start, c = spans[0][2]
+    assert np.abs(unmasked[0, start:start + len(c)] - packed[0, start:start + len(c)]).max() > 1e-3
+    with pytest.raises(ValueError, match="without a cache"):
+        module.apply({"params": params}, tokens, positions, KVCache.init(config, 2, 16, jnp.float32),
+                     segments=segments)
+
+
 def test_padding_is_invisible():
     """A left-padded row (positions -1) gives the same logits as the unpadded sequence."""
     config = tiny_config()
