@@ -85,11 +85,14 @@ def test_thread_counts_split_the_channels_without_gaps_or_overlap(threads):
     assert_matches_xla(cpu_kernels.weight_matmul(x, values, scale, threads=threads), x, values, scale)
 
 
-def test_concurrent_calls_each_get_their_own_result():
-    """Two threads calling at once (XLA running two programs or devices): the second runs on its own thread."""
+@pytest.mark.parametrize("kernel", [cpu_kernels.weight_matmul, cpu_kernels.int8_dynamic_matmul],
+                         ids=["weight-only", "int8-dynamic"])
+def test_concurrent_calls_each_get_their_own_result(kernel):
+    """Two threads calling at once (XLA running two programs or devices): the second runs on its own thread
+    (and the int8-dynamic kernel quantizes its x into that thread's own buffer)."""
     rng = np.random.default_rng(0)
     cases = [operands(rng, 4, 777, 256, np.int8) for _ in range(2)]
-    product = jax.jit(cpu_kernels.weight_matmul)
+    product = jax.jit(kernel)
     wants = [np.asarray(product(*case)) for case in cases]
     failures = []
 

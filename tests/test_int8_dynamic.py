@@ -118,30 +118,6 @@ def test_extreme_rows(isa):
 
 
 @needs_kernels
-def test_concurrent_calls_each_get_their_own_result():
-    """Two threads at once: each quantizes its x into its own thread's buffer."""
-    import threading
-
-    rng = np.random.default_rng(0)
-    cases = [operands(rng, 4, 777, 256) for _ in range(2)]
-    product = jax.jit(cpu_kernels.int8_dynamic_matmul)
-    wants = [np.asarray(product(*case)) for case in cases]
-    failures = []
-
-    def call(case, want):
-        for _ in range(50):
-            if not np.array_equal(np.asarray(product(*case)), want):
-                failures.append(case)
-
-    workers = [threading.Thread(target=call, args=pair) for pair in zip(cases, wants)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    assert not failures
-
-
-@needs_kernels
 @pytest.mark.parametrize("x, values, scale, message", [
     (np.ones((2, 8), np.float16), np.ones((4, 8), np.int8), np.ones(4, np.float32), "fp32 x and scale and int8"),
     (np.ones((2, 8), np.float32), np.ones((4, 8), np.uint8), np.ones(4, np.float32), "int8 values"),
