@@ -48,31 +48,10 @@ const char* best_isa() {
   return "portable";
 }
 
-// Multiply-adds below which splitting across threads costs more than it saves (~10 us of one core's work).
-constexpr int64_t kMinTaskWork = int64_t{1} << 17;
-constexpr int64_t kTasksPerThread = 4;  // so that a slow (descheduled) thread's share is taken by the others
-
-struct Job {
-  const Matmul* problem;
-  RowsKernel kernel;
-  int64_t channels_per_task;
-};
-
-void run_task(const void* context, int64_t task) {
-  const Job& job = *static_cast<const Job*>(context);
-  const int64_t begin = task * job.channels_per_task;
-  job.kernel(*job.problem, begin, std::min(job.problem->n, begin + job.channels_per_task));
-}
-
-// Splits the output channels into tasks of whole channel blocks and runs them on the pool.
+// The output channels split into tasks of whole channel blocks on the pool.
 void run_matmul(const Matmul& p, RowsKernel kernel, int threads) {
-  const int64_t work = p.m * p.n * p.k;
-  const int64_t blocks = (p.n + kChannelBlock - 1) / kChannelBlock;
-  threads = static_cast<int>(std::min<int64_t>({threads, std::max<int64_t>(1, work / kMinTaskWork), blocks}));
-  if (threads <= 1) return kernel(p, 0, p.n);
-  const int64_t tasks = std::min<int64_t>(blocks, threads * kTasksPerThread);
-  const Job job{&p, kernel, (blocks + tasks - 1) / tasks * kChannelBlock};
-  ThreadPool::instance().run(run_task, &job, (p.n + job.channels_per_task - 1) / job.channels_per_task, threads);
+  run_channels(p.n, kChannelBlock, p.m * p.n * p.k, threads,
+               [&](int64_t begin, int64_t end) { kernel(p, begin, end); });
 }
 
 std::string shape(ffi::Span<const int64_t> dims) {

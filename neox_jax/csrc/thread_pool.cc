@@ -1,6 +1,9 @@
 #include "thread_pool.h"
 
 #include <sched.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 #include <cstdlib>
 #include <string>
@@ -98,6 +101,20 @@ void ThreadPool::work(int index) {
       }
     }
   }
+}
+
+uint32_t float_mode() {
+#if defined(__x86_64__) || defined(__i386__)
+  return _mm_getcsr();
+#else
+  return 0;
+#endif
+}
+
+void set_float_mode([[maybe_unused]] uint32_t mode) {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_setcsr(mode);
+#endif
 }
 
 }  // namespace neox

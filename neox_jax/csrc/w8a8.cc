@@ -115,52 +115,12 @@ W8A8Kernel w8a8_kernel_for(std::string_view isa) {
   return nullptr;
 }
 
-// Multiply-adds below which splitting across threads costs more than it saves: the weight-only kernel's
-// threshold, since a decode step's calls with one row are bound by reading the weights in both.
-constexpr int64_t kMinTaskWork = int64_t{1} << 17;
-constexpr int64_t kTasksPerThread = 4;  // so that a slow (descheduled) thread's share is taken by the others
 constexpr int64_t kChannels = 8;  // a task's channels are a multiple of it (every tile's channel count divides it)
 
-struct Job {
-  const W8A8* problem;
-  W8A8Kernel kernel;
-  int64_t channels_per_task;
-  uint32_t csr;  // the calling thread's floating-point mode, which the workers take on for its tasks
-};
-
-uint32_t float_mode() {
-#if defined(__x86_64__) || defined(__i386__)
-  return _mm_getcsr();
-#else
-  return 0;
-#endif
-}
-
-void set_float_mode([[maybe_unused]] uint32_t csr) {
-#if defined(__x86_64__) || defined(__i386__)
-  _mm_setcsr(csr);
-#endif
-}
-
-// One task: its channels' outputs under the caller's floating-point mode (XLA flushes denormals; a worker
-// would not), so the epilogue rounds as on the calling thread whichever thread runs it.
-void run_task(const void* context, int64_t task) {
-  const Job& job = *static_cast<const Job*>(context);
-  const uint32_t own = float_mode();
-  set_float_mode(job.csr);
-  const int64_t begin = task * job.channels_per_task;
-  job.kernel(*job.problem, begin, std::min(job.problem->n, begin + job.channels_per_task));
-  set_float_mode(own);
-}
-
+// The output channels split over the pool as the weight-only kernel's are (one-row calls are bound by reading
+// the weights in both, so the same threshold), each task under the caller's floating-point mode.
 void run_w8a8(const W8A8& p, W8A8Kernel kernel, int threads) {
-  const int64_t work = p.m * p.n * p.k;
-  const int64_t blocks = (p.n + kChannels - 1) / kChannels;
-  threads = static_cast<int>(std::min<int64_t>({threads, std::max<int64_t>(1, work / kMinTaskWork), blocks}));
-  if (threads <= 1) return kernel(p, 0, p.n);
-  const int64_t tasks = std::min<int64_t>(blocks, threads * kTasksPerThread);
-  const Job job{&p, kernel, (blocks + tasks - 1) / tasks * kChannels, float_mode()};
-  ThreadPool::instance().run(run_task, &job, (p.n + job.channels_per_task - 1) / job.channels_per_task, threads);
+  run_channels(p.n, kChannels, p.m * p.n * p.k, threads, [&](int64_t begin, int64_t end) { kernel(p, begin, end); });
 }
 
 std::string shape(ffi::Span<const int64_t> dims) {
