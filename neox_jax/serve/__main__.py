@@ -76,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"with --draft: tokens proposed per pass of the model, 1 to {MAX_DRAFT_TOKENS} "
                         f"(default {DEFAULT_DRAFT_TOKENS})")
     p.add_argument("--draft-quantize", choices=QUANTIZE_NAMES,
-                   help="with --draft: the draft's weight-only quantization (default: --quantize's); "
+                   help="with --draft: the draft's quantization (default: --quantize's); "
                         "--draft SAME_AS_MODEL --draft-quantize int8 drafts with the model's own int8 weights")
     p.add_argument("--model-name", help="the model's id in /v1/models and responses (default: the --model path's "
                                         "last part, or neox-jax-demo)")
