@@ -244,3 +244,12 @@ def test_the_commands_take_it_and_refuse_a_bad_mode(capsys):
         main(["--demo", "--quantize", "int8dynamic"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.startswith("error: argument --quantize: invalid choice: 'int8dynamic'")
+
+
+@needs_kernels
+def test_one_row_runs_the_avx2_kernels_by_default_where_vnni_is_best():
+    """A batch-1 step streams its weights faster through the 256-bit kernels on the measured CPU; the bits are
+    the same whichever runs (above), so only the default changes."""
+    best = cpu_kernels.best_int8_dynamic_isa()
+    assert cpu_kernels.int8_dynamic_isa_for(8) == best
+    assert cpu_kernels.int8_dynamic_isa_for(1) == ("avx2" if best == "avx512" else best)
