@@ -117,10 +117,16 @@ class MemoryPlan:
     available_per_device: int | None  # None where neither the backend nor the host says
     host: bool = False  # CPU devices: the host's available memory, shared between this process's devices
     quantize: str | None = None  # how the weights are counted (None: in the model dtype)
+    prefix_cache_per_device: int = 0  # the server's prefix-cache budget (`with_prefix_cache`)
 
     @property
     def needed_per_device(self) -> int:
-        return self.weights_per_device + self.cache_per_device
+        return self.weights_per_device + self.cache_per_device + self.prefix_cache_per_device
+
+    def with_prefix_cache(self, budget_bytes: int, mesh: Mesh) -> "MemoryPlan":
+        """This plan and a prefix cache of `budget_bytes` in all: its blocks are slices of the KV cache, split
+        over heads on the model axis as the cache is."""
+        return dataclasses.replace(self, prefix_cache_per_device=-(-budget_bytes // mesh.shape[MODEL]))
 
     def plus(self, other: "MemoryPlan") -> "MemoryPlan":
         """This plan and `other`'s on the same devices (a model and its draft): their bytes summed."""
@@ -134,8 +140,9 @@ class MemoryPlan:
         gib = 2 ** 30
         available = "unknown" if self.available_per_device is None else f"{self.available_per_device / gib:.2f}"
         where = " on the host" if self.host else ""
+        prefix = f" + prefix cache {self.prefix_cache_per_device / gib:.2f} GiB" if self.prefix_cache_per_device else ""
         return (f"per device: weights {self.weights_per_device / gib:.2f} GiB + KV cache "
-                f"{self.cache_per_device / gib:.2f} GiB = {self.needed_per_device / gib:.2f} GiB; "
+                f"{self.cache_per_device / gib:.2f} GiB{prefix} = {self.needed_per_device / gib:.2f} GiB; "
                 f"available {available} GiB{where}")
 
 
@@ -196,17 +203,21 @@ def require_fit(plan: MemoryPlan, config: NeoXConfig, mesh: Mesh, batch: int, co
     int8 = "" if plan.quantize else "; or int8 weights (--quantize int8: a quarter of fp32's bytes, half of fp16's)"
     if free <= 0 and plan.host:  # more CPU devices share the same memory
         hint = ("the weights alone need more than the host has available: use a GPU, a smaller dtype (float16 "
-                "halves float32) or a host with more memory")
+                "halves float32) or a host with more memory") + int8
     elif free <= 0:
         model = mesh.shape[MODEL]
         needed = math.ceil(plan.weights_per_device * model / plan.available_per_device)
-        hint = f"the weights alone need about {needed} devices on the model axis (have {model})"
+        hint = f"the weights alone need about {needed} devices on the model axis (have {model})" + int8
+    elif plan.cache_per_device <= free:  # the KV cache fits: the prefix cache's budget is what does not
+        room = (free - plan.cache_per_device) * mesh.shape[MODEL] / 2 ** 30
+        hint = f"--prefix-cache-gib {room:.2f} or less would fit"
     else:
-        sequences = int(free // per_sequence) if per_sequence else batch
-        tokens = int(free // (per_sequence / context)) if per_sequence and batch else context
+        free -= plan.prefix_cache_per_device
+        sequences = max(int(free // per_sequence), 0) if per_sequence else batch
+        tokens = max(int(free // (per_sequence / context)), 0) if per_sequence and batch else context
         hint = (f"at most {sequences} sequences of {context} tokens would fit, or {batch} sequences of "
                 f"{min(tokens // max(batch, 1), context)} tokens, or use more devices")
-    hint += int8 if free <= 0 else ""
+        hint += "; or a smaller --prefix-cache-gib" if plan.prefix_cache_per_device else ""
     raise ShardingError(f"does not fit in {'host' if plan.host else 'device'} memory ({plan.describe()}): {hint}")
 
 

@@ -107,3 +107,20 @@ def test_the_plan_describes_itself_in_gib():
     assert MemoryPlan(3 * GIB, GIB, 8 * GIB, host=True).describe() == (
         "per device: weights 3.00 GiB + KV cache 1.00 GiB = 4.00 GiB; available 8.00 GiB on the host")
     assert MemoryPlan(GIB // 2, 0, None).describe().endswith("= 0.50 GiB; available unknown GiB")
+
+
+def test_a_prefix_cache_too_large_names_the_budget_that_would_fit():
+    # 50 bytes free after the weights, 30 of them for the KV cache: a prefix cache of 20 bytes at most.
+    plan = MemoryPlan(100, 30, 150).with_prefix_cache(40, MESH)
+    assert plan.needed_per_device == 170
+    message = refusal(plan)
+    assert "+ KV cache 0.00 GiB + prefix cache 0.00 GiB = 0.00 GiB" in message
+    assert message.endswith(f"--prefix-cache-gib {20 / GIB:.2f} or less would fit")
+    require_fit(MemoryPlan(100, 30, 150).with_prefix_cache(20, MESH), CONFIG, MESH, 8, 10)
+
+
+def test_a_cache_too_large_beside_a_prefix_cache_counts_the_prefix_cache():
+    # 50 bytes free after the weights, 20 of them for the prefix cache: 3 sequences of 10 tokens, not 5.
+    message = refusal(MemoryPlan(100, 80, 150).with_prefix_cache(20, MESH))
+    assert message.endswith("at most 3 sequences of 10 tokens would fit, or 8 sequences of 3 tokens, or use more "
+                            "devices; or a smaller --prefix-cache-gib")

@@ -434,6 +434,16 @@ def test_a_context_beyond_the_model_is_refused_before_the_weights_load(checkpoin
                                                f"{PRESETS['tiny'].max_position_embeddings}] (the model's context)"]
 
 
+def test_a_prefix_cache_beyond_the_host_is_refused_before_the_weights_load(checkpoint):
+    out = subprocess.run([sys.executable, "-m", "neox_jax.serve", "--model", str(checkpoint), "--port", "0",
+                          "--prefix-cache-gib", "1000000"], cwd=REPO, env=ENV, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2, out.stderr
+    [line] = out.stderr.strip().splitlines()
+    assert line.startswith("error: does not fit in host memory (per device: weights ") and \
+        "+ prefix cache 1000000.00 GiB" in line and line.endswith(" or less would fit"), line
+
+
 def test_without_the_serve_extra_it_says_which_to_install():
     blocked = ("import sys; sys.modules['uvicorn'] = None\n"  # as if not installed: importing it fails
                "from neox_jax.serve.__main__ import main; sys.exit(main(['--demo', '--port', '0']))")

@@ -150,7 +150,9 @@ def load_model(args):
     check_model_axis_divides(config, mesh, tp_ranks)
     context = args.context or config.max_position_embeddings
     plan = plan_memory(config, dtype, mesh, args.max_batch, context, tp_ranks, args.quantize)
-    require_fit(with_draft(plan, args, dtype, mesh, args.max_batch, context), config, mesh, args.max_batch, context)
+    plan = with_draft(plan, args, dtype, mesh, args.max_batch, context)
+    require_fit(plan.with_prefix_cache(int(args.prefix_cache_gib * 2 ** 30), mesh), config, mesh, args.max_batch,
+                context)
     model = load_checkpoint(checkpoint, dtype=args.dtype, rotary_dtype=args.rotary_dtype, tokenizer=tokenizer,
                             mesh=mesh, tp_ranks=tp_ranks, quantize=args.quantize)
     name = args.model_name or str(args.model).rstrip("/").rsplit("/", 1)[-1]
