@@ -434,8 +434,11 @@ def test_a_context_beyond_the_model_is_refused_before_the_weights_load(checkpoin
                                                f"{PRESETS['tiny'].max_position_embeddings}] (the model's context)"]
 
 
-def test_a_prefix_cache_beyond_the_host_is_refused_before_the_weights_load(checkpoint):
-    out = subprocess.run([sys.executable, "-m", "neox_jax.serve", "--model", str(checkpoint), "--port", "0",
+def test_a_prefix_cache_beyond_the_host_is_refused_before_the_weights_load(checkpoint, tmp_path):
+    longer = shutil.copytree(checkpoint, tmp_path / "longer")  # a context over one 256-token block: a prefix cache
+    config = json.loads((longer / "config.json").read_text())
+    (longer / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024}))
+    out = subprocess.run([sys.executable, "-m", "neox_jax.serve", "--model", str(longer), "--port", "0",
                           "--prefix-cache-gib", "1000000"], cwd=REPO, env=ENV, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 2, out.stderr

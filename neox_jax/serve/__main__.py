@@ -134,6 +134,7 @@ def load_model(args):
         return model, args.model_name or "neox-jax-demo", None
     from ..api import exact_ranks, load_checkpoint
     from ..checkpoints import open_checkpoint
+    from ..decode import PREFILL_CHUNK
     from ..generate import with_draft
     from ..sharding import check_model_axis_divides, default_mesh, plan_memory, require_fit
     from ..tokenizer import check_vocabulary, load_tokenizer, require_tokenizer
@@ -151,8 +152,8 @@ def load_model(args):
     context = args.context or config.max_position_embeddings
     plan = plan_memory(config, dtype, mesh, args.max_batch, context, tp_ranks, args.quantize)
     plan = with_draft(plan, args, dtype, mesh, args.max_batch, context)
-    require_fit(plan.with_prefix_cache(int(args.prefix_cache_gib * 2 ** 30), mesh), config, mesh, args.max_batch,
-                context)
+    prefix_cache = int(args.prefix_cache_gib * 2 ** 30) if context > PREFILL_CHUNK else 0  # the engine's rule
+    require_fit(plan.with_prefix_cache(prefix_cache, mesh), config, mesh, args.max_batch, context)
     model = load_checkpoint(checkpoint, dtype=args.dtype, rotary_dtype=args.rotary_dtype, tokenizer=tokenizer,
                             mesh=mesh, tp_ranks=tp_ranks, quantize=args.quantize)
     name = args.model_name or str(args.model).rstrip("/").rsplit("/", 1)[-1]
