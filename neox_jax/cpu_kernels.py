@@ -92,15 +92,6 @@ def best_int8_dynamic_isa() -> str:
     return _extension().best_int8_dynamic_isa()
 
 
-def int8_dynamic_isa_for(rows: int) -> str:
-    """The activation-quantized kernels a call of `rows` rows runs by default. One row (a batch-1 decode step,
-    bound by reading the weights): avx2's, which streamed them faster than the VNNI kernels on the 2-core AMD
-    EPYC (one thread, idle: [8192, 512] 20.1 against 14.9 GB/s, [2048, 2048] 23.9 against 15.6); every ISA
-    gives the same bits, so the choice changes no result."""
-    best = best_int8_dynamic_isa()
-    return "avx2" if rows == 1 and best == "avx512" else best
-
-
 def weight_matmul(x, values, scale, *, isa: str | None = None, threads: int = 0):
     """`(x @ values.T) * scale` by the native kernel: x fp32 [m, k], values int8 or float8_e4m3fn [n, k] (a
     weight as stored, `[out, in]`), scale fp32 [n] -> fp32 [m, n].
@@ -121,7 +112,7 @@ def int8_dynamic_matmul(x, values, scale, *, isa: str | None = None, threads: in
     """`neox_jax.quantize.dynamic_int8_product(x, values, scale)` by the native kernel: x fp32 [m, k], values int8
     [n, k] (a weight as stored), scale fp32 [n] -> fp32 [m, n]; x's rows are quantized inside the call.
 
-    isa: one of ISAS this CPU runs for it (default: `int8_dynamic_isa_for(m)`); threads as `weight_matmul`'s.
+    isa: one of ISAS this CPU runs for it (default: the fastest); threads as `weight_matmul`'s.
     Raises ValueError for operands of other shapes or dtypes, or k over MAX_INT8_DYNAMIC_K."""
     if jnp.ndim(x) != 2 or jnp.ndim(values) != 2 or jnp.ndim(scale) != 1 or x.shape[1] != values.shape[1] \
             or scale.shape[0] != values.shape[0]:
@@ -133,8 +124,7 @@ def int8_dynamic_matmul(x, values, scale, *, isa: str | None = None, threads: in
     if x.shape[1] > MAX_INT8_DYNAMIC_K:
         raise ValueError(f"int8_dynamic_matmul: k = {x.shape[1]} is over {MAX_INT8_DYNAMIC_K}, where the int32 sums "
                          f"could overflow")
-    return _call(INT8_DYNAMIC_TARGET, x, (values, scale), values.shape[0], isa, threads,
-                 lambda: int8_dynamic_isa_for(x.shape[0]))
+    return _call(INT8_DYNAMIC_TARGET, x, (values, scale), values.shape[0], isa, threads, best_int8_dynamic_isa)
 
 
 MAX_INT8_DYNAMIC_K = 2 ** 17  # |sum_k q_x q_w| <= 127 * 128 * k < 2^31 (csrc/w8a8.h's kMaxW8A8K)

@@ -69,11 +69,12 @@ def test_the_error_is_the_activation_rounding():
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("m, n, k", [(1, 1, 1), (1, 37, 19), (1, 300, 512), (2, 17, 64), (5, 64, 33),
                                      (8, 129, 100), (13, 8, 7), (64, 50, 257), (8, 1037, 512), (1, 20, 4101),
-                                     (3, 9, 4101)])
+                                     (3, 9, 4101), (1, 1037, 32), (1, 9, 33), (1, 16, 96), (1, 7, 64)])
 def test_kernel_equals_xla_bit_for_bit(isa, m, n, k):
     """k off the vector widths and the activation rows' padding, n off the channel tiles, full and partial row
-    tiles, rows long enough that the kernel prefetches into L2 rather than L1: the int32 sums are exact and the
-    fp32 epilogue the same two roundings, so every ISA equals XLA."""
+    tiles, rows long enough that the kernel prefetches into L2 rather than L1; one row (the streaming tile, on
+    AVX-512 in 256-bit vectors) with k a whole number of its vectors, one over, and under one: the int32 sums are
+    exact and the fp32 epilogue the same two roundings, so every ISA equals XLA."""
     x, values, scale = operands(np.random.default_rng(m * n * k), m, n, k)
     assert_equal_bits(cpu_kernels.int8_dynamic_matmul(x, values, scale, isa=isa, threads=2),
                       xla_product(x, values, scale))
@@ -91,8 +92,9 @@ def test_kernel_equals_xla_for_any_shape_and_thread_count(m, n, k, threads, isa,
 
 @needs_kernels
 @pytest.mark.parametrize("threads", [1, 2, 3, 7])
-def test_thread_counts_split_the_channels_without_gaps_or_overlap(threads):
-    x, values, scale = operands(np.random.default_rng(threads), 8, 2053, 512)
+@pytest.mark.parametrize("m", [1, 8])
+def test_thread_counts_split_the_channels_without_gaps_or_overlap(threads, m):
+    x, values, scale = operands(np.random.default_rng(threads), m, 2053, 512)
     assert_equal_bits(cpu_kernels.int8_dynamic_matmul(x, values, scale, threads=threads), xla_product(x, values, scale))
 
 
@@ -244,12 +246,3 @@ def test_the_commands_take_it_and_refuse_a_bad_mode(capsys):
         main(["--demo", "--quantize", "int8dynamic"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.startswith("error: argument --quantize: invalid choice: 'int8dynamic'")
-
-
-@needs_kernels
-def test_one_row_runs_the_avx2_kernels_by_default_where_vnni_is_best():
-    """A batch-1 step streams its weights faster through the 256-bit kernels on the measured CPU; the bits are
-    the same whichever runs (above), so only the default changes."""
-    best = cpu_kernels.best_int8_dynamic_isa()
-    assert cpu_kernels.int8_dynamic_isa_for(8) == best
-    assert cpu_kernels.int8_dynamic_isa_for(1) == ("avx2" if best == "avx512" else best)

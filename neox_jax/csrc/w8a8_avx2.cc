@@ -19,6 +19,7 @@ namespace neox::avx2 {
 namespace {
 
 struct Isa8 {
+  using Stream = Isa8;  // the one-row kernel's vectors: the same
   using Acc = __m256i;
   struct W {
     __m256i magnitude, sign;

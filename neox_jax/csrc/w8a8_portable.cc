@@ -11,6 +11,7 @@ namespace neox::portable {
 namespace {
 
 struct Isa8 {
+  using Stream = Isa8;  // the one-row kernel's vectors: the same
   using Acc = int32_t;
   using W = int32_t;
   using X = int32_t;
