@@ -258,6 +258,42 @@ def test_packed_row_longer_than_the_context_falls_back_to_the_cache(neox, monkey
     assert [g for _, g in together] == [g for _, g in alone]
 
 
+def test_head_by_chunks_equals_the_whole_vocabulary_log_softmax(monkeypatch):
+    """The CPU head's chunked log-softmax (an online logsumexp, the first largest logit) against the whole
+    vocabulary's `_log_softmax_at`: log-probs to fp32 rounding, greedy flags identical, with the largest
+    logit tied within a chunk and across chunks (the first one is the argmax, as torch's)."""
+    import jax.numpy as jnp
+
+    assert scoring.vocab_chunks(50304) == 48  # Pythia's vocabulary, chunks of 1048
+    monkeypatch.setattr(scoring, "HEAD_CHUNK", 16)
+    rng = np.random.default_rng(0)
+    vocab, width = 96, 16
+    assert scoring.vocab_chunks(vocab) == vocab // width
+    weight = rng.standard_normal((vocab, 8)).astype(np.float32) * 3
+    weight[[5, 40, 41, 70]] = weight[70] * 4  # rows 5 < 40 < 41 < 70 score alike: ties within and across chunks
+    x = rng.standard_normal((12, 8)).astype(np.float32)
+    x[:6] = weight[70]  # these rows' largest logit is tied at 5, 40, 41 and 70
+    targets = np.array([5, 40, 41, 70, 0, 95, *rng.integers(0, vocab, 6)], np.int32)
+    targets[6:9] = (x[6:9] @ weight.T).argmax(-1)  # greedy targets of untied rows
+    logprob, greedy = scoring._head_by_chunks(jnp.asarray(x), jnp.asarray(weight), jnp.asarray(targets), jnp.float32)
+    want_logprob, want_greedy, _ = scoring._log_softmax_at(jnp.asarray(x @ weight.T), jnp.asarray(targets))
+    np.testing.assert_allclose(np.asarray(logprob), np.asarray(want_logprob), rtol=1e-6, atol=1e-5)
+    assert list(np.asarray(greedy)) == list(np.asarray(want_greedy))
+    assert list(np.asarray(greedy)[:4]) == [True, False, False, False] and np.asarray(greedy)[6:9].all()
+
+
+def test_shared_contexts_with_the_head_in_chunks_equal_whole_rows(neox, checkpoint, multiple_choice, monkeypatch):
+    """The tiny model's 384-row vocabulary in 6 chunks of 64 (Pythia's in 48 of 1048): equal to whole rows to
+    1e-5, greedy flags identical."""
+    monkeypatch.setattr(scoring, "HEAD_CHUNK", 64)
+    requests, alone = multiple_choice
+    lm = NeoXLM(pretrained=neox.model, tokenizer=str(checkpoint / "tokenizer.json"), batch_size=8)
+    assert scoring.vocab_chunks(lm.config.vocab_size) == 6
+    together = lm._loglikelihood_tokens(requests, disable_tqdm=True)
+    _close([x for x, _ in together], [x for x, _ in alone], 1e-5)
+    assert [g for _, g in together] == [g for _, g in alone]
+
+
 def test_head_queue_hands_back_each_owner_once_complete(monkeypatch):
     """Owners' positions straddling blocks of 4 are summed in order, each owner handed back once all its
     positions went through the head; only a flush runs a partial block."""
