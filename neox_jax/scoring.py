@@ -12,14 +12,16 @@ from __future__ import annotations
 import collections
 import math
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .config import NeoXConfig
 from .decode import Compiled, length_bucket
-from .model import KVCache, NeoX, contract
+from .model import KVCache, Layer, NeoX, contract, rank_axis, rotary_cos_sin, rotary_tables
 from .params import MODEL
 from .sharding import DATA, to_host
 
@@ -182,6 +184,20 @@ def _segment_spans(context_length: int, continuations: Sequence[Sequence[int]]) 
     return list(zip(ends[:-1].tolist(), ends[1:].tolist()))
 
 
+class _FirstLayer(nn.Module):
+    """`NeoX`'s transformer layer alone, named as the model's first so that its parameters are found by their
+    path: applied to any layer's params, without a cache. x [B, T, D] (exact mode [R, B, T, D]) -> same."""
+    config: NeoXConfig
+    dtype: Any
+    tp_ranks: int | None = None
+
+    def setup(self):
+        self.layers_0 = Layer(self.config, self.dtype, self.tp_ranks)
+
+    def __call__(self, x, positions, rotary, segments):
+        return self.layers_0(x, positions, rotary, None, None, None, segments)[0]
+
+
 class ContextScorer(_DeviceScorer):
     """Contexts computed once for all their continuations (multiple choice: every answer of a question shares
     its context).
@@ -206,6 +222,8 @@ class ContextScorer(_DeviceScorer):
 
     def __init__(self, model):
         super().__init__(model, (self._prefill, (1,)), (self._continue, ()), (self._head, ()), (self._packed, ()))
+        layer = _FirstLayer(self.module.config, self.module.dtype, self.module.tp_ranks)
+        self._layer = jax.jit(lambda params, *args: layer.apply({"params": {"layers_0": params}}, *args))
 
     def _prefill(self, params, cache, tokens, positions, last):
         # A task's last batch of contexts may have fewer rows than the cache: they fill its first rows.
@@ -235,9 +253,18 @@ class ContextScorer(_DeviceScorer):
                                  ).hidden_states[-1]
 
     def _packed(self, params, tokens, positions, segments):
-        # The [B, T, V] logits are unused (the head runs on the scored positions only), so XLA drops them.
-        return self.module.apply({"params": params}, tokens, positions, segments=segments, return_hidden_states=True
-                                 ).hidden_states[-1]
+        # `NeoX.__call__` with segments, up to the final hidden states (the head runs on the scored positions
+        # only), each layer a call of one jitted layer: traced once for every layer and every row shape (XLA
+        # inlines the calls: the same program). Tracing the whole model took ~0.25 s a shape, most of what a run
+        # whose programs are all in the compilation cache spends on them.
+        c = self.module.config
+        rotary = rotary_cos_sin(positions, *rotary_tables(c.max_position_embeddings, c.rotary_dim, c.rotary_base,
+                                                          self.module.rotary_table_dtype))
+        _, ranks = rank_axis(self.module.tp_ranks)
+        x = jnp.broadcast_to(params["embed_in"][tokens], (*ranks, *tokens.shape, c.hidden_size))
+        for i in range(c.num_layers):
+            x = self._layer(params[f"layers_{i}"], x, positions, rotary, segments)
+        return x[0] if self.module.tp_ranks else x  # exact mode: rank 0's stream, as the model's hidden states
 
     def _head(self, params, hidden, targets):
         def whole(params, hidden, targets):

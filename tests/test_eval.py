@@ -294,6 +294,32 @@ def test_shared_contexts_with_the_head_in_chunks_equal_whole_rows(neox, checkpoi
     assert [g for _, g in together] == [g for _, g in alone]
 
 
+@pytest.mark.parametrize("ranks", [None, 2])
+def test_packed_rows_layer_by_layer_equal_the_model(checkpoint, tmp_path, ranks):
+    """The packed program (one jitted layer called for each layer) gives the model's own final hidden states
+    for the same segments, merged and in the exact tensor-parallel mode (DeepSpeed shards of 2 ranks)."""
+    import jax
+    import neox_jax
+    from neox_jax.checkpoints.synthetic import write_deepspeed_checkpoint
+
+    if ranks:
+        path = write_deepspeed_checkpoint(tmp_path, _config(), ranks=ranks, dtype=np.float32, layernorm_jitter=0.05)
+        model = neox_jax.load(path, "float32", progress=False, tp_exact=True)
+        assert model.tp_ranks == ranks
+    else:
+        model = neox_jax.load(checkpoint, "float32", progress=False)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 320, (3, 32)).astype(np.int32)
+    positions = np.concatenate([np.arange(20), np.arange(20, 26), np.arange(20, 26)])[None].repeat(3, 0)
+    segments = np.concatenate([np.zeros(20), np.ones(6), np.full(6, 2)])[None].repeat(3, 0).astype(np.int32)
+    positions[2, 28:], segments[2, 28:] = -1, 0  # padding
+    scorer = scoring.ContextScorer(model)
+    got = jax.jit(scorer._packed)(model.params, tokens, positions.astype(np.int32), segments)
+    want = model.module.apply({"params": model.params}, tokens, positions.astype(np.int32), segments=segments,
+                              return_hidden_states=True).hidden_states[-1]
+    np.testing.assert_allclose(np.asarray(got)[positions >= 0], np.asarray(want)[positions >= 0], rtol=1e-6, atol=1e-6)
+
+
 def test_head_queue_hands_back_each_owner_once_complete(monkeypatch):
     """Owners' positions straddling blocks of 4 are summed in order, each owner handed back once all its
     positions went through the head; only a flush runs a partial block."""
