@@ -320,6 +320,20 @@ def test_packed_rows_layer_by_layer_equal_the_model(checkpoint, tmp_path, ranks)
     np.testing.assert_allclose(np.asarray(got)[positions >= 0], np.asarray(want)[positions >= 0], rtol=1e-6, atol=1e-6)
 
 
+def test_shared_lengths_trade_a_few_padded_positions_for_a_program():
+    """A batch runs at a longer length that batches of its row count already run at when that pads at most
+    SHARED_PROGRAM_POSITIONS in all for its shape; never at a shorter one, never across row counts."""
+    assert scoring.SHARED_PROGRAM_POSITIONS == 2048
+    # The HellaSwag-shaped bench task: 40 contexts, batch 16.
+    assert scoring.shared_lengths([(16, 160), (16, 144), (8, 128)]) == [160, 160, 128]
+    # 8 batches of 16 rows at 144 would pad 8 x 16 x 16 = 2048 positions: shared; 9 would pad 2304: not.
+    assert scoring.shared_lengths([(16, 160)] + [(16, 144)] * 8) == [160] * 9
+    assert scoring.shared_lengths([(16, 160)] + [(16, 144)] * 9) == [160] + [144] * 9
+    # Chained: 128 joins 144's batches, which ran at 160 (16 x 32 = 512 positions).
+    assert scoring.shared_lengths([(16, 512), (16, 160), (16, 144), (16, 128)]) == [512, 160, 160, 160]
+    assert scoring.shared_lengths([(16, 512), (16, 256)]) == [512, 256]  # 16 x 256 = 4096: its own
+
+
 def test_head_queue_hands_back_each_owner_once_complete(monkeypatch):
     """Owners' positions straddling blocks of 4 are summed in order, each owner handed back once all its
     positions went through the head; only a flush runs a partial block."""
