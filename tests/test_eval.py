@@ -294,6 +294,17 @@ def test_shared_contexts_with_the_head_in_chunks_equal_whole_rows(neox, checkpoi
     assert [g for _, g in together] == [g for _, g in alone]
 
 
+def test_head_in_chunks_of_int8_weights(neox, checkpoint, multiple_choice, monkeypatch):
+    """`quantize=int8`: the head's int8 weight and its scales split into chunks alike (6 of 64 rows) score as
+    the head in one chunk, to 1e-5."""
+    requests = multiple_choice[0][:8]
+    quantized = NeoXLM(pretrained=str(checkpoint), dtype="float32", batch_size=8, quantize="int8")
+    whole = quantized._loglikelihood_tokens(requests, disable_tqdm=True)
+    monkeypatch.setattr(scoring, "HEAD_CHUNK", 64)
+    chunked = NeoXLM(pretrained=quantized.model, tokenizer=str(checkpoint / "tokenizer.json"), batch_size=8)
+    _close([x for x, _ in chunked._loglikelihood_tokens(requests, disable_tqdm=True)], [x for x, _ in whole], 1e-5)
+
+
 @pytest.mark.parametrize("ranks", [None, 2])
 def test_packed_rows_layer_by_layer_equal_the_model(checkpoint, tmp_path, ranks):
     """The packed program (one jitted layer called for each layer) gives the model's own final hidden states
