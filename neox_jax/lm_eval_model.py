@@ -62,7 +62,7 @@ from tqdm import tqdm
 
 from .api import NeoXModel, load
 from .quantize import QuantizedWeight
-from .scoring import ContextScorer, HeadQueue, Scorer, packed_length, score_bucket
+from .scoring import ContextScorer, HeadQueue, Scorer, packed_length, score_bucket, shared_lengths
 from .sharding import DATA
 from .tokenizer import END_OF_TEXT, Tokenizer, load_tokenizer
 
@@ -290,13 +290,16 @@ class NeoXLM(TemplateLM):
 
     def _score_packed(self, requests, groups: dict[tuple[int, ...], list[int]], record) -> None:
         """Each context with its continuations in one row, batch_size rows at a time (longest first: rows of a
-        batch have similar lengths); the positions these score through the head, HEAD_ROWS at a time."""
+        batch have similar lengths; a batch may run at a longer batch's length, `shared_lengths`); the positions
+        these score through the head, HEAD_ROWS at a time."""
         continuations = {context: [requests[i][2] for i in users] for context, users in groups.items()}
         contexts = sorted(groups, key=lambda c: (-packed_length(c, continuations[c]), c))
         queue = HeadQueue(self.context_scorer)
-        for start in range(0, len(contexts), self.batch_size):
-            chunk = contexts[start:start + self.batch_size]
-            hidden = self.context_scorer.packed(chunk, [continuations[c] for c in chunk], self.batch_size)
+        chunks = [contexts[start:start + self.batch_size] for start in range(0, len(contexts), self.batch_size)]
+        lengths = shared_lengths([self.context_scorer.packed_shape(chunk, [continuations[c] for c in chunk],
+                                                                   self.batch_size) for chunk in chunks])
+        for chunk, length in zip(chunks, lengths):
+            hidden = self.context_scorer.packed(chunk, [continuations[c] for c in chunk], self.batch_size, length)
             for context, states in zip(chunk, hidden):
                 for i, positions in zip(groups[context], states):
                     queue.add(i, positions, requests[i][2])

@@ -12,14 +12,17 @@ from __future__ import annotations
 import collections
 import math
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .config import NeoXConfig
 from .decode import Compiled, length_bucket
-from .model import KVCache, NeoX
+from .model import KVCache, Layer, NeoX, contract, rank_axis, rotary_cos_sin, rotary_tables
+from .params import MODEL
 from .sharding import DATA, to_host
 
 
@@ -33,6 +36,53 @@ def _log_softmax_at(logits, targets):
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     earlier_top = ((logits == top) & (jnp.arange(logits.shape[-1]) < targets[..., None])).any(axis=-1)
     return target_logit - lse, (target_logit == top[..., 0]) & ~earlier_top, lse
+
+
+HEAD_CHUNK = 1024  # vocabulary rows per step of `_head_by_chunks`: a [256, 1024] fp32 block of logits stays in cache
+
+
+def vocab_chunks(vocab: int) -> int:
+    """How many equal chunks `_head_by_chunks` splits the vocabulary into: the divisor of `vocab` nearest
+    vocab / HEAD_CHUNK (Pythia's 50304 rows: 48 of 1048)."""
+    divisors = [c for c in range(1, vocab + 1) if vocab % c == 0]
+    return min(divisors, key=lambda c: abs(vocab / c - HEAD_CHUNK))
+
+
+def _head_by_chunks(x, weight, targets, dtype):
+    """The output projection and `_log_softmax_at`'s log-prob and greedy flag, a chunk of the vocabulary at a
+    time: x [M, D] after the final LayerNorm, weight [V, D] (an array or a QuantizedWeight), targets [M] ->
+    target log-prob [M] fp32, greedy [M] bool.
+
+    XLA:CPU writes whole [M, V] logits to memory and reads them back for each of the max, the exponentials'
+    sum and the greedy check (it even materialises the max broadcast to [M, V]); a [M, V / chunks] block is
+    used while it is still in cache (on the shared 2-core CPU, M = 256, Pythia-70M: the head with its
+    log-softmax 349 -> 249 ms, the bare projection 245 ms). The logsumexp is taken online (the running sum
+    rescaled when the maximum grows), which changes only the order of fp32 sums; greedy is the first index
+    of the largest logit (torch's argmax) being the target."""
+    chunks = vocab_chunks(weight.shape[0])
+    width = weight.shape[0] // chunks
+    blocks = jax.tree.map(lambda w: w.reshape(chunks, width, *w.shape[1:]), weight)  # [C, V / C, ...] each
+
+    def step(carry, block):
+        top, total, target_logit, first = carry  # [M] each: over the chunks so far
+        w, start = block
+        logits = contract("MD,VD->MV", x, w, dtype).astype(jnp.float32)  # [M, V / C]
+        block_top = logits.max(axis=-1)
+        new_top = jnp.maximum(top, block_top)
+        total = total * jnp.exp(top - new_top) + jnp.exp(logits - new_top[:, None]).sum(axis=-1)
+        local = targets - start
+        inside = (local >= 0) & (local < width)
+        at_target = jnp.take_along_axis(logits, jnp.clip(local, 0, width - 1)[:, None], axis=-1)[:, 0]
+        target_logit = jnp.where(inside, at_target, target_logit)
+        block_first = jnp.where(logits == block_top[:, None], jnp.arange(width), width).min(axis=-1) + start
+        first = jnp.where(block_top > top, block_first, first)  # an equal later maximum is not the first
+        return (new_top, total, target_logit, first), None
+
+    rows = x.shape[0]
+    start = (jnp.full(rows, -jnp.inf, jnp.float32), jnp.zeros(rows, jnp.float32), jnp.zeros(rows, jnp.float32),
+             jnp.zeros(rows, jnp.int32))
+    (top, total, target_logit, first), _ = jax.lax.scan(step, start, (blocks, jnp.arange(chunks) * width))
+    return target_logit - (top + jnp.log(total)), first == targets
 
 
 class _DeviceScorer:
@@ -134,15 +184,47 @@ def _segment_spans(context_length: int, continuations: Sequence[Sequence[int]]) 
     return list(zip(ends[:-1].tolist(), ends[1:].tolist()))
 
 
+SHARED_PROGRAM_POSITIONS = 2048  # padding positions worth one program fewer (see `shared_lengths`)
+
+
+def shared_lengths(shapes: Sequence[tuple[int, int]]) -> list[int]:
+    """The row length each batch of packed rows runs at, from their own (rows, length) shapes, longest first:
+    the batches of one shape run at the shortest longer length that batches of their row count already run
+    at, if that pads them by at most SHARED_PROGRAM_POSITIONS positions in all; else at their own. A program
+    fewer to compile for a few padded positions: on the shared 2-core CPU a Pythia-70M packed program compiles
+    in ~0.8 s, the time of ~2000 positions computed."""
+    counts = collections.Counter(shapes)
+    runs: dict[tuple[int, int], int] = {}
+    for rows, length in sorted(counts, key=lambda shape: -shape[1]):
+        longer = [run for (r, _), run in runs.items() if r == rows]
+        padded = counts[rows, length] * rows * (min(longer, default=length) - length)
+        runs[rows, length] = min(longer) if longer and padded <= SHARED_PROGRAM_POSITIONS else length
+    return [runs[shape] for shape in shapes]
+
+
+class _FirstLayer(nn.Module):
+    """`NeoX`'s transformer layer alone, named as the model's first so that its parameters are found by their
+    path: applied to any layer's params, without a cache. x [B, T, D] (exact mode [R, B, T, D]) -> same."""
+    config: NeoXConfig
+    dtype: Any
+    tp_ranks: int | None = None
+
+    def setup(self):
+        self.layers_0 = Layer(self.config, self.dtype, self.tp_ranks)
+
+    def __call__(self, x, positions, rotary, segments):
+        return self.layers_0(x, positions, rotary, None, None, None, segments)[0]
+
+
 class ContextScorer(_DeviceScorer):
     """Contexts computed once for all their continuations (multiple choice: every answer of a question shares
     its context).
 
-    `packed(contexts, continuations, batch)` computes each context and its continuations but their last tokens
-    in one row, each continuation a segment (`NeoX` `segments`) that sees the context and itself only, at the
+    `packed(contexts, continuations, batch, length)` computes each context and its continuations but their last
+    tokens in one row, each continuation a segment (`NeoX` `segments`) that sees the context and itself only, at the
     positions it has after the context alone; it returns, per continuation, the final hidden states of the
-    positions that score its tokens (the context's last, then its own but last), [len, D]. Rows pad to
-    `score_bucket(longest)`. No cache, no second pass: the way for packed rows that fit in the context; else
+    positions that score its tokens (the context's last, then its own but last), [len, D]. Rows pad to `length`
+    (default `score_bucket(longest)`; `shared_lengths` picks it for a task's batches). No cache, no second pass: the way for packed rows that fit in the context; else
     `contexts(rows, batch, slots)` prefills up to `batch` contexts (each <= `slots` tokens, padded to
     `score_bucket(longest)`) and returns their KV cache (on device, one row per context, `slots` slots: one
     cache size for every batch of a task means one continuation program per continuation bucket) and each
@@ -158,6 +240,8 @@ class ContextScorer(_DeviceScorer):
 
     def __init__(self, model):
         super().__init__(model, (self._prefill, (1,)), (self._continue, ()), (self._head, ()), (self._packed, ()))
+        layer = _FirstLayer(self.module.config, self.module.dtype, self.module.tp_ranks)
+        self._layer = jax.jit(lambda params, *args: layer.apply({"params": {"layers_0": params}}, *args))
 
     def _prefill(self, params, cache, tokens, positions, last):
         # A task's last batch of contexts may have fewer rows than the cache: they fill its first rows.
@@ -187,13 +271,34 @@ class ContextScorer(_DeviceScorer):
                                  ).hidden_states[-1]
 
     def _packed(self, params, tokens, positions, segments):
-        # The [B, T, V] logits are unused (the head runs on the scored positions only), so XLA drops them.
-        return self.module.apply({"params": params}, tokens, positions, segments=segments, return_hidden_states=True
-                                 ).hidden_states[-1]
+        # `NeoX.__call__` with segments, up to the final hidden states (the head runs on the scored positions
+        # only), each layer a call of one jitted layer: traced once for every layer and every row shape (XLA
+        # inlines the calls: the same program). Tracing the whole model took ~0.25 s a shape, most of what a run
+        # whose programs are all in the compilation cache spends on them.
+        c = self.module.config
+        rotary = rotary_cos_sin(positions, *rotary_tables(c.max_position_embeddings, c.rotary_dim, c.rotary_base,
+                                                          self.module.rotary_table_dtype))
+        _, ranks = rank_axis(self.module.tp_ranks)
+        x = jnp.broadcast_to(params["embed_in"][tokens], (*ranks, *tokens.shape, c.hidden_size))
+        for i in range(c.num_layers):
+            x = self._layer(params[f"layers_{i}"], x, positions, rotary, segments)
+        return x[0] if self.module.tp_ranks else x  # exact mode: rank 0's stream, as the model's hidden states
 
     def _head(self, params, hidden, targets):
-        logits = self.module.apply({"params": params}, hidden[None], method=NeoX.head)[0].astype(jnp.float32)
-        return _log_softmax_at(logits, targets)[:2]
+        def whole(params, hidden, targets):
+            logits = self.module.apply({"params": params}, hidden[None], method=NeoX.head)[0].astype(jnp.float32)
+            return _log_softmax_at(logits, targets)[:2]
+
+        def by_chunks(params, hidden, targets):
+            x = self.module.apply({"params": params}, hidden, method=lambda model, h: model.final_layer_norm(h))
+            weight = params["embed_in" if self.module.config.tie_word_embeddings else "embed_out"]
+            return _head_by_chunks(x, weight, targets, self.module.dtype)
+
+        # By chunks on CPU only (on a GPU one projection keeps it busy), and for a whole vocabulary on each
+        # device in the merged mode (the exact mode's ranks each have their own final LayerNorm).
+        if self.module.tp_ranks is None and self.decoder.mesh.shape[MODEL] == 1:
+            return jax.lax.platform_dependent(params, hidden, targets, cpu=by_chunks, default=whole)
+        return whole(params, hidden, targets)
 
     def contexts(self, rows: Sequence[Sequence[int]], batch: int, slots: int):
         # Fewer contexts than `batch` (a task's last ones) run as fewer rows, a power of two: a program more
@@ -212,11 +317,19 @@ class ContextScorer(_DeviceScorer):
         hidden = to_host(self._run(1, index, tokens, positions, cache=cache))
         return [hidden[i, :len(c) - 1] for i, c in enumerate(continuations)]
 
+    def packed_shape(self, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[Sequence[int]]],
+                     batch: int) -> tuple[int, int]:
+        """The rows and the row length of `packed`'s batch of these contexts: fewer contexts than `batch` run as
+        fewer rows, a power of two (as `contexts`); rows pad to `score_bucket(longest)`."""
+        return (min(batch, self.decoder.batch_size(len(contexts))),
+                score_bucket(max(packed_length(c, conts) for c, conts in zip(contexts, continuations))))
+
     def packed(self, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[Sequence[int]]],
-               batch: int) -> list[list[np.ndarray]]:
-        # Fewer contexts than `batch` run as fewer rows, a power of two (as `contexts`).
-        rows = min(batch, self.decoder.batch_size(len(contexts)))
-        length = score_bucket(max(packed_length(c, conts) for c, conts in zip(contexts, continuations)))
+               batch: int, length: int | None = None) -> list[list[np.ndarray]]:
+        rows, shortest = self.packed_shape(contexts, continuations, batch)
+        length = length or shortest
+        if length < shortest:
+            raise ValueError(f"packed rows of up to {shortest} tokens cannot run at length {length}")
         tokens = np.zeros((rows, length), np.int32)
         positions = np.full((rows, length), -1, np.int32)
         segments = np.zeros((rows, length), np.int32)

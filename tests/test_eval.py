@@ -258,6 +258,93 @@ def test_packed_row_longer_than_the_context_falls_back_to_the_cache(neox, monkey
     assert [g for _, g in together] == [g for _, g in alone]
 
 
+def test_head_by_chunks_equals_the_whole_vocabulary_log_softmax(monkeypatch):
+    """The CPU head's chunked log-softmax (an online logsumexp, the first largest logit) against the whole
+    vocabulary's `_log_softmax_at`: log-probs to fp32 rounding, greedy flags identical, with the largest
+    logit tied within a chunk and across chunks (the first one is the argmax, as torch's)."""
+    import jax.numpy as jnp
+
+    assert scoring.vocab_chunks(50304) == 48  # Pythia's vocabulary, chunks of 1048
+    monkeypatch.setattr(scoring, "HEAD_CHUNK", 16)
+    rng = np.random.default_rng(0)
+    vocab, width = 96, 16
+    assert scoring.vocab_chunks(vocab) == vocab // width
+    weight = rng.standard_normal((vocab, 8)).astype(np.float32) * 3
+    weight[[5, 40, 41, 70]] = weight[70] * 4  # rows 5 < 40 < 41 < 70 score alike: ties within and across chunks
+    x = rng.standard_normal((12, 8)).astype(np.float32)
+    x[:6] = weight[70]  # these rows' largest logit is tied at 5, 40, 41 and 70
+    targets = np.array([5, 40, 41, 70, 0, 95, *rng.integers(0, vocab, 6)], np.int32)
+    targets[6:9] = (x[6:9] @ weight.T).argmax(-1)  # greedy targets of untied rows
+    logprob, greedy = scoring._head_by_chunks(jnp.asarray(x), jnp.asarray(weight), jnp.asarray(targets), jnp.float32)
+    want_logprob, want_greedy, _ = scoring._log_softmax_at(jnp.asarray(x @ weight.T), jnp.asarray(targets))
+    np.testing.assert_allclose(np.asarray(logprob), np.asarray(want_logprob), rtol=1e-6, atol=1e-5)
+    assert list(np.asarray(greedy)) == list(np.asarray(want_greedy))
+    assert list(np.asarray(greedy)[:4]) == [True, False, False, False] and np.asarray(greedy)[6:9].all()
+
+
+def test_shared_contexts_with_the_head_in_chunks_equal_whole_rows(neox, checkpoint, multiple_choice, monkeypatch):
+    """The tiny model's 384-row vocabulary in 6 chunks of 64 (Pythia's in 48 of 1048): equal to whole rows to
+    1e-5, greedy flags identical."""
+    monkeypatch.setattr(scoring, "HEAD_CHUNK", 64)
+    requests, alone = multiple_choice
+    lm = NeoXLM(pretrained=neox.model, tokenizer=str(checkpoint / "tokenizer.json"), batch_size=8)
+    assert scoring.vocab_chunks(lm.config.vocab_size) == 6
+    together = lm._loglikelihood_tokens(requests, disable_tqdm=True)
+    _close([x for x, _ in together], [x for x, _ in alone], 1e-5)
+    assert [g for _, g in together] == [g for _, g in alone]
+
+
+def test_head_in_chunks_of_int8_weights(neox, checkpoint, multiple_choice, monkeypatch):
+    """`quantize=int8`: the head's int8 weight and its scales split into chunks alike (6 of 64 rows) score as
+    the head in one chunk, to 1e-5."""
+    requests = multiple_choice[0][:8]
+    quantized = NeoXLM(pretrained=str(checkpoint), dtype="float32", batch_size=8, quantize="int8")
+    whole = quantized._loglikelihood_tokens(requests, disable_tqdm=True)
+    monkeypatch.setattr(scoring, "HEAD_CHUNK", 64)
+    chunked = NeoXLM(pretrained=quantized.model, tokenizer=str(checkpoint / "tokenizer.json"), batch_size=8)
+    _close([x for x, _ in chunked._loglikelihood_tokens(requests, disable_tqdm=True)], [x for x, _ in whole], 1e-5)
+
+
+@pytest.mark.parametrize("ranks", [None, 2])
+def test_packed_rows_layer_by_layer_equal_the_model(checkpoint, tmp_path, ranks):
+    """The packed program (one jitted layer called for each layer) gives the model's own final hidden states
+    for the same segments, merged and in the exact tensor-parallel mode (DeepSpeed shards of 2 ranks)."""
+    import jax
+    import neox_jax
+    from neox_jax.checkpoints.synthetic import write_deepspeed_checkpoint
+
+    if ranks:
+        path = write_deepspeed_checkpoint(tmp_path, _config(), ranks=ranks, dtype=np.float32, layernorm_jitter=0.05)
+        model = neox_jax.load(path, "float32", progress=False, tp_exact=True)
+        assert model.tp_ranks == ranks
+    else:
+        model = neox_jax.load(checkpoint, "float32", progress=False)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 320, (3, 32)).astype(np.int32)
+    positions = np.concatenate([np.arange(20), np.arange(20, 26), np.arange(20, 26)])[None].repeat(3, 0)
+    segments = np.concatenate([np.zeros(20), np.ones(6), np.full(6, 2)])[None].repeat(3, 0).astype(np.int32)
+    positions[2, 28:], segments[2, 28:] = -1, 0  # padding
+    scorer = scoring.ContextScorer(model)
+    got = jax.jit(scorer._packed)(model.params, tokens, positions.astype(np.int32), segments)
+    want = model.module.apply({"params": model.params}, tokens, positions.astype(np.int32), segments=segments,
+                              return_hidden_states=True).hidden_states[-1]
+    np.testing.assert_allclose(np.asarray(got)[positions >= 0], np.asarray(want)[positions >= 0], rtol=1e-6, atol=1e-6)
+
+
+def test_shared_lengths_trade_a_few_padded_positions_for_a_program():
+    """A batch runs at a longer length that batches of its row count already run at when that pads at most
+    SHARED_PROGRAM_POSITIONS in all for its shape; never at a shorter one, never across row counts."""
+    assert scoring.SHARED_PROGRAM_POSITIONS == 2048
+    # The HellaSwag-shaped bench task: 40 contexts, batch 16.
+    assert scoring.shared_lengths([(16, 160), (16, 144), (8, 128)]) == [160, 160, 128]
+    # 8 batches of 16 rows at 144 would pad 8 x 16 x 16 = 2048 positions: shared; 9 would pad 2304: not.
+    assert scoring.shared_lengths([(16, 160)] + [(16, 144)] * 8) == [160] * 9
+    assert scoring.shared_lengths([(16, 160)] + [(16, 144)] * 9) == [160] + [144] * 9
+    # Chained: 128 joins 144's batches, which ran at 160 (16 x 32 = 512 positions).
+    assert scoring.shared_lengths([(16, 512), (16, 160), (16, 144), (16, 128)]) == [512, 160, 160, 160]
+    assert scoring.shared_lengths([(16, 512), (16, 256)]) == [512, 256]  # 16 x 256 = 4096: its own
+
+
 def test_head_queue_hands_back_each_owner_once_complete(monkeypatch):
     """Owners' positions straddling blocks of 4 are summed in order, each owner handed back once all its
     positions went through the head; only a flush runs a partial block."""
