@@ -357,18 +357,20 @@ def test_gradients_through_the_kernels_equal_xla_s(quantized, monkeypatch):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((3, 40)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((24, 40)), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(24), jnp.float32)
     if quantized:
         values, scale = operands(rng, 1, 24, 40, DTYPES["int8"])[1:]
         w = QuantizedWeight(jnp.asarray(values), jnp.asarray(scale))
 
-    def loss(x, w):
-        return jnp.sum(contract("bi,oi->bo", x, w, jnp.float32) ** 2) / 2
+    def loss(x, w, bias):  # with the epilogue, as the MLP's up-projection
+        return jnp.sum(contract("bi,oi->bo", x, w, jnp.float32) ** 2) / 2 + \
+            jnp.sum(contract("bi,oi->bo", x, w, jnp.float32, bias, gelu=True) ** 2) / 2
 
-    argnums = (0,) if quantized else (0, 1)
-    native = jax.grad(loss, argnums)(x, w)
-    assert "custom_call" in jax.jit(jax.grad(loss, argnums)).lower(x, w).as_text()
+    argnums = (0, 2) if quantized else (0, 1, 2)
+    native = jax.grad(loss, argnums)(x, w, bias)
+    assert "custom_call" in jax.jit(jax.grad(loss, argnums)).lower(x, w, bias).as_text()
     monkeypatch.setenv(cpu_kernels.SWITCH, "0")
-    for got, want in zip(native, jax.grad(loss, argnums)(x, w)):
+    for got, want in zip(native, jax.grad(loss, argnums)(x, w, bias)):
         # The primal products differ by fp32 rounding (another summation order), which the backward pass's
         # cancellations can magnify: agreement is judged against the gradient's scale.
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
