@@ -40,55 +40,90 @@ bool cpu_has(std::string_view isa) {
 
 namespace {
 
-// The epilogue's arithmetic, four floats at a time in GCC's portable vector types: each lane is the same IEEE
-// operations as one scalar (so every machine gives the same bits), and the loop needs no auto-vectorizer.
+// The epilogue's GELU in GCC's portable vector types, 4 lanes (the baseline ISA) or 8 (AVX2, without FMA): each
+// lane is the same IEEE operations as one scalar, so every width and machine gives the same bits, and the loop
+// needs no auto-vectorizer.
 using F4 = float __attribute__((vector_size(16)));
 using I4 = int32_t __attribute__((vector_size(16)));
+using F8 = float __attribute__((vector_size(32)));
+using I8 = int32_t __attribute__((vector_size(32)));
+#define NEOX_INLINE [[gnu::always_inline]] inline
 
-inline F4 splat(float c) { return F4{c, c, c, c}; }
-inline I4 splat(int32_t c) { return I4{c, c, c, c}; }
+template <class V, class T>
+NEOX_INLINE V splat(T c) {
+  return V{} + c;
+}
 
 // e^x for x <= 0 (callers zero x < -88.72 themselves), within ~1 ulp: x = n ln 2 + r, |r| <= ln 2 / 2 (n rounded
 // to nearest by adding 1.5 * 2^23, under the thread's default rounding), e^r by Cephes' expf polynomial, 2^n built
 // in the exponent bits, in two factors where 2^n alone would not be a normal float.
-inline F4 exp_nonpositive(F4 x) {
-  x = x < splat(-88.8f) ? splat(-88.8f) : x;
-  const F4 round = splat(12582912.0f);
-  const F4 n = (x * 1.44269504f + round) - round;
-  F4 r = x - n * 0.693359375f;  // ln 2 in two parts (Cephes' C1, C2)
+template <class F, class I>
+NEOX_INLINE F exp_nonpositive(F x) {
+  x = x < -88.8f ? splat<F>(-88.8f) : x;
+  const F n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;
+  F r = x - n * 0.693359375f;  // ln 2 in two parts (Cephes' C1, C2)
   r = r - n * -2.12194440e-4f;
-  F4 p = splat(1.9875691500e-4f);
+  F p = splat<F>(1.9875691500e-4f);
   for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
     p = p * r + c;
-  const F4 er = p * (r * r) + r + 1.0f;
-  const I4 k = __builtin_convertvector(n, I4);  // in [-128, 0]
-  const I4 low = k < splat(-125) ? splat(64) : splat(0);  // 2^k = 2^(k + low) * 2^-low, each a normal float
-  const F4 scale = std::bit_cast<F4>((k + low + 127) << 23);
-  return er * scale * (low != 0 ? splat(0x1p-64f) : splat(1.0f));
+  const F er = p * (r * r) + r + 1.0f;
+  const I k = __builtin_convertvector(n, I);  // in [-128, 0]
+  const I low = k < -125 ? splat<I>(64) : splat<I>(0);  // 2^k = 2^(k + low) * 2^-low, each a normal float
+  const F scale = std::bit_cast<F>((k + low + 127) << 23);
+  return er * scale * (low != 0 ? splat<F>(0x1p-64f) : splat<F>(1.0f));
 }
 
 // 0.5 * y * erfc(-y * fp32(sqrt 0.5)), erfc as chlo's f32 decomposition that XLA compiles jax.nn.gelu's lax.erfc
 // to (the same constants, operations and order): |z| < 1 by 1 - z * erf's odd polynomial, else
 // e^-z^2 / |z| times a polynomial in 1 / z^2 (one for |z| < 2, another above), 2 minus it for z < 0.
-inline F4 gelu_exact(F4 y) {
-  const F4 z = -y * 0.707106769f;
-  const F4 a = std::bit_cast<F4>(std::bit_cast<I4>(z) & 0x7FFFFFFF), z2 = z * z;
-  F4 p = z2 * 7.85386146e-05f - 0.000801019371f;
+template <class F, class I>
+NEOX_INLINE F gelu_exact(F y) {
+  const F z = -y * 0.707106769f;
+  const F a = std::bit_cast<F>(std::bit_cast<I>(z) & 0x7FFFFFFF), z2 = z * z;
+  F p = z2 * 7.85386146e-05f - 0.000801019371f;
   for (const float c : {0.00518832775f, -0.0268538129f, 0.112835854f, -0.37612626f, 1.12837911f}) p = p * z2 + c;
-  const F4 near = 1.0f - z * p;
-  const F4 r = 1.0f / z2;
-  F4 q = r * 0.0232682f - 0.138703942f;
+  const F near = 1.0f - z * p;
+  const F r = 1.0f / z2;
+  F q = r * 0.0232682f - 0.138703942f;
   for (const float c : {0.368742466f, -0.582473278f, 0.621000469f, -0.494451523f, 0.340488f, -0.274112701f,
                         0.563825965f})
     q = q * r + c;
-  F4 t = r * -10.477664f + 12.9772f;
+  F t = r * -10.477664f + 12.9772f;
   for (const float c : {-7.49551868f, 2.92101908f, -1.01526523f, 0.42184633f, -0.282076746f, 0.564189494f})
     t = t * r + c;
-  F4 far = exp_nonpositive(-z2) * (1.0f / a) * (a < 2.0f ? q : t);
-  far = -z2 < -88.7228394f ? splat(0.0f) : far;
+  F far = exp_nonpositive<F, I>(-z2) * (1.0f / a) * (a < 2.0f ? q : t);
+  far = -z2 < -88.7228394f ? splat<F>(0.0f) : far;
   far = z < 0.0f ? 2.0f - far : far;
   return (y * 0.5f) * (a < 1.0f ? near : far);
 }
+
+// row[j] = GELU(row[j]) for j in [begin, end), whole vectors, then the last one padded with zeros (only its own
+// lanes stored).
+template <class F, class I>
+NEOX_INLINE void gelu_span(float* row, int64_t begin, int64_t end) {
+  constexpr int64_t kLanes = sizeof(F) / sizeof(float);
+  int64_t j = begin;
+  for (; j + kLanes <= end; j += kLanes) {
+    F v;
+    std::memcpy(&v, row + j, sizeof(v));
+    v = gelu_exact<F, I>(v);
+    std::memcpy(row + j, &v, sizeof(v));
+  }
+  if (j < end) {
+    F v = splat<F>(0.0f);
+    std::memcpy(&v, row + j, (end - j) * sizeof(float));
+    v = gelu_exact<F, I>(v);
+    std::memcpy(row + j, &v, (end - j) * sizeof(float));
+  }
+}
+
+void gelu_span4(float* row, int64_t begin, int64_t end) { gelu_span<F4, I4>(row, begin, end); }
+
+#if defined(__x86_64__) || defined(__i386__)
+__attribute__((target("avx2"))) void gelu_span8(float* row, int64_t begin, int64_t end) {
+  gelu_span<F8, I8>(row, begin, end);
+}
+#endif
 
 RowsKernel kernel_for(std::string_view isa) {
   if (isa == "avx512") return avx512::rows;
@@ -168,6 +203,15 @@ ffi::Error matmul(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::F3
   return run_checked("neox matmul", x, w, WeightType::kFp32, nullptr, {}, bias, y, isa, threads, gelu);
 }
 
+// The GELU over a span at the widest of the epilogue's vector widths this CPU runs (the same bits at each).
+void gelu_in_place(float* row, int64_t begin, int64_t end) {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2) return gelu_span8(row, begin, end);
+#endif
+  gelu_span4(row, begin, end);
+}
+
 }  // namespace
 
 void apply_epilogue(const Epilogue& e, float* y, int64_t m, int64_t n, int64_t begin, int64_t end) {
@@ -175,14 +219,7 @@ void apply_epilogue(const Epilogue& e, float* y, int64_t m, int64_t n, int64_t b
     float* row = y + b * n;
     if (e.bias)
       for (int64_t j = begin; j < end; ++j) row[j] += e.bias[j];
-    if (!e.gelu) continue;
-    for (int64_t j = begin; j < end; j += 4) {  // the last vector padded with zeros, only its own lanes stored
-      const int64_t lanes = std::min<int64_t>(4, end - j);
-      F4 v = splat(0.0f);
-      std::memcpy(&v, row + j, lanes * sizeof(float));
-      v = gelu_exact(v);
-      std::memcpy(row + j, &v, lanes * sizeof(float));
-    }
+    if (e.gelu) gelu_in_place(row, begin, end);
   }
 }
 
