@@ -42,8 +42,9 @@ bool bias_fits(const Dims& bias_dims, int64_t n) {
   return bias_dims.size() == 1 && (bias_dims[0] == n || bias_dims[0] == 0);
 }
 
-// Applies `e` to output channels [begin, end) of every row of y [m, n]. Plain fp32 arithmetic in one translation
-// unit built for the baseline ISA (no FMA), so its bits do not depend on the kernels' instruction set.
+// Applies `e` to output channels [begin, end) of every row of y [m, n]: plain fp32 operations (no FMA) at the
+// vector width the CPU allows, each lane the same operations, so its bits depend neither on the width nor on the
+// kernels' instruction set (cpu_kernels.cc).
 void apply_epilogue(const Epilogue& e, float* y, int64_t m, int64_t n, int64_t begin, int64_t end);
 
 // Computes output channels [n_begin, n_end) of every row of `p.y`.
