@@ -49,37 +49,41 @@ using F8 = float __attribute__((vector_size(32)));
 using I8 = int32_t __attribute__((vector_size(32)));
 #define NEOX_INLINE [[gnu::always_inline]] inline
 
-template <class V, class T>
-NEOX_INLINE V splat(T c) {
-  return V{} + c;
-}
-
-// e^x for x <= 0 (callers zero x < -88.72 themselves), within ~1 ulp: x = n ln 2 + r, |r| <= ln 2 / 2 (n rounded
+// x = e^x for x <= 0 (callers zero x < -88.72 themselves), within ~1 ulp: x = n ln 2 + r, |r| <= ln 2 / 2 (n rounded
 // to nearest by adding 1.5 * 2^23, under the thread's default rounding), e^r by Cephes' expf polynomial, 2^n built
-// in the exponent bits, in two factors where 2^n alone would not be a normal float.
+// in the exponent bits, in two factors where 2^n alone would not be a normal float. (In place, as gelu_exact: GCC
+// warns of the ABI of a 32-byte vector returned by value without AVX, though these are always inlined; so is
+// memcpy for std::bit_cast.)
 template <class F, class I>
-NEOX_INLINE F exp_nonpositive(F x) {
-  x = x < -88.8f ? splat<F>(-88.8f) : x;
+NEOX_INLINE void exp_nonpositive(F& x) {
+  x = x < -88.8f ? (F{} + -88.8f) : x;
   const F n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;
   F r = x - n * 0.693359375f;  // ln 2 in two parts (Cephes' C1, C2)
   r = r - n * -2.12194440e-4f;
-  F p = splat<F>(1.9875691500e-4f);
+  F p = (F{} + 1.9875691500e-4f);
   for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
     p = p * r + c;
   const F er = p * (r * r) + r + 1.0f;
   const I k = __builtin_convertvector(n, I);  // in [-128, 0]
-  const I low = k < -125 ? splat<I>(64) : splat<I>(0);  // 2^k = 2^(k + low) * 2^-low, each a normal float
-  const F scale = std::bit_cast<F>((k + low + 127) << 23);
-  return er * scale * (low != 0 ? splat<F>(0x1p-64f) : splat<F>(1.0f));
+  const I low = k < -125 ? (I{} + 64) : (I{} + 0);  // 2^k = 2^(k + low) * 2^-low, each a normal float
+  const I exponent = (k + low + 127) << 23;
+  F scale;
+  std::memcpy(&scale, &exponent, sizeof(scale));
+  x = er * scale * (low != 0 ? (F{} + 0x1p-64f) : (F{} + 1.0f));
 }
 
-// 0.5 * y * erfc(-y * fp32(sqrt 0.5)), erfc as chlo's f32 decomposition that XLA compiles jax.nn.gelu's lax.erfc
+// y = 0.5 * y * erfc(-y * fp32(sqrt 0.5)), erfc as chlo's f32 decomposition that XLA compiles jax.nn.gelu's lax.erfc
 // to (the same constants, operations and order): |z| < 1 by 1 - z * erf's odd polynomial, else
 // e^-z^2 / |z| times a polynomial in 1 / z^2 (one for |z| < 2, another above), 2 minus it for z < 0.
 template <class F, class I>
-NEOX_INLINE F gelu_exact(F y) {
+NEOX_INLINE void gelu_exact(F& y) {
   const F z = -y * 0.707106769f;
-  const F a = std::bit_cast<F>(std::bit_cast<I>(z) & 0x7FFFFFFF), z2 = z * z;
+  I magnitude;
+  std::memcpy(&magnitude, &z, sizeof(magnitude));
+  magnitude &= 0x7FFFFFFF;
+  F a;
+  std::memcpy(&a, &magnitude, sizeof(a));
+  const F z2 = z * z;
   F p = z2 * 7.85386146e-05f - 0.000801019371f;
   for (const float c : {0.00518832775f, -0.0268538129f, 0.112835854f, -0.37612626f, 1.12837911f}) p = p * z2 + c;
   const F near = 1.0f - z * p;
@@ -91,10 +95,12 @@ NEOX_INLINE F gelu_exact(F y) {
   F t = r * -10.477664f + 12.9772f;
   for (const float c : {-7.49551868f, 2.92101908f, -1.01526523f, 0.42184633f, -0.282076746f, 0.564189494f})
     t = t * r + c;
-  F far = exp_nonpositive<F, I>(-z2) * (1.0f / a) * (a < 2.0f ? q : t);
-  far = -z2 < -88.7228394f ? splat<F>(0.0f) : far;
+  F far = -z2;
+  exp_nonpositive<F, I>(far);
+  far = far * (1.0f / a) * (a < 2.0f ? q : t);
+  far = -z2 < -88.7228394f ? (F{} + 0.0f) : far;
   far = z < 0.0f ? 2.0f - far : far;
-  return (y * 0.5f) * (a < 1.0f ? near : far);
+  y = (y * 0.5f) * (a < 1.0f ? near : far);
 }
 
 // row[j] = GELU(row[j]) for j in [begin, end), whole vectors, then the last one padded with zeros (only its own
@@ -106,13 +112,13 @@ NEOX_INLINE void gelu_span(float* row, int64_t begin, int64_t end) {
   for (; j + kLanes <= end; j += kLanes) {
     F v;
     std::memcpy(&v, row + j, sizeof(v));
-    v = gelu_exact<F, I>(v);
+    gelu_exact<F, I>(v);
     std::memcpy(row + j, &v, sizeof(v));
   }
   if (j < end) {
-    F v = splat<F>(0.0f);
+    F v = (F{} + 0.0f);
     std::memcpy(&v, row + j, (end - j) * sizeof(float));
-    v = gelu_exact<F, I>(v);
+    gelu_exact<F, I>(v);
     std::memcpy(row + j, &v, (end - j) * sizeof(float));
   }
 }
