@@ -18,6 +18,11 @@ x quantized to int8 by its absolute maximum inside the call, int8 x int8 product
 VNNI's vpdpbusd, AVX2's vpmaddubsw), two fp32 multiplies per output. Its numerics are
 `neox_jax.quantize.dynamic_int8_product`'s, bit for bit.
 
+Epilogue: each kernel takes an optional fp32 bias [n] and a `gelu` flag, applied to its outputs by the thread that
+computed them (csrc/matmul.h's Epilogue): `xla_epilogue` is the definition, XLA's own ops, and the XLA path's
+formulation. The decode step uses it for the MLP's up-projection, whose bias and GELU XLA would otherwise run as a
+fusion of its own between two kernel calls.
+
 Threads: NEOX_JAX_CPU_THREADS (a positive integer), read once when the first kernel runs; by default the CPUs this
 process may run on. The XLA thread that makes the call works too, so a call keeps at most that many busy.
 """
@@ -92,9 +97,9 @@ def best_int8_dynamic_isa() -> str:
     return _extension().best_int8_dynamic_isa()
 
 
-def weight_matmul(x, values, scale, *, isa: str | None = None, threads: int = 0):
-    """`(x @ values.T) * scale` by the native kernel: x fp32 [m, k], values int8 or float8_e4m3fn [n, k] (a
-    weight as stored, `[out, in]`), scale fp32 [n] -> fp32 [m, n].
+def weight_matmul(x, values, scale, bias=None, *, gelu: bool = False, isa: str | None = None, threads: int = 0):
+    """`xla_epilogue((x @ values.T) * scale, bias, gelu)` by the native kernel: x fp32 [m, k], values int8 or
+    float8_e4m3fn [n, k] (a weight as stored, `[out, in]`), scale fp32 [n], bias fp32 [n] or None -> fp32 [m, n].
 
     isa: one of ISAS this CPU runs (default: the fastest); threads: how many threads the call may use (0:
     NEOX_JAX_CPU_THREADS or the CPUs). Raises ValueError for operands of other shapes or dtypes."""
@@ -105,12 +110,13 @@ def weight_matmul(x, values, scale, *, isa: str | None = None, threads: int = 0)
     if x.dtype != jnp.float32 or scale.dtype != jnp.float32 or values.dtype not in WEIGHT_DTYPES:
         raise ValueError(f"weight_matmul takes fp32 x and scale and int8 or float8_e4m3fn values, got {x.dtype}, "
                          f"{scale.dtype} and {values.dtype}")
-    return _call(TARGET, x, (values, scale), values.shape[0], isa, threads, best_isa)
+    return _call(TARGET, x, (values, scale), bias, gelu, isa, threads, best_isa)
 
 
-def int8_dynamic_matmul(x, values, scale, *, isa: str | None = None, threads: int = 0):
-    """`neox_jax.quantize.dynamic_int8_product(x, values, scale)` by the native kernel: x fp32 [m, k], values int8
-    [n, k] (a weight as stored), scale fp32 [n] -> fp32 [m, n]; x's rows are quantized inside the call.
+def int8_dynamic_matmul(x, values, scale, bias=None, *, gelu: bool = False, isa: str | None = None, threads: int = 0):
+    """`xla_epilogue(neox_jax.quantize.dynamic_int8_product(x, values, scale), bias, gelu)` by the native kernel:
+    x fp32 [m, k], values int8 [n, k] (a weight as stored), scale fp32 [n], bias fp32 [n] or None -> fp32 [m, n];
+    x's rows are quantized inside the call.
 
     isa: one of ISAS this CPU runs for it (default: the fastest); threads as `weight_matmul`'s.
     Raises ValueError for operands of other shapes or dtypes, or k over MAX_INT8_DYNAMIC_K."""
@@ -124,23 +130,34 @@ def int8_dynamic_matmul(x, values, scale, *, isa: str | None = None, threads: in
     if x.shape[1] > MAX_INT8_DYNAMIC_K:
         raise ValueError(f"int8_dynamic_matmul: k = {x.shape[1]} is over {MAX_INT8_DYNAMIC_K}, where the int32 sums "
                          f"could overflow")
-    return _call(INT8_DYNAMIC_TARGET, x, (values, scale), values.shape[0], isa, threads, best_int8_dynamic_isa)
+    return _call(INT8_DYNAMIC_TARGET, x, (values, scale), bias, gelu, isa, threads, best_int8_dynamic_isa)
 
 
 MAX_INT8_DYNAMIC_K = 2 ** 17  # |sum_k q_x q_w| <= 127 * 128 * k < 2^31 (csrc/w8a8.h's kMaxW8A8K)
 
 
-def matmul(x, w, *, isa: str | None = None, threads: int = 0):
-    """`x @ w.T` by the native kernel, in fp32: x [m, k], w [n, k] (a weight as stored) -> [m, n]; isa and
-    threads as `weight_matmul`'s."""
+def matmul(x, w, bias=None, *, gelu: bool = False, isa: str | None = None, threads: int = 0):
+    """`xla_epilogue(x @ w.T, bias, gelu)` by the native kernel, in fp32: x [m, k], w [n, k] (a weight as stored),
+    bias [n] or None -> [m, n]; isa and threads as `weight_matmul`'s."""
     if jnp.ndim(x) != 2 or jnp.ndim(w) != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"matmul takes x [m, k] and w [n, k], got {jnp.shape(x)} and {jnp.shape(w)}")
     if x.dtype != jnp.float32 or w.dtype != jnp.float32:
         raise ValueError(f"matmul takes fp32 x and w, got {x.dtype} and {w.dtype}")
-    return _call(FP32_TARGET, x, (w,), w.shape[0], isa, threads, best_isa)
+    return _call(FP32_TARGET, x, (w,), bias, gelu, isa, threads, best_isa)
 
 
-def _call(target: str, x, weight_operands: tuple, n: int, isa: str | None, threads: int, default_isa):
+def xla_epilogue(y, bias=None, gelu: bool = False):
+    """What the kernels apply to their fp32 product y [..., n], in XLA's ops (the definition, and the XLA path's
+    formulation): `y + bias` (fp32 [n]), then with `gelu` the exact GELU, `jax.nn.gelu(approximate=False)`."""
+    if bias is not None:
+        y = y + bias
+    return jax.nn.gelu(y, approximate=False) if gelu else y
+
+
+def _call(target: str, x, weight_operands: tuple, bias, gelu: bool, isa: str | None, threads: int, default_isa):
+    n = weight_operands[0].shape[0]
+    if bias is not None and (jnp.shape(bias) != (n,) or jnp.result_type(bias) != jnp.float32):
+        raise ValueError(f"bias must be fp32 [n] = [{n}], got {jnp.result_type(bias)} {jnp.shape(bias)}")
     if isa is not None and isa not in ISAS:
         raise ValueError(f"isa must be one of {', '.join(ISAS)}, got {isa!r}")
     if threads < 0:
@@ -148,7 +165,8 @@ def _call(target: str, x, weight_operands: tuple, n: int, isa: str | None, threa
     if _extension() is None:
         raise RuntimeError(unavailable_reason())
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32), vmap_method="sequential")
-    return call(x, *weight_operands, isa=isa or default_isa(), threads=np.int64(threads))
+    bias = jnp.zeros((0,), jnp.float32) if bias is None else bias  # empty: no bias
+    return call(x, *weight_operands, bias, isa=isa or default_isa(), threads=np.int64(threads), gelu=bool(gelu))
 
 
 FP32_MAX_ROWS = 64  # rows of x up to which the fp32 kernel beats XLA's matmul (a decode step's; prefill's are XLA's)
@@ -171,10 +189,10 @@ def with_xla_derivative(native, xla):
     return call
 
 
-def rows_product(kernel, x, *weight_operands):
+def rows_product(kernel, x, *weight_operands, **epilogue):
     """`kernel` over x's leading axes flattened into rows, the result shaped back: [..., in] -> [..., out]."""
     lead, n = x.shape[:-1], weight_operands[0].shape[0]
-    return kernel(x.reshape(-1, x.shape[-1]), *weight_operands).reshape(*lead, n)
+    return kernel(x.reshape(-1, x.shape[-1]), *weight_operands, **epilogue).reshape(*lead, n)
 
 
 def takes_fp32(spec: str, x, w) -> bool:

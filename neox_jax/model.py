@@ -116,21 +116,25 @@ def _precision(dtype):
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
 
 
-def contract(spec: str, x, w, dtype):
-    """einsum `x` with a weight (an array or a QuantizedWeight) accumulated in fp32, not rounded. On CPU a
-    decode step's fp32 matmuls run the native kernel (`cpu_kernels.takes_fp32`), faster than XLA's there."""
+def contract(spec: str, x, w, dtype, bias=None, gelu: bool = False):
+    """einsum `x` with a weight (an array or a QuantizedWeight) accumulated in fp32, not rounded; then, in fp32,
+    `bias` added (fp32, broadcasting against the result) and with `gelu` the exact GELU
+    (`cpu_kernels.xla_epilogue`). On CPU a decode step's fp32 matmuls run the native kernel
+    (`cpu_kernels.takes_fp32`), faster than XLA's there; the native kernels apply the bias and GELU themselves."""
     if isinstance(w, QuantizedWeight):
-        return quantized_contract(spec, x, w, _precision(dtype))
+        return quantized_contract(spec, x, w, _precision(dtype), bias, gelu)
 
-    def xla(x, w):
-        return jnp.einsum(spec, x, w, preferred_element_type=F32, precision=_precision(dtype))
+    def xla(x, w, *bias):
+        product = jnp.einsum(spec, x, w, preferred_element_type=F32, precision=_precision(dtype))
+        return cpu_kernels.xla_epilogue(product, *bias, gelu=gelu)
 
-    def native(x, w):
-        return cpu_kernels.rows_product(cpu_kernels.matmul, x, w)
+    def native(x, w, *bias):
+        return cpu_kernels.rows_product(cpu_kernels.matmul, x, w, *bias, gelu=gelu)
 
+    operands = (x, w) + (() if bias is None else (bias,))
     if cpu_kernels.takes_fp32(spec, x, w):
-        return jax.lax.platform_dependent(x, w, cpu=cpu_kernels.with_xla_derivative(native, xla), default=xla)
-    return xla(x, w)
+        return jax.lax.platform_dependent(*operands, cpu=cpu_kernels.with_xla_derivative(native, xla), default=xla)
+    return xla(*operands)
 
 
 def matmul(spec: str, x, w, dtype):
@@ -326,9 +330,12 @@ class MLP(nn.Module):
 
     def __call__(self, x):  # [B, T, D] -> [B, T, D]; exact mode [R, B, T, D], each rank its F/R columns
         (r, ranks), d = rank_axis(self.tp_ranks), self.config.hidden_size
-        up = contract(f"{r}BTD,{r}FD->{r}BTF", x, self.up_w.reshape(*ranks, -1, d), self.dtype)
-        up_b = per_rank(self.up_b.reshape(*ranks, -1), up.ndim).astype(F32)
-        hidden = gelu(up + up_b, self.config.activation).astype(self.dtype)  # [B, T, F]
+        # The bias and the exact GELU, in fp32, go with the matmul: on CPU the native kernels apply them to their
+        # outputs (a decode step would otherwise run them as an XLA fusion of their own).
+        up_b = per_rank(self.up_b.reshape(*ranks, -1), x.ndim).astype(F32)
+        exact = self.config.activation == "gelu"
+        up = contract(f"{r}BTD,{r}FD->{r}BTF", x, self.up_w.reshape(*ranks, -1, d), self.dtype, up_b, gelu=exact)
+        hidden = (up if exact else gelu(up, self.config.activation)).astype(self.dtype)  # [B, T, F]
         out = matmul(f"{r}BTF,D{r}F->{r}BTD", hidden, self.down_w.reshape(d, *ranks, -1), self.dtype)
         return row_parallel_output(out, self.down_b, self.config, self.tp_ranks)
 

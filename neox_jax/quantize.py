@@ -199,21 +199,21 @@ def leaf_mesh_axes(spec: ParamSpec, field: str | None, tp_ranks: int | None = No
 CPU_BLOCK = 2 ** 16  # weight elements converted at a time on CPU: 256 KiB as fp32, in L2 (2 ** 18 measured slower)
 
 
-def quantized_contract(spec: str, x, w: QuantizedWeight, precision):
+def quantized_contract(spec: str, x, w: QuantizedWeight, precision, bias=None, gelu: bool = False):
     """`einsum(spec, x, dequantized w)` accumulated in fp32, computed from the stored values: they meet `x` in
     its dtype (int8 and e4m3 values are exact in fp16, bf16 and fp32) and the per-channel scale multiplies
-    the fp32 result. `w` is a 2-D `[out, in]` weight (the model's matmuls flatten head axes first); its
-    output channel is the result's last axis. A weight of int8-dynamic (`w.dynamic_activations`) computes
-    `dynamic_int8_product` instead.
+    the fp32 result; then `cpu_kernels.xla_epilogue(., bias, gelu)` (bias fp32 [out] or None). `w` is a 2-D
+    `[out, in]` weight (the model's matmuls flatten head axes first); its output channel is the result's last
+    axis. A weight of int8-dynamic (`w.dynamic_activations`) computes `dynamic_int8_product` instead.
 
     How the values reach the matmul differs by platform. XLA:GPU is expected to fuse the conversion into the
     matmul's operand loads (not yet run on a GPU; tests/test_quantize.py checks it there). XLA:CPU does not:
     `einsum(x, values.astype(f32))` writes a converted fp32 copy of the whole weight every step (4 bytes
     written and read again per 1 byte stored), and so does a mixed-type `dot_general`. On CPU the product is
-    therefore the native kernel's (`neox_jax.cpu_kernels`: x as fp32 rows against the stored values, when
-    `cpu_kernels.enabled()`), or else XLA's converting `CPU_BLOCK` elements at a time in a loop over row blocks:
-    each converted block is cache-sized and reused by the next, so no weight-sized float buffer exists
-    (tests/test_quantize.py reads it from the compiled program).
+    therefore the native kernel's (`neox_jax.cpu_kernels`: x as fp32 rows against the stored values, the bias and
+    GELU applied by the kernel, when `cpu_kernels.enabled()`), or else XLA's converting `CPU_BLOCK` elements at a
+    time in a loop over row blocks: each converted block is cache-sized and reused by the next, so no
+    weight-sized float buffer exists (tests/test_quantize.py reads it from the compiled program).
 
     The form is chosen by the platform the program is lowered for (`jax.lax.platform_dependent`), not by
     the process's default backend: a program exported or compiled for CUDA from a CPU process holds the
@@ -222,25 +222,26 @@ def quantized_contract(spec: str, x, w: QuantizedWeight, precision):
     if w.values.ndim != 2 or operands.split(",")[1][0] != result[-1]:
         raise ValueError(f"{spec}: a quantized weight must be [out, in], its output channel the result's last axis")
     if w.dynamic_activations:
-        return dynamic_contract(spec, x, w)
+        return dynamic_contract(spec, x, w, bias, gelu)
 
     def product(x, values):
         return jnp.einsum(spec, x, values.astype(x.dtype), preferred_element_type=jnp.float32, precision=precision)
 
-    def plain(x, values, scale):
-        return product(x, values) * scale
+    def plain(x, values, scale, *bias):
+        return cpu_kernels.xla_epilogue(product(x, values) * scale, *bias, gelu=gelu)
 
-    def native(x, values, scale):
-        return cpu_kernels.rows_product(cpu_kernels.weight_matmul, x.astype(jnp.float32), values, scale)
+    def native(x, values, scale, *bias):
+        return cpu_kernels.rows_product(cpu_kernels.weight_matmul, x.astype(jnp.float32), values, scale, *bias,
+                                        gelu=gelu)
 
-    operands = (x, w.values, w.scale)
+    operands = (x, w.values, w.scale) + (() if bias is None else (bias,))
     if cpu_kernels.rows_form(spec, x, w.values.shape) and cpu_kernels.enabled():
         return jax.lax.platform_dependent(*operands, cpu=cpu_kernels.with_xla_derivative(native, plain), default=plain)
     if not row_blocks_needed(w.values.shape):
         return plain(*operands)
 
-    def blocked(x, values, scale):
-        return by_row_blocks(product, x, values) * scale
+    def blocked(x, values, scale, *bias):
+        return cpu_kernels.xla_epilogue(by_row_blocks(product, x, values) * scale, *bias, gelu=gelu)
 
     return jax.lax.platform_dependent(*operands, cpu=blocked, default=plain)
 
@@ -303,28 +304,31 @@ def int8_product(spec: str, q, values):
     return jnp.einsum(spec, q, values, preferred_element_type=jnp.int32).astype(jnp.float32)
 
 
-def dynamic_contract(spec: str, x, w: QuantizedWeight):
-    """`dynamic_int8_product` of x and `w`: on CPU by the native kernel (one custom call: it quantizes x
-    itself), else XLA's, on CPU `CPU_BLOCK` weights at a time as `quantized_contract`'s fallback. Its derivative
-    is XLA's formulation's: zero through the rounding of x."""
+def dynamic_contract(spec: str, x, w: QuantizedWeight, bias=None, gelu: bool = False):
+    """`dynamic_int8_product` of x and `w`, then `cpu_kernels.xla_epilogue(., bias, gelu)`: on CPU by the native
+    kernel (one custom call: it quantizes x itself and applies the epilogue), else XLA's, on CPU `CPU_BLOCK`
+    weights at a time as `quantized_contract`'s fallback. Its derivative is XLA's formulation's: zero through the
+    rounding of x."""
     if not cpu_kernels.rows_form(spec, x, w.values.shape):
         raise ValueError(f"{spec}: int8-dynamic quantizes x's rows, so x's last axis must be the contracted one "
                          f"and the result x's other axes then the output channel")
 
-    def plain(x, values, scale):
-        return dynamic_int8_product(spec, x, values, scale)
+    def plain(x, values, scale, *bias):
+        return cpu_kernels.xla_epilogue(dynamic_int8_product(spec, x, values, scale), *bias, gelu=gelu)
 
-    def native(x, values, scale):
-        return cpu_kernels.rows_product(cpu_kernels.int8_dynamic_matmul, x.astype(jnp.float32), values, scale)
+    def native(x, values, scale, *bias):
+        return cpu_kernels.rows_product(cpu_kernels.int8_dynamic_matmul, x.astype(jnp.float32), values, scale,
+                                        *bias, gelu=gelu)
 
-    operands = (x, w.values, w.scale)
+    operands = (x, w.values, w.scale) + (() if bias is None else (bias,))
     if cpu_kernels.enabled():
         return jax.lax.platform_dependent(*operands, cpu=cpu_kernels.with_xla_derivative(native, plain), default=plain)
     if not row_blocks_needed(w.values.shape):
         return plain(*operands)
 
-    def blocked(x, values, scale):
+    def blocked(x, values, scale, *bias):
         q, x_scale = quantize_activations(x)
-        return by_row_blocks(lambda q, block: int8_product(spec, q, block), q, values) * x_scale * scale
+        product = by_row_blocks(lambda q, block: int8_product(spec, q, block), q, values) * x_scale * scale
+        return cpu_kernels.xla_epilogue(product, *bias, gelu=gelu)
 
     return jax.lax.platform_dependent(*operands, cpu=blocked, default=plain)

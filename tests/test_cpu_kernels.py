@@ -146,12 +146,106 @@ def test_the_kernel_checks_its_operands_itself():
     shapes with its own message rather than reading out of bounds."""
     cpu_kernels.best_isa()  # registers the target
     call = jax.ffi.ffi_call(cpu_kernels.TARGET, jax.ShapeDtypeStruct((2, 4), jnp.float32))
-    with pytest.raises(Exception, match=r"expected x \[m, k\], w \[n, k\], scale \[n\]"):
-        call(np.ones((2, 8), np.float32), np.ones((4, 8), np.int8), np.ones(3, np.float32), isa="avx2",
-             threads=np.int64(0))
+    no_bias = np.ones(0, np.float32)
+    with pytest.raises(Exception, match=r"expected x \[m, k\], w \[n, k\], scale \[n\], bias \[n\] or \[0\]"):
+        call(np.ones((2, 8), np.float32), np.ones((4, 8), np.int8), np.ones(3, np.float32), no_bias, isa="avx2",
+             threads=np.int64(0), gelu=False)
+    with pytest.raises(Exception, match=r"bias \[3\]"):
+        call(np.ones((2, 8), np.float32), np.ones((4, 8), np.int8), np.ones(4, np.float32), np.ones(3, np.float32),
+             isa="avx2", threads=np.int64(0), gelu=True)
     with pytest.raises(Exception, match="weights must be int8 or float8_e4m3fn"):
-        call(np.ones((2, 8), np.float32), np.ones((4, 8), np.uint8), np.ones(4, np.float32), isa="portable",
-             threads=np.int64(0))
+        call(np.ones((2, 8), np.float32), np.ones((4, 8), np.uint8), np.ones(4, np.float32), no_bias, isa="portable",
+             threads=np.int64(0), gelu=False)
+
+
+# ---- the epilogue: a bias and the exact GELU applied to the kernels' outputs ----
+
+KERNELS = {"int8": "weight-only", "fp8": "weight-only", "fp32": "fp32", "int8-dynamic": "int8-dynamic"}
+
+
+def kernel_operands(rng, kind: str, m: int, n: int, k: int):
+    """(kernel, its weight operands) for `kind` of KERNELS."""
+    if kind == "fp32":
+        return cpu_kernels.matmul, (rng.standard_normal((n, k)).astype(np.float32) * 0.1,)
+    values, scale = operands(rng, 1, n, k, DTYPES["fp8" if kind == "fp8" else "int8"])[1:]
+    scale = scale * (0.05 if kind == "fp8" else 0.01)  # outputs of a few units: GELU's curved part
+    kernel = cpu_kernels.int8_dynamic_matmul if kind == "int8-dynamic" else cpu_kernels.weight_matmul
+    return kernel, (values, scale)
+
+
+def ulps_apart(a, b):
+    """|a - b| in units in the last place of fp32 (counted across zero)."""
+    def ordered(v):
+        bits = np.asarray(v, np.float32).view(np.int32).astype(np.int64)
+        return np.where(bits < 0, -(bits & 0x7FFFFFFF), bits)
+    return np.abs(ordered(a) - ordered(b))
+
+
+GELU_ULPS = 16  # observed up to 9: see assert_gelu_matches
+
+
+def assert_gelu_matches(got, want):
+    """The kernels' GELU against XLA's jax.nn.gelu(approximate=False): the same erfc polynomials in the same order,
+    but each exponential within 1 ulp of its own and XLA fusing multiply-adds the kernels round twice (they run the
+    same plain fp32 operations on every CPU): a few ulps apart; results XLA flushes to zero (|x| < 1e-37) aside."""
+    got, want = np.asarray(got), np.asarray(want)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    finite = np.isfinite(want)
+    np.testing.assert_array_equal(got[~finite & ~np.isnan(want)], want[~finite & ~np.isnan(want)])
+    tiny = finite & (np.abs(want) < 1e-37)
+    assert np.abs(got[tiny]).max(initial=0) < 1e-37
+    normal = finite & ~tiny
+    assert ulps_apart(got[normal], want[normal]).max(initial=0) <= GELU_ULPS
+
+
+def test_the_epilogue_s_gelu_is_xla_s_over_the_whole_range():
+    """Every value the GELU meets, through a product that passes it on exactly (x = 1, k = 1): a dense grid over
+    [-30, 30] (both erfc branches and their polynomials, the exponential down to its underflow), huge values,
+    infinities, NaN and zeros."""
+    rng = np.random.default_rng(0)
+    values = np.concatenate([np.linspace(-30, 30, 200_001, dtype=np.float32),
+                             (rng.standard_normal(50_000) * 3).astype(np.float32),
+                             np.array([0, 1, -1, 2, -2, 1e-30, -1e-30, -13.3, 3e38, -3e38, np.inf, -np.inf, np.nan],
+                                      np.float32)])
+    got = jax.jit(lambda w: cpu_kernels.matmul(np.ones((1, 1), np.float32), w, gelu=True))(values[:, None])[0]
+    assert_gelu_matches(got, jax.jit(lambda v: jax.nn.gelu(v, approximate=False))(values))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("kind", KERNELS)
+@pytest.mark.parametrize("m, n, k", [(1, 37, 19), (3, 300, 512), (8, 129, 100), (1, 1037, 512)])
+def test_the_epilogue_is_xla_s_on_the_kernel_s_own_product(isa, kind, m, n, k):
+    """The bias is one fp32 addition, bit for bit XLA's; bias then GELU, to a few ulps; on every ISA, with the
+    channels split over threads (n = 1037: tasks of whole channel blocks and a partial last vector)."""
+    if kind == "int8-dynamic" and isa == "avx512" and cpu_kernels.best_int8_dynamic_isa() != "avx512":
+        pytest.skip("int8-dynamic's avx512 kernels need VNNI")
+    rng = np.random.default_rng(m * n * k)
+    kernel, weight = kernel_operands(rng, kind, m, n, k)
+    x, bias = rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+    product = np.asarray(kernel(x, *weight, isa=isa, threads=2))
+    np.testing.assert_array_equal(kernel(x, *weight, bias, isa=isa, threads=2), product + bias)
+    assert_gelu_matches(kernel(x, *weight, bias, gelu=True, isa=isa, threads=2),
+                        cpu_kernels.xla_epilogue(product, bias, gelu=True))
+
+
+def test_the_epilogue_keeps_int8_dynamic_s_isas_bit_for_bit_equal():
+    """int8-dynamic's kernels give the same bits on every ISA (exact int32 sums); the epilogue, plain fp32 in one
+    translation unit for every ISA, keeps them equal."""
+    rng = np.random.default_rng(1)
+    kernel, weight = kernel_operands(rng, "int8-dynamic", 4, 300, 512)
+    x, bias = rng.standard_normal((4, 512)).astype(np.float32), rng.standard_normal(300).astype(np.float32)
+    isas = cpu_kernels.ISAS[cpu_kernels.ISAS.index(cpu_kernels.best_int8_dynamic_isa()):]
+    results = [np.asarray(kernel(x, *weight, bias, gelu=True, isa=isa, threads=2)) for isa in isas]
+    for result in results[1:]:
+        np.testing.assert_array_equal(result, results[0])
+
+
+def test_a_bad_bias_is_refused():
+    x, values, scale = operands(np.random.default_rng(0), 1, 4, 4, np.int8)
+    with pytest.raises(ValueError, match=r"bias must be fp32 \[n\] = \[4\], got float32 \(3,\)"):
+        cpu_kernels.weight_matmul(x, values, scale, np.ones(3, np.float32))
+    with pytest.raises(ValueError, match="bias must be fp32"):
+        cpu_kernels.matmul(x, np.ones((4, 4), np.float32), np.ones(4, np.float16))
 
 
 # ---- the model: the kernel in the decode program, and the fallback ----
@@ -183,6 +277,30 @@ def test_the_decode_program_calls_the_kernel_and_switched_off_xla_s_path_with_th
     xla, hlo = decode(int8_params)
     assert cpu_kernels.TARGET not in hlo and "while" in hlo  # XLA's blocked loop
     assert native == xla
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+def test_the_up_projection_s_bias_and_exact_gelu_run_in_the_kernel(activation, monkeypatch):
+    """The MLP's up-projection hands its bias to the kernel, and the exact GELU too (the tanh form stays XLA's):
+    the decode program's calls say so, and the greedy tokens equal XLA's path's."""
+    config = tiny_config(vocab_size=64, activation=activation)
+    params = build_params(config, random_tensors(config, seed=3).items(), jnp.float32, progress=False,
+                          quantize="int8")
+
+    def run():
+        model = NeoXModel(config, params, quantize="int8")
+        decoder = Decoder(model.module, model.params)
+        tokens = decoder.generate([[1, 2, 3, 4], [5, 6, 7, 8]], 8, stop_token=None).tokens
+        (executable,) = decoder._decode._executables.values()
+        return tokens, executable.as_text()
+
+    native, hlo = run()
+    calls = [line for line in hlo.splitlines() if f'custom_call_target="{cpu_kernels.TARGET}"' in line]
+    with_bias = [line for line in calls if f"f32[{config.intermediate_size}]{{0}}}}" in line]
+    assert len(with_bias) == config.num_layers, calls
+    assert sum("gelu = true" in line for line in calls) == (config.num_layers if activation == "gelu" else 0)
+    monkeypatch.setenv(cpu_kernels.SWITCH, "0")
+    assert run()[0] == native
 
 
 def test_an_fp32_model_decodes_with_the_fp32_kernel_and_prefills_with_xla(monkeypatch):
@@ -239,18 +357,20 @@ def test_gradients_through_the_kernels_equal_xla_s(quantized, monkeypatch):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((3, 40)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((24, 40)), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(24), jnp.float32)
     if quantized:
         values, scale = operands(rng, 1, 24, 40, DTYPES["int8"])[1:]
         w = QuantizedWeight(jnp.asarray(values), jnp.asarray(scale))
 
-    def loss(x, w):
-        return jnp.sum(contract("bi,oi->bo", x, w, jnp.float32) ** 2) / 2
+    def loss(x, w, bias):  # with the epilogue, as the MLP's up-projection
+        return jnp.sum(contract("bi,oi->bo", x, w, jnp.float32) ** 2) / 2 + \
+            jnp.sum(contract("bi,oi->bo", x, w, jnp.float32, bias, gelu=True) ** 2) / 2
 
-    argnums = (0,) if quantized else (0, 1)
-    native = jax.grad(loss, argnums)(x, w)
-    assert "custom_call" in jax.jit(jax.grad(loss, argnums)).lower(x, w).as_text()
+    argnums = (0, 2) if quantized else (0, 1, 2)
+    native = jax.grad(loss, argnums)(x, w, bias)
+    assert "custom_call" in jax.jit(jax.grad(loss, argnums)).lower(x, w, bias).as_text()
     monkeypatch.setenv(cpu_kernels.SWITCH, "0")
-    for got, want in zip(native, jax.grad(loss, argnums)(x, w)):
+    for got, want in zip(native, jax.grad(loss, argnums)(x, w, bias)):
         # The primal products differ by fp32 rounding (another summation order), which the backward pass's
         # cancellations can magnify: agreement is judged against the gradient's scale.
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())

@@ -140,16 +140,20 @@ def test_the_kernel_checks_its_operands_itself():
     and an unknown ISA with its own messages."""
     cpu_kernels.best_isa()  # registers the targets
     call = jax.ffi.ffi_call(cpu_kernels.INT8_DYNAMIC_TARGET, jax.ShapeDtypeStruct((2, 4), jnp.float32))
-    with pytest.raises(Exception, match=r"expected x \[m, k\], w \[n, k\], scale \[n\]"):
-        call(np.ones((2, 8), np.float32), np.ones((4, 8), np.int8), np.ones(3, np.float32), isa="portable",
-             threads=np.int64(0))
+    no_bias = np.ones(0, np.float32)
+    with pytest.raises(Exception, match=r"expected x \[m, k\], w \[n, k\], scale \[n\], bias \[n\] or \[0\]"):
+        call(np.ones((2, 8), np.float32), np.ones((4, 8), np.int8), np.ones(3, np.float32), no_bias, isa="portable",
+             threads=np.int64(0), gelu=False)
+    with pytest.raises(Exception, match=r"bias \[5\]"):
+        call(np.ones((2, 8), np.float32), np.ones((4, 8), np.int8), np.ones(4, np.float32), np.ones(5, np.float32),
+             isa="portable", threads=np.int64(0), gelu=False)
     with pytest.raises(Exception, match="is not one of avx512 \\(with VNNI\\), avx2, portable"):
-        call(np.ones((2, 8), np.float32), np.ones((4, 8), np.int8), np.ones(4, np.float32), isa="neon",
-             threads=np.int64(0))
+        call(np.ones((2, 8), np.float32), np.ones((4, 8), np.int8), np.ones(4, np.float32), no_bias, isa="neon",
+             threads=np.int64(0), gelu=False)
     wide = jax.ffi.ffi_call(cpu_kernels.INT8_DYNAMIC_TARGET, jax.ShapeDtypeStruct((1, 1), jnp.float32))
     with pytest.raises(Exception, match="k = 131073 is over 131072"):
         np.asarray(wide(np.ones((1, 2 ** 17 + 1), np.float32), np.ones((1, 2 ** 17 + 1), np.int8),
-                        np.ones(1, np.float32), isa="portable", threads=np.int64(0)))
+                        np.ones(1, np.float32), no_bias, isa="portable", threads=np.int64(0), gelu=False))
 
 
 # ---- the model ----

@@ -1,15 +1,20 @@
 // neox_jax._cpu_kernels: the matmuls as XLA FFI handlers for the CPU platform, and the Python module that hands
 // them to jax.ffi.register_ffi_target (neox_jax/cpu_kernels.py).
 //
-//   weight_matmul(x f32[m, k], w s8|f8e4m3fn[n, k], scale f32[n]; isa: str, threads: i64) -> f32[m, n]
-//   matmul(x f32[m, k], w f32[n, k]; isa: str, threads: i64) -> f32[m, n]
-//   int8_dynamic_matmul(x f32[m, k], w s8[n, k], scale f32[n]; isa: str, threads: i64) -> f32[m, n] (w8a8.cc)
+//   weight_matmul(x f32[m, k], w s8|f8e4m3fn[n, k], scale f32[n], bias f32[n or 0]; isa: str, threads: i64,
+//                 gelu: bool) -> f32[m, n]
+//   matmul(x f32[m, k], w f32[n, k], bias f32[n or 0]; isa: str, threads: i64, gelu: bool) -> f32[m, n]
+//   int8_dynamic_matmul(x f32[m, k], w s8[n, k], scale f32[n], bias f32[n or 0]; isa: str, threads: i64,
+//                       gelu: bool) -> f32[m, n] (w8a8.cc)
 //
-// isa names the kernels ("avx512", "avx2", "portable"); threads 0 means the pool's default.
+// isa names the kernels ("avx512", "avx2", "portable"); threads 0 means the pool's default; bias (an empty one:
+// none) and gelu are the epilogue (matmul.h's Epilogue).
 #include <Python.h>
 
 #include <algorithm>
+#include <bit>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <string_view>
 
@@ -35,6 +40,97 @@ bool cpu_has(std::string_view isa) {
 
 namespace {
 
+// The epilogue's GELU in GCC's portable vector types, 4 lanes (the baseline ISA) or 8 (AVX2, without FMA): each
+// lane is the same IEEE operations as one scalar, so every width and machine gives the same bits, and the loop
+// needs no auto-vectorizer.
+using F4 = float __attribute__((vector_size(16)));
+using I4 = int32_t __attribute__((vector_size(16)));
+using F8 = float __attribute__((vector_size(32)));
+using I8 = int32_t __attribute__((vector_size(32)));
+#define NEOX_INLINE [[gnu::always_inline]] inline
+
+// x = e^x for x <= 0 (callers zero x < -88.72 themselves), within ~1 ulp: x = n ln 2 + r, |r| <= ln 2 / 2 (n rounded
+// to nearest by adding 1.5 * 2^23, under the thread's default rounding), e^r by Cephes' expf polynomial, 2^n built
+// in the exponent bits, in two factors where 2^n alone would not be a normal float. (In place, as gelu_exact: GCC
+// warns of the ABI of a 32-byte vector returned by value without AVX, though these are always inlined; so is
+// memcpy for std::bit_cast.)
+template <class F, class I>
+NEOX_INLINE void exp_nonpositive(F& x) {
+  x = x < -88.8f ? (F{} + -88.8f) : x;
+  const F n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;
+  F r = x - n * 0.693359375f;  // ln 2 in two parts (Cephes' C1, C2)
+  r = r - n * -2.12194440e-4f;
+  F p = (F{} + 1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    p = p * r + c;
+  const F er = p * (r * r) + r + 1.0f;
+  const I k = __builtin_convertvector(n, I);  // in [-128, 0]
+  const I low = k < -125 ? (I{} + 64) : (I{} + 0);  // 2^k = 2^(k + low) * 2^-low, each a normal float
+  const I exponent = (k + low + 127) << 23;
+  F scale;
+  std::memcpy(&scale, &exponent, sizeof(scale));
+  x = er * scale * (low != 0 ? (F{} + 0x1p-64f) : (F{} + 1.0f));
+}
+
+// y = 0.5 * y * erfc(-y * fp32(sqrt 0.5)), erfc as chlo's f32 decomposition that XLA compiles jax.nn.gelu's lax.erfc
+// to (the same constants, operations and order): |z| < 1 by 1 - z * erf's odd polynomial, else
+// e^-z^2 / |z| times a polynomial in 1 / z^2 (one for |z| < 2, another above), 2 minus it for z < 0.
+template <class F, class I>
+NEOX_INLINE void gelu_exact(F& y) {
+  const F z = -y * 0.707106769f;
+  I magnitude;
+  std::memcpy(&magnitude, &z, sizeof(magnitude));
+  magnitude &= 0x7FFFFFFF;
+  F a;
+  std::memcpy(&a, &magnitude, sizeof(a));
+  const F z2 = z * z;
+  F p = z2 * 7.85386146e-05f - 0.000801019371f;
+  for (const float c : {0.00518832775f, -0.0268538129f, 0.112835854f, -0.37612626f, 1.12837911f}) p = p * z2 + c;
+  const F near = 1.0f - z * p;
+  const F r = 1.0f / z2;
+  F q = r * 0.0232682f - 0.138703942f;
+  for (const float c : {0.368742466f, -0.582473278f, 0.621000469f, -0.494451523f, 0.340488f, -0.274112701f,
+                        0.563825965f})
+    q = q * r + c;
+  F t = r * -10.477664f + 12.9772f;
+  for (const float c : {-7.49551868f, 2.92101908f, -1.01526523f, 0.42184633f, -0.282076746f, 0.564189494f})
+    t = t * r + c;
+  F far = -z2;
+  exp_nonpositive<F, I>(far);
+  far = far * (1.0f / a) * (a < 2.0f ? q : t);
+  far = -z2 < -88.7228394f ? (F{} + 0.0f) : far;
+  far = z < 0.0f ? 2.0f - far : far;
+  y = (y * 0.5f) * (a < 1.0f ? near : far);
+}
+
+// row[j] = GELU(row[j]) for j in [begin, end), whole vectors, then the last one padded with zeros (only its own
+// lanes stored).
+template <class F, class I>
+NEOX_INLINE void gelu_span(float* row, int64_t begin, int64_t end) {
+  constexpr int64_t kLanes = sizeof(F) / sizeof(float);
+  int64_t j = begin;
+  for (; j + kLanes <= end; j += kLanes) {
+    F v;
+    std::memcpy(&v, row + j, sizeof(v));
+    gelu_exact<F, I>(v);
+    std::memcpy(row + j, &v, sizeof(v));
+  }
+  if (j < end) {
+    F v = (F{} + 0.0f);
+    std::memcpy(&v, row + j, (end - j) * sizeof(float));
+    gelu_exact<F, I>(v);
+    std::memcpy(row + j, &v, (end - j) * sizeof(float));
+  }
+}
+
+void gelu_span4(float* row, int64_t begin, int64_t end) { gelu_span<F4, I4>(row, begin, end); }
+
+#if defined(__x86_64__) || defined(__i386__)
+__attribute__((target("avx2"))) void gelu_span8(float* row, int64_t begin, int64_t end) {
+  gelu_span<F8, I8>(row, begin, end);
+}
+#endif
+
 RowsKernel kernel_for(std::string_view isa) {
   if (isa == "avx512") return avx512::rows;
   if (isa == "avx2") return avx2::rows;
@@ -48,10 +144,13 @@ const char* best_isa() {
   return "portable";
 }
 
-// The output channels split into tasks of whole channel blocks on the pool.
-void run_matmul(const Matmul& p, RowsKernel kernel, int threads) {
-  run_channels(p.n, kChannelBlock, p.m * p.n * p.k, threads,
-               [&](int64_t begin, int64_t end) { kernel(p, begin, end); });
+// The output channels split into tasks of whole channel blocks on the pool, each task's outputs finished by the
+// epilogue.
+void run_matmul(const Matmul& p, const Epilogue& epilogue, RowsKernel kernel, int threads) {
+  run_channels(p.n, kChannelBlock, p.m * p.n * p.k, threads, [&](int64_t begin, int64_t end) {
+    kernel(p, begin, end);
+    apply_epilogue(epilogue, p.y, p.m, p.n, begin, end);
+  });
 }
 
 std::string shape(ffi::Span<const int64_t> dims) {
@@ -62,31 +161,35 @@ std::string shape(ffi::Span<const int64_t> dims) {
 
 // Checks the operands' shapes, the instruction set and thread count, then runs the kernels.
 ffi::Error run_checked(const char* name, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, WeightType type,
-                       const float* scale, ffi::Span<const int64_t> scale_dims, ffi::Result<ffi::Buffer<ffi::F32>> y,
-                       std::string_view isa, int64_t threads) {
-  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+                       const float* scale, ffi::Span<const int64_t> scale_dims, ffi::Buffer<ffi::F32> bias,
+                       ffi::Result<ffi::Buffer<ffi::F32>> y, std::string_view isa, int64_t threads, bool gelu) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), bd = bias.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2 || xd[1] != wd[1] || yd[0] != xd[0] || yd[1] != wd[0] ||
-      (scale && (scale_dims.size() != 1 || scale_dims[0] != wd[0])))
+      (scale && (scale_dims.size() != 1 || scale_dims[0] != wd[0])) || !bias_fits(bd, wd[0]))
     return ffi::Error::InvalidArgument(std::string(name) + ": expected x [m, k], w [n, k]" +
-                                       (scale ? ", scale [n]" : "") + " -> [m, n], got x " + shape(xd) + ", w " +
-                                       shape(wd) + (scale ? ", scale " + shape(scale_dims) : "") + " -> " + shape(yd));
+                                       (scale ? ", scale [n]" : "") + ", bias [n] or [0] -> [m, n], got x " +
+                                       shape(xd) + ", w " + shape(wd) + (scale ? ", scale " + shape(scale_dims) : "") +
+                                       ", bias " + shape(bd) + " -> " + shape(yd));
   const RowsKernel kernel = kernel_for(isa);
   if (kernel == nullptr || !cpu_has(isa))
     return ffi::Error::InvalidArgument(std::string(name) + ": isa '" + std::string(isa) +
                                        "' is not one of avx512, avx2, portable available on this CPU");
   if (threads < 0) return ffi::Error::InvalidArgument(std::string(name) + ": threads must be >= 0");
   const Matmul p{x.typed_data(), w.untyped_data(), type, scale, y->typed_data(), xd[0], wd[0], xd[1]};
+  const Epilogue epilogue{bd[0] ? bias.typed_data() : nullptr, gelu};
   if (p.m == 0 || p.n == 0) return ffi::Error::Success();
-  if (p.k == 0) {
+  if (p.k == 0) {  // an empty sum, then the epilogue
     std::fill(p.y, p.y + p.m * p.n, 0.0f);
+    apply_epilogue(epilogue, p.y, p.m, p.n, 0, p.n);
     return ffi::Error::Success();
   }
-  run_matmul(p, kernel, threads ? static_cast<int>(threads) : ThreadPool::instance().threads());
+  run_matmul(p, epilogue, kernel, threads ? static_cast<int>(threads) : ThreadPool::instance().threads());
   return ffi::Error::Success();
 }
 
 ffi::Error weight_matmul(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> scale,
-                         ffi::ResultBuffer<ffi::F32> y, std::string_view isa, int64_t threads) {
+                         ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y, std::string_view isa,
+                         int64_t threads, bool gelu) {
   WeightType type;
   if (w.element_type() == ffi::DataType::S8) {
     type = WeightType::kInt8;
@@ -95,17 +198,37 @@ ffi::Error weight_matmul(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<
   } else {
     return ffi::Error::InvalidArgument("neox weight_matmul: weights must be int8 or float8_e4m3fn");
   }
-  return run_checked("neox weight_matmul", x, w, type, scale.typed_data(), scale.dimensions(), y, isa, threads);
+  return run_checked("neox weight_matmul", x, w, type, scale.typed_data(), scale.dimensions(), bias, y, isa, threads,
+                     gelu);
 }
 
-ffi::Error matmul(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::ResultBuffer<ffi::F32> y, std::string_view isa,
-                  int64_t threads) {
+ffi::Error matmul(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y,
+                  std::string_view isa, int64_t threads, bool gelu) {
   if (w.element_type() != ffi::DataType::F32)
     return ffi::Error::InvalidArgument("neox matmul: weights must be float32");
-  return run_checked("neox matmul", x, w, WeightType::kFp32, nullptr, {}, y, isa, threads);
+  return run_checked("neox matmul", x, w, WeightType::kFp32, nullptr, {}, bias, y, isa, threads, gelu);
+}
+
+// The GELU over a span at the widest of the epilogue's vector widths this CPU runs (the same bits at each).
+void gelu_in_place(float* row, int64_t begin, int64_t end) {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2) return gelu_span8(row, begin, end);
+#endif
+  gelu_span4(row, begin, end);
 }
 
 }  // namespace
+
+void apply_epilogue(const Epilogue& e, float* y, int64_t m, int64_t n, int64_t begin, int64_t end) {
+  for (int64_t b = 0; b < m; ++b) {
+    float* row = y + b * n;
+    if (e.bias)
+      for (int64_t j = begin; j < end; ++j) row[j] += e.bias[j];
+    if (e.gelu) gelu_in_place(row, begin, end);
+  }
+}
+
 }  // namespace neox
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NeoxWeightMatmul, neox::weight_matmul,
@@ -113,17 +236,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NeoxWeightMatmul, neox::weight_matmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<std::string_view>("isa")
-                                  .Attr<int64_t>("threads"));
+                                  .Attr<int64_t>("threads")
+                                  .Attr<bool>("gelu"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NeoxMatmul, neox::matmul,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<std::string_view>("isa")
-                                  .Attr<int64_t>("threads"));
+                                  .Attr<int64_t>("threads")
+                                  .Attr<bool>("gelu"));
 
 // ---- the Python module ----
 

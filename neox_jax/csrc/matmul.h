@@ -26,6 +26,27 @@ struct Matmul {
   int64_t m, n, k;
 };
 
+// What a call applies to its outputs after the matmul (and scale), on the thread that computed them while they are
+// in cache: y[b, j] += bias[j], then with `gelu` y = GELU(y), the exact (erf) form as XLA computes jax.nn.gelu:
+// 0.5 * y * erfc(-y / sqrt 2) by chlo's erfc polynomials (neox_jax.cpu_kernels.xla_epilogue is its definition).
+// Saves the decode step an XLA fusion after the MLP's up-projection, which XLA splits over two threads while
+// the pool's workers still hold the cores.
+struct Epilogue {
+  const float* bias;  // [n], or nullptr: none
+  bool gelu;
+};
+
+// Whether a call's bias operand has the shape it must: [n], or [0] for no bias.
+template <class Dims>
+bool bias_fits(const Dims& bias_dims, int64_t n) {
+  return bias_dims.size() == 1 && (bias_dims[0] == n || bias_dims[0] == 0);
+}
+
+// Applies `e` to output channels [begin, end) of every row of y [m, n]: plain fp32 operations (no FMA) at the
+// vector width the CPU allows, each lane the same operations, so its bits depend neither on the width nor on the
+// kernels' instruction set (cpu_kernels.cc).
+void apply_epilogue(const Epilogue& e, float* y, int64_t m, int64_t n, int64_t begin, int64_t end);
+
 // Computes output channels [n_begin, n_end) of every row of `p.y`.
 using RowsKernel = void (*)(const Matmul& p, int64_t n_begin, int64_t n_end);
 

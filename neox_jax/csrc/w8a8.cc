@@ -1,6 +1,7 @@
 // neox_jax._cpu_kernels' activation-quantized matmul as an XLA FFI handler:
 //
-//   int8_dynamic_matmul(x f32[m, k], w s8[n, k], scale f32[n]; isa: str, threads: i64) -> f32[m, n]
+//   int8_dynamic_matmul(x f32[m, k], w s8[n, k], scale f32[n], bias f32[n or 0]; isa: str, threads: i64,
+//                       gelu: bool) -> f32[m, n]
 //
 // x is quantized here, on the calling thread, by one function for every instruction set (so each ISA's
 // kernel sees the same qx, and their exact int32 sums agree bit for bit); the output channels are then split
@@ -118,9 +119,13 @@ W8A8Kernel w8a8_kernel_for(std::string_view isa) {
 constexpr int64_t kChannels = 8;  // a task's channels are a multiple of it (every tile's channel count divides it)
 
 // The output channels split over the pool as the weight-only kernel's are (one-row calls are bound by reading
-// the weights in both, so the same threshold), each task under the caller's floating-point mode.
-void run_w8a8(const W8A8& p, W8A8Kernel kernel, int threads) {
-  run_channels(p.n, kChannels, p.m * p.n * p.k, threads, [&](int64_t begin, int64_t end) { kernel(p, begin, end); });
+// the weights in both, so the same threshold), each task under the caller's floating-point mode and its outputs
+// finished by the epilogue.
+void run_w8a8(const W8A8& p, const Epilogue& epilogue, W8A8Kernel kernel, int threads) {
+  run_channels(p.n, kChannels, p.m * p.n * p.k, threads, [&](int64_t begin, int64_t end) {
+    kernel(p, begin, end);
+    apply_epilogue(epilogue, p.y, p.m, p.n, begin, end);
+  });
 }
 
 std::string shape(ffi::Span<const int64_t> dims) {
@@ -130,13 +135,16 @@ std::string shape(ffi::Span<const int64_t> dims) {
 }
 
 ffi::Error int8_dynamic_matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::F32> scale,
-                               ffi::ResultBuffer<ffi::F32> y, std::string_view isa, int64_t threads) {
+                               ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y, std::string_view isa,
+                               int64_t threads, bool gelu) {
   constexpr const char* kName = "neox int8_dynamic_matmul";
-  const auto xd = x.dimensions(), wd = w.dimensions(), sd = scale.dimensions(), yd = y->dimensions();
+  const auto xd = x.dimensions(), wd = w.dimensions(), sd = scale.dimensions(), bd = bias.dimensions(),
+             yd = y->dimensions();
   if (xd.size() != 2 || wd.size() != 2 || sd.size() != 1 || yd.size() != 2 || xd[1] != wd[1] || sd[0] != wd[0] ||
-      yd[0] != xd[0] || yd[1] != wd[0])
-    return ffi::Error::InvalidArgument(std::string(kName) + ": expected x [m, k], w [n, k], scale [n] -> [m, n], got x " +
-                                       shape(xd) + ", w " + shape(wd) + ", scale " + shape(sd) + " -> " + shape(yd));
+      yd[0] != xd[0] || yd[1] != wd[0] || !bias_fits(bd, wd[0]))
+    return ffi::Error::InvalidArgument(std::string(kName) + ": expected x [m, k], w [n, k], scale [n], bias [n] or [0] " +
+                                       "-> [m, n], got x " + shape(xd) + ", w " + shape(wd) + ", scale " + shape(sd) +
+                                       ", bias " + shape(bd) + " -> " + shape(yd));
   if (xd[1] > kMaxW8A8K)
     return ffi::Error::InvalidArgument(std::string(kName) + ": k = " + std::to_string(xd[1]) + " is over " +
                                        std::to_string(kMaxW8A8K) + ", where the int32 sums could overflow");
@@ -146,16 +154,18 @@ ffi::Error int8_dynamic_matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, 
                                        "' is not one of avx512 (with VNNI), avx2, portable available on this CPU");
   if (threads < 0) return ffi::Error::InvalidArgument(std::string(kName) + ": threads must be >= 0");
   const int64_t m = xd[0], n = wd[0], k = xd[1];
+  const Epilogue epilogue{bd[0] ? bias.typed_data() : nullptr, gelu};
   if (m == 0 || n == 0) return ffi::Error::Success();
-  if (k == 0) {  // an empty sum
+  if (k == 0) {  // an empty sum, then the epilogue
     std::fill(y->typed_data(), y->typed_data() + m * n, 0.0f);
+    apply_epilogue(epilogue, y->typed_data(), m, n, 0, n);
     return ffi::Error::Success();
   }
   thread_local QuantizedX qx;  // reused by the calls on this thread: no allocation per decode step
   quantize_rows(x.typed_data(), m, k, qx);
   const W8A8 p{qx.q.data(), qx.sum.data(), qx.scale.data(), w.typed_data(), scale.typed_data(), y->typed_data(),
                m, n, k, qx.ldq};
-  run_w8a8(p, kernel, threads ? static_cast<int>(threads) : ThreadPool::instance().threads());
+  run_w8a8(p, epilogue, kernel, threads ? static_cast<int>(threads) : ThreadPool::instance().threads());
   return ffi::Error::Success();
 }
 
@@ -174,6 +184,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NeoxInt8DynamicMatmul, neox::int8_dynamic_matmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<std::string_view>("isa")
-                                  .Attr<int64_t>("threads"));
+                                  .Attr<int64_t>("threads")
+                                  .Attr<bool>("gelu"));
