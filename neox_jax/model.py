@@ -400,18 +400,9 @@ class NeoX(nn.Module):
         continue the prefix's computes as prefix + segment alone would. `return_hidden_states` adds the
         residual stream after the embedding and after each layer, [L + 1, B, T, D].
         """
-        c = self.config
         if segments is not None and cache is not None:
             raise ValueError("segments are for rows computed without a cache")
-        # Looked up once for every layer: [B, T, rotary_dim // 2] each.
-        rotary = rotary_cos_sin(positions, *rotary_tables(c.max_position_embeddings, c.rotary_dim, c.rotary_base,
-                                                          self.rotary_table_dtype))
-        r, ranks = rank_axis(self.tp_ranks)
-        # Exact mode: each rank's stream, [R, B, T, D]. The vocab-parallel lookup's all-reduce adds zeros to
-        # the one rank holding each row, so every rank starts from this lookup exactly.
-        x = self.embed_in[tokens]  # [B, T, D]
-        x = jnp.broadcast_to(x, (*ranks, *x.shape))
-
+        x, rotary = self.embed(tokens, positions)
         cache_positions, write_index = (None, None) if cache is None else (cache.positions, cache.length)
         layer_caches = [None] * len(self.layers) if cache is None else list(zip(cache.k, cache.v))
         hidden = [x]
@@ -429,6 +420,18 @@ class NeoX(nn.Module):
         # Exact mode: rank 0's stream (every rank's is the same under the parallel residual).
         hidden = jnp.stack(hidden)[:, 0] if self.tp_ranks else jnp.stack(hidden)
         return NeoXOutput(logits, cache, hidden)
+
+    def embed(self, tokens, positions):
+        """tokens, positions [B, T] -> the residual stream entering the first layer [B, T, D] (exact mode: each
+        rank's, [R, B, T, D]) and the rotary (cos, sin) [B, T, rotary_dim // 2] that every layer uses."""
+        c = self.config
+        rotary = rotary_cos_sin(positions, *rotary_tables(c.max_position_embeddings, c.rotary_dim, c.rotary_base,
+                                                          self.rotary_table_dtype))
+        _, ranks = rank_axis(self.tp_ranks)
+        # Exact mode: the vocab-parallel lookup's all-reduce adds zeros to the one rank holding each row, so
+        # every rank starts from this lookup exactly.
+        x = self.embed_in[tokens]  # [B, T, D]
+        return jnp.broadcast_to(x, (*ranks, *x.shape)), rotary
 
     def head(self, x):
         """The final LayerNorm and the output projection: residual stream [B, T, D] (exact mode: each rank's,

@@ -21,7 +21,7 @@ import numpy as np
 
 from .config import NeoXConfig
 from .decode import Compiled, length_bucket
-from .model import KVCache, Layer, NeoX, contract, rank_axis, rotary_cos_sin, rotary_tables
+from .model import KVCache, Layer, NeoX, contract
 from .params import MODEL
 from .sharding import DATA, to_host
 
@@ -224,11 +224,12 @@ class ContextScorer(_DeviceScorer):
     tokens in one row, each continuation a segment (`NeoX` `segments`) that sees the context and itself only, at the
     positions it has after the context alone; it returns, per continuation, the final hidden states of the
     positions that score its tokens (the context's last, then its own but last), [len, D]. Rows pad to `length`
-    (default `score_bucket(longest)`; `shared_lengths` picks it for a task's batches). No cache, no second pass: the way for packed rows that fit in the context; else
-    `contexts(rows, batch, slots)` prefills up to `batch` contexts (each <= `slots` tokens, padded to
-    `score_bucket(longest)`) and returns their KV cache (on device, one row per context, `slots` slots: one
-    cache size for every batch of a task means one continuation program per continuation bucket) and each
-    context's last-position log-probs [contexts, V] (which score every continuation's first token).
+    (default `score_bucket(longest)`; `shared_lengths` picks it for a task's batches). No cache, no second
+    pass: the way for packed rows that fit in the context; else `contexts(rows, batch, slots)` prefills up to
+    `batch` contexts (each <= `slots` tokens, padded to `score_bucket(longest)`) and returns their KV cache (on
+    device, one row per context, `slots` slots: one cache size for every batch of a task means one
+    continuation program per continuation bucket) and each context's last-position log-probs [contexts, V]
+    (which score every continuation's first token).
     `continuations(cache, context_row, context_length, continuations, batch)` feeds each continuation (>= 2
     tokens) but its last token after the cached context `context_row[i]` (of `context_length[i]` tokens) and
     returns the final hidden state of each fed position, [len - 1, D] per continuation: position t scores the
@@ -275,12 +276,8 @@ class ContextScorer(_DeviceScorer):
         # only), each layer a call of one jitted layer: traced once for every layer and every row shape (XLA
         # inlines the calls: the same program). Tracing the whole model took ~0.25 s a shape, most of what a run
         # whose programs are all in the compilation cache spends on them.
-        c = self.module.config
-        rotary = rotary_cos_sin(positions, *rotary_tables(c.max_position_embeddings, c.rotary_dim, c.rotary_base,
-                                                          self.module.rotary_table_dtype))
-        _, ranks = rank_axis(self.module.tp_ranks)
-        x = jnp.broadcast_to(params["embed_in"][tokens], (*ranks, *tokens.shape, c.hidden_size))
-        for i in range(c.num_layers):
+        x, rotary = self.module.apply({"params": params}, tokens, positions, method=NeoX.embed)
+        for i in range(self.module.config.num_layers):
             x = self._layer(params[f"layers_{i}"], x, positions, rotary, segments)
         return x[0] if self.module.tp_ranks else x  # exact mode: rank 0's stream, as the model's hidden states
 
@@ -333,16 +330,16 @@ class ContextScorer(_DeviceScorer):
         tokens = np.zeros((rows, length), np.int32)
         positions = np.full((rows, length), -1, np.int32)
         segments = np.zeros((rows, length), np.int32)
+        spans = [_segment_spans(len(context), conts) for context, conts in zip(contexts, continuations)]
         for row, (context, conts) in enumerate(zip(contexts, continuations)):
             n = len(context)
             tokens[row, :n], positions[row, :n] = context, np.arange(n)
-            for segment, (continuation, (start, end)) in enumerate(zip(conts, _segment_spans(n, conts)), 1):
+            for segment, (continuation, (start, end)) in enumerate(zip(conts, spans[row]), 1):
                 tokens[row, start:end], positions[row, start:end] = continuation[:-1], np.arange(n, n + end - start)
                 segments[row, start:end] = segment
         hidden = to_host(self._run(3, tokens, positions, segments))
         return [[np.concatenate([hidden[row, len(context) - 1:len(context)], hidden[row, start:end]])
-                 for start, end in _segment_spans(len(context), conts)]
-                for row, (context, conts) in enumerate(zip(contexts, continuations))]
+                 for start, end in spans[row]] for row, context in enumerate(contexts)]
 
     def head(self, hidden: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """hidden [HEAD_ROWS, D] final hidden states, targets [HEAD_ROWS] -> log-prob of each target and whether
