@@ -394,7 +394,9 @@ def test_a_second_server_on_the_same_port_says_so_and_exits_2(server):
 @pytest.mark.parametrize("argv, message", [(["--max-batch", "0"], "--max-batch must be >= 1"),
                                            (["--port", "70000"], "--port must be at most 65535"),
                                            (["--context", "999"], "context 999 must be in [1, 256]"),
-                                           (["--decode-chunk", "0"], "--decode-chunk must be >= 1")])
+                                           (["--decode-chunk", "0"], "--decode-chunk must be >= 1"),
+                                           (["--prefix-cache-gib", "inf"], "--prefix-cache-gib must be a finite"),
+                                           (["--prefix-cache-gib", "nan"], "--prefix-cache-gib must be a finite")])
 def test_bad_flags_are_one_error_line(argv, message):
     out = subprocess.run([sys.executable, "-m", "neox_jax.serve", "--demo", "--port", "0", *argv], cwd=REPO,
                          env=ENV, capture_output=True, text=True, timeout=120)

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import errno
 import logging
+import math
 import os
 import signal
 import socket
@@ -91,6 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"{flag} must be >= {low}, got {value}")
     if args.port > 65535:
         p.error(f"--port must be at most 65535, got {args.port}")
+    if not math.isfinite(args.prefix_cache_gib):
+        p.error(f"--prefix-cache-gib must be a finite number of GiB, got {args.prefix_cache_gib}")
     for flag, value in (("--num-draft-tokens", args.num_draft_tokens), ("--draft-quantize", args.draft_quantize)):
         if value is not None and args.draft is None:
             p.error(f"{flag} needs --draft")
