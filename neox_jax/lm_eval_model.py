@@ -62,7 +62,7 @@ from tqdm import tqdm
 
 from .api import NeoXModel, load
 from .quantize import QuantizedWeight
-from .scoring import ContextScorer, HeadQueue, Scorer, packed_length, score_bucket, shared_lengths
+from .scoring import ContextScorer, HeadQueue, Scorer, even_batch, packed_length, score_bucket, shared_lengths
 from .sharding import DATA
 from .tokenizer import END_OF_TEXT, Tokenizer, load_tokenizer
 
@@ -289,17 +289,19 @@ class NeoXLM(TemplateLM):
                     record(i, logprob, is_greedy)
 
     def _score_packed(self, requests, groups: dict[tuple[int, ...], list[int]], record) -> None:
-        """Each context with its continuations in one row, batch_size rows at a time (longest first: rows of a
-        batch have similar lengths; a batch may run at a longer batch's length, `shared_lengths`); the positions
-        these score through the head, HEAD_ROWS at a time."""
+        """Each context with its continuations in one row, in as few batches of at most batch_size rows as fit
+        them, of equal row counts (`even_batch`; longest first: rows of a batch have similar lengths; a batch may
+        run at a longer batch's length, `shared_lengths`); the positions these score through the head, HEAD_ROWS
+        at a time."""
         continuations = {context: [requests[i][2] for i in users] for context, users in groups.items()}
         contexts = sorted(groups, key=lambda c: (-packed_length(c, continuations[c]), c))
         queue = HeadQueue(self.context_scorer)
-        chunks = [contexts[start:start + self.batch_size] for start in range(0, len(contexts), self.batch_size)]
-        lengths = shared_lengths([self.context_scorer.packed_shape(chunk, [continuations[c] for c in chunk],
-                                                                   self.batch_size) for chunk in chunks])
+        rows = even_batch(len(contexts), self.batch_size, self.model.mesh.shape[DATA])
+        chunks = [contexts[start:start + rows] for start in range(0, len(contexts), rows)]
+        lengths = shared_lengths([self.context_scorer.packed_shape(chunk, [continuations[c] for c in chunk], rows)
+                                  for chunk in chunks])
         for chunk, length in zip(chunks, lengths):
-            hidden = self.context_scorer.packed(chunk, [continuations[c] for c in chunk], self.batch_size, length)
+            hidden = self.context_scorer.packed(chunk, [continuations[c] for c in chunk], rows, length)
             for context, states in zip(chunk, hidden):
                 for i, positions in zip(groups[context], states):
                     queue.add(i, positions, requests[i][2])

@@ -335,14 +335,25 @@ def test_shared_lengths_trade_a_few_padded_positions_for_a_program():
     """A batch runs at a longer length that batches of its row count already run at when that pads at most
     SHARED_PROGRAM_POSITIONS in all for its shape; never at a shorter one, never across row counts."""
     assert scoring.SHARED_PROGRAM_POSITIONS == 2048
-    # The HellaSwag-shaped bench task: 40 contexts, batch 16.
+    # 8 rows are their own row count.
     assert scoring.shared_lengths([(16, 160), (16, 144), (8, 128)]) == [160, 160, 128]
+    # The HellaSwag-shaped bench task: 40 contexts at batch 16, 3 even batches (`even_batch`): one program.
+    assert scoring.shared_lengths([(14, 160), (14, 144), (14, 128)]) == [160, 160, 160]
     # 8 batches of 16 rows at 144 would pad 8 x 16 x 16 = 2048 positions: shared; 9 would pad 2304: not.
     assert scoring.shared_lengths([(16, 160)] + [(16, 144)] * 8) == [160] * 9
     assert scoring.shared_lengths([(16, 160)] + [(16, 144)] * 9) == [160] + [144] * 9
     # Chained: 128 joins 144's batches, which ran at 160 (16 x 32 = 512 positions).
     assert scoring.shared_lengths([(16, 512), (16, 160), (16, 144), (16, 128)]) == [512, 160, 160, 160]
     assert scoring.shared_lengths([(16, 512), (16, 256)]) == [512, 256]  # 16 x 256 = 4096: its own
+
+
+def test_even_batch_splits_contexts_into_fewest_batches_of_one_row_count():
+    """As few batches of at most `batch` rows as hold the contexts, of equal row counts rounded up to a multiple
+    of the data axis; a whole task of fewer contexts is one batch of its size."""
+    assert scoring.even_batch(40, 16, 1) == 14  # 14 + 14 + 12, not 16 + 16 + 8
+    assert [scoring.even_batch(n, 16, 1) for n in (1, 5, 16, 17, 33, 10042)] == [1, 5, 16, 9, 11, 16]
+    assert scoring.even_batch(40, 16, 2) == 14 and scoring.even_batch(17, 16, 4) == 12
+    assert scoring.even_batch(0, 16, 2) == 2  # no contexts: no batch runs, but a row count that slices
 
 
 def test_head_queue_hands_back_each_owner_once_complete(monkeypatch):
