@@ -2,9 +2,14 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <vector>
 
+#include "attention.h"
 #include "matmul.h"
+#include "vector_math.h"
 
 #define NEOX_TARGET __attribute__((target("avx2,fma")))
 
@@ -39,10 +44,16 @@ struct Isa {
     const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
     return _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
   }
+  NEOX_TARGET static V broadcast(float x) { return _mm256_set1_ps(x); }
+  NEOX_TARGET static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static constexpr int kQueryTile = 2;  // attention: queries x kValueVectors accumulators in registers
+  using F = F8;  // the attention's exponentials
+  using I = I8;
 };
 
 }  // namespace
 
 #include "tiles.h"
+#include "attention_tiles.h"
 
 }  // namespace neox::avx2

@@ -2,9 +2,14 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <vector>
 
+#include "attention.h"
 #include "matmul.h"
+#include "vector_math.h"
 
 #define NEOX_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
 
@@ -43,10 +48,16 @@ struct Isa {
     const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
     return _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)));
   }
+  NEOX_TARGET static V broadcast(float x) { return _mm512_set1_ps(x); }
+  NEOX_TARGET static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static constexpr int kQueryTile = 4;  // attention: queries x kValueVectors accumulators in registers
+  using F = F16;  // the attention's exponentials
+  using I = I16;
 };
 
 }  // namespace
 
 #include "tiles.h"
+#include "attention_tiles.h"
 
 }  // namespace neox::avx512

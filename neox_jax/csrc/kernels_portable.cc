@@ -2,9 +2,14 @@
 // path is as fast); they keep the kernel's contract testable and usable everywhere.
 #include <algorithm>
 #include <cmath>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <vector>
 
+#include "attention.h"
 #include "matmul.h"
+#include "vector_math.h"
 
 #define NEOX_TARGET
 
@@ -29,10 +34,16 @@ struct Isa {
   static V load_w(const float* p) { return *p; }
   static V fma(V a, V b, V acc) { return std::fma(a, b, acc); }
   static float sum(V v) { return v; }
+  static V broadcast(float x) { return x; }
+  static void store(float* p, V v) { *p = v; }
+  static constexpr int kQueryTile = 4;  // attention: queries x kValueVectors accumulators in registers
+  using F = F4;  // the attention's exponentials
+  using I = I4;
 };
 
 }  // namespace
 
 #include "tiles.h"
+#include "attention_tiles.h"
 
 }  // namespace neox::portable
