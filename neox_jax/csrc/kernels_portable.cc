@@ -36,6 +36,7 @@ struct Isa {
   static float sum(V v) { return v; }
   static V broadcast(float x) { return x; }
   static void store(float* p, V v) { *p = v; }
+  static void sum4(const V (&v)[4], float* out) { std::copy(v, v + 4, out); }
   static constexpr int kQueryTile = 4;  // attention: queries x kValueVectors accumulators in registers
   using F = F4;  // the attention's exponentials
   using I = I4;
