@@ -1,4 +1,4 @@
-"""Native CPU kernels for the quantized matmuls, called from jitted programs through XLA's FFI.
+"""Native CPU kernels for the matmuls and the decode step's attention, called from jitted programs through XLA's FFI.
 
 XLA:CPU does not fuse a weight's int8 -> fp32 conversion into its matmul (see `neox_jax.quantize`), so on CPU the
 weight-only matmul `[m, k] x [n, k] -> [m, n]` runs as a custom call to C++ kernels (neox_jax/csrc, compiled by
@@ -189,7 +189,9 @@ def decode_attention(q, positions, cache_k, cache_v, cache_positions, k, v, *, i
     return call(q, positions, cache_k, cache_v, cache_positions, k, v, isa=isa or best_isa(), threads=np.int64(threads))
 
 
-DECODE_MAX_QUERIES = 17  # a speculative pass's K + 1 (speculative.MAX_DRAFT_TOKENS): it and the one-token step share the kernel
+# Queries up to which attention over a cache runs the kernel: a speculative pass's K + 1 (speculative.MAX_DRAFT_TOKENS),
+# so that it and the one-token step share the kernel and its bits; a prompt's prefill of up to 16 tokens too.
+DECODE_MAX_QUERIES = 17
 
 
 def takes_attention(q, parts, segments) -> bool:

@@ -35,7 +35,8 @@ Numerics (the one place they are decided):
 - On CPU the quantized matmuls, and an fp32 model's decode-step matmuls, run native kernels
   (`neox_jax.cpu_kernels`) with the same numerics: values converted to fp32 exactly, fp32 accumulation, the
   scale on the fp32 result. Their fp32 additions come in another order than XLA's, so the two agree to fp32
-  rounding, not bit for bit. Programs lowered for GPU keep XLA's matmuls.
+  rounding, not bit for bit. So does the decode step's fp32 attention (`attention`), by a native kernel too.
+  Programs lowered for GPU keep XLA's matmuls and attention.
 - Rotary angle tables are rounded to `rotary_dtype`, by default the model dtype except for bf16
   (`default_rotary_dtype`). With fp16 this reproduces GPT-NeoX's training code, whose `inv_freq` buffer,
   positions and angle products were fp16 (an angle between 512 and 1024 radians is rounded to a multiple

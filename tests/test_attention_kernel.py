@@ -96,7 +96,9 @@ def test_a_query_gets_the_same_bits_alone_or_beside_others_wherever_its_keys_lie
     positions = np.arange(filled, filled + t, dtype=np.int32)[None].repeat(b, 0)
     together = np.asarray(cpu_kernels.decode_attention(q, positions, cache_k, cache_v, cache_positions, k, v, isa=isa))
     for i in range(t):
-        written = lambda cache, new: np.concatenate([cache[:, :, :filled], new[:, :, :i], cache[:, :, filled + i:]], 2)  # noqa: E731,B023
+        def written(cache, new):  # the new tokens before i in the cache's slots after the filled ones
+            return np.concatenate([cache[:, :, :filled], new[:, :, :i], cache[:, :, filled + i:]], axis=2)  # noqa: B023
+
         step_positions = np.where(np.arange(s) < filled + i, np.arange(s), -1).astype(np.int32)[None].repeat(b, 0)
         alone = cpu_kernels.decode_attention(q[:, :, i:i + 1], positions[:, i:i + 1], written(cache_k, k),
                                              written(cache_v, v), step_positions, k[:, :, i:i + 1], v[:, :, i:i + 1],

@@ -3,8 +3,8 @@
 // weighted sums of the values (each value read once per kQueryTile queries), divided by the weights' sum.
 //
 // Included by each ISA's translation unit inside its own namespace, after tiles.h (whose `struct Isa` it uses,
-// with sum4(const V (&)[4], float*), broadcast(float), store(float*, V), kQueryTile (queries whose value sums share the registers) and F, I:
-// vector_math.h's types of the ISA's width, for the exponentials).
+// with sum4(const V (&)[4], float*), broadcast(float), store(float*, V), kQueryTile (queries whose value sums share
+// the registers) and F, I: vector_math.h's types of the ISA's width, for the exponentials).
 //
 // Summation order: each query's score is the same dot product whatever the other queries; its weights' sum and
 // each element of its weighted values accumulate one key at a time in key order (the cache's slots, then the new

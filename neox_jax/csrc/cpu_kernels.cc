@@ -218,7 +218,8 @@ ffi::Error decode_attention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S32> posit
   if (p.b * p.n * p.t * p.h == 0) return ffi::Error::Success();
   // A (batch, head) pair's multiply-adds: its queries' scores and weighted values over every slot.
   const int64_t pair_work = 2 * p.t * (ckd[2] + p.t) * p.h;
-  run_channels(p.b * p.n, 1, p.b * p.n * pair_work, threads ? static_cast<int>(threads) : ThreadPool::instance().threads(),
+  const int pool_threads = threads ? static_cast<int>(threads) : ThreadPool::instance().threads();
+  run_channels(p.b * p.n, 1, p.b * p.n * pair_work, pool_threads,
                [&](int64_t begin, int64_t end) { kernel(p, begin, end); });
   return ffi::Error::Success();
 }

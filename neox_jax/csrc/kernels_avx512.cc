@@ -1,4 +1,5 @@
-// The row kernels for AVX-512 (F, BW, VL, DQ) with FMA: 16 floats per vector.
+// The row kernels and the decode attention (attention_tiles.h) for AVX-512 (F, BW, VL, DQ) with FMA: 16 floats
+// per vector.
 #include <immintrin.h>
 
 #include <algorithm>

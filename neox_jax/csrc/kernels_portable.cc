@@ -1,5 +1,6 @@
-// The row kernels in plain C++ (any CPU): one float per "vector". The model does not choose them (the XLA
-// path is as fast); they keep the kernel's contract testable and usable everywhere.
+// The row kernels and the decode attention (attention_tiles.h) in plain C++ (any CPU): one float per "vector". The
+// model does not choose them (the XLA path is as fast); they keep the kernels' contract testable and usable
+// everywhere.
 #include <algorithm>
 #include <cmath>
 #include <cmath>
