@@ -170,12 +170,12 @@ def decode_attention(q, positions, cache_k, cache_v, cache_positions, k, v, *, i
     at a time in key order, so its output does not depend on how many queries share the call, nor on where the
     invisible keys lie (csrc/attention_tiles.h). isa and threads as `weight_matmul`'s. Raises ValueError for
     operands of other shapes or dtypes."""
-    b, n, t, h = jnp.shape(q)
+    operands = dict(q=q, positions=positions, cache_k=cache_k, cache_v=cache_v, cache_positions=cache_positions, k=k,
+                    v=v)
+    b, n, t, h = jnp.shape(q) if jnp.ndim(q) == 4 else (-1,) * 4
     s = jnp.shape(cache_k)[2] if jnp.ndim(cache_k) == 4 else -1
     expected = {"q": (b, n, t, h), "positions": (b, t), "cache_k": (b, n, s, h), "cache_v": (b, n, s, h),
                 "cache_positions": (b, s), "k": (b, n, t, h), "v": (b, n, t, h)}
-    operands = dict(q=q, positions=positions, cache_k=cache_k, cache_v=cache_v, cache_positions=cache_positions, k=k,
-                    v=v)
     if any(jnp.shape(operands[name]) != shape for name, shape in expected.items()):
         raise ValueError("decode_attention takes q, k, v [B, N, T, H], positions [B, T], cache_k, cache_v [B, N, S, H] "
                          "and cache_positions [B, S], got " +

@@ -118,6 +118,8 @@ def test_bad_operands_are_refused_with_what_was_expected():
     ops = list(operands(np.random.default_rng(0), 2, 2, 8, 1, 4))
     with pytest.raises(ValueError, match=r"q, k, v \[B, N, T, H\], positions \[B, T\]"):
         cpu_kernels.decode_attention(*ops[:4], ops[4][:, :7], *ops[5:])
+    with pytest.raises(ValueError, match=r"got q \(1, 4\)"):
+        cpu_kernels.decode_attention(ops[0][0, 0], *ops[1:])
     with pytest.raises(ValueError, match="fp32 q, k, v, cache_k, cache_v and int32 positions"):
         cpu_kernels.decode_attention(ops[0].astype(np.float16), *ops[1:])
     with pytest.raises(ValueError, match="isa must be one of"):
