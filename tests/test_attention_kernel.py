@@ -85,6 +85,21 @@ def test_a_query_that_sees_no_key_averages_every_value_as_xla_s_path(isa):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+def test_a_nan_score_makes_its_query_s_output_nan_as_xla_s_path(isa):
+    """A NaN in a visible key wins XLA's max and poisons that query's softmax: the kernel's too, and only that
+    query's (the serve engine ends a row whose logits are not finite)."""
+    ops = operands(np.random.default_rng(4), 1, 2, 9, 2, 8, empty=0.0)
+    q, positions, cache_k, cache_v, cache_positions, k, v = ops
+    positions[:] = [[0, 100]]  # query 0 sees only its own new token; query 1 sees every key
+    cache_positions[:] = np.arange(1, 10)
+    cache_k[0, 1, 3, 2] = np.nan
+    got = np.asarray(cpu_kernels.decode_attention(*ops, isa=isa))
+    want = np.asarray(xla(*ops))
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    assert np.isnan(got[0, 1, 1]).all() and not np.isnan(got[0, 1, 0]).any() and not np.isnan(got[0, 0]).any()
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_a_query_gets_the_same_bits_alone_or_beside_others_wherever_its_keys_lie(isa):
     """A speculative pass's queries (T = 4 new tokens after 6 cached, empty slots after them) against one-token
     steps that see the same keys, the earlier new tokens by then written to the cache: equal bit for bit (the

@@ -103,7 +103,7 @@ NEOX_TARGET void scores(const DecodeAttention& p, int64_t b, int64_t n, float* w
 // row = exp(row / root - max(row / root)) (the scores: q . k / fp32(sqrt H), as XLA's path divides), in place, and
 // returns the sum of row (one key at a time). max(row) / root is max(row / root): division by a positive number
 // rounds monotonically. A row that sees no key (all -inf) becomes all ones, as XLA's path's all-masked row: every
-// score MASKED, each weight exp(0).
+// score MASKED, each weight exp(0); a NaN score makes the whole row NaN, as there.
 NEOX_TARGET float exponentials(float* row, int64_t cols, float root) {
   using F = typename Isa::F;
   using I = typename Isa::I;
@@ -113,11 +113,11 @@ NEOX_TARGET float exponentials(float* row, int64_t cols, float root) {
   for (; c + kLanes <= cols; c += kLanes) {
     F x;
     std::memcpy(&x, row + c, sizeof(x));
-    top_lanes = x > top_lanes ? x : top_lanes;
+    top_lanes = x > top_lanes || x != x ? x : top_lanes;  // a NaN score wins, as in XLA's max
   }
   float top = -__builtin_inff();
-  for (int64_t l = 0; l < kLanes; ++l) top = std::max(top, top_lanes[l]);
-  for (; c < cols; ++c) top = std::max(top, row[c]);
+  for (int64_t l = 0; l < kLanes; ++l) top = top_lanes[l] > top || top_lanes[l] != top_lanes[l] ? top_lanes[l] : top;
+  for (; c < cols; ++c) top = row[c] > top || row[c] != row[c] ? row[c] : top;
   if (top == -__builtin_inff()) {
     std::fill(row, row + cols, 1.0f);
     return static_cast<float>(cols);
