@@ -245,7 +245,8 @@ class LayerNorm(nn.Module):
 def attention(q, positions, parts, dtype, segments=None):
     """`attend`'s result; on CPU a decode step's (`cpu_kernels.takes_attention`: few fp32 queries over a cache) by
     the native kernel, which sums in another order (to fp32 rounding; see `cpu_kernels.decode_attention`)."""
-    if not cpu_kernels.takes_attention(q, parts, segments):
+    # The kernel's second part is the queries' own keys, at their positions.
+    if not (cpu_kernels.takes_attention(q, parts, segments) and parts[-1][2] is positions):
         return attend(q, positions, parts, dtype, segments)
     (cache_k, cache_v, cache_positions), (k, v, _) = parts
 
