@@ -1,5 +1,5 @@
-"""Builds neox_jax._cpu_kernels, the native CPU matmul kernels XLA calls through its FFI (neox_jax/cpu_kernels.py;
-the rest of the package is declared in pyproject.toml).
+"""Builds neox_jax._cpu_kernels, the native CPU matmul and decode-attention kernels XLA calls through its FFI
+(neox_jax/cpu_kernels.py; the rest of the package is declared in pyproject.toml).
 
 The XLA FFI headers ship inside jaxlib (`jax.ffi.include_dir()`), so the build needs jax and jaxlib: pyproject.toml's
 build-system requires them, and pip's isolated build environment installs the same newest release a fresh
@@ -29,7 +29,8 @@ def extensions() -> list[Extension]:
                "w8a8.cc", "w8a8_avx512.cc", "w8a8_avx2.cc", "w8a8_portable.cc"]
     return [Extension(
         "neox_jax._cpu_kernels", [f"neox_jax/csrc/{name}" for name in sources], include_dirs=[include],
-        depends=[f"neox_jax/csrc/{name}" for name in ("matmul.h", "thread_pool.h", "tiles.h", "w8a8.h", "tiles_w8a8.h")],
+        depends=[f"neox_jax/csrc/{name}" for name in ("matmul.h", "thread_pool.h", "tiles.h", "w8a8.h", "tiles_w8a8.h",
+                                                      "attention.h", "attention_tiles.h", "vector_math.h")],
         language="c++", optional=True,
         # No -march: each ISA's kernels carry their own target attribute and are chosen at run time, so one
         # build runs on every x86-64 CPU (and the portable kernels elsewhere).

@@ -1,4 +1,4 @@
-"""Native CPU kernels for the quantized matmuls, called from jitted programs through XLA's FFI.
+"""Native CPU kernels for the matmuls and the decode step's attention, called from jitted programs through XLA's FFI.
 
 XLA:CPU does not fuse a weight's int8 -> fp32 conversion into its matmul (see `neox_jax.quantize`), so on CPU the
 weight-only matmul `[m, k] x [n, k] -> [m, n]` runs as a custom call to C++ kernels (neox_jax/csrc, compiled by
@@ -23,6 +23,10 @@ computed them (csrc/matmul.h's Epilogue): `xla_epilogue` is the definition, XLA'
 formulation. The decode step uses it for the MLP's up-projection, whose bias and GELU XLA would otherwise run as a
 fusion of its own between two kernel calls.
 
+`decode_attention` is the decode step's attention over the KV cache (csrc/attention_tiles.h), in fp32: each (batch,
+head) pair a task, its keys read once for all its queries, then its values; `neox_jax.model.attend` is the
+definition and XLA's path, and `neox_jax.model.attention` chooses (`takes_attention`).
+
 Threads: NEOX_JAX_CPU_THREADS (a positive integer), read once when the first kernel runs; by default the CPUs this
 process may run on. The XLA thread that makes the call works too, so a call keeps at most that many busy.
 """
@@ -42,6 +46,7 @@ import numpy as np
 TARGET = "neox_jax_weight_matmul"  # the FFI targets' names, as the compiled program's custom calls name them
 FP32_TARGET = "neox_jax_matmul"
 INT8_DYNAMIC_TARGET = "neox_jax_int8_dynamic_matmul"
+ATTENTION_TARGET = "neox_jax_decode_attention"
 ISAS = ("avx512", "avx2", "portable")  # the kernels' instruction sets, fastest first
 VECTORISED = ISAS[:2]  # those the model uses; on a CPU with neither, XLA's path is as fast as plain C++
 WEIGHT_DTYPES = (np.dtype(np.int8), np.dtype(ml_dtypes.float8_e4m3fn))
@@ -60,6 +65,7 @@ def _extension():
     jax.ffi.register_ffi_target(TARGET, _cpu_kernels.weight_matmul_handler(), platform="cpu")
     jax.ffi.register_ffi_target(FP32_TARGET, _cpu_kernels.matmul_handler(), platform="cpu")
     jax.ffi.register_ffi_target(INT8_DYNAMIC_TARGET, _cpu_kernels.int8_dynamic_matmul_handler(), platform="cpu")
+    jax.ffi.register_ffi_target(ATTENTION_TARGET, _cpu_kernels.decode_attention_handler(), platform="cpu")
     return _cpu_kernels
 
 
@@ -154,16 +160,61 @@ def xla_epilogue(y, bias=None, gelu: bool = False):
     return jax.nn.gelu(y, approximate=False) if gelu else y
 
 
-def _call(target: str, x, weight_operands: tuple, bias, gelu: bool, isa: str | None, threads: int, default_isa):
-    n = weight_operands[0].shape[0]
-    if bias is not None and (jnp.shape(bias) != (n,) or jnp.result_type(bias) != jnp.float32):
-        raise ValueError(f"bias must be fp32 [n] = [{n}], got {jnp.result_type(bias)} {jnp.shape(bias)}")
+def decode_attention(q, positions, cache_k, cache_v, cache_positions, k, v, *, isa: str | None = None,
+                     threads: int = 0):
+    """`neox_jax.model.attend(q, positions, [(cache_k, cache_v, cache_positions), (k, v, positions)], float32)` by
+    the native kernel: q, k, v fp32 [B, N, T, H] (the queries after rotary, the new tokens' keys and values), positions
+    int32 [B, T], cache_k, cache_v fp32 [B, N, S, H], cache_positions int32 [B, S] (-1: empty) -> fp32 [B, N, T, H].
+
+    The same sums in another order (to fp32 rounding): each query's weights and weighted values accumulate one key
+    at a time in key order, so its output does not depend on how many queries share the call, nor on where the
+    invisible keys lie (csrc/attention_tiles.h). isa and threads as `weight_matmul`'s. Raises ValueError for
+    operands of other shapes or dtypes."""
+    operands = dict(q=q, positions=positions, cache_k=cache_k, cache_v=cache_v, cache_positions=cache_positions, k=k,
+                    v=v)
+    b, n, t, h = jnp.shape(q) if jnp.ndim(q) == 4 else (-1,) * 4
+    s = jnp.shape(cache_k)[2] if jnp.ndim(cache_k) == 4 else -1
+    expected = {"q": (b, n, t, h), "positions": (b, t), "cache_k": (b, n, s, h), "cache_v": (b, n, s, h),
+                "cache_positions": (b, s), "k": (b, n, t, h), "v": (b, n, t, h)}
+    if any(jnp.shape(operands[name]) != shape for name, shape in expected.items()):
+        raise ValueError("decode_attention takes q, k, v [B, N, T, H], positions [B, T], cache_k, cache_v [B, N, S, H] "
+                         "and cache_positions [B, S], got " +
+                         ", ".join(f"{name} {jnp.shape(x)}" for name, x in operands.items()))
+    if any(jnp.result_type(x) != (jnp.int32 if "positions" in name else jnp.float32) for name, x in operands.items()):
+        raise ValueError("decode_attention takes fp32 q, k, v, cache_k, cache_v and int32 positions, got " +
+                         ", ".join(f"{name} {jnp.result_type(x)}" for name, x in operands.items()))
+    _check_isa_and_threads(isa, threads)
+    call = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct((b, n, t, h), jnp.float32),
+                            vmap_method="sequential")
+    return call(q, positions, cache_k, cache_v, cache_positions, k, v, isa=isa or best_isa(), threads=np.int64(threads))
+
+
+# Queries up to which attention over a cache runs the kernel: a speculative pass's K + 1 (speculative.MAX_DRAFT_TOKENS),
+# so that it and the one-token step share the kernel and its bits; a prompt's prefill of up to 16 tokens too.
+DECODE_MAX_QUERIES = 17
+
+
+def takes_attention(q, parts, segments) -> bool:
+    """Whether attention lowered for CPU runs `decode_attention`: a decode step's (few queries over a cache and their
+    own keys: `parts` the cache's and the tokens' (keys, values, positions)), fp32, and the kernels enabled."""
+    return (len(parts) == 2 and segments is None and q.shape[2] <= DECODE_MAX_QUERIES
+            and all(x.dtype == jnp.float32 for x in (q, *parts[0][:2], *parts[1][:2])) and enabled())
+
+
+def _check_isa_and_threads(isa: str | None, threads: int) -> None:
     if isa is not None and isa not in ISAS:
         raise ValueError(f"isa must be one of {', '.join(ISAS)}, got {isa!r}")
     if threads < 0:
         raise ValueError(f"threads must be >= 0, got {threads}")
     if _extension() is None:
         raise RuntimeError(unavailable_reason())
+
+
+def _call(target: str, x, weight_operands: tuple, bias, gelu: bool, isa: str | None, threads: int, default_isa):
+    n = weight_operands[0].shape[0]
+    if bias is not None and (jnp.shape(bias) != (n,) or jnp.result_type(bias) != jnp.float32):
+        raise ValueError(f"bias must be fp32 [n] = [{n}], got {jnp.result_type(bias)} {jnp.shape(bias)}")
+    _check_isa_and_threads(isa, threads)
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32), vmap_method="sequential")
     bias = jnp.zeros((0,), jnp.float32) if bias is None else bias  # empty: no bias
     return call(x, *weight_operands, bias, isa=isa or default_isa(), threads=np.int64(threads), gelu=bool(gelu))

@@ -35,7 +35,8 @@ Numerics (the one place they are decided):
 - On CPU the quantized matmuls, and an fp32 model's decode-step matmuls, run native kernels
   (`neox_jax.cpu_kernels`) with the same numerics: values converted to fp32 exactly, fp32 accumulation, the
   scale on the fp32 result. Their fp32 additions come in another order than XLA's, so the two agree to fp32
-  rounding, not bit for bit. Programs lowered for GPU keep XLA's matmuls.
+  rounding, not bit for bit. So does the decode step's fp32 attention (`attention`), by a native kernel too.
+  Programs lowered for GPU keep XLA's matmuls and attention.
 - Rotary angle tables are rounded to `rotary_dtype`, by default the model dtype except for bf16
   (`default_rotary_dtype`). With fp16 this reproduces GPT-NeoX's training code, whose `inv_freq` buffer,
   positions and angle products were fp16 (an angle between 512 and 1024 radians is rounded to a multiple
@@ -241,6 +242,51 @@ class LayerNorm(nn.Module):
         return (y * weight + bias).astype(self.dtype)
 
 
+def attention(q, positions, parts, dtype, segments=None):
+    """`attend`'s result; on CPU a decode step's (`cpu_kernels.takes_attention`: few fp32 queries over a cache) by
+    the native kernel, which sums in another order (to fp32 rounding; see `cpu_kernels.decode_attention`)."""
+    # The kernel's second part is the queries' own keys, at their positions.
+    if not (cpu_kernels.takes_attention(q, parts, segments) and parts[-1][2] is positions):
+        return attend(q, positions, parts, dtype, segments)
+    (cache_k, cache_v, cache_positions), (k, v, _) = parts
+
+    def xla(q, positions, cache_k, cache_v, cache_positions, k, v):
+        return attend(q, positions, [(cache_k, cache_v, cache_positions), (k, v, positions)], dtype)
+
+    operands = (q, positions, cache_k, cache_v, cache_positions, k, v)
+    return jax.lax.platform_dependent(*operands, cpu=cpu_kernels.with_xla_derivative(cpu_kernels.decode_attention, xla),
+                                      default=xla)
+
+
+def attend(q, positions, parts, dtype, segments=None):
+    """q [B, N, T, H] (after rotary) at `positions` [B, T] attending to `parts`, each (keys, values [B, N, S, H],
+    their positions [B, S]) -> [B, N, T, H] in `dtype`: one softmax over all the parts' keys (`attention_scores`).
+
+    In fp32 for scores and softmax, computed part by part (concatenated scores would be copied) and normalised
+    after the product with the values, as flash attention does, so that each [B, N, T, S] array is made once: the
+    fp32 scores, then the unnormalised weights (in (0, 1], safe in fp16). Prefill temporaries: ~14 -> ~6 bytes a
+    score (fp32). A query that sees no key (all scores MASKED) weighs every key 1: the mean of all the values."""
+    scores = [attention_scores(q, keys, positions, key_positions, dtype, segments) for keys, _, key_positions in parts]
+    top = functools.reduce(jnp.maximum, [s.max(-1, keepdims=True) for s in scores])  # [B, N, T, 1]
+    weights = [jnp.exp(s - top) for s in scores]
+    total = sum(w.sum(-1, keepdims=True) for w in weights)  # [B, N, T, 1]
+    attended = sum(jnp.einsum("BNTS,BNSH->BNTH", w.astype(dtype), values, preferred_element_type=F32,
+                              precision=_precision(dtype))
+                   for w, (_, values, _) in zip(weights, parts))
+    return (attended / total).astype(dtype)
+
+
+def attention_scores(q, keys, positions, key_positions, dtype, segments=None):
+    """fp32 q.k / sqrt(H), [B, N, T, S]; a key is visible from its own position on, padding (-1) never,
+    and with `segments` [B, T] (the keys are the tokens', S = T) only from segment 0 or the query's own."""
+    scores = jnp.einsum("BNTH,BNSH->BNTS", q, keys, preferred_element_type=F32,
+                        precision=_precision(dtype)) / np.sqrt(q.shape[-1]).astype(np.float32)
+    visible = (key_positions[:, None, :] <= positions[:, :, None]) & (key_positions[:, None, :] >= 0)
+    if segments is not None:
+        visible &= (segments[:, None, :] == 0) | (segments[:, None, :] == segments[:, :, None])
+    return jnp.where(visible[:, None], scores, MASKED)
+
+
 class Attention(nn.Module):
     config: NeoXConfig
     dtype: Any
@@ -282,18 +328,7 @@ class Attention(nn.Module):
         if cache_kv is not None:
             parts.insert(0, (*cache_kv, cache_positions))
 
-        # Cast to fp32 for scores and softmax: one softmax over all the parts' keys, computed part by part
-        # (concatenated scores would be copied) and normalised after the product with the values, as flash
-        # attention does, so that each [B, N, T, S] array is made once: the fp32 scores, then the
-        # unnormalised weights (in (0, 1], safe in fp16). Prefill temporaries: ~14 -> ~6 bytes a score (fp32).
-        scores = [self.scores(q, keys, positions, key_positions, segments) for keys, _, key_positions in parts]
-        top = functools.reduce(jnp.maximum, [s.max(-1, keepdims=True) for s in scores])  # [B, N, T, 1]
-        weights = [jnp.exp(s - top) for s in scores]
-        total = sum(w.sum(-1, keepdims=True) for w in weights)  # [B, N, T, 1]
-        attended = sum(jnp.einsum("BNTS,BNSH->BNTH", w.astype(self.dtype), values, preferred_element_type=F32,
-                                  precision=_precision(self.dtype))
-                       for w, (_, values, _) in zip(weights, parts))
-        attended = (attended / total).astype(self.dtype)  # [B, N, T, H]
+        attended = attention(q, positions, parts, self.dtype, segments)  # [B, N, T, H]
 
         if cache_kv is not None:
             # The cache is written after it was read. XLA updates it in place only if it can tell the
@@ -305,16 +340,6 @@ class Attention(nn.Module):
         attended = attended.transpose(0, 2, 1, 3).reshape(b, t, *ranks, -1)  # [B, T, (N, H)]; exact [B, T, R, E/R]
         out = matmul(f"BT{r}E,D{r}E->{r}BTD", attended, self.out_w.reshape(d, *ranks, -1), self.dtype)
         return row_parallel_output(out, self.out_b, c, self.tp_ranks), cache_kv
-
-    def scores(self, q, keys, positions, key_positions, segments=None):
-        """fp32 q.k / sqrt(H), [B, N, T, S]; a key is visible from its own position on, padding (-1) never,
-        and with `segments` [B, T] (the keys are the tokens', S = T) only from segment 0 or the query's own."""
-        scores = jnp.einsum("BNTH,BNSH->BNTS", q, keys, preferred_element_type=F32,
-                            precision=_precision(self.dtype)) / np.sqrt(q.shape[-1]).astype(np.float32)
-        visible = (key_positions[:, None, :] <= positions[:, :, None]) & (key_positions[:, None, :] >= 0)
-        if segments is not None:
-            visible &= (segments[:, None, :] == 0) | (segments[:, None, :] == segments[:, :, None])
-        return jnp.where(visible[:, None], scores, MASKED)
 
 
 class MLP(nn.Module):

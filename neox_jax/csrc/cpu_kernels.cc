@@ -6,6 +6,9 @@
 //   matmul(x f32[m, k], w f32[n, k], bias f32[n or 0]; isa: str, threads: i64, gelu: bool) -> f32[m, n]
 //   int8_dynamic_matmul(x f32[m, k], w s8[n, k], scale f32[n], bias f32[n or 0]; isa: str, threads: i64,
 //                       gelu: bool) -> f32[m, n] (w8a8.cc)
+//   decode_attention(q f32[B, N, T, H], positions s32[B, T], cache_k f32[B, N, S, H], cache_v f32[B, N, S, H],
+//                    cache_positions s32[B, S], k f32[B, N, T, H], v f32[B, N, T, H]; isa: str, threads: i64)
+//                    -> f32[B, N, T, H] (attention.h)
 //
 // isa names the kernels ("avx512", "avx2", "portable"); threads 0 means the pool's default; bias (an empty one:
 // none) and gelu are the epilogue (matmul.h's Epilogue).
@@ -18,8 +21,10 @@
 #include <string>
 #include <string_view>
 
+#include "attention.h"
 #include "matmul.h"
 #include "thread_pool.h"
+#include "vector_math.h"
 #include "w8a8.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -40,38 +45,7 @@ bool cpu_has(std::string_view isa) {
 
 namespace {
 
-// The epilogue's GELU in GCC's portable vector types, 4 lanes (the baseline ISA) or 8 (AVX2, without FMA): each
-// lane is the same IEEE operations as one scalar, so every width and machine gives the same bits, and the loop
-// needs no auto-vectorizer.
-using F4 = float __attribute__((vector_size(16)));
-using I4 = int32_t __attribute__((vector_size(16)));
-using F8 = float __attribute__((vector_size(32)));
-using I8 = int32_t __attribute__((vector_size(32)));
-#define NEOX_INLINE [[gnu::always_inline]] inline
-
-// x = e^x for x <= 0 (callers zero x < -88.72 themselves), within ~1 ulp: x = n ln 2 + r, |r| <= ln 2 / 2 (n rounded
-// to nearest by adding 1.5 * 2^23, under the thread's default rounding), e^r by Cephes' expf polynomial, 2^n built
-// in the exponent bits, in two factors where 2^n alone would not be a normal float. (In place, as gelu_exact: GCC
-// warns of the ABI of a 32-byte vector returned by value without AVX, though these are always inlined; so is
-// memcpy for std::bit_cast.)
-template <class F, class I>
-NEOX_INLINE void exp_nonpositive(F& x) {
-  x = x < -88.8f ? (F{} + -88.8f) : x;
-  const F n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;
-  F r = x - n * 0.693359375f;  // ln 2 in two parts (Cephes' C1, C2)
-  r = r - n * -2.12194440e-4f;
-  F p = (F{} + 1.9875691500e-4f);
-  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
-    p = p * r + c;
-  const F er = p * (r * r) + r + 1.0f;
-  const I k = __builtin_convertvector(n, I);  // in [-128, 0]
-  const I low = k < -125 ? (I{} + 64) : (I{} + 0);  // 2^k = 2^(k + low) * 2^-low, each a normal float
-  const I exponent = (k + low + 127) << 23;
-  F scale;
-  std::memcpy(&scale, &exponent, sizeof(scale));
-  x = er * scale * (low != 0 ? (F{} + 0x1p-64f) : (F{} + 1.0f));
-}
-
+// The epilogue's GELU, in vector_math.h's types: 4 lanes, or 8 with AVX2 (without FMA), the same bits at each.
 // y = 0.5 * y * erfc(-y * fp32(sqrt 0.5)), erfc as chlo's f32 decomposition that XLA compiles jax.nn.gelu's lax.erfc
 // to (the same constants, operations and order): |z| < 1 by 1 - z * erf's odd polynomial, else
 // e^-z^2 / |z| times a polynomial in 1 / z^2 (one for |z| < 2, another above), 2 minus it for z < 0.
@@ -209,6 +183,47 @@ ffi::Error matmul(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::F3
   return run_checked("neox matmul", x, w, WeightType::kFp32, nullptr, {}, bias, y, isa, threads, gelu);
 }
 
+AttendKernel attend_kernel_for(std::string_view isa) {
+  if (isa == "avx512") return avx512::attend;
+  if (isa == "avx2") return avx2::attend;
+  if (isa == "portable") return portable::attend;
+  return nullptr;
+}
+
+ffi::Error decode_attention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S32> positions, ffi::Buffer<ffi::F32> cache_k,
+                            ffi::Buffer<ffi::F32> cache_v, ffi::Buffer<ffi::S32> cache_positions,
+                            ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v, ffi::ResultBuffer<ffi::F32> out,
+                            std::string_view isa, int64_t threads) {
+  const auto qd = q.dimensions(), pd = positions.dimensions(), ckd = cache_k.dimensions(),
+             cvd = cache_v.dimensions(), cpd = cache_positions.dimensions(), kd = k.dimensions(), vd = v.dimensions(),
+             od = out->dimensions();
+  const auto same = [](auto a, auto b) { return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin()); };
+  if (qd.size() != 4 || !same(qd, kd) || !same(qd, vd) || !same(qd, od) || !same(ckd, cvd) || ckd.size() != 4 ||
+      ckd[0] != qd[0] || ckd[1] != qd[1] || ckd[3] != qd[3] || pd.size() != 2 || pd[0] != qd[0] || pd[1] != qd[2] ||
+      cpd.size() != 2 || cpd[0] != qd[0] || cpd[1] != ckd[2])
+    return ffi::Error::InvalidArgument(
+        "neox decode_attention: expected q, k, v [B, N, T, H], positions [B, T], cache_k, cache_v [B, N, S, H], "
+        "cache_positions [B, S] -> [B, N, T, H], got q " + shape(qd) + ", positions " + shape(pd) + ", cache_k " +
+        shape(ckd) + ", cache_v " + shape(cvd) + ", cache_positions " + shape(cpd) + ", k " + shape(kd) + ", v " +
+        shape(vd) + " -> " + shape(od));
+  const AttendKernel kernel = attend_kernel_for(isa);
+  if (kernel == nullptr || !cpu_has(isa))
+    return ffi::Error::InvalidArgument("neox decode_attention: isa '" + std::string(isa) +
+                                       "' is not one of avx512, avx2, portable available on this CPU");
+  if (threads < 0) return ffi::Error::InvalidArgument("neox decode_attention: threads must be >= 0");
+  const DecodeAttention p{q.typed_data(), positions.typed_data(),
+                          {{cache_k.typed_data(), cache_v.typed_data(), cache_positions.typed_data(), ckd[2]},
+                           {k.typed_data(), v.typed_data(), positions.typed_data(), qd[2]}},
+                          out->typed_data(), qd[0], qd[1], qd[2], qd[3]};
+  if (p.b * p.n * p.t * p.h == 0) return ffi::Error::Success();
+  // A (batch, head) pair's multiply-adds: its queries' scores and weighted values over every slot.
+  const int64_t pair_work = 2 * p.t * (ckd[2] + p.t) * p.h;
+  const int pool_threads = threads ? static_cast<int>(threads) : ThreadPool::instance().threads();
+  run_channels(p.b * p.n, 1, p.b * p.n * pair_work, pool_threads,
+               [&](int64_t begin, int64_t end) { kernel(p, begin, end); });
+  return ffi::Error::Success();
+}
+
 // The GELU over a span at the widest of the epilogue's vector widths this CPU runs (the same bits at each).
 void gelu_in_place(float* row, int64_t begin, int64_t end) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -252,6 +267,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NeoxMatmul, neox::matmul,
                                   .Attr<int64_t>("threads")
                                   .Attr<bool>("gelu"));
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NeoxDecodeAttention, neox::decode_attention,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<std::string_view>("isa")
+                                  .Attr<int64_t>("threads"));
+
 // ---- the Python module ----
 
 static PyObject* weight_matmul_handler(PyObject*, PyObject*) {
@@ -264,6 +292,10 @@ static PyObject* matmul_handler(PyObject*, PyObject*) {
 
 static PyObject* int8_dynamic_matmul_handler(PyObject*, PyObject*) {
   return PyCapsule_New(reinterpret_cast<void*>(NeoxInt8DynamicMatmul), nullptr, nullptr);
+}
+
+static PyObject* decode_attention_handler(PyObject*, PyObject*) {
+  return PyCapsule_New(reinterpret_cast<void*>(NeoxDecodeAttention), nullptr, nullptr);
 }
 
 static PyObject* best_int8_dynamic_isa(PyObject*, PyObject*) { return PyUnicode_FromString(neox::best_w8a8_isa()); }
@@ -279,6 +311,8 @@ static PyMethodDef methods[] = {
     {"matmul_handler", matmul_handler, METH_NOARGS, "The fp32 matmul's FFI handler (a capsule)."},
     {"int8_dynamic_matmul_handler", int8_dynamic_matmul_handler, METH_NOARGS,
      "The activation-quantized matmul's FFI handler (a capsule)."},
+    {"decode_attention_handler", decode_attention_handler, METH_NOARGS,
+     "The decode step's attention over a KV cache's FFI handler (a capsule)."},
     {"best_int8_dynamic_isa", best_int8_dynamic_isa, METH_NOARGS,
      "The fastest activation-quantized kernels this CPU runs: avx512 (with VNNI), avx2 or portable."},
     {"best_isa", best_isa, METH_NOARGS, "The fastest kernels this CPU runs: avx512, avx2 or portable."},

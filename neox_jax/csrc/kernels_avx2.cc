@@ -1,10 +1,15 @@
-// The row kernels for AVX2 with FMA: 8 floats per vector.
+// The row kernels and the decode attention (attention_tiles.h) for AVX2 with FMA: 8 floats per vector.
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <vector>
 
+#include "attention.h"
 #include "matmul.h"
+#include "vector_math.h"
 
 #define NEOX_TARGET __attribute__((target("avx2,fma")))
 
@@ -39,10 +44,31 @@ struct Isa {
     const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
     return _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
   }
+  NEOX_TARGET static V broadcast(float x) { return _mm256_set1_ps(x); }
+  NEOX_TARGET static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  // out[g] = sum(v[g]) for 4 vectors at once, each lane's additions paired as sum's (the same bits).
+  NEOX_TARGET static void sum4(const V (&v)[4], float* out) {
+    const V half01 = _mm256_add_ps(_mm256_permute2f128_ps(v[0], v[1], 0x20),
+                                   _mm256_permute2f128_ps(v[0], v[1], 0x31));
+    const V half23 = _mm256_add_ps(_mm256_permute2f128_ps(v[2], v[3], 0x20),
+                                   _mm256_permute2f128_ps(v[2], v[3], 0x31));
+    // 128-bit lanes [v0's 4 | v1's 4], [v2's 4 | v3's 4]; then lanes 0, 1 of each: its first two sums paired
+    const V pair01 = _mm256_add_ps(half01, _mm256_shuffle_ps(half01, half01, 0xEE));
+    const V pair23 = _mm256_add_ps(half23, _mm256_shuffle_ps(half23, half23, 0xEE));
+    const V one01 = _mm256_add_ps(pair01, _mm256_movehdup_ps(pair01));
+    const V one23 = _mm256_add_ps(pair23, _mm256_movehdup_ps(pair23));
+    const V all = _mm256_permutevar8x32_ps(_mm256_shuffle_ps(one01, one23, 0x00),  // [v0 v0 v2 v2 | v1 v1 v3 v3]
+                                           _mm256_setr_epi32(0, 4, 2, 6, 0, 0, 0, 0));
+    _mm_storeu_ps(out, _mm256_castps256_ps128(all));
+  }
+  static constexpr int kQueryTile = 2;  // attention: queries x kValueVectors accumulators in registers
+  using F = F8;  // the attention's exponentials
+  using I = I8;
 };
 
 }  // namespace
 
 #include "tiles.h"
+#include "attention_tiles.h"
 
 }  // namespace neox::avx2

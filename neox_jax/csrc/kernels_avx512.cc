@@ -1,10 +1,16 @@
-// The row kernels for AVX-512 (F, BW, VL, DQ) with FMA: 16 floats per vector.
+// The row kernels and the decode attention (attention_tiles.h) for AVX-512 (F, BW, VL, DQ) with FMA: 16 floats
+// per vector.
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <vector>
 
+#include "attention.h"
 #include "matmul.h"
+#include "vector_math.h"
 
 #define NEOX_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
 
@@ -43,10 +49,28 @@ struct Isa {
     const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
     return _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)));
   }
+  NEOX_TARGET static V broadcast(float x) { return _mm512_set1_ps(x); }
+  NEOX_TARGET static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  // out[g] = sum(v[g]) for 4 vectors at once, each lane's additions paired as sum's (the same bits).
+  NEOX_TARGET static void sum4(const V (&v)[4], float* out) {
+    const V lo01 = _mm512_shuffle_f32x4(v[0], v[1], 0x44), hi01 = _mm512_shuffle_f32x4(v[0], v[1], 0xEE);
+    const V lo23 = _mm512_shuffle_f32x4(v[2], v[3], 0x44), hi23 = _mm512_shuffle_f32x4(v[2], v[3], 0xEE);
+    const V eight01 = _mm512_add_ps(lo01, hi01), eight23 = _mm512_add_ps(lo23, hi23);  // [v0's 8 | v1's 8] ...
+    const V four = _mm512_add_ps(_mm512_shuffle_f32x4(eight01, eight23, 0x88),  // 128-bit lanes: v0..v3's 4
+                                 _mm512_shuffle_f32x4(eight01, eight23, 0xDD));
+    const V two = _mm512_add_ps(four, _mm512_shuffle_ps(four, four, 0xEE));
+    const V one = _mm512_add_ps(two, _mm512_movehdup_ps(two));
+    _mm_storeu_ps(out, _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0,
+                                                                                       0, 0, 0, 0, 0, 0), one)));
+  }
+  static constexpr int kQueryTile = 4;  // attention: queries x kValueVectors accumulators in registers
+  using F = F16;  // the attention's exponentials
+  using I = I16;
 };
 
 }  // namespace
 
 #include "tiles.h"
+#include "attention_tiles.h"
 
 }  // namespace neox::avx512

@@ -1,10 +1,16 @@
-// The row kernels in plain C++ (any CPU): one float per "vector". The model does not choose them (the XLA
-// path is as fast); they keep the kernel's contract testable and usable everywhere.
+// The row kernels and the decode attention (attention_tiles.h) in plain C++ (any CPU): one float per "vector". The
+// model does not choose them (the XLA path is as fast); they keep the kernels' contract testable and usable
+// everywhere.
 #include <algorithm>
 #include <cmath>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <vector>
 
+#include "attention.h"
 #include "matmul.h"
+#include "vector_math.h"
 
 #define NEOX_TARGET
 
@@ -29,10 +35,17 @@ struct Isa {
   static V load_w(const float* p) { return *p; }
   static V fma(V a, V b, V acc) { return std::fma(a, b, acc); }
   static float sum(V v) { return v; }
+  static V broadcast(float x) { return x; }
+  static void store(float* p, V v) { *p = v; }
+  static void sum4(const V (&v)[4], float* out) { std::copy(v, v + 4, out); }
+  static constexpr int kQueryTile = 4;  // attention: queries x kValueVectors accumulators in registers
+  using F = F4;  // the attention's exponentials
+  using I = I4;
 };
 
 }  // namespace
 
 #include "tiles.h"
+#include "attention_tiles.h"
 
 }  // namespace neox::portable
