@@ -64,8 +64,9 @@ bool cpu_has(std::string_view isa);
 // (Zen 4) at batch 1, one thread, chains of calls whose weights come from memory: int8 streamed 13.6-13.9 GB/s into
 // L1 and 22.3-23.5 into L2 ([512, 2048] by AVX-512's 8 channels: Pythia-70M's MLP down-projection), 11.8-12.2 and
 // 24.7-25.0 ([1024, 4096] by AVX2's 4: Pythia-410M's); fp32 [2048, 512] (AVX-512) 22.4-23.9 into L1, 18.7-21.7
-// into L2. A likely reason: at the same distance int8's k is 4x fp32's, and so is the fp32 x row that stays in L1
-// beside the prefetched lines (8 KiB against 2 KiB).
+// into L2; int8-dynamic's tiles (tiles_w8a8.h) at batch 8, [1024, 4096] by AVX-512's 4 channels x 4 rows: 10.0-10.3
+// into L1, 15.9-16.3 into L2. A likely reason: at the same distance a 1-byte weight's k is 4x fp32's, and so are the
+// x rows that stay in L1 beside the prefetched lines (fp32 x: 8 KiB against 2 KiB; int8 qx, 4 rows: 16 KiB).
 constexpr int64_t kL1PrefetchBytes = 32 * 1024;
 constexpr bool prefetch_into_l1(int64_t distance, int64_t weight_bytes) {
   return weight_bytes == 4 ? distance <= kL1PrefetchBytes : distance < kL1PrefetchBytes;
