@@ -96,17 +96,17 @@ def verify(logits, draft_tokens, draft_probs, sampling: Sampling, step, salt):
         return rowwise(verify, sampling, step, salt, logits, draft_tokens, draft_probs)
     batch, k = draft_tokens.shape
     vocab = logits.shape[-1]
-    finite = jnp.all(jnp.isfinite(logits), axis=-1)  # [B, K + 1]
 
-    def greedy():
+    def greedy():  # select_token's targets are NONFINITE where the logits are not finite (its own check, free)
         flat = logits.reshape(-1, vocab)
         targets = select_token(flat, sampling, step, jnp.repeat(salt, k + 1)).reshape(batch, k + 1)
-        return draft_tokens == targets[:, :k], targets
+        return (draft_tokens == targets[:, :k]) & (targets[:, :k] != NONFINITE), targets
 
     def sampled():
         p = probabilities(logits, sampling)  # [B, K + 1, V]
         keys = row_keys(sampling, step, salt)
         uniform = jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, 0), (k,)))(keys)  # [B, K]
+        finite = jnp.all(jnp.isfinite(logits), axis=-1)  # [B, K + 1]
         p_draft = jnp.take_along_axis(p[:, :k], draft_tokens[..., None], axis=-1)[..., 0]
         q_draft = jnp.take_along_axis(draft_probs, draft_tokens[..., None], axis=-1)[..., 0]
         agree = (uniform * q_draft < p_draft) & finite[:, :k]  # u < p / q, without dividing by a zero q
@@ -118,13 +118,13 @@ def verify(logits, draft_tokens, draft_probs, sampling: Sampling, step, salt):
         chosen = jnp.where(jnp.sum(chosen, -1, keepdims=True) > 0, chosen, fallback)
         draw = jax.vmap(lambda key, probs: jax.random.categorical(jax.random.fold_in(key, 1), jnp.log(probs)))
         token = draw(keys, chosen).astype(jnp.int32)
+        token = jnp.where(jnp.take_along_axis(finite, accepted[:, None], axis=1)[:, 0], token, NONFINITE)
         targets = jnp.broadcast_to(token[:, None], (batch, k + 1))  # only the column at `accepted` is read
         return agree, targets
 
     agree, targets = jax.lax.cond(greedy_settings(sampling), greedy, sampled)
-    accepted = jnp.sum(jnp.cumprod(agree & finite[:, :k], axis=1), axis=1).astype(jnp.int32)
+    accepted = jnp.sum(jnp.cumprod(agree, axis=1), axis=1).astype(jnp.int32)
     token = jnp.take_along_axis(targets, accepted[:, None], axis=1)[:, 0]
-    token = jnp.where(jnp.take_along_axis(finite, accepted[:, None], axis=1)[:, 0], token, NONFINITE)
     return accepted, token
 
 

@@ -152,3 +152,11 @@ def test_greedy_picks_argmax_s_token_ties_included(rows, vocab, levels, seed):
     """`first_max` answers as numpy's argmax, the first of equal maxima when logits tie (few distinct levels)."""
     logits = np.random.default_rng(seed).integers(0, levels, (rows, vocab)).astype(np.float32)
     assert np.array_equal(first_max(jnp.asarray(logits)), np.argmax(logits, -1))
+
+
+def test_first_max_marks_a_row_with_any_nan_or_infinity_nonfinite():
+    """The finite check rides in `first_max`'s index reduction: one NaN or infinity anywhere in a row, before the
+    maximum, at it or after it, makes the row NONFINITE; a finite row (signed zeros among them) keeps its argmax."""
+    nan, inf = np.nan, np.inf
+    logits = np.array([[1, nan, 2], [inf, 0, 0], [0, 3, -inf], [2, 2, nan], [0, 3, 1], [-0.0, 0.0, -1]], np.float32)
+    assert first_max(jnp.asarray(logits)).tolist() == [NONFINITE, NONFINITE, NONFINITE, NONFINITE, 1, 0]

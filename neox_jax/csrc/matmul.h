@@ -60,7 +60,17 @@ bool cpu_has(std::string_view isa);
 // Prefetch distance up to which the kernels' lines go into L1 (its size); beyond, into L2. Lines prefetched into
 // L1 that far ahead evict the tile's own before it has used them: int8 [8192, 8192] at batch 1 (tiles of 64 KiB)
 // streamed 12.8 GB/s on one core prefetching into L1, 25.6 into L2; [50304, 512] (tiles of 4 KiB) 24.1 and 20.3.
+// At exactly that distance (two tiles of 16 KiB) the weight's type decides, as measured on the 2-core AMD EPYC
+// (Zen 4) at batch 1, one thread, chains of calls whose weights come from memory: int8 streamed 13.6-13.9 GB/s into
+// L1 and 22.3-23.5 into L2 ([512, 2048] by AVX-512's 8 channels: Pythia-70M's MLP down-projection), 11.8-12.2 and
+// 24.7-25.0 ([1024, 4096] by AVX2's 4: Pythia-410M's); fp32 [2048, 512] (AVX-512) 22.4-23.9 into L1, 18.7-21.7
+// into L2; int8-dynamic's tiles (tiles_w8a8.h) at batch 8, [1024, 4096] by AVX-512's 4 channels x 4 rows: 10.0-10.3
+// into L1, 15.9-16.3 into L2. A likely reason: at the same distance a 1-byte weight's k is 4x fp32's, and so are the
+// x rows that stay in L1 beside the prefetched lines (fp32 x: 8 KiB against 2 KiB; int8 qx, 4 rows: 16 KiB).
 constexpr int64_t kL1PrefetchBytes = 32 * 1024;
+constexpr bool prefetch_into_l1(int64_t distance, int64_t weight_bytes) {
+  return weight_bytes == 4 ? distance <= kL1PrefetchBytes : distance < kL1PrefetchBytes;
+}
 
 // Output channels handled together by every kernel (a task's channel range is a multiple of it, but the last).
 constexpr int64_t kChannelBlock = 8;

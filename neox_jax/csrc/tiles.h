@@ -52,7 +52,7 @@ NEOX_TARGET void tile(const float* x, const W* w, int64_t k, const float* scale,
   typename Isa::V acc[R][BB];
   for (int r = 0; r < R; ++r)
     for (int b = 0; b < BB; ++b) acc[r][b] = Isa::zero();
-  const int64_t i = kPrefetchTiles * R * k * int64_t{sizeof(W)} <= kL1PrefetchBytes
+  const int64_t i = prefetch_into_l1(kPrefetchTiles * R * k * int64_t{sizeof(W)}, sizeof(W))
                         ? whole_vectors<W, R, BB, 3>(x, w, k, acc)
                         : whole_vectors<W, R, BB, 2>(x, w, k, acc);
   if (i < k) {  // the last partial vector, zero-padded (a zero weight adds nothing)

@@ -31,8 +31,8 @@ NEOX_TARGET __attribute__((always_inline)) inline void w8a8_accumulate(const int
     for (int b = 0; b < BB; ++b) acc[r][b] = Isa8::dot(acc[r][b], w[r], xv[b]);
 }
 
-// 2, as tiles.h's; 64 KiB ahead instead measured no better (the 50304 x 512 head, interleaved runs). Into L1
-// while that distance fits in it, else into L2, for the reason tiles.h gives (kL1PrefetchBytes).
+// 2, as tiles.h's; 64 KiB ahead instead measured no better (the 50304 x 512 head, interleaved runs). Into L1 or L2
+// as matmul.h's prefetch_into_l1 decides (its measurements include these tiles').
 constexpr int64_t kW8A8PrefetchTiles = 2;
 
 // acc[r][b] += the int32 dot products over whole vectors of k; returns the first i not done. The tile's weights
@@ -78,7 +78,7 @@ NEOX_TARGET void w8a8_tile(const W8A8& p, const int8_t* qx, int64_t row, const i
   for (int r = 0; r < R; ++r)
     for (int b = 0; b < BB; ++b) acc[r][b] = Isa8::zero();
   typename Isa8::W wv[R];
-  const int64_t i = kW8A8PrefetchTiles * R * p.k <= kL1PrefetchBytes ? w8a8_whole_vectors<R, BB, 3>(p, qx, w, acc)
+  const int64_t i = prefetch_into_l1(kW8A8PrefetchTiles * R * p.k, 1) ? w8a8_whole_vectors<R, BB, 3>(p, qx, w, acc)
                                                                       : w8a8_whole_vectors<R, BB, 2>(p, qx, w, acc);
   if (i < p.k) {  // the last partial vector: weights past k read as zero, qx is zero-padded past k
 #pragma GCC unroll 16
