@@ -45,7 +45,8 @@ def test_cpu_bench_prints_a_table_for_each_case(tmp_path):
     assert "neox-jax-int8-dynamic decode" not in out  # an engine only when named
     assert "prefill tok/s" in out and "ms/step" in out and "peak MB" in out
     assert "1/1 rows" in out and "2/2 rows" in out  # the same greedy tokens from the fp32 engines
-    assert out.count("memory-read limit") == 2 and "the best of: numpy, " in out and "torch, " in out
+    assert out.count("memory-read limit right after each engine") == 2 and "the best of: numpy, " in out
+    assert out.count("  after transformers: the best of: numpy, ") == 2 and "torch, " in out  # a limit per engine
     assert "XLA sum" in out and "XLA matvec" in out and "of read limit" in out
     assert out.count("neox-jax-int8 decode reads") == 2 and "x neox-jax fp32, " in out and "x transformers fp32" in out
     text = page.read_text()
@@ -164,5 +165,8 @@ def test_the_kernels_alone_are_reported_as_fractions_of_the_read_limit():
     [line] = kernel_lines(limit)
     assert "fp32 weight of 1024 MiB, int8 of 256 MiB" in line
     assert "fp32 40.0 GB/s = 0.80, int8 45.5 GB/s = 0.91" in line
-    assert line in limit_lines({"read_limit": limit})
+    lines = limit_lines({"read_limits": {"neox-jax": {**limit, "gbps": 40.0, "best": "numpy"}, "neox-jax-int8": limit}})
+    assert lines[0].startswith("memory-read limit right after each engine, GB/s (best reader): neox-jax 40.0 "
+                               "(numpy), neox-jax-int8 50.0 (torch, 2 threads);")
+    assert lines[2] == f"  after neox-jax-int8: the best of: torch, 2 threads 50.0 GB/s; {line}"
     assert kernel_lines({**limit, "kernels": {}}) == []  # not built: no line
