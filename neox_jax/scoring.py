@@ -201,8 +201,9 @@ def shared_lengths(shapes: Sequence[tuple[int, int]]) -> list[int]:
     """The row length each batch of packed rows runs at, from their own (rows, length) shapes, longest first:
     the batches of one shape run at the shortest longer length that batches of their row count already run
     at, if that pads them by at most SHARED_PROGRAM_POSITIONS positions in all; else at their own. A program
-    fewer to compile for a few padded positions: on the shared 2-core CPU a Pythia-70M packed program compiles
-    in ~0.8 s, the time of ~2000 positions computed."""
+    fewer to compile for a few padded positions (SHARED_PROGRAM_POSITIONS was set when a Pythia-70M packed
+    program compiled in the time of ~2000 positions, before it looped over its layers; `even_batch` has
+    today's cost)."""
     counts = collections.Counter(shapes)
     runs: dict[tuple[int, int], int] = {}
     for rows, length in sorted(counts, key=lambda shape: -shape[1]):

@@ -3,7 +3,6 @@
 // everywhere.
 #include <algorithm>
 #include <cmath>
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
